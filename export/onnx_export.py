@@ -1,0 +1,50 @@
+"""PyTorch → ONNX with a dynamic batch axis and two named outputs, ``logits`` and ``embedding``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+OPSET = 20
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("logits", "embedding")
+
+
+def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, max_batch_size: int) -> str:
+    """Write ``path``; return the exporter used (``dynamo``, or ``torchscript`` as fallback).
+
+    The dynamo-based exporter is the default; if it fails for an architecture, the
+    TorchScript-based one is tried and the choice is recorded by the caller in export.json.
+    """
+    try:
+        with _quiet():
+            batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
+            torch.onnx.export(model, (sample,), str(path), dynamo=True, opset_version=OPSET,
+                              input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                              dynamic_shapes={"x": {0: batch}}, external_data=False,
+                              verbose=False)
+        return "dynamo"
+    except Exception as exc:  # noqa: BLE001 - any exporter failure falls back, logged
+        log.warning("dynamo exporter failed (%s); falling back to the TorchScript exporter", exc)
+    with _quiet():
+        torch.onnx.export(model, (sample,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"},
+                                        "embedding": {0: "batch"}})
+    return "torchscript"
+
+
+@contextlib.contextmanager
+def _quiet():  # type: ignore[no-untyped-def]
+    """The exporters narrate every pass on stdout; our progress bar says enough."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield

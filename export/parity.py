@@ -1,0 +1,83 @@
+"""Numerical parity of an exported model against PyTorch, on seeded inputs at batch 1 and >1."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+# Tolerances for FP32 exports, in one place. Relative = max |Δ| / max |reference|.
+FP32_MAX_REL_DIFF = 1e-3
+MIN_TOP5_AGREEMENT = 0.99
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParityReport:
+    batch_sizes: list[int]
+    seed: int
+    logits_max_abs_diff: float
+    logits_max_rel_diff: float
+    embedding_max_abs_diff: float
+    embedding_max_rel_diff: float
+    top1_agreement: float
+    top5_agreement: float
+    tolerance_rel: float
+    min_top5_agreement: float
+    passed: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int], seed: int,
+                 batch_sizes: tuple[int, ...] = (1, 4)) -> ParityReport:
+    """Run PyTorch and ONNX Runtime (CPU) on the same seeded inputs and compare both outputs."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    diffs: dict[str, list[tuple[float, float]]] = {"logits": [], "embedding": []}
+    top1 = top5 = total = 0
+    finite = True
+    for n in batch_sizes:
+        x = torch.randn((n, *shape), generator=gen)
+        with torch.no_grad():
+            ref_logits, ref_emb = (t.numpy() for t in model(x))
+        got_logits, got_emb = session.run(["logits", "embedding"], {"input": x.numpy()})
+        for name, ref, got in (("logits", ref_logits, got_logits),
+                               ("embedding", ref_emb, got_emb)):
+            finite &= bool(np.isfinite(ref).all() and np.isfinite(got).all())
+            abs_diff = float(np.abs(ref - got).max()) if ref.shape == got.shape else float("inf")
+            scale = float(np.abs(ref).max()) or 1.0
+            diffs[name].append((abs_diff, abs_diff / scale))
+        k = min(5, ref_logits.shape[1])
+        ref_top = np.argsort(-ref_logits, axis=1)
+        got_top = np.argsort(-got_logits, axis=1)
+        top1 += int((ref_top[:, 0] == got_top[:, 0]).sum())
+        top5 += sum(set(r[:k]) == set(g[:k]) for r, g in zip(ref_top, got_top, strict=True))
+        total += n
+    logits_abs, logits_rel = (max(v) for v in zip(*diffs["logits"], strict=True))
+    emb_abs, emb_rel = (max(v) for v in zip(*diffs["embedding"], strict=True))
+    top5_rate = top5 / total
+    reasons = []
+    if not finite:
+        reasons.append("non-finite values (NaN/Inf) in the outputs: check the weights")
+    if max(logits_rel, emb_rel) > FP32_MAX_REL_DIFF:
+        reasons.append(f"relative difference {max(logits_rel, emb_rel):.2e} is over the "
+                       f"tolerance {FP32_MAX_REL_DIFF:.0e}")
+    if top5_rate < MIN_TOP5_AGREEMENT:
+        reasons.append(f"top-5 agreement {top5_rate:.3f} is under {MIN_TOP5_AGREEMENT}")
+    return ParityReport(
+        batch_sizes=list(batch_sizes), seed=seed,
+        logits_max_abs_diff=logits_abs, logits_max_rel_diff=logits_rel,
+        embedding_max_abs_diff=emb_abs, embedding_max_rel_diff=emb_rel,
+        top1_agreement=top1 / total, top5_agreement=top5_rate,
+        tolerance_rel=FP32_MAX_REL_DIFF, min_top5_agreement=MIN_TOP5_AGREEMENT,
+        passed=not reasons, reason="; ".join(reasons),
+    )

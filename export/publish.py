@@ -1,0 +1,69 @@
+"""Atomic publication of a new version into a model repository.
+
+Everything is written into a hidden ``.tmp-<version>-<pid>`` folder inside the model folder (the
+server's scanner ignores hidden folders), then renamed to ``<version>``: on one filesystem the
+rename is atomic, so the server sees either no version or a complete one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from visionserve.service.config import ModelConfig
+from visionserve.service.repository import CONFIG_FILE, LABELS_FILE, version_numbers
+
+
+class PublishError(Exception):
+    """The version cannot be published (it exists already, or the repository is not writable)."""
+
+
+def next_version(model_dir: Path) -> int:
+    existing = version_numbers(model_dir)
+    return (max(existing) + 1) if existing else 1
+
+
+@contextmanager
+def staging(model_dir: Path, version: int) -> Iterator[Path]:
+    """A hidden folder to write a version into; removed unless ``publish`` renamed it."""
+    if (model_dir / str(version)).exists():
+        raise PublishError(f"{model_dir / str(version)} exists already; versions are immutable: "
+                           "pick another --version or omit it for the next free number")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: Path, model_dir: Path, version: int) -> Path:
+    target = model_dir / str(version)
+    try:
+        os.rename(tmp, target)  # atomic; fails if the target appeared meanwhile
+    except OSError as exc:
+        raise PublishError(f"could not publish {target}: {exc}") from exc
+    return target
+
+
+def ensure_model_files(model_dir: Path, config: ModelConfig, labels: list[str]) -> None:
+    """Create the model-level config.toml and fallback labels.txt when the folder is new.
+
+    Existing files are the operator's and are left alone.
+    """
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if not (model_dir / CONFIG_FILE).exists():
+        _write_atomic(model_dir / CONFIG_FILE, config.to_toml())
+    if not (model_dir / LABELS_FILE).exists():
+        _write_atomic(model_dir / LABELS_FILE, "\n".join(labels) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

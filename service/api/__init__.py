@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: wire message → typed request → core → typed result → wire message."""

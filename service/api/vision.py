@@ -1,0 +1,74 @@
+"""``visionserve.v1.VisionService``: Classify, Embed, ListModels, GetModel."""
+
+from __future__ import annotations
+
+import grpc
+
+from visionserve.v1 import visionserve_pb2 as pb
+from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
+
+from ..inference import InferenceCore
+from ..registry import ModelStatus
+from ..types import ClassifyCall, EmbedCall
+from .calls import CallHandler, deadline_of
+
+_STATES = {
+    "loading": pb.MODEL_STATE_LOADING, "ready": pb.MODEL_STATE_READY,
+    "failed": pb.MODEL_STATE_FAILED, "draining": pb.MODEL_STATE_DRAINING,
+    "unloaded": pb.MODEL_STATE_UNLOADED,
+}
+
+
+class VisionServicer(pb_grpc.VisionServiceServicer):
+    def __init__(self, core: InferenceCore, calls: CallHandler) -> None:
+        self._core = core
+        self._calls = calls
+
+    async def Classify(self, request: pb.ClassifyRequest,  # noqa: N802 - gRPC's names
+                       context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        async def work() -> tuple[pb.ClassifyResponse, int]:
+            result = await self._core.classify(ClassifyCall.from_grpc(request),
+                                               deadline_of(context))
+            return result.to_grpc(), result.version
+
+        return await self._calls.handle("Classify", request.model, context, work)
+
+    async def Embed(self, request: pb.EmbedRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        async def work() -> tuple[pb.EmbedResponse, int]:
+            result = await self._core.embed(EmbedCall.from_grpc(request), deadline_of(context))
+            return result.to_grpc(), result.version
+
+        return await self._calls.handle("Embed", request.model, context, work)
+
+    async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        async def work() -> tuple[pb.ListModelsResponse, int]:
+            statuses = self._core.registry.statuses()
+            return pb.ListModelsResponse(models=[model_info(s) for s in statuses]), 0
+
+        return await self._calls.handle("ListModels", "", context, work)
+
+    async def GetModel(self, request: pb.GetModelRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        async def work() -> tuple[pb.ModelInfo, int]:
+            return model_info(self._core.registry.status(request.model)), 0
+
+        return await self._calls.handle("GetModel", request.model, context, work)
+
+
+def model_info(status: ModelStatus) -> pb.ModelInfo:
+    info = pb.ModelInfo(
+        name=status.name, state=_STATES[status.state], reason=status.reason,
+        num_classes=status.num_classes, embedding_dim=status.embedding_dim,
+        versions=[pb.ModelVersion(version=v.version, state=_STATES[v.state], reason=v.reason)
+                  for v in sorted(status.versions.values(), key=lambda v: -v.version)])
+    if status.config is not None:
+        c = status.config
+        info.backend = c.backend
+        info.max_batch_size = c.max_batch_size
+        i = c.input
+        info.input.CopyFrom(pb.InputSpec(
+            name=i.name, channels=i.channels, height=i.height, width=i.width, color=i.color,
+            mean=list(i.mean), std=list(i.std), resize=i.resize, interpolation=i.interpolation))
+    return info

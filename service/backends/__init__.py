@@ -1,0 +1,21 @@
+"""Inference engines behind one interface; ``create_backend`` picks one from a model's config."""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..repository import VersionEntry
+from .base import Backend, ModelOutputs
+
+
+def create_backend(name: str, config: ModelConfig, version: VersionEntry) -> Backend:
+    """Load ``version`` with the engine its config names. Blocking: call from an executor."""
+    if config.backend == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(name, config, version)
+    raise ConfigError(f"model {name}: backend {config.backend!r} is not available in this "
+                      "build (TensorRT comes with the GPU image); set backend = \"onnxruntime\"")
+
+
+__all__ = ["Backend", "ModelOutputs", "create_backend"]

@@ -1,0 +1,262 @@
+"""The dynamic batcher: one per model version, between the API layer and the backend.
+
+Rules (DESIGN §5, STYLE §6):
+- When an instance is idle, whatever is queued (up to ``max_batch_size`` images) runs at once;
+  while it computes, arrivals accumulate into the next batch. ``max_queue_delay_ms`` only lets an
+  idle instance wait for more work (the window starts at the oldest queued request), up to the
+  largest preferred batch size; with 0 a lone request never waits for company.
+- The queue is bounded in images; a request that does not fit is refused with QueueFull.
+- Expired (deadline passed) and cancelled requests are dropped before compute and reported.
+- A request's images stay together, in order; a request larger than ``max_batch_size`` is split
+  into consecutive chunks, and its outputs are stitched back in order.
+- The backend's output row count is checked against the batch; every future is finished through
+  "if not done" helpers so that none can hang.
+- The loop wakes on events, never polls; time comes from the monotonic clock.
+
+The batcher knows no gRPC and no Prometheus: it reports through a ``BatchObserver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .backends.base import ModelOutputs
+from .errors import BackendError, DeadlineExceeded, ModelUnavailable, QueueFull, VisionServeError
+
+log = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports; the metrics layer implements it."""
+
+    def queue_depth(self, images: int) -> None: ...
+
+    def expired(self, reason: str, images: int) -> None: ...
+
+    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None: ...
+
+
+class NullObserver:
+    def queue_depth(self, images: int) -> None:
+        pass
+
+    def expired(self, reason: str, images: int) -> None:
+        pass
+
+    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
+        pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchPolicy:
+    max_batch_size: int
+    max_queue_size: int  # images
+    max_queue_delay_ms: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instances: int = 1  # batches computed concurrently
+
+
+@dataclass(slots=True)
+class _Work:
+    images: list[np.ndarray]
+    future: asyncio.Future[ModelOutputs]
+    deadline: float | None  # time.monotonic() seconds
+    enqueued: float
+
+
+RunBatch = Callable[[np.ndarray], ModelOutputs]
+
+
+class DynamicBatcher:
+    """Queue + ``instances`` worker tasks. Create, ``start()``, ``submit()`` many, ``close()``."""
+
+    def __init__(self, name: str, run: RunBatch, policy: BatchPolicy, executor: Executor,
+                 observer: BatchObserver | None = None) -> None:
+        self.name = name  # "model M version V", used in every message
+        self._run = run
+        self._policy = policy
+        self._executor = executor
+        self._observer = observer or NullObserver()
+        self._queue: deque[_Work] = deque()
+        self._queued_images = 0
+        self._computing = 0
+        self._has_work = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._workers: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def start(self) -> None:
+        for i in range(self._policy.instances):
+            self._workers.append(asyncio.create_task(self._worker(), name=f"{self.name}#{i}"))
+
+    async def submit(self, images: list[np.ndarray], deadline: float | None) -> ModelOutputs:
+        """Queue one request's images (each float32 [C, H, W]); return their outputs in order."""
+        n, cap = len(images), self._policy.max_queue_size
+        if self._closed:
+            raise ModelUnavailable(f"{self.name} is unloading; retry (a newer version, if any, "
+                                   "takes new requests)")
+        if n > cap:
+            raise QueueFull(f"{self.name}: a request of {n} images can never fit the queue of "
+                            f"{cap} images; send at most {cap} per request or raise "
+                            "batching.max_queue_size")
+        if self._queued_images + n > cap:
+            raise QueueFull(f"{self.name}: queue full ({self._queued_images} of {cap} images "
+                            "waiting); retry with backoff, add capacity, or raise "
+                            "batching.max_queue_size")
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            self._observer.expired("deadline", n)
+            raise DeadlineExceeded(f"{self.name}: the deadline passed before the request was "
+                                   "queued; allow more time")
+        loop = asyncio.get_running_loop()
+        step = self._policy.max_batch_size
+        chunks = [_Work(images[i:i + step], loop.create_future(), deadline, now)
+                  for i in range(0, n, step)]
+        self._queue.extend(chunks)
+        self._queued_images += n
+        self._observer.queue_depth(self._queued_images)
+        self._has_work.set()
+        self._arrived.set()
+        try:
+            parts = [await w.future for w in chunks]
+        finally:
+            for w in chunks:  # on failure or cancel, the request's other chunks are dropped
+                if w.future.done() and not w.future.cancelled():
+                    w.future.exception()  # retrieved: no "never retrieved" warning
+                w.future.cancel()
+        if len(parts) == 1:
+            return parts[0]
+        return ModelOutputs(np.concatenate([p.logits for p in parts]),
+                            np.concatenate([p.embedding for p in parts]))
+
+    async def close(self) -> None:
+        """Stop taking requests, finish everything queued or computing, stop the workers."""
+        self._closed = True
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._queue and not self._computing)
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def _worker(self) -> None:
+        while True:
+            await self._has_work.wait()
+            if self._policy.max_queue_delay_ms > 0:
+                await self._wait_for_company()
+            batch = self._take()
+            if not self._queue:
+                self._has_work.clear()
+            if batch:
+                self._computing += 1
+                try:
+                    await self._compute(batch)
+                finally:
+                    self._computing -= 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _wait_for_company(self) -> None:
+        """Idle instance, delay configured: wait until the target size or the window's end."""
+        preferred = self._policy.preferred_batch_sizes
+        target = max(preferred) if preferred else self._policy.max_batch_size
+        window_end = self._queue[0].enqueued + self._policy.max_queue_delay_ms / 1000 \
+            if self._queue else time.monotonic()
+        while self._queue and self._queued_images < target:
+            remaining = window_end - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Work]:
+        """Pop the next batch in FIFO order, dropping cancelled and expired work first."""
+        batch: list[_Work] = []
+        size = 0
+        now = time.monotonic()
+        while self._queue:
+            work = self._queue[0]
+            n = len(work.images)
+            if work.future.done():  # cancelled by the client or its request's other chunk
+                self._pop(n)
+                self._observer.expired("cancelled", n)
+                continue
+            if work.deadline is not None and work.deadline <= now:
+                self._pop(n)
+                self._observer.expired("deadline", n)
+                _fail(work.future, DeadlineExceeded(
+                    f"{self.name}: the deadline passed after {now - work.enqueued:.3f} s in the "
+                    "queue, before compute; the work was dropped. Allow more time or reduce "
+                    "load"))
+                continue
+            if size + n > self._policy.max_batch_size:
+                break
+            self._pop(n)
+            batch.append(work)
+            size += n
+        self._observer.queue_depth(self._queued_images)
+        return batch
+
+    def _pop(self, n: int) -> None:
+        self._queue.popleft()
+        self._queued_images -= n
+
+    async def _compute(self, batch: list[_Work]) -> None:
+        size = sum(len(w.images) for w in batch)
+        started = time.monotonic()
+        waits = [started - w.enqueued for w in batch for _ in w.images]
+        loop = asyncio.get_running_loop()
+        images = [img for w in batch for img in w.images]
+        try:
+            outputs, compute_s = await loop.run_in_executor(self._executor, self._run_timed,
+                                                            images)
+            if len(outputs) != size:
+                raise BackendError(f"{self.name}: the backend returned {len(outputs)} rows for "
+                                   f"a batch of {size} images")
+        except Exception as exc:  # noqa: BLE001 - every future must be finished
+            if not isinstance(exc, VisionServeError):
+                log.exception("%s: inference failed on a batch of %d", self.name, size)
+                exc = BackendError(f"{self.name}: inference failed ({type(exc).__name__}); "
+                                   "see the server log")
+            for w in batch:
+                _fail(w.future, exc)
+            return
+        offset = 0
+        for w in batch:
+            n = len(w.images)
+            _resolve(w.future, outputs.rows(offset, offset + n))
+            offset += n
+        self._observer.batch_done(size, waits, compute_s)
+
+    def _run_timed(self, images: list[np.ndarray]) -> tuple[ModelOutputs, float]:
+        """Executor thread: one stacked copy of the batch, then the engine."""
+        batch = np.stack(images)
+        start = time.perf_counter()
+        outputs = self._run(batch)
+        return outputs, time.perf_counter() - start
+
+
+def _resolve(future: asyncio.Future[ModelOutputs], value: ModelOutputs) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[ModelOutputs], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

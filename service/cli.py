@@ -1,0 +1,244 @@
+"""The ``visionserve`` command: serve, export, classify, embed, models.
+
+Every flag can also come from the environment as ``VISIONSERVE_<FLAG>`` (``--grpc-port`` →
+``VISIONSERVE_GRPC_PORT``); a flag on the command line wins. The export stage (and PyTorch) is
+imported only by ``export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("visionserve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visionserve",
+        description="Serve image classifiers over gRPC (ONNX Runtime), export them from "
+                    "PyTorch, and call them. Every flag may also be set as an environment "
+                    "variable VISIONSERVE_<FLAG>, e.g. VISIONSERVE_GRPC_PORT=9001.")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="serve every model of a repository over gRPC",
+                       description="Load every model/version of the repository (ONNX Runtime on "
+                                   "CPU by default) and serve Classify/Embed over gRPC with "
+                                   "dynamic batching; Prometheus metrics over HTTP. Stops "
+                                   "gracefully on SIGTERM/SIGINT.")
+    p.add_argument("--repo", type=Path, default=Path("model_repo"), help="model repository")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (gRPC and metrics)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="0 = pick a free port, logged")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="HTTP port of /metrics; 0 = pick a free port, logged")
+    p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024,
+                   help="largest gRPC message accepted or sent (RESOURCE_EXHAUSTED above)")
+    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024,
+                   help="largest encoded image (JPEG/PNG/WebP) accepted")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="largest decoded image (width x height); checked before decoding")
+    p.add_argument("--max-images-per-request", type=int, default=256)
+    p.add_argument("--preprocess-threads", type=int, default=0, help="0 = one per core")
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="how long in-flight requests may take to finish on SIGTERM")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("export", help="export a PyTorch architecture to a new ONNX version",
+                       description="Build ARCH (random init with --seed, or --weights), export "
+                                   "it to ONNX with outputs logits and embedding, check parity "
+                                   "against PyTorch, and publish it atomically as a new "
+                                   "version in the repository. Needs the 'export' extra.")
+    p.add_argument("arch", nargs="*", help="architecture name(s), e.g. resnet50")
+    p.add_argument("--repo", type=Path, default=Path("model_repo"))
+    p.add_argument("--name", help="model name in the repository (default: the architecture's)")
+    p.add_argument("--version", type=int, help="version number (default: next free)")
+    p.add_argument("--weights", type=Path, help="local state_dict / checkpoint (.pt/.pth)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init and checks")
+    p.add_argument("--num-classes", type=int, help="classes of a fine-tuned head")
+    p.add_argument("--labels", type=Path, help="labels file, one class name per line")
+    p.add_argument("--if-missing", action="store_true",
+                   help="skip architectures that already have a version in the repository")
+    p.add_argument("--list", action="store_true", help="list the known architectures")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("classify", help="classify image files with a running server")
+    p.add_argument("images", nargs="+", type=Path, help="JPEG/PNG/WebP files")
+    p.add_argument("--model", required=True)
+    p.add_argument("--version", type=int, default=0, help="0 = newest")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--server", default="localhost:8001", help="HOST:PORT of the gRPC server")
+    p.set_defaults(func=_classify)
+
+    p = sub.add_parser("embed", help="print embedding vectors of image files")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--model", required=True)
+    p.add_argument("--raw", action="store_true", help="do not L2-normalize")
+    p.add_argument("--server", default="localhost:8001")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("models", help="list the models of a running server")
+    p.add_argument("--server", default="localhost:8001")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("bench", help="measure served vs in-process throughput and latency",
+                       description="Closed-loop gRPC load on a running server (or one started "
+                                   "here) at several concurrency levels, beside the in-process "
+                                   "ONNX Runtime engine on the same model file; prints "
+                                   "images/s, latency percentiles and their ratio.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--repo", type=Path, default=Path("model_repo"))
+    p.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
+    p.add_argument("--duration-s", type=float, default=10.0, help="seconds per level")
+    p.add_argument("--input", choices=["float32", "uint8"], default="float32")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.set_defaults(func=_bench)
+
+    for action_parser in [parser, *sub.choices.values()]:
+        _env_defaults(action_parser)
+    return parser
+
+
+def _env_defaults(parser: argparse.ArgumentParser) -> None:
+    """VISIONSERVE_<FLAG> becomes the flag's default (the command line still wins)."""
+    for action in parser._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or action.dest == "help":
+            continue
+        key = "VISIONSERVE_" + flags[0][2:].upper().replace("-", "_")
+        if key in os.environ:
+            raw = os.environ[key]
+            if isinstance(action, argparse._StoreTrueAction):
+                action.default = raw.lower() in ("1", "true", "yes")
+            else:
+                action.default = action.type(raw) if action.type else raw
+        if action.help and action.help is not argparse.SUPPRESS:
+            action.help += f" [env {key}]"
+        elif action.help is None:
+            action.help = f"[env {key}]"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import ServerLimits
+    from .server import ServerConfig, serve
+
+    config = ServerConfig(
+        repo=args.repo, host=args.host, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, preprocess_threads=args.preprocess_threads,
+        shutdown_grace_s=args.shutdown_grace_s,
+        limits=ServerLimits(max_message_bytes=args.max_message_bytes,
+                            max_encoded_image_bytes=args.max_image_bytes,
+                            max_image_pixels=args.max_image_pixels,
+                            max_images_per_request=args.max_images_per_request))
+    asyncio.run(serve(config))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from visionserve.export.cli import run_export
+    except ImportError as exc:
+        log.error("export needs the 'export' extra (PyTorch, ONNX): pip install "
+                  "'visionserve[export]' (%s)", exc)
+        return 2
+    return run_export(args)
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    reply = _call(lambda c: c.classify_files(args.images, args.model, args.top_k,
+                                             args.version), args.server)
+    if reply is None:
+        return 1
+    console = Console()
+    for path, result in zip(args.images, reply.results, strict=True):
+        table = Table(title=f"{path} — {reply.model} v{reply.version}")
+        table.add_column("#", justify="right")
+        table.add_column("label")
+        table.add_column("index", justify="right")
+        table.add_column("score", justify="right")
+        for rank, c in enumerate(result.classes, 1):
+            table.add_row(str(rank), c.label, str(c.index), f"{c.score:.4f}")
+        console.print(table)
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    vectors = _call(lambda c: c.embed_files(args.images, args.model, not args.raw),
+                    args.server)
+    if vectors is None:
+        return 1
+    for path, v in zip(args.images, vectors, strict=True):
+        head = " ".join(f"{x:+.4f}" for x in v[:8])
+        sys.stdout.write(f"{path}: dim={v.shape[0]} norm={float((v ** 2).sum() ** 0.5):.4f} "
+                         f"[{head} …]\n")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    reply = _call(lambda c: c.list_models(), args.server)
+    if reply is None:
+        return 1
+    from visionserve.v1 import visionserve_pb2 as pb
+
+    table = Table(title=f"models on {args.server}")
+    for col in ("model", "state", "versions", "input", "classes", "embedding", "max batch",
+                "reason"):
+        table.add_column(col)
+    for m in reply.models:
+        versions = ", ".join(
+            f"{v.version}:{pb.ModelState.Name(v.state).removeprefix('MODEL_STATE_').lower()}"
+            for v in m.versions)
+        shape = f"{m.input.channels}x{m.input.height}x{m.input.width}" if m.input.name else ""
+        table.add_row(m.name, pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(),
+                      versions, shape, str(m.num_classes), str(m.embedding_dim),
+                      str(m.max_batch_size), m.reason[:80])
+    Console().print(table)
+    return 0
+
+
+def _call(fn, server: str):  # type: ignore[no-untyped-def]
+    import grpc
+
+    from .client import VisionClient
+
+    client = VisionClient(server)
+    try:
+        return fn(client)
+    except grpc.RpcError as err:
+        log.error("%s: %s", err.code().name, err.details())  # type: ignore[attr-defined]
+        return None
+    finally:
+        client.close()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

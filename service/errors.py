@@ -1,0 +1,83 @@
+"""One exception root for the whole server; each class carries its gRPC status code.
+
+Layers below the API raise these with messages written for the client: they name the model,
+the version and the field that was wrong, and say what to do. ``grpc_status`` is the only
+place where an exception becomes a wire status; anything that is not a ``VisionServeError``
+becomes INTERNAL with a generic message (the traceback goes to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class VisionServeError(Exception):
+    """Root of every error the server reports to clients on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(VisionServeError):
+    """The request is malformed: wrong shape, dtype, undecodable image, bad parameter."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(VisionServeError):
+    """No such model, or no such version of it is loaded."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class QueueFull(VisionServeError):
+    """The model version's queue is at capacity: the client should back off and retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class LimitExceeded(VisionServeError):
+    """A configured size limit (bytes, images per request) was exceeded."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(VisionServeError):
+    """The request's deadline passed before it could be computed; its work was dropped."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ModelUnavailable(VisionServeError):
+    """The model exists but cannot serve now (failed to load, draining, shutting down)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ModelFailed(VisionServeError):
+    """The model is known but its load failed; the reason says what to fix."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ConfigError(VisionServeError):
+    """A model's config.toml is invalid; fails that model only, never the whole server."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class BackendError(VisionServeError):
+    """The inference engine failed or returned something inconsistent."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map any exception to the (code, message) sent to the client."""
+    if isinstance(exc, VisionServeError):
+        return exc.code, str(exc)
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal server error (logged on the server); please report it"

@@ -1,0 +1,96 @@
+"""Every Prometheus metric of the server, declared once (names are a contract: docs/metrics.md).
+
+Metrics live in a ``CollectorRegistry`` owned by one ``Metrics`` object built in ``main`` and
+passed down; nothing here is global. Labels come from the model registry, never from raw client
+input (an unknown model name is reported as ``model="_unknown"``), so a hostile client cannot
+blow up the series count.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Sub-millisecond to tens of seconds: a LeNet batch takes ~0.1 ms, a ResNet-50 batch of 64 ~3 s.
+DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+UNKNOWN_MODEL = "_unknown"
+MODEL_STATES = ("loading", "ready", "failed", "draining", "unloaded")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        mv = ("model", "version")
+        r = self.registry
+        self.request_duration = Histogram(
+            "visionserve_request_duration_seconds",
+            "Time from receiving an RPC to sending its reply, by outcome.",
+            ("model", "version", "method", "code"), buckets=DURATION_BUCKETS, registry=r)
+        self.queue_duration = Histogram(
+            "visionserve_queue_duration_seconds",
+            "Time an image waited in its model version's batching queue.",
+            mv, buckets=DURATION_BUCKETS, registry=r)
+        self.preprocess_duration = Histogram(
+            "visionserve_preprocess_duration_seconds",
+            "Time to turn one request's images into input tensors (decode, resize, normalize).",
+            mv, buckets=DURATION_BUCKETS, registry=r)
+        self.compute_duration = Histogram(
+            "visionserve_compute_duration_seconds",
+            "Time the backend took to run one batch.", mv, buckets=DURATION_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "visionserve_batch_size", "Images per executed batch.", mv,
+            buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge(
+            "visionserve_queue_depth", "Images waiting in the batching queue.", mv, registry=r)
+        self.queue_capacity = Gauge(
+            "visionserve_queue_capacity", "Batching queue capacity, in images.", mv, registry=r)
+        self.inflight = Gauge(
+            "visionserve_inflight_requests", "RPCs being handled now.", ("method",), registry=r)
+        self.expired = Counter(
+            "visionserve_requests_expired",
+            "Images dropped before compute because their deadline passed or the client "
+            "cancelled.", (*mv, "reason"), registry=r)
+        self.model_state = Gauge(
+            "visionserve_model_state",
+            "1 for the current state of each model version, 0 for the others.",
+            (*mv, "state"), registry=r)
+        self.model_load_seconds = Histogram(
+            "visionserve_model_load_seconds", "Time to load and warm up a model version.",
+            mv, buckets=DURATION_BUCKETS, registry=r)
+        self.model_load_failures = Counter(
+            "visionserve_model_load_failures",
+            "Model versions (or whole models, version=\"\") that failed to load.", mv,
+            registry=r)
+
+    def set_model_state(self, model: str, version: str, state: str) -> None:
+        for s in MODEL_STATES:
+            self.model_state.labels(model, version, s).set(1 if s == state else 0)
+
+    def observer(self, model: str, version: int, capacity: int) -> BatchMetrics:
+        self.queue_capacity.labels(model, str(version)).set(capacity)
+        return BatchMetrics(self, model, str(version))
+
+
+class BatchMetrics:
+    """The batcher's ``BatchObserver`` for one model version, with its label values bound."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._depth = metrics.queue_depth.labels(model, version)
+        self._queue = metrics.queue_duration.labels(model, version)
+        self._compute = metrics.compute_duration.labels(model, version)
+        self._size = metrics.batch_size.labels(model, version)
+        self._expired = {reason: metrics.expired.labels(model, version, reason)
+                         for reason in ("deadline", "cancelled")}
+
+    def queue_depth(self, images: int) -> None:
+        self._depth.set(images)
+
+    def expired(self, reason: str, images: int) -> None:
+        self._expired[reason].inc(images)
+
+    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
+        self._size.observe(size)
+        self._compute.observe(compute_s)
+        for wait in queue_waits_s:
+            self._queue.observe(wait)

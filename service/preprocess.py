@@ -1,0 +1,168 @@
+"""Images → the model's input tensor, exactly as torchvision's eval transform would make it.
+
+For an encoded image: decode (Pillow) → EXIF orientation → colour mode → ``Resize(resize)`` →
+``CenterCrop(height, width)`` → ``ToTensor`` → ``Normalize(mean, std)``, with torchvision's own
+size arithmetic and Pillow's resampling, so the result is bit-identical to
+``torchvision.transforms`` on a PIL image (a test holds it to that). Normalization is one lookup
+table per channel, computed with the same float32 operations as ToTensor + Normalize.
+
+Raw tensors skip decoding: float32 CHW already normalized, or uint8 (HWC or CHW) normalized here.
+Everything here is blocking CPU work that releases the GIL in Pillow/NumPy: run it in the
+preprocessing executor, not on the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import InputSpec, ServerLimits
+from .errors import InvalidInput, LimitExceeded
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP"})  # MPO: JPEGs from phone cameras
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """A JPEG/PNG/WebP file's bytes."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RawTensor:
+    """One image as raw little-endian bytes. ``layout`` is "CHW", "HWC" or "" (infer)."""
+
+    shape: tuple[int, ...]
+    dtype: str  # "float32" | "uint8"
+    data: bytes
+    layout: str = ""
+
+
+ImageInput = EncodedImage | RawTensor
+
+
+class Preprocessor:
+    """Turns one model version's inputs into float32 CHW arrays. Thread-safe (no mutable state)."""
+
+    def __init__(self, model: str, version: int, spec: InputSpec, limits: ServerLimits) -> None:
+        self._where = f"model {model} version {version}"
+        self._spec = spec
+        self._limits = limits
+        self._lut = np.stack([
+            (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(m)) / np.float32(s)
+            for m, s in zip(spec.mean, spec.std, strict=True)
+        ])  # [C, 256] float32
+
+    def tensor(self, index: int, image: ImageInput) -> np.ndarray:
+        """One image → float32 [C, H, W] (may be a read-only view of the request's bytes)."""
+        if isinstance(image, EncodedImage):
+            return self._normalize(self._decode(index, image.data), "HWC")
+        return self._raw(index, image)
+
+    def _decode(self, index: int, data: bytes) -> np.ndarray:
+        spec, field = self._spec, f"images[{index}]"
+        if len(data) > self._limits.max_encoded_image_bytes:
+            raise LimitExceeded(f"{self._where}: {field} is {len(data)} bytes, over the "
+                                f"{self._limits.max_encoded_image_bytes}-byte limit for an "
+                                "encoded image; re-encode it smaller")
+        try:
+            img = Image.open(io.BytesIO(data))
+            if img.format not in ACCEPTED_FORMATS:
+                raise InvalidInput(f"{self._where}: {field} is a {img.format} image; send JPEG, "
+                                   "PNG or WebP")
+            width, height = img.size
+            if width * height > self._limits.max_image_pixels:
+                raise InvalidInput(
+                    f"{self._where}: {field} is {width}x{height} = {width * height} pixels, over "
+                    f"the limit of {self._limits.max_image_pixels}; downscale it before sending")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = img.convert("L" if spec.color == "L" else "RGB")
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise InvalidInput(f"{self._where}: {field} could not be decoded as an image "
+                               f"({exc}); send the unmodified bytes of a JPEG, PNG or WebP "
+                               "file") from None
+        img = self._resize_crop(img)
+        pixels = np.asarray(img)
+        if spec.color == "BGR":
+            pixels = pixels[..., ::-1]
+        return pixels
+
+    def _resize_crop(self, img: Image.Image) -> Image.Image:
+        """torchvision ``Resize(int)`` then ``CenterCrop((h, w))`` on a PIL image."""
+        spec = self._spec
+        if spec.resize:
+            w, h = img.size
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = spec.resize, int(spec.resize * long / short)
+            size = (new_short, new_long) if w <= h else (new_long, new_short)
+            if size != (w, h):
+                img = img.resize(size, _RESAMPLE[spec.interpolation])
+        w, h = img.size
+        cw, ch = spec.width, spec.height
+        if cw > w or ch > h:  # torchvision pads with zeros, then crops
+            padded = Image.new(img.mode, (max(w, cw), max(h, ch)))
+            padded.paste(img, ((cw - w) // 2 if cw > w else 0, (ch - h) // 2 if ch > h else 0))
+            img = padded
+            w, h = img.size
+        if (w, h) == (cw, ch):
+            return img
+        top = int(round((h - ch) / 2.0))
+        left = int(round((w - cw) / 2.0))
+        return img.crop((left, top, left + cw, top + ch))
+
+    def _normalize(self, pixels: np.ndarray, layout: str) -> np.ndarray:
+        """uint8 HWC/CHW (or HW for one channel) → normalized float32 CHW via the lookup table."""
+        c = self._spec.channels
+        if pixels.ndim == 2:
+            pixels = pixels[None]
+        elif layout == "HWC":
+            pixels = pixels.transpose(2, 0, 1)
+        out = np.empty((c, *pixels.shape[1:]), dtype=np.float32)
+        for ch in range(c):
+            np.take(self._lut[ch], pixels[ch], out=out[ch])
+        return out
+
+    def _raw(self, index: int, t: RawTensor) -> np.ndarray:
+        spec, field = self._spec, f"images[{index}].tensor"
+        chw, hwc = spec.shape, (spec.height, spec.width, spec.channels)
+        if t.dtype not in spec.raw_dtypes:
+            raise InvalidInput(f"{self._where}: {field}.dtype {t.dtype or 'unspecified'} is not "
+                               f"accepted; this model takes {list(spec.raw_dtypes)}")
+        if t.dtype == "float32":
+            allowed = {"CHW": chw}
+        else:
+            allowed = {k: v for k, v in (("CHW", chw), ("HWC", hwc)) if k in spec.raw_layouts}
+        if t.layout:
+            if t.layout not in allowed:
+                raise InvalidInput(f"{self._where}: {field}.layout {t.layout} is not accepted "
+                                   f"for {t.dtype}; use {list(allowed)}")
+            layout = t.layout if tuple(t.shape) == allowed[t.layout] else ""
+        else:
+            layout = next((k for k, v in allowed.items() if tuple(t.shape) == v), "")
+        if not layout:
+            expected = " or ".join(f"{list(v)} ({k})" for k, v in allowed.items())
+            raise InvalidInput(f"{self._where}: {field} has shape {list(t.shape)}, expected "
+                               f"{expected} for {t.dtype}; resize/crop to "
+                               f"{spec.height}x{spec.width} first or send the encoded image")
+        itemsize = 4 if t.dtype == "float32" else 1
+        expected_bytes = int(np.prod(t.shape)) * itemsize
+        if len(t.data) != expected_bytes:
+            raise InvalidInput(f"{self._where}: {field}.data is {len(t.data)} bytes, but shape "
+                               f"{list(t.shape)} of {t.dtype} needs {expected_bytes}")
+        if t.dtype == "float32":
+            return np.frombuffer(t.data, dtype="<f4").reshape(chw)
+        pixels = np.frombuffer(t.data, dtype=np.uint8).reshape(t.shape)
+        return self._normalize(pixels, layout)

@@ -1,0 +1,98 @@
+"""Process wiring: metrics HTTP server, gRPC server (our API, health, reflection), models,
+signals, graceful shutdown. Everything is built here from one ``ServerConfig`` and passed down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from visionserve.v1 import visionserve_pb2 as pb
+from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
+
+from .api.calls import CallHandler
+from .api.vision import VisionServicer
+from .config import ServerLimits, cpu_count
+from .inference import InferenceCore
+from .metrics import Metrics
+from .registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    repo: Path = Path("model_repo")
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    preprocess_threads: int = 0  # 0 = one per core
+    shutdown_grace_s: float = 30.0
+
+
+async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully: health goes
+    NOT_SERVING, no new RPCs are accepted, in-flight ones finish (up to the grace period),
+    queued batches drain, and the process exits."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    metrics = Metrics()
+    http_server, http_thread = start_http_server(config.metrics_port, addr=config.host,
+                                                 registry=metrics.registry)
+    metrics_port = http_server.server_port
+
+    registry = ModelRegistry(config.limits, metrics)
+    threads = config.preprocess_threads or cpu_count()
+    preprocess_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
+    core = InferenceCore(registry, preprocess_pool, config.limits, metrics)
+
+    limit = config.limits.max_message_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 1),
+    ])
+    pb_grpc.add_VisionServiceServicer_to_server(
+        VisionServicer(core, CallHandler(registry, metrics)), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info("gRPC listening on %s:%d (NOT_SERVING until models are loaded)", config.host,
+             grpc_port)
+
+    await registry.load_repository(config.repo)
+    ready = [s.name for s in registry.statuses() if s.state == "ready"]
+    failed = [s.name for s in registry.statuses() if s.state == "failed"]
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving gRPC on %s:%d, metrics on http://%s:%d/metrics; models ready: %s%s",
+             config.host, grpc_port, config.host, metrics_port, ", ".join(ready) or "none",
+             f"; failed: {', '.join(failed)}" if failed else "")
+
+    await stop.wait()
+    log.info("shutting down: refusing new requests, finishing in-flight ones (grace %.0f s)",
+             config.shutdown_grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.shutdown_grace_s)
+    await registry.close()
+    preprocess_pool.shutdown(wait=True)
+    http_server.shutdown()
+    log.info("stopped")
