@@ -1,0 +1,255 @@
+"""Shared fixtures: real exported models, real servers in subprocesses, real HTTP scrapes.
+
+The server always runs in its own process (as in production, and because Triton's client and
+our KServe stubs cannot share one protobuf descriptor pool). Exported models are built once per
+session with the public CLI (`visionserve export`) and copied into per-test repositories.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from visionserve.v1 import visionserve_pb2 as pb
+from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "tests" / ".cache"
+TEST_MODELS = ("lenet5", "mobilenet_v3_small", "resnet18")
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The `visionserve` console script, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "visionserve.service.cli", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    """State dicts made with torchvision directly (seeded), independent of our export code."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    out = CACHE / "weights"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, seed in (("resnet18", 1), ("mobilenet_v3_small", 2)):
+        path = out / f"{name}.pt"
+        if not path.exists():
+            torch.manual_seed(seed)
+            model = getattr(torchvision.models, name)(weights=None)
+            torch.save(model.state_dict(), path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_repo(weights_dir: Path) -> Path:
+    """A repository with the test models exported through the CLI (cached across runs)."""
+    repo = CACHE / "repo"
+    for name in TEST_MODELS:
+        if (repo / name / "1" / "model.onnx").exists():
+            continue
+        args = ["export", name, "--repo", str(repo), "--version", "1"]
+        weights = weights_dir / f"{name}.pt"
+        if weights.exists():
+            args += ["--weights", str(weights)]
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return repo
+
+
+def make_repo(src: Path, dst: Path, models: tuple[str, ...] = TEST_MODELS,
+              overrides: dict[str, dict[str, object]] | None = None) -> Path:
+    """Copy models from ``src`` into a fresh repository, editing their config.toml."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+        if overrides and name in overrides:
+            path = dst / name / "config.toml"
+            data = tomllib.loads(path.read_text())
+            for key, value in overrides[name].items():
+                section, _, leaf = key.rpartition(".")
+                (data.setdefault(section, {}) if section else data)[leaf] = value
+            path.write_text(_to_toml(data))
+    return dst
+
+
+def _to_toml(data: dict[str, object]) -> str:
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return f'"{v}"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"[{k}]")
+            lines += [f"{kk} = {value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Server:
+    """A `visionserve serve` subprocess on loopback, with clients to talk to it."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    grpc_port: int
+    metrics_port: int
+    channel: grpc.Channel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.address = f"127.0.0.1:{self.grpc_port}"
+        self.channel = grpc.insecure_channel(self.address, options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE)])
+        self.stub = pb_grpc.VisionServiceStub(self.channel)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=10) as reply:
+            return reply.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
+        total = 0.0
+        for line in self.metrics_text().splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            series, _, val = line.rpartition(" ")
+            if all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total += float(val)
+        return total
+
+    def stop(self) -> int:
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                return self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+READY = re.compile(r"serving gRPC on [\d.]+:(\d+), metrics on http://[\d.]+:(\d+)/metrics")
+
+
+def start_server(repo: Path, log_path: Path, *extra: str, python_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, timeout: float = 120) -> Server:
+    log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the subprocess
+    process = subprocess.Popen(
+        [sys.executable, *python_args, "-m", "visionserve.service.cli", "serve",
+         "--repo", str(repo), "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+         *extra],
+        stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = READY.search(log_path.read_text(errors="replace"))
+        if match:
+            server = Server(process, log_path, int(match[1]), int(match[2]))
+            health = health_pb2_grpc.HealthStub(server.channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            return server
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n"
+                                 f"{log_path.read_text()[-5000:]}")
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"server not ready in {timeout} s:\n{log_path.read_text()[-5000:]}")
+
+
+@pytest.fixture(scope="session")
+def server(exported_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One shared server with the test models at their exported (default) configs."""
+    srv = start_server(exported_repo, tmp_path_factory.mktemp("server") / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def server_factory(exported_repo: Path, tmp_path: Path) -> Iterator:
+    """Start servers with edited configs; all stopped at the end of the test."""
+    started: list[Server] = []
+
+    def start(models: tuple[str, ...] = TEST_MODELS,
+              overrides: dict[str, dict[str, object]] | None = None, *extra: str) -> Server:
+        repo = make_repo(exported_repo, tmp_path / f"repo{len(started)}", models, overrides)
+        srv = start_server(repo, tmp_path / f"server{len(started)}.log", *extra)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+# --- images -------------------------------------------------------------------------------
+
+def photo(name: str) -> np.ndarray:
+    """A real photo shipped inside scikit-image's wheel (no download)."""
+    import skimage.data
+
+    return getattr(skimage.data, name)()
+
+
+def encode(pixels: np.ndarray, fmt: str = "JPEG", **save: object) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def tensor_image(array: np.ndarray, layout: int = pb.LAYOUT_UNSPECIFIED) -> pb.Image:
+    from visionserve.service.client import numpy_to_image
+
+    return numpy_to_image(array, layout)
+
+
+def embeddings(reply: pb.EmbedResponse) -> np.ndarray:
+    from visionserve.service.client import tensor_to_numpy
+
+    return tensor_to_numpy(reply.embeddings)
+
+
+class OrtReference:
+    """The in-process engine on the same model file: what a served result must equal."""
+
+    def __init__(self, model_file: Path) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, embedding = self.session.run(["logits", "embedding"], {"input": batch})
+        return logits, embedding
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)

@@ -1,0 +1,197 @@
+"""The dynamic batcher's rules, with a fake backend gated by events: no sleeps, no timing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from visionserve.service.backends.base import ModelOutputs
+from visionserve.service.batching import BatchPolicy, DynamicBatcher
+from visionserve.service.errors import BackendError, DeadlineExceeded, QueueFull
+
+
+class GatedBackend:
+    """Echoes each image's id (its first pixel) as logits; each batch waits for a release."""
+
+    def __init__(self, gated: bool = True) -> None:
+        self.batches: list[list[int]] = []
+        self.started = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+        self.gated = gated
+        self.wrong_rows = False
+
+    def run(self, batch: np.ndarray) -> ModelOutputs:
+        ids = [int(v) for v in batch[:, 0, 0, 0]]
+        self.batches.append(ids)
+        self.started.release()
+        if self.gated:
+            self.release.acquire()
+        rows = batch.shape[0] - (1 if self.wrong_rows else 0)
+        logits = batch[:rows, 0, 0, :1].copy()
+        return ModelOutputs(logits, logits * 2)
+
+
+class Recorder:
+    """The batcher's observer: what it reported expiring, and the sizes it computed."""
+
+    def __init__(self) -> None:
+        self.expired_counts: dict[str, int] = {}
+        self.sizes: list[int] = []
+
+    def queue_depth(self, images: int) -> None:
+        pass
+
+    def expired(self, reason: str, images: int) -> None:
+        self.expired_counts[reason] = self.expired_counts.get(reason, 0) + images
+
+    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
+        self.sizes.append(size)
+
+
+def images(*ids: int) -> list[np.ndarray]:
+    return [np.full((1, 2, 2), i, dtype=np.float32) for i in ids]
+
+
+async def started(backend: GatedBackend) -> None:
+    await asyncio.to_thread(backend.started.acquire)
+
+
+def make(backend: GatedBackend, **policy: object) -> tuple[DynamicBatcher, Recorder]:
+    rec = Recorder()
+    args = {"max_batch_size": 4, "max_queue_size": 16, **policy}
+    batcher = DynamicBatcher("model m version 1", backend.run, BatchPolicy(**args),
+                             ThreadPoolExecutor(2), rec)
+    batcher.start()
+    return batcher, rec
+
+
+def ids_of(out: ModelOutputs) -> list[int]:
+    return [int(v) for v in out.logits[:, 0]]
+
+
+async def test_a_lone_request_runs_at_once_without_waiting_for_company():
+    backend = GatedBackend(gated=False)
+    batcher, rec = make(backend)
+    out = await batcher.submit(images(7), None)
+    assert ids_of(out) == [7] and backend.batches == [[7]]
+    await batcher.close()
+
+
+async def test_arrivals_during_compute_form_the_next_batch_and_each_gets_its_own_rows():
+    backend = GatedBackend()
+    batcher, rec = make(backend)
+    first = asyncio.create_task(batcher.submit(images(1), None))
+    await started(backend)  # batch [1] is computing; the next three queue up behind it
+    rest = [asyncio.create_task(batcher.submit(images(i, i + 10), None)) for i in (2, 3)]
+    last = asyncio.create_task(batcher.submit(images(4), None))
+    await asyncio.sleep(0)
+    backend.release.release()
+    await started(backend)
+    backend.release.release()
+    # 2 + 2 images fit max_batch_size 4; request 4 waits for the batch after
+    await started(backend)
+    backend.release.release()
+    assert ids_of(await first) == [1]
+    assert [ids_of(await t) for t in rest] == [[2, 12], [3, 13]]
+    assert ids_of(await last) == [4]
+    assert backend.batches == [[1], [2, 12, 3, 13], [4]]
+    assert rec.sizes == [1, 4, 1]
+    await batcher.close()
+
+
+async def test_a_request_larger_than_max_batch_size_is_split_in_order_and_stitched_back():
+    backend = GatedBackend(gated=False)
+    batcher, _ = make(backend, max_batch_size=3)
+    out = await batcher.submit(images(*range(8)), None)
+    assert ids_of(out) == list(range(8))
+    assert backend.batches == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    await batcher.close()
+
+
+async def test_a_full_queue_refuses_with_queue_full_and_keeps_serving():
+    backend = GatedBackend()
+    batcher, _ = make(backend, max_queue_size=4)
+    busy = asyncio.create_task(batcher.submit(images(1), None))
+    await started(backend)
+    queued = asyncio.create_task(batcher.submit(images(2, 3, 4), None))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull, match="model m version 1: queue full"):
+        await batcher.submit(images(5, 6), None)
+    backend.gated = False
+    backend.release.release()
+    assert ids_of(await busy) == [1] and ids_of(await queued) == [2, 3, 4]
+    assert ids_of(await batcher.submit(images(5, 6), None)) == [5, 6]
+    await batcher.close()
+
+
+async def test_expired_work_is_dropped_before_compute_and_reported():
+    backend = GatedBackend()
+    batcher, rec = make(backend)
+    busy = asyncio.create_task(batcher.submit(images(1), None))
+    await started(backend)
+    doomed = asyncio.create_task(batcher.submit(images(2), time.monotonic() + 0.01))
+    alive = asyncio.create_task(batcher.submit(images(3), None))
+    await asyncio.sleep(0.02)  # only lets the deadline pass; nothing asserts on time
+    backend.gated = False
+    backend.release.release()
+    with pytest.raises(DeadlineExceeded, match="before compute"):
+        await doomed
+    assert ids_of(await busy) == [1] and ids_of(await alive) == [3]
+    assert backend.batches == [[1], [3]]
+    assert rec.expired_counts == {"deadline": 1}
+    await batcher.close()
+
+
+async def test_a_cancelled_request_is_dropped_not_computed():
+    backend = GatedBackend()
+    batcher, rec = make(backend)
+    busy = asyncio.create_task(batcher.submit(images(1), None))
+    await started(backend)
+    gone = asyncio.create_task(batcher.submit(images(2, 22), None))
+    await asyncio.sleep(0)
+    gone.cancel()
+    backend.gated = False
+    backend.release.release()
+    await busy
+    assert ids_of(await batcher.submit(images(3), None)) == [3]
+    assert backend.batches == [[1], [3]]
+    assert rec.expired_counts == {"cancelled": 2}
+    await batcher.close()
+
+
+async def test_max_queue_delay_lets_an_idle_instance_wait_for_the_preferred_size():
+    backend = GatedBackend(gated=False)
+    batcher, _ = make(backend, max_queue_delay_ms=60_000, preferred_batch_sizes=(3,))
+    tasks = [asyncio.create_task(batcher.submit(images(i), None)) for i in range(3)]
+    assert [ids_of(await t) for t in tasks] == [[0], [1], [2]]
+    assert backend.batches == [[0, 1, 2]]
+    await batcher.close()
+
+
+async def test_a_backend_returning_the_wrong_row_count_fails_that_batch_only():
+    backend = GatedBackend(gated=False)
+    batcher, _ = make(backend)
+    backend.wrong_rows = True
+    with pytest.raises(BackendError, match="returned 1 rows for a batch of 2"):
+        await batcher.submit(images(1, 2), None)
+    backend.wrong_rows = False
+    assert ids_of(await batcher.submit(images(3), None)) == [3]
+    await batcher.close()
+
+
+async def test_close_drains_queued_and_computing_work():
+    backend = GatedBackend()
+    batcher, _ = make(backend)
+    tasks = [asyncio.create_task(batcher.submit(images(i), None)) for i in range(3)]
+    await started(backend)
+    closing = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0)
+    backend.gated = False
+    backend.release.release()
+    await closing
+    assert [ids_of(t.result()) for t in tasks] == [[0], [1], [2]]
