@@ -1,0 +1,109 @@
+"""`visionserve export`: a checked, atomically published version, or nothing at all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+torch = pytest.importorskip("torch")
+
+
+def tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+def lenet_weights(path: Path, poison: bool = False) -> Path:
+    from visionserve.export.lenet import LeNet5
+
+    torch.manual_seed(3)
+    state = LeNet5().state_dict()
+    if poison:
+        state["classifier.1.weight"][0, 0] = float("nan")  # a diverged fine-tuning run
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    return path
+
+
+def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path):
+    repo = tmp_path / "repo"
+    first = run_cli("export", "lenet5", "--repo", str(repo), "--seed", "11")
+    assert first.returncode == 0, first.stderr
+    version = repo / "lenet5" / "1"
+    assert {p.name for p in version.iterdir()} == {"model.onnx", "labels.txt", "export.json"}
+    record = json.loads((version / "export.json").read_text())
+    assert record["architecture"] == "lenet5" and record["seed"] == 11
+    assert record["opset"] >= 17 and record["exporter"] in ("dynamo", "torchscript")
+    assert record["parity"]["passed"] and record["parity"]["top5_agreement"] == 1.0
+    assert record["parity"]["logits_max_abs_diff"] < 1e-4
+    assert record["embedding_dim"] == 84 and record["num_classes"] == 10
+    assert (repo / "lenet5" / "config.toml").is_file()
+    assert (version / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+
+    second = run_cli("export", "lenet5", "--repo", str(repo))
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in (repo / "lenet5").iterdir()) == \
+        ["1", "2", "config.toml", "labels.txt"]  # no hidden temp folder left behind
+
+
+def test_an_existing_version_is_never_overwritten(tmp_path):
+    repo = tmp_path / "repo"
+    assert run_cli("export", "lenet5", "--repo", str(repo)).returncode == 0
+    before = tree(repo)
+    again = run_cli("export", "lenet5", "--repo", str(repo), "--version", "1")
+    assert again.returncode == 1 and "exists already" in again.stderr
+    assert tree(repo) == before
+
+
+def test_a_failed_parity_check_publishes_nothing(tmp_path):
+    repo = tmp_path / "repo"
+    assert run_cli("export", "lenet5", "--repo", str(repo)).returncode == 0
+    before = tree(repo)
+    weights = lenet_weights(tmp_path / "diverged.pt", poison=True)
+    out = run_cli("export", "lenet5", "--repo", str(repo), "--weights", str(weights))
+    assert out.returncode == 1
+    assert "parity check failed" in out.stderr and "non-finite" in out.stderr
+    assert "nothing was published" in out.stderr
+    assert tree(repo) == before
+
+
+def test_a_checkpoint_with_module_prefix_loads_and_its_hash_is_recorded(tmp_path):
+    import hashlib
+
+    weights = lenet_weights(tmp_path / "good.pt")
+    out = run_cli("export", "lenet5", "--repo", str(tmp_path / "repo"), "--weights",
+                  str(weights))
+    assert out.returncode == 0, out.stderr
+    record = json.loads((tmp_path / "repo/lenet5/1/export.json").read_text())
+    assert record["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert record["seed"] is None
+
+
+def test_weights_that_do_not_fit_say_which_keys_differ(tmp_path):
+    weights = lenet_weights(tmp_path / "lenet.pt")
+    out = run_cli("export", "resnet18", "--repo", str(tmp_path / "repo"), "--weights",
+                  str(weights))
+    assert out.returncode == 1
+    assert "does not fit the architecture" in out.stderr and "missing keys" in out.stderr
+    assert "conv1.weight" in out.stderr
+    assert tree(tmp_path / "repo" / "resnet18") == []
+
+
+def test_a_fine_tuned_head_with_its_own_labels(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nbird\n")
+    out = run_cli("export", "lenet5", "--repo", str(tmp_path / "repo"), "--name", "pets",
+                  "--num-classes", "3", "--labels", str(labels))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "repo/pets/1/labels.txt").read_text().split() == ["cat", "dog", "bird"]
+    assert json.loads((tmp_path / "repo/pets/1/export.json").read_text())["num_classes"] == 3
+
+
+def test_list_and_unknown_architecture(tmp_path):
+    listing = run_cli("export", "--list", env={"COLUMNS": "200"})
+    assert listing.returncode == 0
+    for name in ("lenet5", "resnet18", "resnet50", "mobilenet_v3_small"):
+        assert name in listing.stdout
+    out = run_cli("export", "resnet9000", "--repo", str(tmp_path))
+    assert out.returncode != 0 and "unknown architecture 'resnet9000'" in out.stderr
