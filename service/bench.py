@@ -35,7 +35,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     model_dir = args.repo / args.model
     versions = version_numbers(model_dir)
     if not versions:

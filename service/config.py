@@ -105,6 +105,9 @@ class OnnxRuntimeConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     graph_optimization: str = "all"  # disable | basic | extended | all
+    # ORT's worker threads busy-wait between ops by default; in a server that shares its cores
+    # with gRPC and preprocessing threads, spinning steals the time they need.
+    allow_spinning: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

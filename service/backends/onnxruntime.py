@@ -40,6 +40,9 @@ class OnnxRuntimeBackend(Backend):
         opts.inter_op_num_threads = cfg.inter_op_threads or 1
         opts.graph_optimization_level = _OPT_LEVELS[cfg.graph_optimization]
         opts.log_severity_level = 3
+        if not cfg.allow_spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(version.model_file), opts,
                                                  providers=list(cfg.providers))
