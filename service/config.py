@@ -89,7 +89,8 @@ class BatchingConfig:
         _check(self.max_queue_delay_ms >= 0, where, "batching.max_queue_delay_ms", "must be >= 0",
                self.max_queue_delay_ms)
         _check(all(0 < b <= max_batch_size for b in self.preferred_batch_sizes), where,
-               "batching.preferred_batch_sizes", f"must lie in 1..max_batch_size ({max_batch_size})",
+               "batching.preferred_batch_sizes",
+               f"must lie in 1..max_batch_size ({max_batch_size})",
                list(self.preferred_batch_sizes))
         _check(self.max_queue_size >= max_batch_size, where, "batching.max_queue_size",
                f"must be >= max_batch_size ({max_batch_size})", self.max_queue_size)
@@ -171,7 +172,8 @@ class ModelConfig:
                     raise ConfigError(f"{where}: [{key}] must be a table")
                 top[key] = _build(sections[key], value, where, prefix=f"{key}.")
             elif key == "warmup":
-                top["warmup_batch_sizes"] = list(_build(_Warmup, value, where, "warmup.").batch_sizes)
+                warmup = _build(_Warmup, value, where, "warmup.")
+                top["warmup_batch_sizes"] = list(warmup.batch_sizes)
             else:
                 top[key] = value
         config = _build(cls, top, where, prefix="")

@@ -80,4 +80,5 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, VisionServeError):
         return exc.code, str(exc)
     log.error("unexpected error while serving a request", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "internal server error (logged on the server); please report it"
+    return (grpc.StatusCode.INTERNAL,
+            "internal server error (logged on the server); please report it")

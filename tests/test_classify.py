@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import OrtReference, encode, photo, softmax, tensor_image
 
+from conftest import OrtReference, encode, photo, softmax, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")

@@ -4,8 +4,8 @@ embedding output."""
 from __future__ import annotations
 
 import numpy as np
-from conftest import OrtReference, embeddings, encode, photo, softmax, tensor_image
 
+from conftest import OrtReference, embeddings, encode, photo, softmax, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
 
 

@@ -9,8 +9,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import encode, photo, tensor_image
 
+from conftest import encode, photo, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
 
 GOOD = pb.ClassifyRequest(model="lenet5", images=[

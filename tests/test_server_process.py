@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from conftest import ROOT, encode, make_repo, photo, run_cli, start_server, tensor_image
 
+from conftest import ROOT, encode, make_repo, photo, run_cli, start_server, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
 
 
