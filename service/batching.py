@@ -155,17 +155,22 @@ class DynamicBatcher:
     async def _worker(self) -> None:
         while True:
             await self._has_work.wait()
-            if self._policy.max_queue_delay_ms > 0:
-                await self._wait_for_company()
-            batch = self._take()
-            if not self._queue:
-                self._has_work.clear()
-            if batch:
-                self._computing += 1
-                try:
-                    await self._compute(batch)
-                finally:
-                    self._computing -= 1
+            try:
+                if self._policy.max_queue_delay_ms > 0:
+                    await self._wait_for_company()
+                batch = self._take()
+                if not self._queue:
+                    self._has_work.clear()
+                if batch:
+                    self._computing += 1
+                    try:
+                        await self._compute(batch)
+                    finally:
+                        self._computing -= 1
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not silently stop the model serving
+                log.exception("%s: batcher worker error (continuing)", self.name)
             async with self._changed:
                 self._changed.notify_all()
 

@@ -15,11 +15,11 @@ import numpy as np
 from .backends.base import ModelOutputs
 from .config import ServerLimits
 from .errors import InvalidInput, LimitExceeded
+from .messages import ClassifyCall, ClassifyResult, EmbedCall, EmbedResult
 from .metrics import Metrics
 from .postprocess import l2_normalize, top_k
 from .preprocess import ImageInput, RawTensor
 from .registry import ModelRegistry, ServedVersion
-from .types import ClassifyCall, ClassifyResult, EmbedCall, EmbedResult
 
 
 class InferenceCore:

@@ -8,8 +8,8 @@ from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
 from ..inference import InferenceCore
+from ..messages import ClassifyCall, EmbedCall
 from ..registry import ModelStatus
-from ..types import ClassifyCall, EmbedCall
 from .calls import CallHandler, deadline_of
 
 _STATES = {
