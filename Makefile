@@ -33,7 +33,7 @@ lint: setup
 
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
-		--grpc_python_out=proto proto/visionserve/v1/visionserve.proto
+		--grpc_python_out=proto proto/visionserve/v1/*.proto proto/visionserve/inference/*.proto
 
 bench: models
 	$(BIN)/visionserve bench --model resnet50 --repo $(REPO) --json bench/results/resnet50.json

@@ -65,10 +65,38 @@ class BatchPolicy:
     instances: int = 1  # batches computed concurrently
 
 
+class FanOut:
+    """Several observers (metrics, statistics) behind one."""
+
+    def __init__(self, *observers: BatchObserver) -> None:
+        self._observers = observers
+
+    def queue_depth(self, images: int) -> None:
+        for o in self._observers:
+            o.queue_depth(images)
+
+    def expired(self, reason: str, images: int) -> None:
+        for o in self._observers:
+            o.expired(reason, images)
+
+    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
+        for o in self._observers:
+            o.batch_done(size, queue_waits_s, compute_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Computed:
+    """One request's outputs, with where its time went (for statistics)."""
+
+    outputs: ModelOutputs
+    queue_s: float  # the longest wait of its chunks
+    compute_s: float  # summed compute time of the batches its chunks ran in
+
+
 @dataclass(slots=True)
 class _Work:
     images: list[np.ndarray]
-    future: asyncio.Future[ModelOutputs]
+    future: asyncio.Future[Computed]
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
 
@@ -103,7 +131,7 @@ class DynamicBatcher:
         for i in range(self._policy.instances):
             self._workers.append(asyncio.create_task(self._worker(), name=f"{self.name}#{i}"))
 
-    async def submit(self, images: list[np.ndarray], deadline: float | None) -> ModelOutputs:
+    async def submit(self, images: list[np.ndarray], deadline: float | None) -> Computed:
         """Queue one request's images (each float32 [C, H, W]); return their outputs in order."""
         n, cap = len(images), self._policy.max_queue_size
         if self._closed:
@@ -140,8 +168,10 @@ class DynamicBatcher:
                 w.future.cancel()
         if len(parts) == 1:
             return parts[0]
-        return ModelOutputs(np.concatenate([p.logits for p in parts]),
-                            np.concatenate([p.embedding for p in parts]))
+        return Computed(ModelOutputs(np.concatenate([p.outputs.logits for p in parts]),
+                                     np.concatenate([p.outputs.embedding for p in parts])),
+                        queue_s=max(p.queue_s for p in parts),
+                        compute_s=sum(p.compute_s for p in parts))
 
     async def close(self) -> None:
         """Stop taking requests, finish everything queued or computing, stop the workers."""
@@ -245,7 +275,8 @@ class DynamicBatcher:
         offset = 0
         for w in batch:
             n = len(w.images)
-            _resolve(w.future, outputs.rows(offset, offset + n))
+            _resolve(w.future, Computed(outputs.rows(offset, offset + n), started - w.enqueued,
+                                        compute_s))
             offset += n
         self._observer.batch_done(size, waits, compute_s)
 
@@ -257,11 +288,11 @@ class DynamicBatcher:
         return outputs, time.perf_counter() - start
 
 
-def _resolve(future: asyncio.Future[ModelOutputs], value: ModelOutputs) -> None:
+def _resolve(future: asyncio.Future[Computed], value: Computed) -> None:
     if not future.done():
         future.set_result(value)
 
 
-def _fail(future: asyncio.Future[ModelOutputs], exc: BaseException) -> None:
+def _fail(future: asyncio.Future[Computed], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest decoded image (width x height); checked before decoding")
     p.add_argument("--max-images-per-request", type=int, default=256)
     p.add_argument("--preprocess-threads", type=int, default=0, help="0 = one per core")
+    p.add_argument("--model-control", choices=["none", "explicit"], default="none",
+                   help="none: load every model at start; explicit: load only --load-model "
+                        "models at start, then only the KServe RepositoryModelLoad/Unload RPCs "
+                        "change what is served (as in Triton)")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="with --model-control explicit: a model to load at start (repeatable)")
     p.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="how long in-flight requests may take to finish on SIGTERM")
     p.set_defaults(func=_serve)
@@ -127,12 +133,18 @@ def _env_defaults(parser: argparse.ArgumentParser) -> None:
             raw = os.environ[key]
             if isinstance(action, argparse._StoreTrueAction):
                 action.default = raw.lower() in ("1", "true", "yes")
+            elif isinstance(action, argparse._AppendAction):
+                action.default = [v for v in raw.split(",") if v]
             else:
                 action.default = action.type(raw) if action.type else raw
+        if isinstance(action, argparse._AppendAction):
+            key_help = f" [env {key}, comma-separated]"
+        else:
+            key_help = f" [env {key}]"
         if action.help and action.help is not argparse.SUPPRESS:
-            action.help += f" [env {key}]"
+            action.help += key_help
         elif action.help is None:
-            action.help = f"[env {key}]"
+            action.help = key_help.strip()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -142,6 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         repo=args.repo, host=args.host, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, preprocess_threads=args.preprocess_threads,
+        model_control=args.model_control, load_models=tuple(args.load_model),
         shutdown_grace_s=args.shutdown_grace_s,
         limits=ServerLimits(max_message_bytes=args.max_message_bytes,
                             max_encoded_image_bytes=args.max_image_bytes,

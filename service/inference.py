@@ -1,14 +1,17 @@
 """The core every API shares: resolve the model version, preprocess, batch, postprocess.
 
-Classify, Embed (and later KServe ModelInfer) all end in ``InferenceCore.run``, so requests
-from every API meet the same batcher of their model version and batch together.
+Classify, Embed and KServe ModelInfer all end in ``InferenceCore.infer``, so requests from
+every API meet the same batcher of their model version and batch together, and are counted in
+the same statistics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,6 +24,8 @@ from .postprocess import l2_normalize, top_k
 from .preprocess import ImageInput, RawTensor
 from .registry import ModelRegistry, ServedVersion
 
+T = TypeVar("T")
+
 
 class InferenceCore:
     def __init__(self, registry: ModelRegistry, preprocess_executor: Executor,
@@ -32,34 +37,48 @@ class InferenceCore:
 
     async def classify(self, call: ClassifyCall, deadline: float | None) -> ClassifyResult:
         served = self.registry.resolve(call.model, call.version)
-        outputs = await self.run(served, call.images, deadline)
-        return ClassifyResult(model=served.name, version=served.version,
-                              results=top_k(outputs.logits, call.top_k, served.labels),
+        results = await self.infer(served, call.images, deadline,
+                                   lambda out: top_k(out.logits, call.top_k, served.labels))
+        return ClassifyResult(model=served.name, version=served.version, results=results,
                               request_id=call.request_id)
 
     async def embed(self, call: EmbedCall, deadline: float | None) -> EmbedResult:
         served = self.registry.resolve(call.model, call.version)
-        outputs = await self.run(served, call.images, deadline)
-        vectors = l2_normalize(outputs.embedding) if call.normalize else outputs.embedding
+        vectors = await self.infer(
+            served, call.images, deadline,
+            lambda out: l2_normalize(out.embedding) if call.normalize else out.embedding)
         return EmbedResult(model=served.name, version=served.version, embeddings=vectors,
                            request_id=call.request_id)
 
-    async def run(self, served: ServedVersion, images: list[ImageInput],
-                  deadline: float | None) -> ModelOutputs:
-        """Preprocess ``images`` and run them through the version's batcher, in order."""
-        if not images:
-            raise InvalidInput(f"{served.where}: images is empty; send at least one image")
-        if len(images) > self._limits.max_images_per_request:
-            raise LimitExceeded(f"{served.where}: {len(images)} images in one request, over the "
-                                f"limit of {self._limits.max_images_per_request}; split the "
-                                "request")
-        if deadline is None and served.config.batching.default_timeout_ms > 0:
-            deadline = time.monotonic() + served.config.batching.default_timeout_ms / 1000
+    async def infer(self, served: ServedVersion, images: list[ImageInput],
+                    deadline: float | None, postprocess: Callable[[ModelOutputs], T]) -> T:
+        """Preprocess ``images``, run them through the version's batcher (in order), and
+        ``postprocess`` the outputs; the request is counted in the version's statistics."""
         start = time.perf_counter()
-        tensors = await self._preprocess(served, images)
-        self._metrics.preprocess_duration.labels(served.name, str(served.version)).observe(
-            time.perf_counter() - start)
-        return await served.batcher.submit(tensors, deadline)
+        try:
+            if not images:
+                raise InvalidInput(f"{served.where}: images is empty; send at least one image")
+            if len(images) > self._limits.max_images_per_request:
+                raise LimitExceeded(f"{served.where}: {len(images)} images in one request, over "
+                                    f"the limit of {self._limits.max_images_per_request}; split "
+                                    "the request")
+            if deadline is None and served.config.batching.default_timeout_ms > 0:
+                deadline = time.monotonic() + served.config.batching.default_timeout_ms / 1000
+            tensors = await self._preprocess(served, images)
+            preprocessed = time.perf_counter()
+            self._metrics.preprocess_duration.labels(served.name, str(served.version)).observe(
+                preprocessed - start)
+            computed = await served.batcher.submit(tensors, deadline)
+            post_start = time.perf_counter()
+            result = postprocess(computed.outputs)
+        except BaseException:
+            served.stats.request_done(ok=False, total_s=time.perf_counter() - start)
+            raise
+        end = time.perf_counter()
+        served.stats.request_done(ok=True, total_s=end - start,
+                                  preprocess_s=preprocessed - start, queue_s=computed.queue_s,
+                                  compute_s=computed.compute_s, postprocess_s=end - post_start)
+        return result
 
     async def _preprocess(self, served: ServedVersion,
                           images: list[ImageInput]) -> list[np.ndarray]:

@@ -46,7 +46,7 @@ class RawTensor:
 
     shape: tuple[int, ...]
     dtype: str  # "float32" | "uint8"
-    data: bytes
+    data: bytes | memoryview  # a view avoids copying one image out of a batch's buffer
     layout: str = ""
 
 
@@ -64,6 +64,10 @@ class Preprocessor:
             (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(m)) / np.float32(s)
             for m, s in zip(spec.mean, spec.std, strict=True)
         ])  # [C, 256] float32
+
+    @property
+    def spec(self) -> InputSpec:
+        return self._spec
 
     def tensor(self, index: int, image: ImageInput) -> np.ndarray:
         """One image → float32 [C, H, W] (may be a read-only view of the request's bytes)."""

@@ -18,12 +18,13 @@ import numpy as np
 
 from . import repository
 from .backends import Backend, create_backend
-from .batching import BatchPolicy, DynamicBatcher
+from .batching import BatchPolicy, DynamicBatcher, FanOut
 from .config import ModelConfig, ServerLimits
 from .errors import ModelFailed, ModelNotFound, ModelUnavailable, VisionServeError
 from .metrics import Metrics
 from .preprocess import Preprocessor
 from .repository import ModelEntry, VersionEntry
+from .statistics import VersionStatistics
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class ServedVersion:
     batcher: DynamicBatcher
     preprocessor: Preprocessor
     executor: ThreadPoolExecutor
+    stats: VersionStatistics
 
     @property
     def where(self) -> str:
@@ -88,44 +90,109 @@ class ModelRegistry:
         self._metrics = metrics
         self._served: dict[tuple[str, int], ServedVersion] = {}
         self._status: dict[str, ModelStatus] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.repo: Path | None = None
         self.loading = True
 
-    async def load_repository(self, repo: Path) -> None:
-        """Load every model the repository holds; failures are recorded, not raised."""
+    async def load_repository(self, repo: Path, only: set[str] | None = None) -> None:
+        """Load every model the repository holds (or those in ``only``); failures are
+        recorded, not raised."""
+        self.repo = repo
         self.loading = True
         try:
             for entry in repository.scan(repo):
-                await self.load_model(entry)
+                if only is None or entry.name in only:
+                    await self.load_model(entry)
+            for missing in sorted((only or set()) - set(self._status)):
+                log.error("model %s: no such folder in %s", missing, repo)
         finally:
             self.loading = False
 
+    async def load_named(self, name: str) -> None:
+        """(Re)load one model folder of the repository by name."""
+        if self.repo is None or not (self.repo / name).is_dir() or name.startswith((".", "_")):
+            raise ModelNotFound(f"model {name!r}: no folder {name!r} in the repository "
+                                f"{self.repo}; export it first")
+        await self.load_model(repository.scan_model(self.repo / name))
+
     async def load_model(self, entry: ModelEntry) -> None:
-        status = ModelStatus(name=entry.name, config=entry.config, error=entry.error)
-        self._status[entry.name] = status
-        if entry.error or entry.config is None:
-            log.error("model %s not loaded: %s", entry.name, entry.error)
-            self._metrics.model_load_failures.labels(entry.name, "").inc()
-            return
-        for number, reason in entry.version_errors.items():
-            self._fail(status, number, reason)
-        for ventry in entry.versions:
-            status.versions[ventry.version] = VersionStatus(version=ventry.version,
-                                                            state="loading")
-            self._metrics.set_model_state(entry.name, str(ventry.version), "loading")
-            try:
-                served = await self._load_version(entry.name, entry.config, ventry)
-            except VisionServeError as exc:
-                self._fail(status, ventry.version, str(exc))
-                continue
-            except Exception as exc:  # noqa: BLE001 - one model never stops the server
-                log.exception("model %s version %d failed to load", entry.name, ventry.version)
-                self._fail(status, ventry.version, f"{type(exc).__name__}: {exc}")
-                continue
-            self._register(served)
-            status.num_classes = served.backend.num_classes
-            status.embedding_dim = served.backend.embedding_dim
-            status.versions[ventry.version] = VersionStatus(version=ventry.version, state="ready")
-            self._metrics.set_model_state(entry.name, str(ventry.version), "ready")
+        """Load (or reload) one model: its versions load and warm up first, then routing
+        switches to them at once, then versions no longer served drain and are released.
+        If no version loads, whatever served before keeps serving."""
+        async with self._locks.setdefault(entry.name, asyncio.Lock()):
+            status = ModelStatus(name=entry.name, config=entry.config, error=entry.error)
+            previous = self._status.get(entry.name)
+            self._status[entry.name] = status
+            loaded: list[ServedVersion] = []
+            if entry.error or entry.config is None:
+                log.error("model %s not loaded: %s", entry.name, entry.error)
+                self._metrics.model_load_failures.labels(entry.name, "").inc()
+            else:
+                for number, reason in entry.version_errors.items():
+                    self._fail(status, number, reason)
+                for ventry in entry.versions:
+                    served = await self._try_load(status, entry.config, ventry)
+                    if served is not None:
+                        loaded.append(served)
+            old = [s for (n, _), s in self._served.items() if n == entry.name]
+            if not loaded and old and previous is not None:
+                log.error("model %s: no version loaded; the previous ones keep serving",
+                          entry.name)
+                for number, vstatus in previous.versions.items():
+                    status.versions.setdefault(number, vstatus)
+                status.num_classes, status.embedding_dim = (previous.num_classes,
+                                                            previous.embedding_dim)
+                return
+            for s in old:
+                del self._served[(s.name, s.version)]
+            for s in loaded:
+                self._register(s)
+            await self._release([s for s in old if s not in loaded])
+
+    async def unload_model(self, name: str) -> None:
+        """Stop routing to the model, let queued and computing work finish, release it."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            status = self.status(name)
+            old = [s for (n, _), s in self._served.items() if n == name]
+            for s in old:
+                del self._served[(s.name, s.version)]
+            status.error = ""
+            for number in status.versions:
+                status.versions[number] = VersionStatus(version=number, state="unloaded",
+                                                        reason="unloaded on request")
+            await self._release(old)
+
+    async def _try_load(self, status: ModelStatus, config: ModelConfig,
+                        ventry: VersionEntry) -> ServedVersion | None:
+        name = status.name
+        status.versions[ventry.version] = VersionStatus(version=ventry.version, state="loading")
+        self._metrics.set_model_state(name, str(ventry.version), "loading")
+        try:
+            served = await self._load_version(name, config, ventry)
+        except VisionServeError as exc:
+            self._fail(status, ventry.version, str(exc))
+            return None
+        except Exception as exc:  # noqa: BLE001 - one model never stops the server
+            log.exception("model %s version %d failed to load", name, ventry.version)
+            self._fail(status, ventry.version, f"{type(exc).__name__}: {exc}")
+            return None
+        status.num_classes = served.backend.num_classes
+        status.embedding_dim = served.backend.embedding_dim
+        status.versions[ventry.version] = VersionStatus(version=ventry.version, state="ready")
+        self._metrics.set_model_state(name, str(ventry.version), "ready")
+        return served
+
+    async def _release(self, served: list[ServedVersion]) -> None:
+        """Drain (queued and computing work finishes), then free the engines."""
+        for s in served:
+            self._metrics.set_model_state(s.name, str(s.version), "draining")
+        await asyncio.gather(*(s.batcher.close() for s in served))
+        loop = asyncio.get_running_loop()
+        for s in served:
+            await loop.run_in_executor(None, s.executor.shutdown, True)
+            s.backend.close()
+            self._metrics.set_model_state(s.name, str(s.version), "unloaded")
+            log.info("unloaded %s", s.where)
 
     def _fail(self, status: ModelStatus, version: int, reason: str) -> None:
         log.error("model %s version %d failed to load: %s", status.name, version, reason)
@@ -155,7 +222,9 @@ class ModelRegistry:
             instances=config.instance_count,
         )
         where = f"model {name} version {ventry.version}"
-        observer = self._metrics.observer(name, ventry.version, policy.max_queue_size)
+        stats = VersionStatistics()
+        observer = FanOut(self._metrics.observer(name, ventry.version, policy.max_queue_size),
+                          stats)
         batcher = DynamicBatcher(where, backend.run, policy, executor, observer)
         batcher.start()
         seconds = time.perf_counter() - start
@@ -166,7 +235,7 @@ class ModelRegistry:
                              labels=ventry.labels, backend=backend, batcher=batcher,
                              preprocessor=Preprocessor(name, ventry.version, config.input,
                                                        self._limits),
-                             executor=executor)
+                             executor=executor, stats=stats)
 
     def _register(self, served: ServedVersion) -> None:
         key = (served.name, served.version)
@@ -188,6 +257,9 @@ class ModelRegistry:
         if version == 0:
             if ready:
                 return self._served[(name, ready[0])]
+            if status.state == "unloaded":
+                raise ModelNotFound(f"model {name} is unloaded; load it again (KServe "
+                                    "RepositoryModelLoad) to serve it")
             raise ModelFailed(f"model {name} has no ready version: {status.reason or status.state}")
         served = self._served.get((name, version))
         if served is not None:
@@ -211,14 +283,13 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} not found; loaded models: "
                                 f"{', '.join(sorted(self._status)) or 'none'}") from None
 
+    def ready_versions(self, name: str) -> list[ServedVersion]:
+        """Routable versions of ``name``, newest first."""
+        return sorted((s for (n, _), s in self._served.items() if n == name),
+                      key=lambda s: -s.version)
+
     async def close(self) -> None:
         """Drain every batcher (queued and computing work finishes), then release backends."""
         served = list(self._served.values())
-        for s in served:
-            self._metrics.set_model_state(s.name, str(s.version), "draining")
-        await asyncio.gather(*(s.batcher.close() for s in served))
-        for s in served:
-            s.executor.shutdown(wait=True)
-            s.backend.close()
-            self._metrics.set_model_state(s.name, str(s.version), "unloaded")
         self._served.clear()
+        await self._release(served)

@@ -16,10 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics, start_http_server
 
+from visionserve.inference import grpc_service_pb2 as kpb
+from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
 from .api.calls import CallHandler
+from .api.kserve import KServeServicer
 from .api.vision import VisionServicer
 from .config import ServerLimits, cpu_count
 from .inference import InferenceCore
@@ -37,6 +40,8 @@ class ServerConfig:
     metrics_port: int = 8002
     limits: ServerLimits = field(default_factory=ServerLimits)
     preprocess_threads: int = 0  # 0 = one per core
+    model_control: str = "none"  # none: load all at start | explicit: load/unload RPCs only
+    load_models: tuple[str, ...] = ()  # explicit mode: models to load at start
     shutdown_grace_s: float = 30.0
 
 
@@ -66,12 +71,15 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 1),
     ])
-    pb_grpc.add_VisionServiceServicer_to_server(
-        VisionServicer(core, CallHandler(registry, metrics)), server)
+    calls = CallHandler(registry, metrics)
+    pb_grpc.add_VisionServiceServicer_to_server(VisionServicer(core, calls), server)
+    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeServicer(core, calls, config.model_control), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,
+         kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
@@ -80,7 +88,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     log.info("gRPC listening on %s:%d (NOT_SERVING until models are loaded)", config.host,
              grpc_port)
 
-    await registry.load_repository(config.repo)
+    only = set(config.load_models) if config.model_control == "explicit" else None
+    await registry.load_repository(config.repo, only)
     ready = [s.name for s in registry.statuses() if s.state == "ready"]
     failed = [s.name for s in registry.statuses() if s.state == "failed"]
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from visionserve.service.backends.base import ModelOutputs
-from visionserve.service.batching import BatchPolicy, DynamicBatcher
+from visionserve.service.batching import BatchPolicy, Computed, DynamicBatcher
 from visionserve.service.errors import BackendError, DeadlineExceeded, QueueFull
 
 
@@ -70,8 +70,8 @@ def make(backend: GatedBackend, **policy: object) -> tuple[DynamicBatcher, Recor
     return batcher, rec
 
 
-def ids_of(out: ModelOutputs) -> list[int]:
-    return [int(v) for v in out.logits[:, 0]]
+def ids_of(out: Computed) -> list[int]:
+    return [int(v) for v in out.outputs.logits[:, 0]]
 
 
 async def test_a_lone_request_runs_at_once_without_waiting_for_company():

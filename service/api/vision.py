@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
+from ..errors import grpc_status
 from ..inference import InferenceCore
 from ..messages import ClassifyCall, EmbedCall
 from ..registry import ModelStatus
-from .calls import CallHandler, deadline_of
+from .calls import CallHandler, answer_stream, deadline_of
 
 _STATES = {
     "loading": pb.MODEL_STATE_LOADING, "ready": pb.MODEL_STATE_READY,
@@ -32,6 +35,26 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
             return result.to_grpc(), result.version
 
         return await self._calls.handle("Classify", request.model, context, work)
+
+    async def ClassifyStream(self, requests: AsyncIterator[pb.ClassifyRequest],  # noqa: N802
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        async def answer(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
+            async def work() -> tuple[pb.ClassifyResponse, int]:
+                result = await self._core.classify(ClassifyCall.from_grpc(request),
+                                                   deadline_of(context))
+                return result.to_grpc(), result.version
+
+            try:
+                reply = await self._calls.run("ClassifyStream", request.model, work)
+            except Exception as exc:  # noqa: BLE001 - this request's error, not the stream's
+                code, message = grpc_status(exc)
+                return pb.ClassifyStreamResponse(request_id=request.request_id,
+                                                 code=code.value[0], error_message=message)
+            return pb.ClassifyStreamResponse(request_id=request.request_id, response=reply)
+
+        async for reply in answer_stream(requests, answer):
+            yield reply
 
     async def Embed(self, request: pb.EmbedRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:

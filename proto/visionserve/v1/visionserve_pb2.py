@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n visionserve/v1/visionserve.proto\x12\x0evisionserve.v1\"s\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.visionserve.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12&\n\x06layout\x18\x04 \x01(\x0e\x32\x16.visionserve.v1.Layout\"N\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.visionserve.v1.TensorH\x00\x42\x08\n\x06source\"{\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12%\n\x06images\x18\x03 \x03(\x0b\x32\x15.visionserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"4\n\x05\x43lass\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"8\n\x0e\x43lassification\x12&\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x15.visionserve.v1.Class\"w\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12/\n\x07results\x18\x03 \x03(\x0b\x32\x1e.visionserve.v1.Classification\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"|\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12%\n\x06images\x18\x03 \x03(\x0b\x32\x15.visionserve.v1.Image\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"o\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12*\n\nembeddings\x18\x03 \x01(\x0b\x32\x16.visionserve.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.visionserve.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"Z\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.visionserve.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x9b\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\r\n\x05\x63olor\x18\x05 \x01(\t\x12\x0c\n\x04mean\x18\x06 \x03(\x02\x12\x0b\n\x03std\x18\x07 \x03(\x02\x12\x0e\n\x06resize\x18\x08 \x01(\x05\x12\x15\n\rinterpolation\x18\t \x01(\t\"\x83\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x08versions\x18\x02 \x03(\x0b\x32\x1c.visionserve.v1.ModelVersion\x12(\n\x05input\x18\x03 \x01(\x0b\x32\x19.visionserve.v1.InputSpec\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\x12\x15\n\rembedding_dim\x18\x06 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12)\n\x05state\x18\x08 \x01(\x0e\x32\x1a.visionserve.v1.ModelState\x12\x0e\n\x06reason\x18\t \x01(\t*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02*@\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x0e\n\nLAYOUT_CHW\x10\x01\x12\x0e\n\nLAYOUT_HWC\x10\x02*\xa5\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x18\n\x14MODEL_STATE_DRAINING\x10\x04\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x05\x32\xc1\x02\n\rVisionService\x12M\n\x08\x43lassify\x12\x1f.visionserve.v1.ClassifyRequest\x1a .visionserve.v1.ClassifyResponse\x12\x44\n\x05\x45mbed\x12\x1c.visionserve.v1.EmbedRequest\x1a\x1d.visionserve.v1.EmbedResponse\x12S\n\nListModels\x12!.visionserve.v1.ListModelsRequest\x1a\".visionserve.v1.ListModelsResponse\x12\x46\n\x08GetModel\x12\x1f.visionserve.v1.GetModelRequest\x1a\x19.visionserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n visionserve/v1/visionserve.proto\x12\x0evisionserve.v1\"s\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.visionserve.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12&\n\x06layout\x18\x04 \x01(\x0e\x32\x16.visionserve.v1.Layout\"N\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.visionserve.v1.TensorH\x00\x42\x08\n\x06source\"{\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12%\n\x06images\x18\x03 \x03(\x0b\x32\x15.visionserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"4\n\x05\x43lass\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"8\n\x0e\x43lassification\x12&\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x15.visionserve.v1.Class\"w\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12/\n\x07results\x18\x03 \x03(\x0b\x32\x1e.visionserve.v1.Classification\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x85\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32 .visionserve.v1.ClassifyResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"|\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12%\n\x06images\x18\x03 \x03(\x0b\x32\x15.visionserve.v1.Image\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"o\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12*\n\nembeddings\x18\x03 \x01(\x0b\x32\x16.visionserve.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.visionserve.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"Z\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.visionserve.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x9b\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\r\n\x05\x63olor\x18\x05 \x01(\t\x12\x0c\n\x04mean\x18\x06 \x03(\x02\x12\x0b\n\x03std\x18\x07 \x03(\x02\x12\x0e\n\x06resize\x18\x08 \x01(\x05\x12\x15\n\rinterpolation\x18\t \x01(\t\"\x83\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x08versions\x18\x02 \x03(\x0b\x32\x1c.visionserve.v1.ModelVersion\x12(\n\x05input\x18\x03 \x01(\x0b\x32\x19.visionserve.v1.InputSpec\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\x12\x15\n\rembedding_dim\x18\x06 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12)\n\x05state\x18\x08 \x01(\x0e\x32\x1a.visionserve.v1.ModelState\x12\x0e\n\x06reason\x18\t \x01(\t*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02*@\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x0e\n\nLAYOUT_CHW\x10\x01\x12\x0e\n\nLAYOUT_HWC\x10\x02*\xa5\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x18\n\x14MODEL_STATE_DRAINING\x10\x04\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x05\x32\xa0\x03\n\rVisionService\x12M\n\x08\x43lassify\x12\x1f.visionserve.v1.ClassifyRequest\x1a .visionserve.v1.ClassifyResponse\x12]\n\x0e\x43lassifyStream\x12\x1f.visionserve.v1.ClassifyRequest\x1a&.visionserve.v1.ClassifyStreamResponse(\x01\x30\x01\x12\x44\n\x05\x45mbed\x12\x1c.visionserve.v1.EmbedRequest\x1a\x1d.visionserve.v1.EmbedResponse\x12S\n\nListModels\x12!.visionserve.v1.ListModelsRequest\x1a\".visionserve.v1.ListModelsResponse\x12\x46\n\x08GetModel\x12\x1f.visionserve.v1.GetModelRequest\x1a\x19.visionserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'visionserve.v1.visionserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1478
-  _globals['_DTYPE']._serialized_end=1544
-  _globals['_LAYOUT']._serialized_start=1546
-  _globals['_LAYOUT']._serialized_end=1610
-  _globals['_MODELSTATE']._serialized_start=1613
-  _globals['_MODELSTATE']._serialized_end=1778
+  _globals['_DTYPE']._serialized_start=1614
+  _globals['_DTYPE']._serialized_end=1680
+  _globals['_LAYOUT']._serialized_start=1682
+  _globals['_LAYOUT']._serialized_end=1746
+  _globals['_MODELSTATE']._serialized_start=1749
+  _globals['_MODELSTATE']._serialized_end=1914
   _globals['_TENSOR']._serialized_start=52
   _globals['_TENSOR']._serialized_end=167
   _globals['_IMAGE']._serialized_start=169
@@ -49,22 +49,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATION']._serialized_end=484
   _globals['_CLASSIFYRESPONSE']._serialized_start=486
   _globals['_CLASSIFYRESPONSE']._serialized_end=605
-  _globals['_EMBEDREQUEST']._serialized_start=607
-  _globals['_EMBEDREQUEST']._serialized_end=731
-  _globals['_EMBEDRESPONSE']._serialized_start=733
-  _globals['_EMBEDRESPONSE']._serialized_end=844
-  _globals['_LISTMODELSREQUEST']._serialized_start=846
-  _globals['_LISTMODELSREQUEST']._serialized_end=865
-  _globals['_LISTMODELSRESPONSE']._serialized_start=867
-  _globals['_LISTMODELSRESPONSE']._serialized_end=930
-  _globals['_GETMODELREQUEST']._serialized_start=932
-  _globals['_GETMODELREQUEST']._serialized_end=964
-  _globals['_MODELVERSION']._serialized_start=966
-  _globals['_MODELVERSION']._serialized_end=1056
-  _globals['_INPUTSPEC']._serialized_start=1059
-  _globals['_INPUTSPEC']._serialized_end=1214
-  _globals['_MODELINFO']._serialized_start=1217
-  _globals['_MODELINFO']._serialized_end=1476
-  _globals['_VISIONSERVICE']._serialized_start=1781
-  _globals['_VISIONSERVICE']._serialized_end=2102
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=608
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=741
+  _globals['_EMBEDREQUEST']._serialized_start=743
+  _globals['_EMBEDREQUEST']._serialized_end=867
+  _globals['_EMBEDRESPONSE']._serialized_start=869
+  _globals['_EMBEDRESPONSE']._serialized_end=980
+  _globals['_LISTMODELSREQUEST']._serialized_start=982
+  _globals['_LISTMODELSREQUEST']._serialized_end=1001
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1003
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1066
+  _globals['_GETMODELREQUEST']._serialized_start=1068
+  _globals['_GETMODELREQUEST']._serialized_end=1100
+  _globals['_MODELVERSION']._serialized_start=1102
+  _globals['_MODELVERSION']._serialized_end=1192
+  _globals['_INPUTSPEC']._serialized_start=1195
+  _globals['_INPUTSPEC']._serialized_end=1350
+  _globals['_MODELINFO']._serialized_start=1353
+  _globals['_MODELINFO']._serialized_end=1612
+  _globals['_VISIONSERVICE']._serialized_start=1917
+  _globals['_VISIONSERVICE']._serialized_end=2333
 # @@protoc_insertion_point(module_scope)

@@ -102,6 +102,18 @@ class ClassifyResponse(_message.Message):
     request_id: str
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class ClassifyStreamResponse(_message.Message):
+    __slots__ = ("request_id", "response", "code", "error_message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    response: ClassifyResponse
+    code: int
+    error_message: str
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+
 class EmbedRequest(_message.Message):
     __slots__ = ("model", "version", "images", "normalize", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]

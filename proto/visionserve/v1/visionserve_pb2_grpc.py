@@ -39,6 +39,11 @@ class VisionServiceStub:
                 request_serializer=visionserve_dot_v1_dot_visionserve__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=visionserve_dot_v1_dot_visionserve__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.ClassifyStream = channel.stream_stream(
+                '/visionserve.v1.VisionService/ClassifyStream',
+                request_serializer=visionserve_dot_v1_dot_visionserve__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=visionserve_dot_v1_dot_visionserve__pb2.ClassifyStreamResponse.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/visionserve.v1.VisionService/Embed',
                 request_serializer=visionserve_dot_v1_dot_visionserve__pb2.EmbedRequest.SerializeToString,
@@ -61,6 +66,14 @@ class VisionServiceServicer:
 
     def Classify(self, request, context):
         """Top-k labels and softmax probabilities for each image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyStream(self, request_iterator, context):
+        """High-throughput variant: many requests on one stream, answered as they complete (not
+        necessarily in order); match replies by request_id. An error answers that request only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +107,11 @@ def add_VisionServiceServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=visionserve_dot_v1_dot_visionserve__pb2.ClassifyRequest.FromString,
                     response_serializer=visionserve_dot_v1_dot_visionserve__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ClassifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ClassifyStream,
+                    request_deserializer=visionserve_dot_v1_dot_visionserve__pb2.ClassifyRequest.FromString,
+                    response_serializer=visionserve_dot_v1_dot_visionserve__pb2.ClassifyStreamResponse.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -138,6 +156,33 @@ class VisionService:
             '/visionserve.v1.VisionService/Classify',
             visionserve_dot_v1_dot_visionserve__pb2.ClassifyRequest.SerializeToString,
             visionserve_dot_v1_dot_visionserve__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/visionserve.v1.VisionService/ClassifyStream',
+            visionserve_dot_v1_dot_visionserve__pb2.ClassifyRequest.SerializeToString,
+            visionserve_dot_v1_dot_visionserve__pb2.ClassifyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

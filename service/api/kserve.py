@@ -1,0 +1,248 @@
+"""``inference.GRPCInferenceService``: the KServe v2 / Open Inference Protocol, as Triton's
+clients (``tritonclient.grpc``) speak it. ModelInfer meets the same batchers as Classify/Embed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+
+import grpc
+
+from visionserve.inference import grpc_service_pb2 as kpb
+from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
+from visionserve.inference import model_config_pb2 as mc
+
+from ..config import ModelConfig
+from ..errors import InvalidInput, ModelFailed, ModelNotFound, grpc_status
+from ..inference import InferenceCore
+from ..registry import ModelRegistry, ModelStatus, ServedVersion
+from ..statistics import Duration
+from .calls import CallHandler, answer_stream, deadline_of
+from .kserve_tensors import images_from_infer_request, infer_response
+
+EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
+PLATFORM = "onnxruntime_onnx"
+_INDEX_STATES = {"ready": "READY", "loading": "LOADING", "failed": "UNAVAILABLE",
+                 "draining": "UNLOADING", "unloaded": "UNAVAILABLE"}
+
+
+class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: InferenceCore, calls: CallHandler, model_control: str) -> None:
+        self._core = core
+        self._registry: ModelRegistry = core.registry
+        self._calls = calls
+        self._model_control = model_control
+
+    # --- health and metadata --------------------------------------------------------------
+
+    async def ServerLive(self, request, context):  # noqa: N802, ANN001, ANN201
+        return kpb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # noqa: N802, ANN001, ANN201
+        return kpb.ServerReadyResponse(ready=not self._registry.loading)
+
+    async def ModelReady(self, request, context):  # noqa: N802, ANN001, ANN201
+        try:
+            self._resolve(request.name, request.version)
+        except Exception:  # noqa: BLE001 - not ready, whatever the reason
+            return kpb.ModelReadyResponse(ready=False)
+        return kpb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request, context):  # noqa: N802, ANN001, ANN201
+        try:
+            ours = version("visionserve")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            ours = "unknown"
+        return kpb.ServerMetadataResponse(name="visionserve", version=ours,
+                                          extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):  # noqa: N802, ANN001, ANN201
+        async def work() -> tuple[kpb.ModelMetadataResponse, int]:
+            served = self._resolve(request.name, request.version)
+            versions = [served] if request.version else self._registry.ready_versions(
+                request.name)
+            spec = served.config.input
+            out = served.config.output
+            batch = -1
+            return kpb.ModelMetadataResponse(
+                name=served.name, versions=[str(s.version) for s in versions],
+                platform=PLATFORM,
+                inputs=[kpb.ModelMetadataResponse.TensorMetadata(
+                    name=spec.name, datatype="FP32", shape=[batch, *spec.shape])],
+                outputs=[kpb.ModelMetadataResponse.TensorMetadata(
+                    name=out.logits, datatype="FP32",
+                    shape=[batch, served.backend.num_classes]),
+                    kpb.ModelMetadataResponse.TensorMetadata(
+                    name=out.embedding, datatype="FP32",
+                    shape=[batch, served.backend.embedding_dim])]), served.version
+
+        return await self._calls.handle("ModelMetadata", request.name, context, work)
+
+    async def ModelConfig(self, request, context):  # noqa: N802, ANN001, ANN201
+        async def work() -> tuple[kpb.ModelConfigResponse, int]:
+            served = self._resolve(request.name, request.version)
+            return kpb.ModelConfigResponse(config=model_config(served)), served.version
+
+        return await self._calls.handle("ModelConfig", request.name, context, work)
+
+    # --- inference --------------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):  # noqa: N802, ANN001, ANN201
+        return await self._calls.handle("ModelInfer", request.model_name, context,
+                                        lambda: self._infer(request, context))
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[kpb.ModelInferRequest],  # noqa: N802
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
+        async def answer(request: kpb.ModelInferRequest) -> kpb.ModelStreamInferResponse:
+            try:
+                reply = await self._calls.run("ModelStreamInfer", request.model_name,
+                                              lambda: self._infer(request, context))
+            except Exception as exc:  # noqa: BLE001 - this request's error, not the stream's
+                _, message = grpc_status(exc)
+                return kpb.ModelStreamInferResponse(
+                    error_message=message, infer_response=kpb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version,
+                        id=request.id))
+            return kpb.ModelStreamInferResponse(infer_response=reply)
+
+        async for reply in answer_stream(requests, answer):
+            yield reply
+
+    async def _infer(self, request: kpb.ModelInferRequest,
+                     context: grpc.aio.ServicerContext) -> tuple[kpb.ModelInferResponse, int]:
+        served = self._resolve(request.model_name, request.model_version)
+        images = images_from_infer_request(request, served)
+        reply = await self._core.infer(served, images, deadline_of(context),
+                                       lambda out: infer_response(request, served, out))
+        return reply, served.version
+
+    # --- statistics and repository ------------------------------------------------------------
+
+    async def ModelStatistics(self, request, context):  # noqa: N802, ANN001, ANN201
+        async def work() -> tuple[kpb.ModelStatisticsResponse, int]:
+            if request.name:
+                served = [self._resolve(request.name, request.version)] if request.version \
+                    else self._ready_or_raise(request.name)
+            else:
+                served = [s for st in self._registry.statuses()
+                          for s in self._registry.ready_versions(st.name)]
+            return kpb.ModelStatisticsResponse(model_stats=[statistics(s) for s in served]), 0
+
+        return await self._calls.handle("ModelStatistics", request.name, context, work)
+
+    async def RepositoryIndex(self, request, context):  # noqa: N802, ANN001, ANN201
+        models = []
+        for status in self._registry.statuses():
+            for entry in _index_entries(status):
+                if not request.ready or entry.state == "READY":
+                    models.append(entry)
+        return kpb.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802, ANN001, ANN201
+        async def work() -> tuple[kpb.RepositoryModelLoadResponse, int]:
+            self._require_explicit("RepositoryModelLoad")
+            await self._registry.load_named(request.model_name)
+            status = self._registry.status(request.model_name)
+            if status.state != "ready":
+                raise ModelFailed(f"model {request.model_name} failed to load: {status.reason}")
+            return kpb.RepositoryModelLoadResponse(), 0
+
+        return await self._calls.handle("RepositoryModelLoad", request.model_name, context,
+                                        work)
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802, ANN001, ANN201
+        async def work() -> tuple[kpb.RepositoryModelUnloadResponse, int]:
+            self._require_explicit("RepositoryModelUnload")
+            await self._registry.unload_model(request.model_name)
+            return kpb.RepositoryModelUnloadResponse(), 0
+
+        return await self._calls.handle("RepositoryModelUnload", request.model_name, context,
+                                        work)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _resolve(self, name: str, version_text: str) -> ServedVersion:
+        if not version_text:
+            return self._registry.resolve(name, 0)
+        try:
+            number = int(version_text)
+        except ValueError:
+            raise InvalidInput(f"model {name}: model_version {version_text!r} is not a version "
+                               "number; leave it empty for the newest") from None
+        if number < 1:
+            raise InvalidInput(f"model {name}: model_version must be >= 1 (or empty), got "
+                               f"{number}")
+        return self._registry.resolve(name, number)
+
+    def _ready_or_raise(self, name: str) -> list[ServedVersion]:
+        self._registry.status(name)  # NOT_FOUND for unknown names
+        versions = self._registry.ready_versions(name)
+        if not versions:
+            raise ModelNotFound(f"model {name} has no ready version")
+        return versions
+
+    def _require_explicit(self, rpc: str) -> None:
+        if self._model_control != "explicit":
+            raise ModelFailed(f"{rpc} is refused: the server runs with --model-control "
+                              f"{self._model_control}; restart it with --model-control explicit "
+                              "to load and unload models by request")
+
+
+def model_config(served: ServedVersion) -> mc.ModelConfig:
+    c: ModelConfig = served.config
+    policy = c.version_policy
+    if policy.all:
+        vp = mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
+    elif policy.specific:
+        vp = mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(
+            versions=list(policy.specific)))
+    else:
+        vp = mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(
+            num_versions=policy.latest))
+    b = c.batching
+    return mc.ModelConfig(
+        name=served.name, platform=PLATFORM, backend="onnxruntime", version_policy=vp,
+        max_batch_size=c.max_batch_size,
+        input=[mc.ModelInput(name=c.input.name, data_type=mc.TYPE_FP32,
+                             format=mc.ModelInput.FORMAT_NCHW, dims=list(c.input.shape))],
+        output=[mc.ModelOutput(name=c.output.logits, data_type=mc.TYPE_FP32,
+                               dims=[served.backend.num_classes], label_filename="labels.txt"),
+                mc.ModelOutput(name=c.output.embedding, data_type=mc.TYPE_FP32,
+                               dims=[served.backend.embedding_dim])],
+        dynamic_batching=mc.ModelDynamicBatching(
+            preferred_batch_size=list(b.preferred_batch_sizes),
+            max_queue_delay_microseconds=int(b.max_queue_delay_ms * 1000),
+            default_queue_policy=mc.ModelQueuePolicy(
+                max_queue_size=b.max_queue_size,
+                default_timeout_microseconds=int(b.default_timeout_ms * 1000),
+                allow_timeout_override=True)),
+        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU,
+                                              count=c.instance_count)],
+        default_model_filename="model.onnx")
+
+
+def statistics(served: ServedVersion) -> kpb.ModelStatistics:
+    s = served.stats
+
+    def d(x: Duration) -> kpb.StatisticDuration:
+        return kpb.StatisticDuration(count=x.count, ns=x.ns)
+
+    return kpb.ModelStatistics(
+        name=served.name, version=str(served.version), last_inference=s.last_inference_ms,
+        inference_count=s.inference_count, execution_count=s.execution_count,
+        inference_stats=kpb.InferStatistics(
+            success=d(s.success), fail=d(s.fail), queue=d(s.queue),
+            compute_input=d(s.compute_input), compute_infer=d(s.compute_infer),
+            compute_output=d(s.compute_output)),
+        batch_stats=[kpb.InferBatchStatistics(batch_size=size, compute_infer=d(dur))
+                     for size, dur in sorted(s.batches.items())])
+
+
+def _index_entries(status: ModelStatus) -> list[kpb.RepositoryIndexResponse.ModelIndex]:
+    if not status.versions:
+        return [kpb.RepositoryIndexResponse.ModelIndex(
+            name=status.name, state=_INDEX_STATES[status.state], reason=status.reason)]
+    return [kpb.RepositoryIndexResponse.ModelIndex(
+        name=status.name, version=str(v.version), state=_INDEX_STATES[v.state],
+        reason=v.reason) for v in sorted(status.versions.values(), key=lambda v: v.version)]

@@ -1,0 +1,287 @@
+"""KServe v2 / Open Inference Protocol, driven by Triton's own unmodified client.
+
+tritonclient defines the `inference.*` protobuf symbols in this process's default descriptor
+pool; the server (with its own `inference.*`, from visionserve.inference) runs in a subprocess,
+so the two never meet. This module must never import visionserve.inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import OrtReference, embeddings, encode, photo, softmax, tensor_image
+from visionserve.v1 import visionserve_pb2 as pb
+from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
+
+tc = pytest.importorskip("tritonclient.grpc")
+from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def triton(server):  # noqa: ANN001, ANN201
+    client = tc.InferenceServerClient(server.address)
+    yield client
+    client.close()
+
+
+def fp32_input(x: np.ndarray) -> tc.InferInput:
+    tensor = tc.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def jpeg_input(*images: bytes) -> tc.InferInput:
+    tensor = tc.InferInput("input", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
+    return tensor
+
+
+def refused(call, *args, **kwargs) -> InferenceServerException:  # noqa: ANN001
+    with pytest.raises(InferenceServerException) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def good_infer(triton) -> None:  # noqa: ANN001
+    x = np.zeros((1, 1, 32, 32), np.float32)
+    assert triton.infer("lenet5", [fp32_input(x)]).as_numpy("logits").shape == (1, 10)
+
+
+def test_health_metadata_config_and_repository_index(triton):
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.is_model_ready("resnet18") and triton.is_model_ready("resnet18", "1")
+    assert not triton.is_model_ready("resnet18", "9") and not triton.is_model_ready("nope")
+    meta = triton.get_server_metadata()
+    assert meta.name == "visionserve"
+    assert {"classification", "model_repository", "statistics"} <= set(meta.extensions)
+    model = triton.get_model_metadata("resnet18")
+    assert model.versions == ["1"] and model.platform == "onnxruntime_onnx"
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == \
+        [("input", "FP32", [-1, 3, 224, 224])]
+    assert [(t.name, list(t.shape)) for t in model.outputs] == \
+        [("logits", [-1, 1000]), ("embedding", [-1, 512])]
+    config = triton.get_model_config("resnet18").config
+    assert config.max_batch_size == 32 and config.input[0].dims == [3, 224, 224]
+    assert config.HasField("dynamic_batching")
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 1024
+    index = {(m.name, m.version): m.state for m in triton.get_model_repository_index().models}
+    assert index[("resnet18", "1")] == "READY" and index[("lenet5", "1")] == "READY"
+
+
+def test_infer_fp32_raw_equals_the_in_process_engine(triton, exported_repo):
+    engine = OrtReference(exported_repo / "resnet18" / "1" / "model.onnx")
+    x = np.random.default_rng(11).standard_normal((3, 3, 224, 224), dtype=np.float32)
+    result = triton.infer("resnet18", [fp32_input(x)], request_id="k1")
+    logits, embedding = engine(x)
+    np.testing.assert_allclose(result.as_numpy("logits"), logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("embedding"), embedding, rtol=1e-4, atol=1e-6)
+    response = result.get_response()
+    assert (response.model_name, response.model_version, response.id) == ("resnet18", "1", "k1")
+
+
+def test_infer_with_typed_contents_equals_raw(server, triton):
+    x = np.random.default_rng(12).standard_normal((1, 1, 32, 32), dtype=np.float32)
+    raw = triton.infer("lenet5", [fp32_input(x)]).as_numpy("logits")
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(server.channel)
+    request = service_pb2.ModelInferRequest(model_name="lenet5", inputs=[
+        service_pb2.ModelInferRequest.InferInputTensor(
+            name="input", datatype="FP32", shape=[1, 1, 32, 32],
+            contents=service_pb2.InferTensorContents(fp32_contents=x.ravel().tolist()))])
+    reply = stub.ModelInfer(request)
+    typed = np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(1, 10)
+    np.testing.assert_array_equal(typed, raw)
+
+
+def test_bytes_input_of_a_real_jpeg_equals_the_classify_path(server, triton):
+    data = encode(photo("chelsea"))
+    result = triton.infer("resnet18", [jpeg_input(data)], outputs=[
+        tc.InferRequestedOutput("logits", class_count=5), tc.InferRequestedOutput("embedding")])
+    classes = [s.decode().split(":", 2) for s in result.as_numpy("logits")[0]]
+    ours = server.stub.Classify(pb.ClassifyRequest(model="resnet18", top_k=5,
+                                                   images=[pb.Image(encoded=data)]))
+    assert [int(c[1]) for c in classes] == [c.index for c in ours.results[0].classes]
+    assert [c[2] for c in classes] == [c.label for c in ours.results[0].classes]
+    # the classification extension returns raw output values, as Triton does (no softmax)
+    values = np.array([float(c[0]) for c in classes])
+    embed = embeddings(server.stub.Embed(pb.EmbedRequest(model="resnet18",
+                                                         images=[pb.Image(encoded=data)])))
+    np.testing.assert_allclose(result.as_numpy("embedding"), embed, rtol=1e-5, atol=1e-6)
+    full = triton.infer("resnet18", [jpeg_input(data)]).as_numpy("logits")[0]
+    np.testing.assert_allclose(values, np.sort(full)[::-1][:5], atol=1e-6)
+    np.testing.assert_allclose(softmax(full)[[int(c[1]) for c in classes]],
+                               [c.score for c in ours.results[0].classes], rtol=1e-4)
+
+
+def test_uint8_nhwc_input_is_normalized_by_the_server(server, triton):
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    tensor = tc.InferInput("input", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    got = triton.infer("resnet18", [tensor]).as_numpy("embedding")
+    ours = embeddings(server.stub.Embed(pb.EmbedRequest(
+        model="resnet18", images=[tensor_image(p) for p in pixels])))
+    np.testing.assert_allclose(got, ours, rtol=1e-5, atol=1e-6)
+
+
+def test_concurrent_async_infers_and_classify_calls_batch_together(server, exported_repo):
+    import tritonclient.grpc.aio as atc
+
+    engine = OrtReference(exported_repo / "resnet18" / "1" / "model.onnx")
+    rng = np.random.default_rng(21)
+    xs = [rng.standard_normal((1, 3, 224, 224), dtype=np.float32) for _ in range(48)]
+    batches_before = server.metric("visionserve_batch_size_count", model="resnet18")
+
+    async def run() -> tuple[list[np.ndarray], list[pb.ClassifyResponse]]:
+        client = atc.InferenceServerClient(server.address)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+            infers = [client.infer("resnet18", [fp32_input(x)]) for x in xs[:32]]
+            classifies = [stub.Classify(pb.ClassifyRequest(model="resnet18",
+                                                           images=[tensor_image(x[0])]))
+                          for x in xs[32:]]
+            results = await asyncio.gather(*infers, *classifies)
+        await client.close()
+        return [r.as_numpy("logits") for r in results[:32]], list(results[32:])
+
+    logits, classified = asyncio.run(run())
+    for x, got in zip(xs[:32], logits, strict=True):
+        np.testing.assert_allclose(got, engine(x)[0], rtol=1e-4, atol=1e-5)
+    for x, reply in zip(xs[32:], classified, strict=True):
+        expected = np.argsort(-softmax(engine(x)[0][0]))[:5]
+        assert [c.index for c in reply.results[0].classes] == list(expected)
+    batches = server.metric("visionserve_batch_size_count", model="resnet18") - batches_before
+    assert batches < 48, "ModelInfer and Classify requests never batched together"
+
+
+def test_statistics_count_the_calls_made(triton):
+    def stats():  # noqa: ANN202
+        return triton.get_inference_statistics("lenet5", "1").model_stats[0]
+
+    before = stats()
+    for n in (1, 3):
+        triton.infer("lenet5", [fp32_input(np.zeros((n, 1, 32, 32), np.float32))])
+    refused(triton.infer, "lenet5", [fp32_input(np.zeros((1, 1, 32, 31), np.float32))])
+    after = stats()
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 2
+    assert after.inference_count - before.inference_count == 4
+    assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
+    assert after.inference_stats.success.ns > before.inference_stats.success.ns
+    assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+    assert after.last_inference >= before.last_inference
+    assert sum(b.compute_infer.count for b in after.batch_stats) == after.execution_count
+
+
+def test_stream_infer_answers_every_request_and_reports_errors_per_request(triton):
+    replies: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: replies.put((result, error)))
+    try:
+        for i in range(6):
+            x = np.full((1, 1, 32, 32), i, np.float32)
+            triton.async_stream_infer("lenet5", [fp32_input(x)], request_id=f"s{i}")
+        triton.async_stream_infer("nope", [fp32_input(np.zeros((1, 1, 32, 32), np.float32))],
+                                  request_id="bad")
+        got = [replies.get(timeout=60) for _ in range(7)]
+    finally:
+        triton.stop_stream()
+    ok = {r.get_response().id for r, e in got if e is None}
+    errors = [str(e) for r, e in got if e is not None]
+    assert ok == {f"s{i}" for i in range(6)}
+    assert len(errors) == 1 and "nope" in errors[0]
+
+
+def test_classify_stream_answers_by_request_id(server):
+    image = pb.Image(tensor=pb.Tensor(shape=[1, 32, 32], dtype=pb.DTYPE_UINT8,
+                                      data=bytes(1024)))
+    requests = [pb.ClassifyRequest(model="lenet5", images=[image], request_id=f"c{i}")
+                for i in range(5)]
+    requests.append(pb.ClassifyRequest(model="lenet5", request_id="empty"))
+    replies = {r.request_id: r for r in server.stub.ClassifyStream(iter(requests))}
+    assert set(replies) == {f"c{i}" for i in range(5)} | {"empty"}
+    assert all(len(replies[f"c{i}"].response.results) == 1 for i in range(5))
+    assert replies["empty"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "images is empty" in replies["empty"].error_message
+
+
+@pytest.mark.parametrize("case", ["unknown model", "unknown version", "bad version",
+                                  "datatype", "shape", "missing input", "wrong name",
+                                  "size mismatch", "unknown output"])
+def test_bad_requests_get_a_clear_status_and_the_next_request_succeeds(triton, case):
+    x = np.zeros((1, 1, 32, 32), np.float32)
+    if case == "unknown model":
+        err = refused(triton.infer, "nope", [fp32_input(x)])
+        assert err.status() == "StatusCode.NOT_FOUND" and "nope" in err.message()
+    elif case == "unknown version":
+        err = refused(triton.infer, "lenet5", [fp32_input(x)], model_version="4")
+        assert err.status() == "StatusCode.NOT_FOUND" and "version 4" in err.message()
+    elif case == "bad version":
+        err = refused(triton.infer, "lenet5", [fp32_input(x)], model_version="latest")
+        assert err.status() == "StatusCode.INVALID_ARGUMENT"
+    elif case == "datatype":
+        tensor = tc.InferInput("input", [1, 1, 32, 32], "INT32")
+        tensor.set_data_from_numpy(np.zeros((1, 1, 32, 32), np.int32))
+        err = refused(triton.infer, "lenet5", [tensor])
+        assert err.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "datatype INT32" in err.message() and "FP32 [-1, 1, 32, 32]" in err.message()
+    elif case == "shape":
+        err = refused(triton.infer, "lenet5", [fp32_input(np.zeros((1, 1, 28, 28), np.float32))])
+        assert err.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "shape [1, 28, 28]" in err.message() and "[1, 32, 32]" in err.message()
+    elif case == "missing input":
+        err = refused(triton.infer, "lenet5", [])
+        assert err.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "expected exactly one input 'input'" in err.message()
+    elif case == "wrong name":
+        tensor = tc.InferInput("pixels", [1, 1, 32, 32], "FP32")
+        tensor.set_data_from_numpy(x)
+        err = refused(triton.infer, "lenet5", [tensor])
+        assert "unknown input 'pixels'" in err.message()
+    elif case == "size mismatch":
+        tensor = fp32_input(x)
+        tensor.set_shape([2, 1, 32, 32])
+        err = refused(triton.infer, "lenet5", [tensor])
+        assert err.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "holds 4096 bytes" in err.message() and "needs 8192" in err.message()
+    elif case == "unknown output":
+        err = refused(triton.infer, "lenet5", [fp32_input(x)],
+                      outputs=[tc.InferRequestedOutput("probabilities")])
+        assert "unknown output 'probabilities'" in err.message()
+    good_infer(triton)
+
+
+def test_load_and_unload_are_refused_unless_model_control_is_explicit(triton):
+    err = refused(triton.load_model, "lenet5")
+    assert err.status() == "StatusCode.FAILED_PRECONDITION"
+    assert "--model-control explicit" in err.message()
+    err = refused(triton.unload_model, "lenet5")
+    assert "--model-control explicit" in err.message()
+    good_infer(triton)
+
+
+def test_explicit_model_control_loads_and_unloads_on_request(server_factory):
+    srv = server_factory(("lenet5", "resnet18"), None, "--model-control", "explicit",
+                         "--load-model", "lenet5")
+    client = tc.InferenceServerClient(srv.address)
+    try:
+        assert client.is_model_ready("lenet5") and not client.is_model_ready("resnet18")
+        x = np.zeros((1, 3, 224, 224), np.float32)
+        assert refused(client.infer, "resnet18", [fp32_input(x)]).status() == \
+            "StatusCode.NOT_FOUND"
+        client.load_model("resnet18")
+        assert client.infer("resnet18", [fp32_input(x)]).as_numpy("logits").shape == (1, 1000)
+        client.unload_model("resnet18")
+        assert not client.is_model_ready("resnet18")
+        err = refused(client.infer, "resnet18", [fp32_input(x)])
+        assert err.status() == "StatusCode.NOT_FOUND" and "unloaded" in err.message()
+        index = {m.name: m.state for m in client.get_model_repository_index().models}
+        assert index == {"lenet5": "READY", "resnet18": "UNAVAILABLE"}
+        client.load_model("resnet18")
+        assert client.is_model_ready("resnet18")
+        assert refused(client.load_model, "vgg99").status() == "StatusCode.NOT_FOUND"
+        good_infer(client)
+    finally:
+        client.close()
