@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, cpu_count
+from .config import InputSpec, ModelConfig, cpu_count
 from .repository import MODEL_FILES, version_numbers
 
 READY = re.compile(r"serving gRPC on [\d.]+:(\d+)")
@@ -59,11 +59,15 @@ def run_bench(args: argparse.Namespace) -> int:
                 in_process[str(b)] = _in_process(model_file, config, b, args.duration_s / 2)
                 progress.advance(task)
             results["in_process"] = in_process
+            apis = args.api.split(",")
+            progress.update(task, total=len(sizes) + len(levels) * len(apis))
             for c in levels:
-                progress.update(task, description=f"served, concurrency {c}")
-                run = _served(target, args.model, config, c, args.duration_s, args.input)
-                results["runs"].append(run)  # type: ignore[union-attr]
-                progress.advance(task)
+                for api in apis:
+                    progress.update(task, description=f"served via {api}, concurrency {c}")
+                    run = _served(target, args.model, config, c, args.duration_s, args.input,
+                                  api)
+                    results["runs"].append(run)  # type: ignore[union-attr]
+                    progress.advance(task)
     finally:
         if server is not None:
             server[0].terminate()
@@ -71,14 +75,14 @@ def run_bench(args: argparse.Namespace) -> int:
     best = max(results["in_process"].values())  # type: ignore[union-attr]
     table = Table(title=f"{args.model}: served ({args.input} tensors) vs in-process engine "
                         f"(best batch {best:.1f} img/s)")
-    for col in ("concurrency", "img/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors",
+    for col in ("api", "concurrency", "img/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors",
                 "client CPU", "served / in-process"):
         table.add_column(col, justify="right")
     ratios = {}
     for run in results["runs"]:  # type: ignore[union-attr]
         ratio = run["images_per_s"] / best
-        ratios[f"served_c{run['concurrency']}_vs_in_process_best"] = round(ratio, 3)
-        table.add_row(str(run["concurrency"]), f"{run['images_per_s']:.1f}",
+        ratios[f"{run['api']}_c{run['concurrency']}_vs_in_process_best"] = round(ratio, 3)
+        table.add_row(run["api"], str(run["concurrency"]), f"{run['images_per_s']:.1f}",
                       *(f"{run[k]:.1f}" for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms")),
                       str(run["errors"]), f"{run['client_cpu']:.2f}", f"{ratio:.2f}")
     results["ratios"] = ratios
@@ -128,25 +132,27 @@ def _in_process(model_file: Path, config: ModelConfig, batch: int, duration_s: f
 
 
 def _served(target: str, model: str, config: ModelConfig, concurrency: int, duration_s: float,
-            input_kind: str) -> dict[str, object]:
+            input_kind: str, api: str) -> dict[str, object]:
+    """One closed-loop level, from a fresh client process (which may import tritonclient:
+    its `inference.*` protobufs never meet the server's)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_client_process, args=(queue, target, model, config.input.shape,
-                                                     concurrency, duration_s, input_kind))
+    proc = ctx.Process(target=_client_process, args=(queue, target, model, config.input,
+                                                     concurrency, duration_s, input_kind, api))
     proc.start()
     result = queue.get(timeout=duration_s + 300)
     proc.join()
     return result  # type: ignore[no-any-return]
 
 
-def _client_process(queue, target: str, model: str, shape: tuple[int, int, int],  # noqa: ANN001
-                    concurrency: int, duration_s: float, input_kind: str) -> None:
-    queue.put(asyncio.run(_closed_loop(target, model, shape, concurrency, duration_s,
-                                       input_kind)))
+def _client_process(queue, target: str, model: str, spec: InputSpec,  # noqa: ANN001
+                    concurrency: int, duration_s: float, input_kind: str, api: str) -> None:
+    queue.put(asyncio.run(_closed_loop(target, model, spec, concurrency, duration_s,
+                                       input_kind, api)))
 
 
-async def _closed_loop(target: str, model: str, shape: tuple[int, int, int], concurrency: int,
-                       duration_s: float, input_kind: str) -> dict[str, object]:
+def _classify_call(target: str, model: str, array: np.ndarray):  # noqa: ANN202
+    """Our API: Classify with one raw-tensor image, top-5."""
     import grpc
 
     from visionserve.v1 import visionserve_pb2 as pb
@@ -154,16 +160,41 @@ async def _closed_loop(target: str, model: str, shape: tuple[int, int, int], con
 
     from .client import MAX_MESSAGE_BYTES, numpy_to_image
 
+    channel = grpc.aio.insecure_channel(target, options=[
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    stub = pb_grpc.VisionServiceStub(channel)
+    request = pb.ClassifyRequest(model=model, images=[numpy_to_image(array)], top_k=5)
+    return (lambda: stub.Classify(request, timeout=60)), channel.close, grpc.RpcError
+
+
+def _kserve_call(target: str, model: str, array: np.ndarray, input_name: str):  # noqa: ANN202
+    """KServe v2 through Triton's own client: ModelInfer, logits with class_count=5."""
+    import tritonclient.grpc.aio as atc
+    from tritonclient.utils import InferenceServerException
+
+    client = atc.InferenceServerClient(target)
+    batch = array[None]
+    tensor = atc.InferInput(input_name, list(batch.shape),
+                            "UINT8" if batch.dtype == np.uint8 else "FP32")
+    tensor.set_data_from_numpy(batch)
+    outputs = [atc.InferRequestedOutput("logits", class_count=5)]
+    return (lambda: client.infer(model, [tensor], outputs=outputs, client_timeout=60)), \
+        client.close, InferenceServerException
+
+
+async def _closed_loop(target: str, model: str, spec: InputSpec, concurrency: int,
+                       duration_s: float, input_kind: str, api: str) -> dict[str, object]:
     rng = np.random.default_rng(1)
     if input_kind == "uint8":
-        array = rng.integers(0, 256, (shape[1], shape[2], shape[0]), dtype=np.uint8)
+        array = rng.integers(0, 256, (spec.height, spec.width, spec.channels), dtype=np.uint8)
     else:
-        array = rng.standard_normal(shape, dtype=np.float32)
-    request = pb.ClassifyRequest(model=model, images=[numpy_to_image(array)], top_k=5)
-    async with grpc.aio.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]) as channel:
-        stub = pb_grpc.VisionServiceStub(channel)
+        array = rng.standard_normal(spec.shape, dtype=np.float32)
+    if api == "kserve":
+        call, close, error_type = _kserve_call(target, model, array, spec.name)
+    else:
+        call, close, error_type = _classify_call(target, model, array)
+    try:
         warm_until = time.perf_counter() + min(2.0, duration_s / 4)
         latencies: list[float] = []
         errors = 0
@@ -173,8 +204,8 @@ async def _closed_loop(target: str, model: str, shape: tuple[int, int, int], con
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 try:
-                    await stub.Classify(request, timeout=60)
-                except grpc.RpcError:
+                    await call()
+                except error_type:
                     errors += record
                     continue
                 if record:
@@ -186,8 +217,11 @@ async def _closed_loop(target: str, model: str, shape: tuple[int, int, int], con
         await asyncio.gather(*(worker(start + duration_s, True) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
         cpu = _cpu_s() - cpu0
+    finally:
+        await close()
     lat = np.array(latencies or [float("nan")]) * 1000
-    return {"target": "visionserve", "concurrency": concurrency, "input": input_kind,
+    return {"target": "visionserve", "api": api, "concurrency": concurrency,
+            "input": input_kind,
             "batching": "on", "images_per_s": len(latencies) / elapsed,
             "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
             "p99_ms": float(np.percentile(lat, 99)), "p999_ms": float(np.percentile(lat, 99.9)),

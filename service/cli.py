@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     p.add_argument("--duration-s", type=float, default=10.0, help="seconds per level")
-    p.add_argument("--input", choices=["float32", "uint8"], default="float32")
+    p.add_argument("--input", choices=["float32", "uint8"], default="float32",
+                   help="raw tensor sent per request (one image)")
+    p.add_argument("--api", default="classify",
+                   help="comma-separated: classify (our API) and/or kserve (ModelInfer through "
+                        "Triton's tritonclient)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.set_defaults(func=_bench)
 
