@@ -56,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest decoded image (width x height); checked before decoding")
     p.add_argument("--max-images-per-request", type=int, default=256)
     p.add_argument("--preprocess-threads", type=int, default=0, help="0 = one per core")
-    p.add_argument("--model-control", choices=["none", "explicit"], default="none",
-                   help="none: load every model at start; explicit: load only --load-model "
-                        "models at start, then only the KServe RepositoryModelLoad/Unload RPCs "
-                        "change what is served (as in Triton)")
+    p.add_argument("--model-control", choices=["poll", "explicit", "none"], default="poll",
+                   help="poll (default): rescan the repository every --poll-interval-s and "
+                        "serve new, changed and removed models/versions without a restart; "
+                        "explicit: load only --load-model models at start, then only the KServe "
+                        "RepositoryModelLoad/Unload RPCs change what is served (as in Triton); "
+                        "none: load every model once at start")
+    p.add_argument("--poll-interval-s", type=float, default=5.0,
+                   help="seconds between repository scans in poll mode")
     p.add_argument("--load-model", action="append", default=[], metavar="NAME",
                    help="with --model-control explicit: a model to load at start (repeatable)")
     p.add_argument("--shutdown-grace-s", type=float, default=30.0,
@@ -158,7 +162,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         repo=args.repo, host=args.host, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, preprocess_threads=args.preprocess_threads,
-        model_control=args.model_control, load_models=tuple(args.load_model),
+        model_control=args.model_control, poll_interval_s=args.poll_interval_s,
+        load_models=tuple(args.load_model),
         shutdown_grace_s=args.shutdown_grace_s,
         limits=ServerLimits(max_message_bytes=args.max_message_bytes,
                             max_encoded_image_bytes=args.max_image_bytes,

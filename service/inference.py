@@ -54,6 +54,11 @@ class InferenceCore:
                     deadline: float | None, postprocess: Callable[[ModelOutputs], T]) -> T:
         """Preprocess ``images``, run them through the version's batcher (in order), and
         ``postprocess`` the outputs; the request is counted in the version's statistics."""
+        with served.in_use():  # entered before the first await: no swap can retire it now
+            return await self._infer(served, images, deadline, postprocess)
+
+    async def _infer(self, served: ServedVersion, images: list[ImageInput],
+                     deadline: float | None, postprocess: Callable[[ModelOutputs], T]) -> T:
         start = time.perf_counter()
         try:
             if not images:

@@ -1,51 +1,30 @@
-"""The model registry: every model version the server knows, keyed by (name, version).
+"""The model registry: which model versions are routable, keyed by (name, version).
 
-Loads what the repository scan selected (in an executor: session creation is blocking), warms
-each version up, and only then makes it routable with its own batcher. A model or version that
-fails is kept with its reason (GetModel, logs, metric) and never stops the others.
+It syncs each model with what the repository holds: new or changed versions load and warm up
+first (``loader``), then routing switches to them in one step, then versions no longer served
+are retired (their in-flight requests finish first). A model or version that fails to load keeps
+its reason (GetModel, logs, metric) and never stops the others; if nothing new loads, whatever
+served before keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from . import repository
-from .backends import Backend, create_backend
-from .batching import BatchPolicy, DynamicBatcher, FanOut
 from .config import ModelConfig, ServerLimits
 from .errors import ModelFailed, ModelNotFound, ModelUnavailable, VisionServeError
+from .loader import ServedVersion, load_version
 from .metrics import Metrics
-from .preprocess import Preprocessor
-from .repository import ModelEntry, VersionEntry
-from .statistics import VersionStatistics
+from .repository import ModelEntry
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(kw_only=True)
-class ServedVersion:
-    """A loaded, routable model version: everything a request needs, in one place."""
-
-    name: str
-    version: int
-    config: ModelConfig
-    labels: tuple[str, ...]
-    backend: Backend
-    batcher: DynamicBatcher
-    preprocessor: Preprocessor
-    executor: ThreadPoolExecutor
-    stats: VersionStatistics
-
-    @property
-    def where(self) -> str:
-        return f"model {self.name} version {self.version}"
+__all__ = ["ModelRegistry", "ModelStatus", "ServedVersion", "VersionStatus"]
 
 
 @dataclass(kw_only=True)
@@ -77,122 +56,164 @@ class ModelStatus:
 
     @property
     def reason(self) -> str:
-        return self.error or "; ".join(v.reason for v in self.versions.values() if v.reason)
+        return "; ".join(r for r in [self.error, *(v.reason for v in self.versions.values())]
+                         if r)
 
 
-class DuplicateModel(VisionServeError):
-    """A (name, version) pair was registered twice: a bug in the caller."""
+Readiness = Callable[[str, bool], Awaitable[None]]
+
+
+async def _ignore(name: str, ready: bool) -> None:
+    pass
 
 
 class ModelRegistry:
-    def __init__(self, limits: ServerLimits, metrics: Metrics) -> None:
+    def __init__(self, limits: ServerLimits, metrics: Metrics,
+                 on_readiness: Readiness = _ignore) -> None:
         self._limits = limits
         self._metrics = metrics
+        self._on_readiness = on_readiness  # e.g. the gRPC health service, per model name
         self._served: dict[tuple[str, int], ServedVersion] = {}
         self._status: dict[str, ModelStatus] = {}
+        self._synced: dict[str, tuple[object, ...]] = {}  # fingerprint last synced, per model
         self._locks: dict[str, asyncio.Lock] = {}
         self.repo: Path | None = None
         self.loading = True
 
+    # --- lifecycle -------------------------------------------------------------------------
+
     async def load_repository(self, repo: Path, only: set[str] | None = None) -> None:
-        """Load every model the repository holds (or those in ``only``); failures are
-        recorded, not raised."""
+        """Initial load: every model of the repository (or those in ``only``)."""
         self.repo = repo
         self.loading = True
         try:
             for entry in repository.scan(repo):
                 if only is None or entry.name in only:
-                    await self.load_model(entry)
+                    await self.sync(entry)
             for missing in sorted((only or set()) - set(self._status)):
                 log.error("model %s: no such folder in %s", missing, repo)
         finally:
             self.loading = False
 
+    async def poll(self) -> None:
+        """Rescan the repository: sync new and changed models, retire removed ones."""
+        assert self.repo is not None
+        try:
+            entries = await asyncio.get_running_loop().run_in_executor(
+                None, repository.scan, self.repo)
+        except VisionServeError as exc:
+            log.error("repository poll failed: %s", exc)
+            return
+        for entry in entries:
+            await self.sync(entry)
+        for gone in sorted(set(self._status) - {e.name for e in entries}):
+            log.info("model %s was removed from the repository; draining it", gone)
+            await self.unload_model(gone, forget=True)
+
     async def load_named(self, name: str) -> None:
-        """(Re)load one model folder of the repository by name."""
+        """(Re)load one model folder by name (explicit model control)."""
         if self.repo is None or not (self.repo / name).is_dir() or name.startswith((".", "_")):
             raise ModelNotFound(f"model {name!r}: no folder {name!r} in the repository "
                                 f"{self.repo}; export it first")
-        await self.load_model(repository.scan_model(self.repo / name))
+        entry = await asyncio.get_running_loop().run_in_executor(
+            None, repository.scan_model, self.repo / name)
+        await self.sync(entry, force=True)
 
-    async def load_model(self, entry: ModelEntry) -> None:
-        """Load (or reload) one model: its versions load and warm up first, then routing
-        switches to them at once, then versions no longer served drain and are released.
-        If no version loads, whatever served before keeps serving."""
-        async with self._locks.setdefault(entry.name, asyncio.Lock()):
-            status = ModelStatus(name=entry.name, config=entry.config, error=entry.error)
-            previous = self._status.get(entry.name)
-            self._status[entry.name] = status
-            loaded: list[ServedVersion] = []
+    async def sync(self, entry: ModelEntry, force: bool = False) -> None:
+        """Make the model serve what ``entry`` selects. Unchanged versions keep serving as
+        they are; new or changed ones load and warm up before the swap; a config change
+        reloads them all. Does nothing if the entry did not change since the last sync
+        (unless ``force``): a broken version is not retried until its files change."""
+        name = entry.name
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if not force and self._synced.get(name) == entry.fingerprint:
+                return
+            self._synced[name] = entry.fingerprint
+            old = {v: s for (n, v), s in self._served.items() if n == name}
+            status = ModelStatus(name=name, config=entry.config, error=entry.error)
+            self._status[name] = status
+            final: dict[int, ServedVersion] = {}
             if entry.error or entry.config is None:
-                log.error("model %s not loaded: %s", entry.name, entry.error)
-                self._metrics.model_load_failures.labels(entry.name, "").inc()
+                log.error("model %s not loaded: %s", name, entry.error)
+                self._metrics.model_load_failures.labels(name, "").inc()
             else:
                 for number, reason in entry.version_errors.items():
                     self._fail(status, number, reason)
                 for ventry in entry.versions:
-                    served = await self._try_load(status, entry.config, ventry)
+                    current = old.get(ventry.version)
+                    if (current is not None and not force
+                            and current.config_fingerprint == entry.config_fingerprint
+                            and current.fingerprint == ventry.fingerprint):
+                        final[ventry.version] = current
+                        status.versions[ventry.version] = VersionStatus(
+                            version=ventry.version, state="ready")
+                        continue
+                    served = await self._try_load(status, entry, ventry)
                     if served is not None:
-                        loaded.append(served)
-            old = [s for (n, _), s in self._served.items() if n == entry.name]
-            if not loaded and old and previous is not None:
-                log.error("model %s: no version loaded; the previous ones keep serving",
-                          entry.name)
-                for number, vstatus in previous.versions.items():
-                    status.versions.setdefault(number, vstatus)
-                status.num_classes, status.embedding_dim = (previous.num_classes,
-                                                            previous.embedding_dim)
-                return
-            for s in old:
-                del self._served[(s.name, s.version)]
-            for s in loaded:
-                self._register(s)
-            await self._release([s for s in old if s not in loaded])
+                        final[ventry.version] = served
+            if not final and old:
+                log.error("model %s: nothing new could be loaded; versions %s keep serving",
+                          name, sorted(old))
+                final = dict(old)
+                for number in old:
+                    status.versions.setdefault(number, VersionStatus(
+                        version=number, state="ready",
+                        reason="kept serving: its replacement failed to load"))
+            self._swap(name, old, final, status)
+            await self._on_readiness(name, bool(final))
+            await self._retire([s for v, s in old.items() if final.get(v) is not s])
 
-    async def unload_model(self, name: str) -> None:
-        """Stop routing to the model, let queued and computing work finish, release it."""
+    async def unload_model(self, name: str, forget: bool = False) -> None:
+        """Stop routing to the model; its in-flight requests finish, then it is released.
+        ``forget`` also drops it from ListModels (its folder is gone)."""
         async with self._locks.setdefault(name, asyncio.Lock()):
             status = self.status(name)
-            old = [s for (n, _), s in self._served.items() if n == name]
-            for s in old:
-                del self._served[(s.name, s.version)]
+            old = {v: s for (n, v), s in self._served.items() if n == name}
+            self._swap(name, old, {}, status)
             status.error = ""
             for number in status.versions:
                 status.versions[number] = VersionStatus(version=number, state="unloaded",
-                                                        reason="unloaded on request")
-            await self._release(old)
+                                                        reason="unloaded")
+            self._synced.pop(name, None)
+            if forget:
+                del self._status[name]
+            await self._on_readiness(name, False)
+            await self._retire(list(old.values()))
 
-    async def _try_load(self, status: ModelStatus, config: ModelConfig,
-                        ventry: VersionEntry) -> ServedVersion | None:
-        name = status.name
-        status.versions[ventry.version] = VersionStatus(version=ventry.version, state="loading")
-        self._metrics.set_model_state(name, str(ventry.version), "loading")
+    def _swap(self, name: str, old: dict[int, ServedVersion], new: dict[int, ServedVersion],
+              status: ModelStatus) -> None:
+        """The atomic step: no await, so no request sees a half-updated table."""
+        for number in old:
+            del self._served[(name, number)]
+        for number, served in new.items():
+            self._served[(name, number)] = served
+            self._metrics.set_model_state(name, str(number), "ready")
+        if new:
+            newest = new[max(new)]
+            status.num_classes = newest.backend.num_classes
+            status.embedding_dim = newest.backend.embedding_dim
+
+    async def _try_load(self, status: ModelStatus, entry: ModelEntry,
+                        ventry: repository.VersionEntry) -> ServedVersion | None:
+        assert entry.config is not None
+        number = ventry.version
+        status.versions[number] = VersionStatus(version=number, state="loading")
+        self._metrics.set_model_state(status.name, str(number), "loading")
         try:
-            served = await self._load_version(name, config, ventry)
+            served = await load_version(status.name, entry.config, entry.config_fingerprint,
+                                        ventry, self._limits, self._metrics)
         except VisionServeError as exc:
-            self._fail(status, ventry.version, str(exc))
+            self._fail(status, number, str(exc))
             return None
         except Exception as exc:  # noqa: BLE001 - one model never stops the server
-            log.exception("model %s version %d failed to load", name, ventry.version)
-            self._fail(status, ventry.version, f"{type(exc).__name__}: {exc}")
+            log.exception("model %s version %d failed to load", status.name, number)
+            self._fail(status, number, f"{type(exc).__name__}: {exc}")
             return None
-        status.num_classes = served.backend.num_classes
-        status.embedding_dim = served.backend.embedding_dim
-        status.versions[ventry.version] = VersionStatus(version=ventry.version, state="ready")
-        self._metrics.set_model_state(name, str(ventry.version), "ready")
+        status.versions[number] = VersionStatus(version=number, state="ready")
         return served
 
-    async def _release(self, served: list[ServedVersion]) -> None:
-        """Drain (queued and computing work finishes), then free the engines."""
-        for s in served:
-            self._metrics.set_model_state(s.name, str(s.version), "draining")
-        await asyncio.gather(*(s.batcher.close() for s in served))
-        loop = asyncio.get_running_loop()
-        for s in served:
-            await loop.run_in_executor(None, s.executor.shutdown, True)
-            s.backend.close()
-            self._metrics.set_model_state(s.name, str(s.version), "unloaded")
-            log.info("unloaded %s", s.where)
+    async def _retire(self, served: list[ServedVersion]) -> None:
+        await asyncio.gather(*(s.retire(self._metrics) for s in served))
 
     def _fail(self, status: ModelStatus, version: int, reason: str) -> None:
         log.error("model %s version %d failed to load: %s", status.name, version, reason)
@@ -200,48 +221,7 @@ class ModelRegistry:
         self._metrics.set_model_state(status.name, str(version), "failed")
         self._metrics.model_load_failures.labels(status.name, str(version)).inc()
 
-    async def _load_version(self, name: str, config: ModelConfig,
-                            ventry: VersionEntry) -> ServedVersion:
-        start = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        backend = await loop.run_in_executor(None, create_backend, name, config, ventry)
-        if len(ventry.labels) not in (0, backend.num_classes):
-            log.warning("model %s version %d: labels.txt has %d lines for %d classes; missing "
-                        "labels are reported as the class index", name, ventry.version,
-                        len(ventry.labels), backend.num_classes)
-        for n in config.warmup_batch_sizes:
-            zeros = np.zeros((n, *config.input.shape), dtype=np.float32)
-            await loop.run_in_executor(None, backend.run, zeros)
-        executor = ThreadPoolExecutor(max_workers=config.instance_count,
-                                      thread_name_prefix=f"{name}-v{ventry.version}")
-        policy = BatchPolicy(
-            max_batch_size=config.max_batch_size,
-            max_queue_size=config.batching.max_queue_size,
-            max_queue_delay_ms=config.batching.max_queue_delay_ms,
-            preferred_batch_sizes=config.batching.preferred_batch_sizes,
-            instances=config.instance_count,
-        )
-        where = f"model {name} version {ventry.version}"
-        stats = VersionStatistics()
-        observer = FanOut(self._metrics.observer(name, ventry.version, policy.max_queue_size),
-                          stats)
-        batcher = DynamicBatcher(where, backend.run, policy, executor, observer)
-        batcher.start()
-        seconds = time.perf_counter() - start
-        self._metrics.model_load_seconds.labels(name, str(ventry.version)).observe(seconds)
-        log.info("loaded %s (%d classes, embedding %d, max batch %d) in %.2f s", where,
-                 backend.num_classes, backend.embedding_dim, config.max_batch_size, seconds)
-        return ServedVersion(name=name, version=ventry.version, config=config,
-                             labels=ventry.labels, backend=backend, batcher=batcher,
-                             preprocessor=Preprocessor(name, ventry.version, config.input,
-                                                       self._limits),
-                             executor=executor, stats=stats)
-
-    def _register(self, served: ServedVersion) -> None:
-        key = (served.name, served.version)
-        if key in self._served:
-            raise DuplicateModel(f"{served.where} is registered already")
-        self._served[key] = served
+    # --- routing -------------------------------------------------------------------------------
 
     def resolve(self, name: str, version: int) -> ServedVersion:
         """The version a request goes to (0 = newest ready); raises a client-facing error."""
@@ -253,7 +233,7 @@ class ModelRegistry:
             known = ", ".join(sorted(self._status)) or "none"
             raise ModelNotFound(f"model {name!r} not found; loaded models: {known} "
                                 "(see `visionserve models`)")
-        ready = sorted((v for (n, v) in self._served if n == name), reverse=True)
+        ready = [s.version for s in self.ready_versions(name)]
         if version == 0:
             if ready:
                 return self._served[(name, ready[0])]
@@ -270,6 +250,11 @@ class ModelRegistry:
         raise ModelNotFound(f"model {name} version {version} is not served (ready versions: "
                             f"{ready or 'none'}); pass version 0 for the newest")
 
+    def ready_versions(self, name: str) -> list[ServedVersion]:
+        """Routable versions of ``name``, newest first."""
+        return sorted((s for (n, _), s in self._served.items() if n == name),
+                      key=lambda s: -s.version)
+
     def is_known(self, name: str) -> bool:
         return name in self._status
 
@@ -283,13 +268,8 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} not found; loaded models: "
                                 f"{', '.join(sorted(self._status)) or 'none'}") from None
 
-    def ready_versions(self, name: str) -> list[ServedVersion]:
-        """Routable versions of ``name``, newest first."""
-        return sorted((s for (n, _), s in self._served.items() if n == name),
-                      key=lambda s: -s.version)
-
     async def close(self) -> None:
-        """Drain every batcher (queued and computing work finishes), then release backends."""
+        """Retire everything: in-flight requests finish, then engines are released."""
         served = list(self._served.values())
         self._served.clear()
-        await self._release(served)
+        await self._retire(served)

@@ -29,6 +29,7 @@ class VersionEntry:
     path: Path
     model_file: Path
     labels: tuple[str, ...]
+    fingerprint: tuple[object, ...] = ()  # changes when the version's files change
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +42,14 @@ class ModelEntry:
     versions: tuple[VersionEntry, ...] = ()
     error: str = ""
     version_errors: dict[int, str] = field(default_factory=dict)
+    config_fingerprint: tuple[object, ...] = ()  # changes when config.toml or labels.txt do
+
+    @property
+    def fingerprint(self) -> tuple[object, ...]:
+        """Everything a rescan compares to decide whether the model must be synced again."""
+        return (self.config_fingerprint, self.error,
+                tuple((v.version, v.fingerprint) for v in self.versions),
+                tuple(sorted(self.version_errors.items())))
 
 
 def version_numbers(model_dir: Path) -> list[int]:
@@ -68,17 +77,28 @@ def scan(repo: Path) -> list[ModelEntry]:
             if p.is_dir() and not p.name.startswith((".", "_"))]
 
 
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_size)
+
+
 def scan_model(model_dir: Path) -> ModelEntry:
     name = model_dir.name
+    config_fp = (_stat(model_dir / CONFIG_FILE), _stat(model_dir / LABELS_FILE))
     try:
         config = ModelConfig.from_toml(model_dir / CONFIG_FILE)
     except VisionServeError as exc:
-        return ModelEntry(name=name, path=model_dir, config=None, error=str(exc))
+        return ModelEntry(name=name, path=model_dir, config=None, error=str(exc),
+                          config_fingerprint=config_fp)
     fallback = model_dir / LABELS_FILE
     fallback_labels = read_labels(fallback) if fallback.is_file() else ()
     on_disk = version_numbers(model_dir)
     if not on_disk:
         return ModelEntry(name=name, path=model_dir, config=config,
+                          config_fingerprint=config_fp,
                           error=f"model {name}: no version folder with a "
                                 f"{MODEL_FILES[config.backend]} under {model_dir}; export one "
                                 f"with `visionserve export ARCH --name {name}`")
@@ -92,7 +112,9 @@ def scan_model(model_dir: Path) -> ModelEntry:
         if not model_file.is_file():
             errors[number] = f"model {name} version {number}: {model_file} is missing"
             continue
+        fingerprint = (_stat(model_file), _stat(model_file.with_name(model_file.name + ".data")),
+                       _stat(labels_file))
         versions.append(VersionEntry(version=number, path=vdir, model_file=model_file,
-                                     labels=labels))
+                                     labels=labels, fingerprint=fingerprint))
     return ModelEntry(name=name, path=model_dir, config=config, versions=tuple(versions),
-                      version_errors=errors)
+                      version_errors=errors, config_fingerprint=config_fp)

@@ -40,7 +40,11 @@ class ServerConfig:
     metrics_port: int = 8002
     limits: ServerLimits = field(default_factory=ServerLimits)
     preprocess_threads: int = 0  # 0 = one per core
-    model_control: str = "none"  # none: load all at start | explicit: load/unload RPCs only
+    # poll: rescan the repository every poll_interval_s (the default: a published version is
+    # served without a restart) | explicit: only the load/unload RPCs change what is served
+    # | none: load once at start
+    model_control: str = "poll"
+    poll_interval_s: float = 5.0
     load_models: tuple[str, ...] = ()  # explicit mode: models to load at start
     shutdown_grace_s: float = 30.0
 
@@ -60,7 +64,14 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
                                                  registry=metrics.registry)
     metrics_port = http_server.server_port
 
-    registry = ModelRegistry(config.limits, metrics)
+    health_servicer = health.aio.HealthServicer()
+
+    async def model_readiness(name: str, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        await health_servicer.set(name, status)
+
+    registry = ModelRegistry(config.limits, metrics, model_readiness)
     threads = config.preprocess_threads or cpu_count()
     preprocess_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
     core = InferenceCore(registry, preprocess_pool, config.limits, metrics)
@@ -75,7 +86,6 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     pb_grpc.add_VisionServiceServicer_to_server(VisionServicer(core, calls), server)
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeServicer(core, calls, config.model_control), server)
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,
@@ -97,7 +107,11 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
              config.host, grpc_port, config.host, metrics_port, ", ".join(ready) or "none",
              f"; failed: {', '.join(failed)}" if failed else "")
 
+    poller = asyncio.create_task(_poll(registry, config.poll_interval_s, stop)) \
+        if config.model_control == "poll" else None
     await stop.wait()
+    if poller is not None:
+        await poller
     log.info("shutting down: refusing new requests, finishing in-flight ones (grace %.0f s)",
              config.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
@@ -106,3 +120,18 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     preprocess_pool.shutdown(wait=True)
     http_server.shutdown()
     log.info("stopped")
+
+
+async def _poll(registry: ModelRegistry, interval_s: float, stop: asyncio.Event) -> None:
+    """Rescan the repository every ``interval_s`` until ``stop``; a failed scan is logged and
+    retried at the next tick, never fatal."""
+    while True:
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+            return
+        except TimeoutError:
+            pass
+        try:
+            await registry.poll()
+        except Exception:  # noqa: BLE001 - the poller must outlive any one bad model
+            log.exception("repository poll failed; retrying in %.1f s", interval_s)

@@ -1,0 +1,230 @@
+"""Model lifecycle under load: hot reload by polling, zero-downtime swaps, broken versions that
+never take down a working one, explicit control, and memory that returns after unloads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import make_repo, run_cli, start_server, tensor_image
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from visionserve.v1 import visionserve_pb2 as pb
+
+POLL = ("--model-control", "poll", "--poll-interval-s", "0.3")
+LENET = pb.ClassifyRequest(model="lenet5", images=[tensor_image(np.zeros((32, 32, 1), np.uint8))])
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def publish(model_dir: Path, version: int, source: Path) -> None:
+    """Publish a version by hand the way export does: a hidden folder, then one rename."""
+    tmp = model_dir / f".tmp-{version}"
+    shutil.copytree(source, tmp)
+    os.rename(tmp, model_dir / str(version))
+
+
+class Load:
+    """``clients`` threads calling Classify in a loop; records (client, version, error)."""
+
+    def __init__(self, server, request: pb.ClassifyRequest, clients: int = 16) -> None:  # noqa: ANN001
+        self.replies: list[tuple[int, int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(server, request, i))
+                         for i in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, server, request: pb.ClassifyRequest, client: int) -> None:  # noqa: ANN001
+        while not self._stop.is_set():
+            try:
+                reply = server.stub.Classify(request, timeout=30)
+                self.replies.append((client, reply.version, ""))
+            except grpc.RpcError as err:
+                self.replies.append((client, 0, f"{err.code().name}: {err.details()}"))
+
+    def versions_seen(self) -> set[int]:
+        return {v for _, v, _ in list(self.replies)}
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def errors(self) -> list[str]:
+        return [e for _, _, e in self.replies if e]
+
+    def monotonic_per_client(self) -> bool:
+        """Once a client got an answer from the new version, it never gets the old one."""
+        last: dict[int, int] = {}
+        for client, version, error in self.replies:
+            if error:
+                continue
+            if version < last.get(client, 0):
+                return False
+            last[client] = version
+        return True
+
+
+def test_publishing_under_load_swaps_versions_without_a_failed_request(exported_repo, tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    srv = start_server(repo, tmp_path / "server.log", *POLL)
+    try:
+        load = Load(srv, LENET)
+        wait_until(lambda: len(load.replies) > 200, what="steady traffic")
+        failures_before = srv.metric("visionserve_model_load_failures_total", model="lenet5")
+        exported = run_cli("export", "lenet5", "--repo", str(repo), "--seed", "5")
+        assert exported.returncode == 0, exported.stderr
+        wait_until(lambda: 2 in load.versions_seen(), what="version 2 serving")
+        time.sleep(1.0)
+        # a corrupt version 3 must not take version 2 down
+        (tmp_path / "broken").mkdir()
+        (tmp_path / "broken" / "model.onnx").write_bytes(b"this is not an onnx model")
+        publish(repo / "lenet5", 3, tmp_path / "broken")
+        wait_until(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5")).versions[0]
+                   .state == pb.MODEL_STATE_FAILED, what="version 3 to fail")
+        time.sleep(1.0)
+        load.stop()
+        assert load.errors() == []
+        assert load.versions_seen() == {1, 2}
+        assert load.monotonic_per_client()
+        assert [v for _, v, _ in load.replies[-16:]] == [2] * 16
+        info = srv.stub.GetModel(pb.GetModelRequest(model="lenet5"))
+        states = {v.version: (v.state, v.reason) for v in info.versions}
+        assert states[3][0] == pb.MODEL_STATE_FAILED and "model.onnx" in states[3][1]
+        assert states[2][0] == pb.MODEL_STATE_READY and info.state == pb.MODEL_STATE_READY
+        assert 1 not in states  # retired: latest = 1
+        assert srv.metric("visionserve_model_load_failures_total", model="lenet5",
+                          version="3") - failures_before == 1
+        assert srv.metric("visionserve_model_state", model="lenet5", version="1",
+                          state="unloaded") == 1
+        assert srv.stub.Classify(LENET).version == 2
+    finally:
+        srv.stop()
+
+
+def test_latest_two_keeps_two_versions_and_a_removed_one_drains_first(exported_repo, tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
+                     {"resnet18": {"version_policy.latest": 2}})
+    publish(repo / "resnet18", 2, repo / "resnet18" / "1")
+    srv = start_server(repo, tmp_path / "server.log", *POLL)
+    try:
+        image = tensor_image(np.zeros((3, 224, 224), np.float32))
+        for version in (1, 2):
+            assert srv.stub.Classify(pb.ClassifyRequest(model="resnet18", version=version,
+                                                        images=[image])).version == version
+        result: dict[str, object] = {}
+
+        def pinned() -> None:
+            result["reply"] = srv.stub.Classify(pb.ClassifyRequest(
+                model="resnet18", version=1, images=[image] * 96), timeout=120)
+
+        thread = threading.Thread(target=pinned)
+        thread.start()
+        wait_until(lambda: srv.metric("visionserve_queue_depth", model="resnet18",
+                                      version="1") > 0, what="the pinned request to queue")
+        shutil.rmtree(repo / "resnet18" / "1")
+        thread.join()
+        assert result["reply"].version == 1 and len(result["reply"].results) == 96
+        wait_until(lambda: srv.metric("visionserve_model_state", model="resnet18", version="1",
+                                      state="unloaded") == 1, what="version 1 to unload")
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Classify(pb.ClassifyRequest(model="resnet18", version=1, images=[image]))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert srv.stub.Classify(pb.ClassifyRequest(model="resnet18", images=[image])).version == 2
+    finally:
+        srv.stop()
+
+
+def test_config_changes_reload_and_removed_models_unload(exported_repo, tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5", "mobilenet_v3_small"))
+    srv = start_server(repo, tmp_path / "server.log", *POLL)
+    health = health_pb2_grpc.HealthStub(srv.channel)
+
+    def healthy(name: str) -> int:
+        return health.Check(health_pb2.HealthCheckRequest(service=name)).status
+
+    try:
+        assert healthy("lenet5") == health_pb2.HealthCheckResponse.SERVING
+        assert healthy("") == health_pb2.HealthCheckResponse.SERVING
+        config = repo / "lenet5" / "config.toml"
+        config.write_text(config.read_text().replace("max_batch_size = 256",
+                                                     "max_batch_size = 8"))
+        wait_until(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5"))
+                   .max_batch_size == 8, what="the config change to apply")
+        assert srv.stub.Classify(LENET).version == 1
+        shutil.rmtree(repo / "mobilenet_v3_small")
+        wait_until(lambda: [m.name for m in srv.stub.ListModels(pb.ListModelsRequest()).models]
+                   == ["lenet5"], what="the removed model to unload")
+        assert healthy("mobilenet_v3_small") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert healthy("") == health_pb2.HealthCheckResponse.SERVING
+        # a broken config.toml leaves the loaded model serving, and says why
+        config.write_text("max_batch_size = 'eight'\n")
+        wait_until(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5")).reason != "",
+                   what="the bad config to be reported")
+        assert "max_batch_size must be int" in srv.stub.GetModel(
+            pb.GetModelRequest(model="lenet5")).reason
+        assert srv.stub.Classify(LENET).version == 1
+    finally:
+        srv.stop()
+
+
+def test_explicit_mode_changes_nothing_until_asked(exported_repo, tmp_path):
+    tc = pytest.importorskip("tritonclient.grpc")
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    srv = start_server(repo, tmp_path / "server.log", "--model-control", "explicit",
+                       "--load-model", "lenet5")
+    client = tc.InferenceServerClient(srv.address)
+    try:
+        publish(repo / "lenet5", 2, repo / "lenet5" / "1")
+        time.sleep(1.5)  # several poll intervals of the other tests: nothing may happen here
+        assert srv.stub.Classify(LENET).version == 1
+        client.load_model("lenet5")
+        assert srv.stub.Classify(LENET).version == 2
+    finally:
+        client.close()
+        srv.stop()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_fifty_load_unload_cycles_do_not_grow_memory(exported_repo, tmp_path):
+    """Bound: after 10 warm-up cycles, 40 more may add at most 60 MB of RSS (measured: see
+    docs/lifecycle.md); one ResNet-18 session is ~50 MB, so a leak of one session per cycle
+    would add ~2 GB."""
+    tc = pytest.importorskip("tritonclient.grpc")
+    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",))
+    srv = start_server(repo, tmp_path / "server.log", "--model-control", "explicit")
+    client = tc.InferenceServerClient(srv.address)
+    x = tc.InferInput("input", [1, 3, 224, 224], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
+    samples = []
+    try:
+        for cycle in range(50):
+            client.load_model("resnet18")
+            client.infer("resnet18", [x])
+            client.unload_model("resnet18")
+            if cycle in (9, 49):
+                samples.append(rss_mb(srv.process.pid))
+    finally:
+        client.close()
+        srv.stop()
+    print(f"RSS after 10 cycles {samples[0]:.0f} MB, after 50 {samples[1]:.0f} MB")
+    assert samples[1] - samples[0] < 60
