@@ -66,7 +66,7 @@ def main() -> None:
         server.terminate()
         server.wait()
         shutil.rmtree(scratch, ignore_errors=True)
-    print(result)
+    sys.stdout.write(result + "\n")
 
 
 async def drive(target: str, args: argparse.Namespace, model_dir: Path,

@@ -130,7 +130,9 @@ class ModelRegistry:
                 return
             self._synced[name] = entry.fingerprint
             old = {v: s for (n, v), s in self._served.items() if n == name}
-            status = ModelStatus(name=name, config=entry.config, error=entry.error)
+            status = ModelStatus(name=name, config=entry.config, error=entry.error,
+                                 versions={v: VersionStatus(version=v, state="ready")
+                                           for v in old})
             self._status[name] = status
             final: dict[int, ServedVersion] = {}
             if entry.error or entry.config is None:
@@ -156,9 +158,12 @@ class ModelRegistry:
                           name, sorted(old))
                 final = dict(old)
                 for number in old:
-                    status.versions.setdefault(number, VersionStatus(
+                    status.versions[number] = VersionStatus(
                         version=number, state="ready",
-                        reason="kept serving: its replacement failed to load"))
+                        reason="kept serving: its replacement failed to load")
+            for number in set(old) - set(final):
+                if status.versions[number].state == "ready":  # retired, not failed
+                    del status.versions[number]
             self._swap(name, old, final, status)
             await self._on_readiness(name, bool(final))
             await self._retire([s for v, s in old.items() if final.get(v) is not s])

@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import make_repo, run_cli, start_server, tensor_image
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import make_repo, run_cli, start_server, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
 
 POLL = ("--model-control", "poll", "--poll-interval-s", "0.3")
@@ -226,5 +226,4 @@ def test_fifty_load_unload_cycles_do_not_grow_memory(exported_repo, tmp_path):
     finally:
         client.close()
         srv.stop()
-    print(f"RSS after 10 cycles {samples[0]:.0f} MB, after 50 {samples[1]:.0f} MB")
-    assert samples[1] - samples[0] < 60
+    assert samples[1] - samples[0] < 60, f"RSS {samples[0]:.0f} MB → {samples[1]:.0f} MB"
