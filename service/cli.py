@@ -107,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default="localhost:8001")
     p.set_defaults(func=_models)
 
+    p = sub.add_parser("health", help="exit 0 if the server (or a model) is SERVING",
+                       description="Ask the gRPC health service (grpc.health.v1) of a server; "
+                                   "for container HEALTHCHECKs and exec probes. Exit 0 when "
+                                   "SERVING, 1 otherwise.")
+    p.add_argument("--server", default=f"localhost:{os.environ.get('VISIONSERVE_GRPC_PORT', 8001)}",
+                   help="HOST:PORT (default: localhost and $VISIONSERVE_GRPC_PORT or 8001)")
+    p.add_argument("--service", default="", help="a model name; empty = the server itself")
+    p.add_argument("--timeout-s", type=float, default=3.0)
+    p.set_defaults(func=_health)
+
     p = sub.add_parser("bench", help="measure served vs in-process throughput and latency",
                        description="Closed-loop gRPC load on a running server (or one started "
                                    "here) at several concurrency levels, beside the in-process "
@@ -254,6 +264,22 @@ def _call(fn, server: str):  # type: ignore[no-untyped-def]
         return None
     finally:
         client.close()
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.server) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)
+        except grpc.RpcError as err:
+            sys.stderr.write(f"{args.server}: {err.code().name}: {err.details()}\n")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    sys.stdout.write(f"{args.server} {args.service or '(server)'}: {status}\n")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,62 @@
+# syntax=docker/dockerfile:1
+# visionserve images (multi-stage):
+#   docker build --target serve  -t visionserve:0.1.0 .          slim server, ONNX Runtime CPU, no PyTorch
+#   docker build --target serve  --build-arg BASE_IMAGE=nvcr.io/nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
+#                --build-arg ORT_PACKAGE=onnxruntime-gpu -t visionserve:0.1.0-gpu .   (CUDA / TensorRT EPs)
+#   docker build --target export -t visionserve-export:0.1.0 .   PyTorch (CPU wheels) + the export stage
+# Settings are environment variables (VISIONSERVE_<FLAG>); the model repository is a volume.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service service
+COPY export export
+COPY proto proto
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+FROM ${PYTHON_IMAGE} AS serve
+ARG ORT_PACKAGE=onnxruntime
+ARG ORT_VERSION=1.31.1
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VISIONSERVE_REPO=/models \
+    VISIONSERVE_GRPC_PORT=8001 \
+    VISIONSERVE_METRICS_PORT=8002 \
+    VISIONSERVE_SHUTDOWN_GRACE_S=30
+COPY --from=wheel /wheels /wheels
+# One layer: our wheel and its serving dependencies (no compilers, no PyTorch), then the ONNX
+# Runtime build chosen by ORT_PACKAGE.
+RUN pip install --no-cache-dir /wheels/visionserve-*.whl \
+    && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \
+         pip uninstall -y onnxruntime && pip install --no-cache-dir "${ORT_PACKAGE}==${ORT_VERSION}"; \
+       fi \
+    && rm -rf /wheels \
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin visionserve
+USER 10001
+VOLUME ["/models"]
+EXPOSE 8001 8002
+# SIGTERM: health goes NOT_SERVING, in-flight requests finish within VISIONSERVE_SHUTDOWN_GRACE_S.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["visionserve", "health"]
+ENTRYPOINT ["visionserve"]
+CMD ["serve"]
+
+FROM ${PYTHON_IMAGE} AS export
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+COPY --from=wheel /wheels /wheels
+# PyTorch's CPU wheels (the default PyPI build of torch bundles CUDA: several GB more).
+# Our own wheel: its export extra pins torch and torchvision exactly.
+# hadolint ignore=DL3013
+RUN WHEEL="$(ls /wheels/visionserve-*.whl)" \
+    && pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
+         "${WHEEL}[export]" \
+    && rm -rf /wheels \
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin visionserve
+USER 10001
+VOLUME ["/models"]
+ENTRYPOINT ["visionserve", "export", "--repo", "/models"]
+CMD ["--list"]

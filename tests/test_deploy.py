@@ -1,0 +1,258 @@
+"""Deployment artifacts, validated offline: Kubernetes manifests against the API schemas,
+KServe objects against the CRD fields we use, Prometheus rules with promtool and a real
+Prometheus scraping a real server, the Dockerfile with hadolint — and all of them against the
+ports, probes, flags and metrics the server really has."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from visionserve.service.cli import build_parser
+
+DEPLOY = ROOT / "deploy"
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or (str(BIN / name) if (BIN / name).exists() else None)
+    if path is None:
+        pytest.skip(f"{name} is not installed (.ci/run installs it)")
+    return path
+
+
+def rendered(overlay: str) -> list[dict]:
+    out = subprocess.run([tool("kubectl"), "kustomize", str(DEPLOY / "kubernetes" / "overlays" /
+                                                            overlay)],
+                         capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def server_env_names() -> set[str]:
+    return set(re.findall(r"\[env\s+(VISIONSERVE_\w+)", run_cli("serve", "--help").stdout))
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_rendered_manifests_validate_against_the_kubernetes_schemas(overlay, tmp_path):
+    docs = rendered(overlay)
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "PodDisruptionBudget",
+                                         "HorizontalPodAutoscaler", "PersistentVolumeClaim",
+                                         "Job"}
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    result = subprocess.run([tool("kubernetes-validate"), "-k", "1.32.0", "--strict", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_manifests_use_the_servers_real_ports_probes_and_flags():
+    deployment = next(d for d in rendered("cpu") if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= server_env_names(), set(env) - server_env_names()
+    args = build_parser().parse_args(container["args"])  # the flags parse
+    assert args.command == "serve"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": int(env["VISIONSERVE_GRPC_PORT"]),
+                     "metrics": int(env["VISIONSERVE_METRICS_PORT"])}
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["grpc"]["port"] == ports["grpc"]
+    assert container["livenessProbe"] != container["readinessProbe"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    prestop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert prestop + float(env["VISIONSERVE_SHUTDOWN_GRACE_S"]) < \
+        pod["spec"]["terminationGracePeriodSeconds"]
+    assert env["VISIONSERVE_REPO"] == container["volumeMounts"][0]["mountPath"]
+    service = next(d for d in rendered("cpu") if d["kind"] == "Service")
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
+    hpa = next(d for d in rendered("cpu") if d["kind"] == "HorizontalPodAutoscaler")
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    adapter = yaml.safe_load((DEPLOY / "prometheus" / "adapter-rules.yaml").read_text())
+    assert metric in {r["name"]["as"] for r in adapter["rules"]}
+    gpu = next(d for d in rendered("gpu") if d["kind"] == "Deployment")
+    assert gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "nvidia.com/gpu"] == "1"
+
+
+# The fields of KServe's published CRDs (serving.kserve.io v1alpha1 ServingRuntime, v1beta1
+# InferenceService) that our objects may use; no CRD schema installs from a package here.
+SERVING_RUNTIME_SPEC = {"annotations", "supportedModelFormats", "protocolVersions",
+                        "multiModel", "containers", "disabled", "nodeSelector", "tolerations",
+                        "affinity", "volumes", "labels", "builtInAdapter", "grpcEndpoint",
+                        "grpcDataEndpoint", "httpDataEndpoint", "replicas", "storageHelper",
+                        "imagePullSecrets", "hostIPC", "workerSpec"}
+MODEL_FORMAT = {"name", "version", "autoSelect", "priority"}
+PREDICTOR = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "model",
+             "containers", "serviceAccountName", "timeout", "canaryTrafficPercent",
+             "containerConcurrency", "nodeSelector", "tolerations", "volumes", "labels",
+             "annotations", "logger", "batcher", "deploymentStrategy", "scaleMetricType"}
+MODEL_SPEC = {"modelFormat", "protocolVersion", "runtime", "storageUri", "ports", "resources",
+              "env", "args", "image", "name", "readinessProbe", "livenessProbe",
+              "volumeMounts", "storage", "command", "securityContext"}
+PROTOCOLS = {"v1", "v2", "grpc-v1", "grpc-v2"}
+
+
+def test_kserve_objects_use_only_known_crd_fields_and_our_real_flags():
+    runtime = yaml.safe_load((DEPLOY / "kserve" / "servingruntime.yaml").read_text())
+    isvc = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice.yaml").read_text())
+    assert (runtime["apiVersion"], runtime["kind"]) == ("serving.kserve.io/v1alpha1",
+                                                        "ClusterServingRuntime")
+    assert set(runtime["spec"]) <= SERVING_RUNTIME_SPEC
+    assert all(set(f) <= MODEL_FORMAT for f in runtime["spec"]["supportedModelFormats"])
+    assert set(runtime["spec"]["protocolVersions"]) <= PROTOCOLS
+    container = runtime["spec"]["containers"][0]
+    assert container["name"] == "kserve-container"  # the name KServe looks for
+    args = build_parser().parse_args(container["args"])
+    assert args.repo == Path("/mnt/models")  # where KServe's storage initializer writes
+    assert container["ports"][0]["containerPort"] == args.grpc_port
+    assert container["readinessProbe"]["grpc"]["port"] == args.grpc_port
+    assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(args.metrics_port)
+    assert {e["name"] for e in container.get("env", [])} <= server_env_names()
+
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    assert set(predictor) <= PREDICTOR and set(predictor["model"]) <= MODEL_SPEC
+    model = predictor["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in
+                                            runtime["spec"]["supportedModelFormats"]}
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    assert model["ports"][0]["containerPort"] == args.grpc_port
+
+
+def test_prometheus_rules_pass_promtool_and_use_only_series_the_server_exports(server):
+    rules = DEPLOY / "prometheus" / "visionserve.rules.yml"
+    result = subprocess.run([tool("promtool"), "check", "rules", str(rules)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run([tool("promtool"), "check", "config",
+                             str(DEPLOY / "prometheus" / "prometheus.yml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    families = set(re.findall(r"^# TYPE (\w+) (\w+)", server.metrics_text(), re.M))
+    exported = set()
+    for name, kind in families:
+        exported |= {name} if kind in ("gauge", "untyped") else set()
+        exported |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" \
+            else set()
+        exported |= {name, f"{name}_total"} if kind == "counter" else set()
+    groups = yaml.safe_load(rules.read_text())["groups"]
+    recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    exprs = [r["expr"] for g in groups for r in g["rules"]]
+    dashboard = json.loads((DEPLOY / "grafana" / "visionserve-dashboard.json").read_text())
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "scrape-kubernetes.yml").read_text())
+    assert scrape["scrape_configs"][0]["job_name"] == "visionserve-pods"
+    for expr in exprs:
+        for series in re.findall(r"\b(?:model:)?visionserve_[a-z_]+(?::[a-z0-9_]+)?", expr):
+            assert series in exported or series in recorded, f"{series} in {expr!r}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_real_prometheus_scrapes_the_server_and_promql_returns_data(server, tmp_path):
+    from conftest import encode, photo
+    from visionserve.v1 import visionserve_pb2 as pb
+
+    prometheus = tool("prometheus")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(DEPLOY / "prometheus" / "visionserve.rules.yml")],
+        "scrape_configs": [{"job_name": "visionserve", "static_configs": [
+            {"targets": [f"127.0.0.1:{server.metrics_port}"]}]}]}))
+    port = free_port()
+    proc = subprocess.Popen([prometheus, f"--config.file={config}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        image = pb.Image(encoded=encode(photo("camera"), "PNG"))
+        for _ in range(5):
+            server.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[image]))
+
+        def query(promql: str) -> list:
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode(
+                {"query": promql})
+            try:
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    return json.loads(reply.read())["data"]["result"]
+            except OSError:
+                return []
+
+        promql = 'sum(visionserve_request_duration_seconds_count{model="lenet5",code="OK"})'
+        deadline = time.monotonic() + 90
+        while not (result := query(promql)):
+            assert time.monotonic() < deadline, "Prometheus never returned our series"
+            time.sleep(1)
+        assert float(result[0]["value"][1]) >= 5
+        # a quantile needs a rate: traffic between two scrapes
+        promql = ('histogram_quantile(0.99, sum by (le) (rate('
+                  'visionserve_request_duration_seconds_bucket{model="lenet5"}[1m])))')
+        while not ((q := query(promql)) and q[0]["value"][1] != "NaN"):
+            assert time.monotonic() < deadline, "no latency quantile from Prometheus"
+            server.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[image]))
+            time.sleep(0.5)
+        assert 0 < float(q[0]["value"][1]) < 30
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def dockerfile_stages() -> dict[str, str]:
+    text = (ROOT / "Dockerfile").read_text()
+    parts = re.split(r"^FROM\s+\S+\s+AS\s+(\w+)\s*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_dockerfile_passes_hadolint_and_its_serve_stage_has_no_torch():
+    result = subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    stages = dockerfile_stages()
+    assert {"wheel", "serve", "export"} <= set(stages)
+    serve = stages["serve"]
+    assert "torch" not in serve and "[export]" not in serve and "gcc" not in serve
+    assert "USER 10001" in serve and "STOPSIGNAL SIGTERM" in serve
+    assert re.search(r'HEALTHCHECK .*CMD \["visionserve", "health"\]', serve, re.S)
+    assert "[export]" in stages["export"]
+
+
+def test_dockerfile_entrypoint_env_and_ports_are_the_servers():
+    serve = dockerfile_stages()["serve"]
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", serve, re.M)[1])
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", serve, re.M)[1])
+    assert entry == ["visionserve"]
+    assert 'visionserve = "visionserve.service.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert build_parser().parse_args(cmd).command == "serve"
+    assert build_parser().parse_args(["health"]).command == "health"
+    env = dict(re.findall(r"(VISIONSERVE_\w+)=(\S+)", serve))
+    assert set(env) <= server_env_names()
+    exposed = set(re.search(r"^EXPOSE (.*)$", serve, re.M)[1].split())
+    assert exposed == {env["VISIONSERVE_GRPC_PORT"], env["VISIONSERVE_METRICS_PORT"]}
+
+
+def test_health_command_reports_server_and_model_readiness(server):
+    ok = run_cli("health", "--server", server.address)
+    assert ok.returncode == 0 and "SERVING" in ok.stdout
+    assert run_cli("health", "--server", server.address, "--service", "lenet5").returncode == 0
+    missing = run_cli("health", "--server", server.address, "--service", "nope")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
