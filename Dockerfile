@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # visionserve images (multi-stage):
 #   docker build --target serve  -t visionserve:0.1.0 .          slim server, ONNX Runtime CPU, no PyTorch
-#   docker build --target serve  --build-arg BASE_IMAGE=nvcr.io/nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
-#                --build-arg ORT_PACKAGE=onnxruntime-gpu -t visionserve:0.1.0-gpu .   (CUDA / TensorRT EPs)
+#   docker build --target serve  --build-arg 'ORT_PACKAGE=onnxruntime-gpu[cuda,cudnn]' \
+#                -t visionserve:0.1.0-gpu .    CUDA/TensorRT EPs; CUDA and cuDNN come as pip wheels,
+#                                              the driver from the host (NVIDIA container toolkit)
 #   docker build --target export -t visionserve-export:0.1.0 .   PyTorch (CPU wheels) + the export stage
 # Settings are environment variables (VISIONSERVE_<FLAG>); the model repository is a volume.
 
