@@ -1,65 +1,126 @@
 """The architecture registry: name → builder, input spec, and where the embedding is taken.
 
 A name is torchvision's builder name where torchvision has the model, timm's model name where
-timm has it, and our own (``lenet5``, ``zfnet``) otherwise. ``head`` is the dotted path of the
-final classification layer: the embedding is its input, and ``WithEmbedding`` returns both from
-one forward pass.
+timm has it (Inception v4, Inception-ResNet-v2, MobileNet v1, DeiT, PVT v2), and our own
+(``lenet5``, ``zfnet``) otherwise. ``head`` is the dotted path of the final classification
+layer: the embedding is its input (4096-d after fc7 for AlexNet/ZFNet/VGG, the CLS token after
+the final norm for ViT/DeiT, pooled features elsewhere), and ``WithEmbedding`` returns both from
+one forward pass. Preprocessing comes from the source's own metadata (torchvision's default
+weights transforms, timm's pretrained config), read without any download.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 from torch import nn
 
 from visionserve.service.config import InputSpec
 
-IMAGENET = InputSpec()  # RGB, Resize(256) bilinear, CenterCrop(224), ImageNet mean/std
-GRAY_32 = InputSpec(channels=1, height=32, width=32, color="L", resize=32,
-                    mean=(0.5,), std=(0.5,))
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_32 = InputSpec(channels=1, height=32, width=32, color="L", resize=32, mean=(0.5,),
+                    std=(0.5,))
 
 
 @dataclass(frozen=True, kw_only=True)
 class Architecture:
     name: str
     family: str
-    build: Callable[[int], nn.Module]  # num_classes → model with random init
-    head: str  # dotted path of the final classifier layer
-    input: InputSpec = IMAGENET
+    source: str  # torchvision | timm | visionserve
+    head: str = ""  # dotted path of the final classifier layer ("" = ask timm)
     num_classes: int = 1000
     labels: str = "imagenet"  # imagenet | digits
     max_batch_size: int = 32
+    builder_kwargs: dict[str, object] = field(default_factory=dict)
+    fixed_input: InputSpec | None = None  # for our own models
+
+    def build(self, num_classes: int) -> nn.Module:
+        """A randomly initialised model (seed it first) with ``num_classes`` outputs."""
+        if self.source == "torchvision":
+            import torchvision
+
+            return getattr(torchvision.models, self.name)(
+                weights=None, num_classes=num_classes, **self.builder_kwargs)
+        if self.source == "timm":
+            import timm
+
+            return timm.create_model(self.name, pretrained=False, num_classes=num_classes)
+        from . import own_models
+
+        return getattr(own_models, _OWN[self.name])(num_classes)
+
+    def head_path(self, model: nn.Module) -> str:
+        if self.head:
+            return self.head
+        return str(model.pretrained_cfg["classifier"])  # timm records it per model
+
+    @property
+    def input(self) -> InputSpec:
+        return self.fixed_input or _input_spec(self.source, self.name)
 
 
-def _torchvision(builder: str) -> Callable[[int], nn.Module]:
-    def build(num_classes: int) -> nn.Module:
-        import torchvision
-
-        return getattr(torchvision.models, builder)(weights=None, num_classes=num_classes)
-
-    return build
+_OWN = {"lenet5": "LeNet5", "zfnet": "ZFNet"}
 
 
-def _lenet5(num_classes: int) -> nn.Module:
-    from .lenet import LeNet5
+@cache
+def _input_spec(source: str, name: str) -> InputSpec:
+    if source == "torchvision":
+        from torchvision.models import get_model_weights
 
-    return LeNet5(num_classes)
+        t = get_model_weights(name).DEFAULT.transforms()
+        crop, resize = t.crop_size[0], t.resize_size[0]
+        return InputSpec(height=crop, width=crop, resize=resize,
+                         interpolation=t.interpolation.value, mean=tuple(t.mean),
+                         std=tuple(t.std))
+    import timm
+
+    cfg = timm.create_model(name, pretrained=False).pretrained_cfg
+    _, height, width = cfg["input_size"]
+    return InputSpec(height=height, width=width,
+                     resize=int(math.floor(height / cfg.get("crop_pct", 0.875))),
+                     interpolation=cfg.get("interpolation", "bilinear"),
+                     mean=tuple(float(m) for m in cfg.get("mean", IMAGENET_MEAN)),
+                     std=tuple(float(s) for s in cfg.get("std", IMAGENET_STD)))
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a
-    for a in [
-        Architecture(name="lenet5", family="LeNet", build=_lenet5, head="classifier.5",
-                     input=GRAY_32, num_classes=10, labels="digits", max_batch_size=256),
-        Architecture(name="resnet18", family="ResNet", build=_torchvision("resnet18"), head="fc"),
-        Architecture(name="resnet50", family="ResNet", build=_torchvision("resnet50"), head="fc"),
-        Architecture(name="mobilenet_v3_small", family="MobileNet",
-                     build=_torchvision("mobilenet_v3_small"), head="classifier.3",
-                     max_batch_size=64),
-    ]
-}
+def _tv(name: str, family: str, head: str, max_batch_size: int = 32,
+        **kwargs: object) -> Architecture:
+    return Architecture(name=name, family=family, source="torchvision", head=head,
+                        max_batch_size=max_batch_size, builder_kwargs=kwargs)
+
+
+def _timm(name: str, family: str, max_batch_size: int = 32) -> Architecture:
+    return Architecture(name=name, family=family, source="timm", max_batch_size=max_batch_size)
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
+    Architecture(name="lenet5", family="LeNet", source="visionserve", head="classifier.5",
+                 num_classes=10, labels="digits", max_batch_size=256, fixed_input=GRAY_32),
+    _tv("alexnet", "AlexNet", "classifier.6"),
+    Architecture(name="zfnet", family="ZFNet", source="visionserve", head="classifier.7",
+                 fixed_input=InputSpec()),
+    *(_tv(f"vgg{n}", "VGG", "classifier.6", 16) for n in (11, 13, 16, 19)),
+    _tv("googlenet", "GoogLeNet", "fc", aux_logits=False, init_weights=True),
+    _tv("inception_v3", "Inception", "fc", 16, aux_logits=False, init_weights=True),
+    _timm("inception_v4", "Inception", 16),
+    _timm("inception_resnet_v2", "Inception-ResNet", 16),
+    *(_tv(f"resnet{n}", "ResNet", "fc") for n in (18, 34, 50, 101, 152)),
+    _timm("mobilenetv1_100", "MobileNet", 64),
+    _tv("mobilenet_v2", "MobileNet", "classifier.1", 64),
+    _tv("mobilenet_v3_small", "MobileNet", "classifier.3", 64),
+    _tv("mobilenet_v3_large", "MobileNet", "classifier.3", 64),
+    *(_tv(f"densenet{n}", "DenseNet", "classifier") for n in (121, 169, 201)),
+    *(_tv(f"efficientnet_b{i}", "EfficientNet", "classifier.1", 32 if i < 4 else 8)
+      for i in range(8)),
+    _tv("vit_b_16", "ViT", "heads.head", 16),
+    _timm("deit_small_patch16_224", "DeiT"),
+    _tv("swin_t", "Swin", "head"),
+    _timm("pvt_v2_b2", "PVT", 16),
+]}
 
 DEFAULT_MODELS = ("lenet5", "resnet18", "resnet50", "mobilenet_v3_small")
 
@@ -88,6 +149,16 @@ class WithEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = torch.flatten(self.body(x), 1)
         return self.head(embedding), embedding
+
+
+def reinit_dead_head(head: nn.Module) -> bool:
+    """Random init must give non-degenerate outputs: some builders zero their head (ViT), which
+    makes every logit equal. Such a head gets small random weights; returns whether it did."""
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.detach().any():
+        nn.init.normal_(weight, std=0.02)
+        return True
+    return False
 
 
 def imagenet_labels() -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -14,6 +15,7 @@ from visionserve.service.repository import version_numbers
 from . import architectures
 from .pipeline import STEPS, ExportRequest, ParityError, export_model
 from .publish import PublishError
+from .report import write_report
 from .weights import WeightsError
 
 log = logging.getLogger(__name__)
@@ -26,18 +28,21 @@ def run_export(args: argparse.Namespace) -> int:
     if args.list:
         _print_list()
         return 0
-    if not args.arch:
-        console.print("name an architecture (or --list to see them)")
+    names = list(architectures.ARCHITECTURES) if args.all else args.arch
+    if not names:
+        console.print("name an architecture, or --all (--list shows them)")
         return 2
-    for name in args.arch:
+    for name in names:
         architectures.get(name)  # unknown names fail before any work
-    todo = [a for a in args.arch
+    if args.name and len(names) > 1:
+        console.print("--name applies to one architecture at a time")
+        return 2
+    todo = [a for a in names
             if not (args.if_missing and version_numbers(args.repo / (args.name or a)))]
-    for skipped in sorted(set(args.arch) - set(todo)):
+    for skipped in sorted(set(names) - set(todo)):
         log.info("%s: already in %s, skipped (--if-missing)", skipped, args.repo)
-    if not todo:
-        return 0
     failures = 0
+    done: list[tuple[str, Path]] = []
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
@@ -59,20 +64,39 @@ def run_export(args: argparse.Namespace) -> int:
                 log.error("%s", exc)
                 failures += 1
             else:
+                done.append((arch, result.path))
                 p = result.parity
                 progress.update(task, completed=len(STEPS),
                                 description=f"{arch}: v{result.version} "
                                 f"(max |Δ| logits {p.logits_max_abs_diff:.1e}, "
                                 f"top-5 {p.top5_agreement:.0%})")
             progress.advance(overall)
+    if args.report:
+        from visionserve.service.repository import version_numbers
+
+        rows = [(a, args.repo / a / str(max(version_numbers(args.repo / a)))) for a in names
+                if version_numbers(args.repo / a)]
+        with console.status(f"measuring {len(rows)} models for {args.report}"):
+            write_report(args.report, rows)
+        log.info("wrote %s", args.report)
     return 1 if failures else 0
 
 
 def _print_list() -> None:
+    """Built on PyTorch's meta device: shapes and parameter counts without allocating weights."""
+    import torch
+
     table = Table(title="architectures")
-    for col in ("name", "family", "input", "classes", "head (embedding = its input)"):
+    for col in ("name", "family", "source", "input", "resize", "params (M)", "embedding",
+                "head"):
         table.add_column(col)
     for a in architectures.ARCHITECTURES.values():
-        table.add_row(a.name, a.family, "x".join(map(str, a.input.shape)), str(a.num_classes),
-                      a.head)
+        with torch.device("meta"):
+            model = a.build(a.num_classes)
+        head = a.head_path(model)
+        params = sum(p.numel() for p in model.parameters())
+        dim = getattr(model.get_submodule(head), "in_features", "?")
+        table.add_row(a.name, a.family, a.source, "x".join(map(str, a.input.shape)),
+                      f"{a.input.resize} {a.input.interpolation}", f"{params / 1e6:.1f}",
+                      str(dim), head)
     Console().print(table)

@@ -18,7 +18,8 @@ INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "embedding")
 
 
-def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, max_batch_size: int) -> str:
+def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, max_batch_size: int,
+                external_data: bool = False) -> str:
     """Write ``path``; return the exporter used (``dynamo``, or ``torchscript`` as fallback).
 
     The dynamo-based exporter is the default; if it fails for an architecture, the
@@ -29,7 +30,7 @@ def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, max_batch_si
             batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
             torch.onnx.export(model, (sample,), str(path), dynamo=True, opset_version=OPSET,
                               input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                              dynamic_shapes={"x": {0: batch}}, external_data=False,
+                              dynamic_shapes={"x": {0: batch}}, external_data=external_data,
                               verbose=False)
         return "dynamo"
     except Exception as exc:  # noqa: BLE001 - any exporter failure falls back, logged

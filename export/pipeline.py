@@ -6,7 +6,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,10 +15,10 @@ from visionserve.service.config import ModelConfig
 from visionserve.service.repository import LABELS_FILE, MODEL_FILES
 
 from . import architectures
-from .architectures import Architecture, WithEmbedding
+from .architectures import Architecture, WithEmbedding, reinit_dead_head
 from .onnx_export import OPSET, export_onnx
 from .parity import ParityReport, check_parity
-from .publish import ensure_model_files, next_version, publish, staging
+from .publish import ensure_model_files, next_version, publish, staging, triton_config
 from .weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class ExportResult:
 
 
 STEPS = ("build", "export", "parity", "publish")
+EXTERNAL_DATA_BYTES = 1_800_000_000  # ONNX's protobuf limit is 2 GB: larger weights go beside
 
 
 def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:  # noqa: ANN001
@@ -69,15 +70,17 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     torch.manual_seed(req.seed)
     model = arch.build(num_classes)
     weights_sha = load_weights(model, req.weights) if req.weights else None
-    wrapped = WithEmbedding(model, arch.head).eval()
+    wrapped = WithEmbedding(model, arch.head_path(model)).eval()
+    head_reinitialised = not req.weights and reinit_dead_head(wrapped.head)
     shape = arch.input.shape
+    param_bytes = sum(p.numel() * p.element_size() for p in wrapped.parameters())
 
     version = req.version or next_version(model_dir)
     with staging(model_dir, version) as tmp:
         on_step("export")
         sample = torch.randn((2, *shape), generator=torch.Generator().manual_seed(req.seed))
         exporter = export_onnx(wrapped, sample, tmp / MODEL_FILES["onnxruntime"],
-                               arch.max_batch_size)
+                               arch.max_batch_size, external_data=param_bytes > EXTERNAL_DATA_BYTES)
         on_step("parity")
         report = check_parity(wrapped, tmp / MODEL_FILES["onnxruntime"], shape, seed=req.seed)
         if not report.passed:
@@ -86,6 +89,7 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
         on_step("publish")
         embedding_dim = int(wrapped.head.in_features) if hasattr(wrapped.head, "in_features") \
             else -1
+        files = [p for p in tmp.iterdir() if p.name.startswith("model.onnx")]
         (tmp / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
         seconds = time.perf_counter() - start
         provenance = {
@@ -94,6 +98,10 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             "num_classes": num_classes,
             "embedding_dim": embedding_dim,
             "input_shape": list(shape),
+            "input": asdict(arch.input),
+            "outputs": {"logits": [-1, num_classes], "embedding": [-1, embedding_dim]},
+            "parameters": sum(p.numel() for p in wrapped.parameters()),
+            "head_reinitialised": head_reinitialised,
             "weights": str(req.weights) if req.weights else None,
             "weights_sha256": weights_sha,
             "seed": None if req.weights else req.seed,
@@ -105,11 +113,14 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
                          "python": platform.python_version()},
             "parity": report.to_dict(),
             "export_seconds": round(seconds, 2),
+            "onnx_bytes": sum(p.stat().st_size for p in files),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / "export.json").write_text(json.dumps(provenance, indent=2) + "\n",
                                          encoding="utf-8")
-        ensure_model_files(model_dir, _default_config(arch), labels)
+        config = _default_config(arch)
+        ensure_model_files(model_dir, config, labels,
+                           triton_config(name, config, num_classes, embedding_dim))
         path = publish(tmp, model_dir, version)
     log.info("published %s version %d at %s in %.1f s", name, version, path, seconds)
     return ExportResult(name=name, version=version, path=path, parity=report, seconds=seconds)

@@ -33,8 +33,12 @@ def staging(model_dir: Path, version: int) -> Iterator[Path]:
     if (model_dir / str(version)).exists():
         raise PublishError(f"{model_dir / str(version)} exists already; versions are immutable: "
                            "pick another --version or omit it for the next free number")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+    except OSError as exc:
+        raise PublishError(f"cannot write into the repository at {model_dir}: {exc}; check "
+                           "--repo and its permissions") from None
     try:
         yield tmp
     finally:
@@ -51,16 +55,36 @@ def publish(tmp: Path, model_dir: Path, version: int) -> Path:
     return target
 
 
-def ensure_model_files(model_dir: Path, config: ModelConfig, labels: list[str]) -> None:
-    """Create the model-level config.toml and fallback labels.txt when the folder is new.
-
-    Existing files are the operator's and are left alone.
-    """
+def ensure_model_files(model_dir: Path, config: ModelConfig, labels: list[str],
+                       pbtxt: str) -> None:
+    """Create the model-level config.toml, fallback labels.txt and Triton's config.pbtxt when
+    the folder is new. Existing files are the operator's and are left alone."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    if not (model_dir / CONFIG_FILE).exists():
-        _write_atomic(model_dir / CONFIG_FILE, config.to_toml())
-    if not (model_dir / LABELS_FILE).exists():
-        _write_atomic(model_dir / LABELS_FILE, "\n".join(labels) + "\n")
+    for name, text in ((CONFIG_FILE, config.to_toml()),
+                       (LABELS_FILE, "\n".join(labels) + "\n"),
+                       ("config.pbtxt", pbtxt)):
+        if not (model_dir / name).exists():
+            _write_atomic(model_dir / name, text)
+
+
+def triton_config(name: str, config: ModelConfig, num_classes: int, embedding_dim: int) -> str:
+    """Triton's model configuration for the same folder, so the repository runs on Triton
+    (onnxruntime backend) unchanged."""
+    i, b = config.input, config.batching
+    preferred = ", ".join(map(str, b.preferred_batch_sizes))
+    return (f'name: "{name}"\n'
+            'platform: "onnxruntime_onnx"\n'
+            f"max_batch_size: {config.max_batch_size}\n"
+            f'input [{{ name: "{i.name}", data_type: TYPE_FP32, format: FORMAT_NCHW, '
+            f"dims: [{i.channels}, {i.height}, {i.width}] }}]\n"
+            f'output [{{ name: "{config.output.logits}", data_type: TYPE_FP32, '
+            f'dims: [{num_classes}], label_filename: "labels.txt" }},\n'
+            f'        {{ name: "{config.output.embedding}", data_type: TYPE_FP32, '
+            f"dims: [{embedding_dim}] }}]\n"
+            f"dynamic_batching {{ preferred_batch_size: [{preferred}] "
+            f"max_queue_delay_microseconds: {int(b.max_queue_delay_ms * 1000)} }}\n"
+            f"version_policy: {{ latest: {{ num_versions: {config.version_policy.latest} }} }}\n"
+            f"instance_group [{{ kind: KIND_CPU, count: {config.instance_count} }}]\n")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -20,8 +20,13 @@ def load_weights(model: nn.Module, path: Path) -> str:
     """
     import hashlib
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise WeightsError(f"{path} could not be read as a PyTorch state_dict or checkpoint "
+                           f"({type(exc).__name__}: {exc}); pass the .pt/.pth file saved with "
+                           "torch.save(model.state_dict(), path)") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-missing", action="store_true",
                    help="skip architectures that already have a version in the repository")
     p.add_argument("--list", action="store_true", help="list the known architectures")
+    p.add_argument("--all", action="store_true", help="export every known architecture")
+    p.add_argument("--report", type=Path, metavar="PATH",
+                   help="after exporting, write a markdown table of every exported "
+                        "architecture (parity, size, ORT CPU speed), e.g. docs/models.md")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("classify", help="classify image files with a running server")

@@ -17,7 +17,7 @@ def tree(path: Path) -> list[str]:
 
 
 def lenet_weights(path: Path, poison: bool = False) -> Path:
-    from visionserve.export.lenet import LeNet5
+    from visionserve.export.own_models import LeNet5
 
     torch.manual_seed(3)
     state = LeNet5().state_dict()

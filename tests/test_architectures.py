@@ -1,0 +1,123 @@
+"""Every architecture of the mission: exported, checked against PyTorch, served.
+
+The fast tests take a few small architectures end to end, with the preprocessing that the
+model's own source publishes (timm's eval transform, torchvision's weights transforms) as the
+reference; the slow test exports and serves every architecture of the registry."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import embeddings, encode, photo, run_cli, start_server
+from visionserve.v1 import visionserve_pb2 as pb
+
+torch = pytest.importorskip("torch")
+
+
+def reference_embedding(arch: str, model, pixels: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """The embedding PyTorch computes on the source's own eval transform of the JPEG."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(encode(pixels))).convert("RGB")
+    if arch.startswith("efficientnet"):
+        from torchvision.models import get_model_weights
+
+        x = get_model_weights(arch).DEFAULT.transforms()(img)[None]
+        with torch.no_grad():
+            return torch.flatten(model.avgpool(model.features(x)), 1).numpy()[0]
+    import timm.data
+
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    with torch.no_grad():
+        features = model.forward_features(transform(img)[None])
+        return model.forward_head(features, pre_logits=True).numpy()[0]
+
+
+def build(arch: str):  # noqa: ANN201
+    torch.manual_seed(4)
+    if arch.startswith("efficientnet"):
+        import torchvision
+
+        return getattr(torchvision.models, arch)(weights=None).eval()
+    import timm
+
+    return timm.create_model(arch, pretrained=False).eval()
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv1_100", "efficientnet_b0"])
+def test_exported_architecture_serves_what_pytorch_computes_on_its_own_transform(arch,
+                                                                                 tmp_path):
+    model = build(arch)
+    weights = tmp_path / f"{arch}.pt"
+    torch.save(model.state_dict(), weights)
+    repo = tmp_path / "repo"
+    out = run_cli("export", arch, "--repo", str(repo), "--weights", str(weights))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (repo / arch / "config.pbtxt").read_text().startswith(f'name: "{arch}"')
+    srv = start_server(repo, tmp_path / "server.log", "--model-control", "none")
+    try:
+        for name in ("chelsea", "astronaut"):
+            pixels = photo(name)
+            reply = srv.stub.Embed(pb.EmbedRequest(model=arch,
+                                                   images=[pb.Image(encoded=encode(pixels))]))
+            got = embeddings(reply)[0]
+            want = reference_embedding(arch, model, pixels)
+            assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max(), name
+        classes = srv.stub.Classify(pb.ClassifyRequest(
+            model=arch, images=[pb.Image(encoded=encode(photo("coffee")))])).results[0].classes
+        assert len(classes) == 5 and all(c.label for c in classes)
+    finally:
+        srv.stop()
+
+
+def test_a_corrupt_weights_file_and_an_unwritable_repository_are_clear_errors(tmp_path):
+    corrupt = tmp_path / "weights.pt"
+    corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint")
+    out = run_cli("export", "lenet5", "--repo", str(tmp_path / "repo"), "--weights",
+                  str(corrupt))
+    assert out.returncode == 1 and "could not be read as a PyTorch state_dict" in out.stderr
+    assert not (tmp_path / "repo" / "lenet5").exists() or \
+        not any((tmp_path / "repo" / "lenet5").iterdir())
+    out = run_cli("export", "lenet5", "--repo", "/proc/visionserve-repo")
+    assert out.returncode == 1 and "cannot write into the repository" in out.stderr
+
+
+def test_list_shows_every_architecture_of_the_mission():
+    out = run_cli("export", "--list", env={"COLUMNS": "250"})
+    assert out.returncode == 0, out.stderr
+    for name in ("lenet5", "alexnet", "zfnet", "vgg11", "vgg13", "vgg16", "vgg19", "googlenet",
+                 "inception_v3", "inception_v4", "inception_resnet_v2", "resnet18", "resnet34",
+                 "resnet50", "resnet101", "resnet152", "mobilenetv1_100", "mobilenet_v2",
+                 "mobilenet_v3_small", "mobilenet_v3_large", "densenet121", "densenet169",
+                 "densenet201", *(f"efficientnet_b{i}" for i in range(8)), "vit_b_16",
+                 "deit_small_patch16_224", "swin_t", "pvt_v2_b2"):
+        assert f"│ {name} " in out.stdout, name
+
+
+@pytest.mark.slow
+def test_every_architecture_exports_with_parity_and_serves(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("all") / "repo"
+    out = run_cli("export", "--all", "--repo", str(repo), timeout=5400)
+    assert out.returncode == 0, out.stderr[-5000:]
+    names = sorted(p.name for p in repo.iterdir() if p.is_dir())
+    assert len(names) == 35
+    for name in names:
+        record = json.loads((repo / name / "1" / "export.json").read_text())
+        assert record["parity"]["passed"], (name, record["parity"])
+    log = Path(tmp_path_factory.mktemp("server")) / "server.log"
+    srv = start_server(repo, log, "--model-control", "none", timeout=1800)
+    try:
+        image = pb.Image(encoded=encode(photo("chelsea")))
+        for name in names:
+            reply = srv.stub.Classify(pb.ClassifyRequest(model=name, images=[image]),
+                                      timeout=300)
+            assert reply.model == name and len(reply.results[0].classes) == 5
+            info = srv.stub.GetModel(pb.GetModelRequest(model=name))
+            assert info.state == pb.MODEL_STATE_READY
+    finally:
+        srv.stop()
