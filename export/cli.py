@@ -16,6 +16,7 @@ from . import architectures
 from .pipeline import STEPS, ExportRequest, ParityError, export_model
 from .publish import PublishError
 from .report import write_report
+from .tensorrt_build import TensorRTError
 from .weights import WeightsError
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ def run_export(args: argparse.Namespace) -> int:
                 result = export_model(ExportRequest(
                     arch=arch, repo=args.repo, name=args.name, version=args.version,
                     weights=args.weights, seed=args.seed, num_classes=args.num_classes,
-                    labels_file=args.labels), on_step=on_step)
-            except (ParityError, PublishError, WeightsError) as exc:
+                    labels_file=args.labels, precision=args.precision,
+                    calibration=args.calibration, format=args.format), on_step=on_step)
+            except (ParityError, PublishError, WeightsError, TensorRTError) as exc:
                 progress.update(task, description=f"{arch}: FAILED")
                 log.error("%s", exc)
                 failures += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -9,9 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# Tolerances for FP32 exports, in one place. Relative = max |Δ| / max |reference|.
-FP32_MAX_REL_DIFF = 1e-3
-MIN_TOP5_AGREEMENT = 0.99
+from .precision import TOLERANCES, Tolerance
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,12 +29,36 @@ class ParityReport:
     reason: str
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """JSON-safe: an infinite tolerance (not checked) is written as null."""
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v)
+                for k, v in asdict(self).items()}
+
+
+def top_k_agreement(model: nn.Module, onnx_path: Path,
+                    inputs: list[np.ndarray]) -> tuple[float, float]:
+    """Top-1 and top-5 agreement of the exported model with FP32 PyTorch on ``inputs``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    top1 = top5 = 0
+    for x in inputs:
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x))[0].numpy()
+        got = session.run(["logits"], {"input": x})[0]
+        for r, g in zip(ref, got, strict=True):
+            k = min(5, r.shape[0])
+            rs, gs = np.argsort(-r), np.argsort(-g)
+            top1 += int(rs[0] == gs[0])
+            top5 += int(set(rs[:k]) == set(gs[:k]))
+    n = sum(x.shape[0] for x in inputs)
+    return top1 / n, top5 / n
 
 
 def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int], seed: int,
-                 batch_sizes: tuple[int, ...] = (1, 4)) -> ParityReport:
-    """Run PyTorch and ONNX Runtime (CPU) on the same seeded inputs and compare both outputs."""
+                 batch_sizes: tuple[int, ...] = (1, 4),
+                 tolerance: Tolerance = TOLERANCES["fp32"]) -> ParityReport:
+    """Run FP32 PyTorch and ONNX Runtime (CPU) on the same seeded inputs and compare both
+    outputs against ``tolerance`` (relative to each output's scale)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -68,16 +91,17 @@ def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int],
     reasons = []
     if not finite:
         reasons.append("non-finite values (NaN/Inf) in the outputs: check the weights")
-    if max(logits_rel, emb_rel) > FP32_MAX_REL_DIFF:
+    if max(logits_rel, emb_rel) > tolerance.max_rel_diff:
         reasons.append(f"relative difference {max(logits_rel, emb_rel):.2e} is over the "
-                       f"tolerance {FP32_MAX_REL_DIFF:.0e}")
-    if top5_rate < MIN_TOP5_AGREEMENT:
-        reasons.append(f"top-5 agreement {top5_rate:.3f} is under {MIN_TOP5_AGREEMENT}")
+                       f"tolerance {tolerance.max_rel_diff:.0e}")
+    if top5_rate < tolerance.min_top5_agreement:
+        reasons.append(f"top-5 agreement {top5_rate:.3f} is under "
+                       f"{tolerance.min_top5_agreement}")
     return ParityReport(
         batch_sizes=list(batch_sizes), seed=seed,
         logits_max_abs_diff=logits_abs, logits_max_rel_diff=logits_rel,
         embedding_max_abs_diff=emb_abs, embedding_max_rel_diff=emb_rel,
         top1_agreement=top1 / total, top5_agreement=top5_rate,
-        tolerance_rel=FP32_MAX_REL_DIFF, min_top5_agreement=MIN_TOP5_AGREEMENT,
+        tolerance_rel=tolerance.max_rel_diff, min_top5_agreement=tolerance.min_top5_agreement,
         passed=not reasons, reason="; ".join(reasons),
     )

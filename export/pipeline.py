@@ -17,7 +17,14 @@ from visionserve.service.repository import LABELS_FILE, MODEL_FILES
 from . import architectures
 from .architectures import Architecture, WithEmbedding, reinit_dead_head
 from .onnx_export import OPSET, export_onnx
-from .parity import ParityReport, check_parity
+from .parity import ParityReport, check_parity, top_k_agreement
+from .precision import (
+    TOLERANCES,
+    calibration_images,
+    recalibrate_batchnorm,
+    to_fp16,
+    to_int8,
+)
 from .publish import ensure_model_files, next_version, publish, staging, triton_config
 from .weights import load_weights
 
@@ -27,7 +34,7 @@ log = logging.getLogger(__name__)
 class ParityError(Exception):
     """The exported model does not compute what PyTorch computes; nothing was published."""
 
-    def __init__(self, message: str, report: ParityReport) -> None:
+    def __init__(self, message: str, report: ParityReport | None) -> None:
         super().__init__(message)
         self.report = report
 
@@ -42,6 +49,9 @@ class ExportRequest:
     seed: int = 0
     num_classes: int | None = None
     labels_file: Path | None = None
+    precision: str = "fp32"  # fp32 | fp16 | int8
+    format: str = "onnx"  # onnx | tensorrt (an engine built from the FP32 ONNX model)
+    calibration: Path | None = None  # int8: a folder of images; None = seeded noise
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,19 +83,47 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     wrapped = WithEmbedding(model, arch.head_path(model)).eval()
     head_reinitialised = not req.weights and reinit_dead_head(wrapped.head)
     shape = arch.input.shape
+    # random weights have wild activation scales: fix them before reduced precision
+    bn_recalibrated = (not req.weights and req.precision != "fp32"
+                       and recalibrate_batchnorm(wrapped, shape, req.seed))
     param_bytes = sum(p.numel() * p.element_size() for p in wrapped.parameters())
 
+    if req.format == "tensorrt" and req.precision == "int8":
+        raise ParityError("--format tensorrt with --precision int8 needs a TensorRT INT8 "
+                          "calibrator, which is not supported; use fp32 or fp16", None)
+    onnx_precision = "fp32" if req.format == "tensorrt" else req.precision
     version = req.version or next_version(model_dir)
     with staging(model_dir, version) as tmp:
         on_step("export")
         sample = torch.randn((2, *shape), generator=torch.Generator().manual_seed(req.seed))
-        exporter = export_onnx(wrapped, sample, tmp / MODEL_FILES["onnxruntime"],
-                               arch.max_batch_size, external_data=param_bytes > EXTERNAL_DATA_BYTES)
+        model_path = tmp / MODEL_FILES["onnxruntime"]
+        fp32_path = model_path if onnx_precision == "fp32" else tmp / "fp32.onnx"
+        exporter = export_onnx(wrapped, sample, fp32_path, arch.max_batch_size,
+                               external_data=param_bytes > EXTERNAL_DATA_BYTES)
+        precision_record: dict[str, object] = {"batchnorm_recalibrated": bn_recalibrated}
+        if onnx_precision == "fp16":
+            to_fp16(fp32_path, model_path)
+        elif onnx_precision == "int8":
+            batches, source = calibration_images(arch.input, req.calibration, 48, req.seed)
+            calibrate, held_out = batches[: max(1, len(batches) * 2 // 3)], \
+                batches[max(1, len(batches) * 2 // 3):]
+            to_int8(fp32_path, model_path, calibrate)
+            top1, top5 = top_k_agreement(wrapped, model_path, held_out or calibrate)
+            precision_record.update(calibration=source, calibration_inputs=len(calibrate),
+                                    held_out_inputs=len(held_out), held_out_top1=top1,
+                                    held_out_top5=top5)
+        for leftover in tmp.glob("fp32.onnx*"):
+            leftover.unlink()
         on_step("parity")
-        report = check_parity(wrapped, tmp / MODEL_FILES["onnxruntime"], shape, seed=req.seed)
+        report = check_parity(wrapped, model_path, shape, seed=req.seed,
+                              tolerance=TOLERANCES[onnx_precision])
         if not report.passed:
-            raise ParityError(f"{name} version {version}: parity check failed: {report.reason}; "
-                              "nothing was published", report)
+            raise ParityError(f"{name} version {version}: parity check failed "
+                              f"({onnx_precision}): {report.reason}; nothing was published",
+                              report)
+        tensorrt_record = None
+        if req.format == "tensorrt":
+            tensorrt_record = _build_tensorrt(wrapped, tmp, arch, req, name, version)
         on_step("publish")
         embedding_dim = int(wrapped.head.in_features) if hasattr(wrapped.head, "in_features") \
             else -1
@@ -107,7 +145,10 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             "seed": None if req.weights else req.seed,
             "exporter": exporter,
             "opset": OPSET,
-            "precision": "fp32",
+            "precision": req.precision,
+            "precision_details": precision_record,
+            "format": req.format,
+            "tensorrt": tensorrt_record,
             "versions": {"torch": torch.__version__, "onnx": _version("onnx"),
                          "onnxruntime": _version("onnxruntime"),
                          "python": platform.python_version()},
@@ -118,7 +159,7 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
         }
         (tmp / "export.json").write_text(json.dumps(provenance, indent=2) + "\n",
                                          encoding="utf-8")
-        config = _default_config(arch)
+        config = _default_config(arch, req.format)
         ensure_model_files(model_dir, config, labels,
                            triton_config(name, config, num_classes, embedding_dim))
         path = publish(tmp, model_dir, version)
@@ -137,9 +178,47 @@ def _labels(arch: Architecture, req: ExportRequest) -> list[str]:
     return architectures.default_labels(arch, req.num_classes or arch.num_classes)
 
 
-def _default_config(arch: Architecture) -> ModelConfig:
-    return ModelConfig(max_batch_size=arch.max_batch_size, input=arch.input,
+def _default_config(arch: Architecture, fmt: str = "onnx") -> ModelConfig:
+    return ModelConfig(backend="tensorrt" if fmt == "tensorrt" else "onnxruntime",
+                       max_batch_size=arch.max_batch_size, input=arch.input,
                        description=f"{arch.name} ({arch.family}), exported by visionserve")
+
+
+def _build_tensorrt(wrapped: torch.nn.Module, tmp: Path, arch: Architecture, req: ExportRequest,
+                    name: str, version: int) -> dict[str, object]:
+    """Build model.plan from the checked FP32 ONNX model, then hold the engine itself to
+    PyTorch through the server's TensorRT backend (on the GPU this runs on)."""
+    import numpy as np
+
+    from visionserve.service.backends.tensorrt import TensorRTBackend
+    from visionserve.service.repository import VersionEntry
+
+    from .tensorrt_build import build_engine
+
+    fp16 = req.precision == "fp16"
+    record = build_engine(tmp / MODEL_FILES["onnxruntime"], tmp / MODEL_FILES["tensorrt"],
+                          input_name="input", input_shape=arch.input.shape,
+                          max_batch_size=arch.max_batch_size, fp16=fp16)
+    backend = TensorRTBackend(name, _default_config(arch, "tensorrt"), VersionEntry(
+        version=version, path=tmp, model_file=tmp / MODEL_FILES["tensorrt"], labels=()))
+    tolerance = TOLERANCES["fp16" if fp16 else "fp32"]
+    gen = torch.Generator().manual_seed(req.seed)
+    worst = 0.0
+    try:
+        for n in (1, 4):
+            x = torch.randn((n, *arch.input.shape), generator=gen)
+            with torch.no_grad():
+                ref = wrapped(x)[0].numpy()
+            got = backend.run(x.numpy()).logits
+            worst = max(worst, float(np.abs(ref - got).max() / (np.abs(ref).max() or 1.0)))
+    finally:
+        backend.close()
+    if worst > tolerance.max_rel_diff:
+        raise ParityError(f"{name} version {version}: the TensorRT engine differs from PyTorch "
+                          f"by {worst:.2e} (relative), over {tolerance.max_rel_diff:.0e}; "
+                          "nothing was published", None)
+    record["logits_max_rel_diff"] = worst
+    return record
 
 
 def _version(module: str) -> str:

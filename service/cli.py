@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip architectures that already have a version in the repository")
     p.add_argument("--list", action="store_true", help="list the known architectures")
     p.add_argument("--all", action="store_true", help="export every known architecture")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="fp16: FP16 weights and compute (for GPU providers; I/O stays FP32); "
+                        "int8: static QDQ quantization calibrated on --calibration images "
+                        "(fastest on CPU)")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx",
+                   help="tensorrt: also build a TensorRT engine (model.plan, needs a GPU and "
+                        "visionserve[gpu]) from the checked ONNX model; with --precision fp16 "
+                        "the engine is built with TensorRT's FP16 flag")
+    p.add_argument("--calibration", type=Path, metavar="DIR",
+                   help="int8: a folder of representative JPEG/PNG/WebP images (default: "
+                        "seeded noise, a weak fallback)")
     p.add_argument("--report", type=Path, metavar="PATH",
                    help="after exporting, write a markdown table of every exported "
                         "architecture (parity, size, ORT CPU speed), e.g. docs/models.md")

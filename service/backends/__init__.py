@@ -14,8 +14,11 @@ def create_backend(name: str, config: ModelConfig, version: VersionEntry) -> Bac
         from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(name, config, version)
-    raise ConfigError(f"model {name}: backend {config.backend!r} is not available in this "
-                      "build (TensorRT comes with the GPU image); set backend = \"onnxruntime\"")
+    if config.backend == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(name, config, version)
+    raise ConfigError(f"model {name}: unknown backend {config.backend!r}")
 
 
 __all__ = ["Backend", "ModelOutputs", "create_backend"]

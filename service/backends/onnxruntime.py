@@ -27,11 +27,16 @@ class OnnxRuntimeBackend(Backend):
         where = f"model {name} version {version.version}"
         cfg = config.onnxruntime
         available = ort.get_available_providers()
+        usable = [p for p in cfg.providers if p in available]
         missing = [p for p in cfg.providers if p not in available]
+        if not usable:
+            raise ConfigError(f"{where}: none of onnxruntime.providers {list(cfg.providers)} is "
+                              f"available in this onnxruntime build (available: {available}); "
+                              "install visionserve[gpu] on a GPU host, or add "
+                              "\"CPUExecutionProvider\" as a fallback")
         if missing:
-            raise ConfigError(f"{where}: onnxruntime.providers {missing} not available in this "
-                              f"onnxruntime build (available: {available}); install "
-                              "visionserve[gpu] on a GPU host or use CPUExecutionProvider")
+            log.warning("%s: execution providers %s are not available in this onnxruntime "
+                        "build; falling back to %s", where, missing, usable)
         if cfg.graph_optimization not in _OPT_LEVELS:
             raise ConfigError(f"{where}: onnxruntime.graph_optimization must be one of "
                               f"{list(_OPT_LEVELS)}, got {cfg.graph_optimization!r}")
@@ -45,10 +50,11 @@ class OnnxRuntimeBackend(Backend):
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(version.model_file), opts,
-                                                 providers=list(cfg.providers))
+                                                 providers=usable)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"{where}: onnxruntime could not load {version.model_file}: "
                                f"{exc}") from exc
+        self.providers: list[str] = self._session.get_providers()  # in priority order
         self._input = config.input.name
         self._outputs = [config.output.logits, config.output.embedding]
         self._check_signature(where, config)
