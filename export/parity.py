@@ -24,6 +24,7 @@ class ParityReport:
     top1_agreement: float
     top5_agreement: float
     tolerance_rel: float
+    min_top1_agreement: float
     min_top5_agreement: float
     passed: bool
     reason: str
@@ -56,9 +57,12 @@ def top_k_agreement(model: nn.Module, onnx_path: Path,
 
 def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int], seed: int,
                  batch_sizes: tuple[int, ...] = (1, 4),
-                 tolerance: Tolerance = TOLERANCES["fp32"]) -> ParityReport:
-    """Run FP32 PyTorch and ONNX Runtime (CPU) on the same seeded inputs and compare both
-    outputs against ``tolerance`` (relative to each output's scale)."""
+                 tolerance: Tolerance = TOLERANCES["fp32"],
+                 inputs: list[np.ndarray] | None = None) -> ParityReport:
+    """Run FP32 PyTorch and ONNX Runtime (CPU) on the same inputs — seeded noise at
+    ``batch_sizes``, or ``inputs`` (e.g. held-out calibration images, for INT8, whose ranges
+    were fitted to them) — and compare both outputs against ``tolerance`` (relative to each
+    output's scale)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -68,8 +72,10 @@ def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int],
     diffs: dict[str, list[tuple[float, float]]] = {"logits": [], "embedding": []}
     top1 = top5 = total = 0
     finite = True
-    for n in batch_sizes:
-        x = torch.randn((n, *shape), generator=gen)
+    batches = [torch.from_numpy(x) for x in inputs] if inputs else \
+        [torch.randn((n, *shape), generator=gen) for n in batch_sizes]
+    for x in batches:
+        n = x.shape[0]
         with torch.no_grad():
             ref_logits, ref_emb = (t.numpy() for t in model(x))
         got_logits, got_emb = session.run(["logits", "embedding"], {"input": x.numpy()})
@@ -94,14 +100,18 @@ def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int],
     if max(logits_rel, emb_rel) > tolerance.max_rel_diff:
         reasons.append(f"relative difference {max(logits_rel, emb_rel):.2e} is over the "
                        f"tolerance {tolerance.max_rel_diff:.0e}")
+    if top1 / total < tolerance.min_top1_agreement:
+        reasons.append(f"top-1 agreement {top1 / total:.3f} is under "
+                       f"{tolerance.min_top1_agreement}")
     if top5_rate < tolerance.min_top5_agreement:
         reasons.append(f"top-5 agreement {top5_rate:.3f} is under "
                        f"{tolerance.min_top5_agreement}")
     return ParityReport(
-        batch_sizes=list(batch_sizes), seed=seed,
+        batch_sizes=[int(x.shape[0]) for x in batches], seed=seed,
         logits_max_abs_diff=logits_abs, logits_max_rel_diff=logits_rel,
         embedding_max_abs_diff=emb_abs, embedding_max_rel_diff=emb_rel,
         top1_agreement=top1 / total, top5_agreement=top5_rate,
-        tolerance_rel=tolerance.max_rel_diff, min_top5_agreement=tolerance.min_top5_agreement,
+        tolerance_rel=tolerance.max_rel_diff, min_top1_agreement=tolerance.min_top1_agreement,
+        min_top5_agreement=tolerance.min_top5_agreement,
         passed=not reasons, reason="; ".join(reasons),
     )

@@ -101,6 +101,7 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
         exporter = export_onnx(wrapped, sample, fp32_path, arch.max_batch_size,
                                external_data=param_bytes > EXTERNAL_DATA_BYTES)
         precision_record: dict[str, object] = {"batchnorm_recalibrated": bn_recalibrated}
+        parity_inputs = None
         if onnx_precision == "fp16":
             to_fp16(fp32_path, model_path)
         elif onnx_precision == "int8":
@@ -108,7 +109,8 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             calibrate, held_out = batches[: max(1, len(batches) * 2 // 3)], \
                 batches[max(1, len(batches) * 2 // 3):]
             to_int8(fp32_path, model_path, calibrate)
-            top1, top5 = top_k_agreement(wrapped, model_path, held_out or calibrate)
+            parity_inputs = held_out or calibrate
+            top1, top5 = top_k_agreement(wrapped, model_path, parity_inputs)
             precision_record.update(calibration=source, calibration_inputs=len(calibrate),
                                     held_out_inputs=len(held_out), held_out_top1=top1,
                                     held_out_top5=top5)
@@ -116,7 +118,7 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             leftover.unlink()
         on_step("parity")
         report = check_parity(wrapped, model_path, shape, seed=req.seed,
-                              tolerance=TOLERANCES[onnx_precision])
+                              tolerance=TOLERANCES[onnx_precision], inputs=parity_inputs)
         if not report.passed:
             raise ParityError(f"{name} version {version}: parity check failed "
                               f"({onnx_precision}): {report.reason}; nothing was published",
