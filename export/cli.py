@@ -74,8 +74,6 @@ def run_export(args: argparse.Namespace) -> int:
                                 f"top-5 {p.top5_agreement:.0%})")
             progress.advance(overall)
     if args.report:
-        from visionserve.service.repository import version_numbers
-
         rows = [(a, args.repo / a / str(max(version_numbers(args.repo / a)))) for a in names
                 if version_numbers(args.repo / a)]
         with console.status(f"measuring {len(rows)} models for {args.report}"):

@@ -44,13 +44,17 @@ def write_report(path: Path, rows: list[tuple[str, Path]], seconds: float = 3.0)
         "",
         "```bash",
         "visionserve export --all --repo /tmp/all-models --report docs/models.md",
+        "# re-measure the already exported models only:",
+        "visionserve export --all --if-missing --repo /tmp/all-models --report docs/models.md",
         "```",
         "",
         f"Machine: {cpu_count()} cores, {platform.processor() or platform.machine()}; torch "
         f"{torch.__version__}, onnxruntime {onnxruntime.__version__}; "
         f"{time.strftime('%Y-%m-%d')}. Parity: max |Δ| of the logits relative to their scale "
         "(max |reference|), on seeded random inputs at batch 1 and 4; top-5 = share of inputs "
-        "whose top-5 classes agree.",
+        "whose top-5 classes agree. Speed: one model at a time, the in-process engine with "
+        "one intra-op thread per core, after a warm-up run, for ≥ 3 s per batch size; this VM "
+        "is shared, so expect ±10 % between runs.",
         "",
         "| architecture | family | input | params (M) | embedding | exporter | export s | "
         "ONNX MB | logits max \\|Δ\\| (rel) | embedding max \\|Δ\\| (rel) | top-5 | "
