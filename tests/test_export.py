@@ -45,7 +45,7 @@ def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path)
     second = run_cli("export", "lenet5", "--repo", str(repo))
     assert second.returncode == 0, second.stderr
     assert sorted(p.name for p in (repo / "lenet5").iterdir()) == \
-        ["1", "2", "config.toml", "labels.txt"]  # no hidden temp folder left behind
+        ["1", "2", "config.pbtxt", "config.toml", "labels.txt"]  # no hidden temp folder left
 
 
 def test_an_existing_version_is_never_overwritten(tmp_path):
