@@ -97,7 +97,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _start_server(repo: Path) -> tuple[subprocess.Popen[bytes], int]:
-    log = Path(repo).resolve().parent / ".bench-server.log"
+    import tempfile
+
+    log = Path(tempfile.mkstemp(prefix="visionserve-bench-", suffix=".log")[1])
     out = open(log, "wb")  # noqa: SIM115 - owned by the subprocess
     proc = subprocess.Popen([sys.executable, "-m", "visionserve.service.cli", "serve",
                              "--repo", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",

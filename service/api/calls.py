@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import grpc
 
-from ..errors import grpc_status
+from ..errors import VisionServeError, grpc_status
 from ..metrics import UNKNOWN_MODEL, Metrics
 from ..registry import ModelRegistry
 
@@ -46,7 +46,9 @@ class CallHandler:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            code, _ = grpc_status(exc)
+            # the status only; grpc_status (which logs unexpected errors) runs once, where the
+            # error is turned into the reply
+            code = exc.code if isinstance(exc, VisionServeError) else grpc.StatusCode.INTERNAL
             raise
         finally:
             inflight.dec()
