@@ -100,6 +100,7 @@ def test_list_shows_every_architecture_of_the_mission():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # measured: ~10 min on 2 cores (export 35 models, load, serve)
 def test_every_architecture_exports_with_parity_and_serves(tmp_path_factory):
     repo = tmp_path_factory.mktemp("all") / "repo"
     out = run_cli("export", "--all", "--repo", str(repo), timeout=5400)
