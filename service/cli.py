@@ -132,23 +132,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=3.0)
     p.set_defaults(func=_health)
 
-    p = sub.add_parser("bench", help="measure served vs in-process throughput and latency",
-                       description="Closed-loop gRPC load on a running server (or one started "
-                                   "here) at several concurrency levels, beside the in-process "
-                                   "ONNX Runtime engine on the same model file; prints "
-                                   "images/s, latency percentiles and their ratio.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--repo", type=Path, default=Path("model_repo"))
-    p.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
-    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
-    p.add_argument("--duration-s", type=float, default=10.0, help="seconds per level")
-    p.add_argument("--input", choices=["float32", "uint8"], default="float32",
-                   help="raw tensor sent per request (one image)")
-    p.add_argument("--api", default="classify",
-                   help="comma-separated: classify (our API) and/or kserve (ModelInfer through "
-                        "Triton's tritonclient)")
-    p.add_argument("--json", type=Path, help="write the results here")
+    p = sub.add_parser(
+        "bench", help="served throughput/latency beside the in-process engine and a peer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Starts the model's server with batching on and off (or measures --server), "
+                    "optionally Triton (--peer triton), and drives them with one load generator "
+                    "in its own process: closed loop at --concurrency levels, open loop "
+                    "(Poisson) at --rate levels. Each level is repeated (--repeats, median "
+                    "reported) with the targets interleaved, beside the same model file in an "
+                    "in-process ONNX Runtime session at batch 1..max. Prints a table and ratios; "
+                    "writes JSON, a PNG plot and a markdown section on request.",
+        epilog="example:\n  visionserve bench --model resnet50 --concurrency 1,4,16,64 "
+               "--peer triton --json bench/results/resnet50.json --plot docs/img/resnet50.png")
+    from .benchmark.run import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser(
+        "bench-decode", help="JPEG decode+resize+normalize speed and accuracy per decoder",
+        description="For photo sizes (640x480, 1920x1080 by default): images/s per core of "
+                    "each decoder (Pillow exact = the reference, Pillow draft, Pillow "
+                    "reducing_gap, simplejpeg, OpenCV) and its top-1/top-5 agreement with the "
+                    "reference through --model, on real sample photos.")
+    p.add_argument("--model", default="resnet50", help="model whose input spec and predictions "
+                                                       "are used (newest version)")
+    p.add_argument("--repo", type=Path, default=Path("model_repo"))
+    p.add_argument("--sizes", default="640x480,1920x1080", help="WxH,...")
+    p.add_argument("--seconds", type=float, default=2.0, help="CPU seconds per decoder and size")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    p.set_defaults(func=_bench_decode)
 
     for action_parser in [parser, *sub.choices.values()]:
         _env_defaults(action_parser)
@@ -298,9 +312,42 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .benchmark.run import run_bench
 
     return run_bench(args)
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+
+    from rich.console import Console
+
+    from .benchmark.decoders import markdown, run_decode_bench
+    from .config import ModelConfig
+    from .repository import MODEL_FILES, version_numbers
+
+    console = Console()
+    model_dir = args.repo / args.model
+    versions = version_numbers(model_dir)
+    if not versions:
+        console.print(f"no version of {args.model} in {args.repo}; export it first")
+        return 2
+    config = ModelConfig.from_toml(model_dir / "config.toml")
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    with console.status("decoding…") as status:
+        results = run_decode_bench(model_dir / str(versions[-1]) / MODEL_FILES["onnxruntime"],
+                                   config.input, sizes, args.seconds,  # type: ignore[arg-type]
+                                   progress=lambda text: status.update(f"decoding: {text}"))
+    text = markdown(results, "visionserve " + shlex.join(sys.argv[1:]))
+    console.print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 from .errors import ConfigError
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+DECODERS = ("exact", "fast")
 COLORS = ("RGB", "BGR", "L")
 RAW_DTYPES = ("float32", "uint8")
 RAW_LAYOUTS = ("CHW", "HWC")
@@ -38,6 +39,10 @@ class InputSpec:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     raw_dtypes: tuple[str, ...] = RAW_DTYPES
     raw_layouts: tuple[str, ...] = RAW_LAYOUTS
+    # "exact": full-size decode, bit-identical to torchvision. "fast": the JPEG decoder's DCT
+    # scaling (Pillow draft) to the smallest size still >= the resize target, then the same
+    # resize; not bit-identical (docs/benchmarks.md measures speed and agreement).
+    decoder: str = "exact"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -61,6 +66,8 @@ class InputSpec:
                f"must be a subset of {RAW_DTYPES}", list(self.raw_dtypes))
         _check(set(self.raw_layouts) <= set(RAW_LAYOUTS), where, "input.raw_layouts",
                f"must be a subset of {RAW_LAYOUTS}", list(self.raw_layouts))
+        _check(self.decoder in DECODERS, where, "input.decoder", f"must be one of {DECODERS}",
+               self.decoder)
 
 
 @dataclass(frozen=True, kw_only=True)

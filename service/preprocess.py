@@ -91,6 +91,9 @@ class Preprocessor:
                 raise InvalidInput(
                     f"{self._where}: {field} is {width}x{height} = {width * height} pixels, over "
                     f"the limit of {self._limits.max_image_pixels}; downscale it before sending")
+            if spec.decoder == "fast" and img.format in ("JPEG", "MPO"):
+                img.draft(img.mode if img.mode in ("L", "RGB") else None,
+                          scaled_decode_size(img.size, spec))
             img.load()
             img = ImageOps.exif_transpose(img)
             img = img.convert("L" if spec.color == "L" else "RGB")
@@ -98,34 +101,11 @@ class Preprocessor:
             raise InvalidInput(f"{self._where}: {field} could not be decoded as an image "
                                f"({exc}); send the unmodified bytes of a JPEG, PNG or WebP "
                                "file") from None
-        img = self._resize_crop(img)
+        img = resize_crop(img, spec)
         pixels = np.asarray(img)
         if spec.color == "BGR":
             pixels = pixels[..., ::-1]
         return pixels
-
-    def _resize_crop(self, img: Image.Image) -> Image.Image:
-        """torchvision ``Resize(int)`` then ``CenterCrop((h, w))`` on a PIL image."""
-        spec = self._spec
-        if spec.resize:
-            w, h = img.size
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = spec.resize, int(spec.resize * long / short)
-            size = (new_short, new_long) if w <= h else (new_long, new_short)
-            if size != (w, h):
-                img = img.resize(size, _RESAMPLE[spec.interpolation])
-        w, h = img.size
-        cw, ch = spec.width, spec.height
-        if cw > w or ch > h:  # torchvision pads with zeros, then crops
-            padded = Image.new(img.mode, (max(w, cw), max(h, ch)))
-            padded.paste(img, ((cw - w) // 2 if cw > w else 0, (ch - h) // 2 if ch > h else 0))
-            img = padded
-            w, h = img.size
-        if (w, h) == (cw, ch):
-            return img
-        top = int(round((h - ch) / 2.0))
-        left = int(round((w - cw) / 2.0))
-        return img.crop((left, top, left + cw, top + ch))
 
     def _normalize(self, pixels: np.ndarray, layout: str) -> np.ndarray:
         """uint8 HWC/CHW (or HW for one channel) → normalized float32 CHW via the lookup table."""
@@ -170,3 +150,36 @@ class Preprocessor:
             return np.frombuffer(t.data, dtype="<f4").reshape(chw)
         pixels = np.frombuffer(t.data, dtype=np.uint8).reshape(t.shape)
         return self._normalize(pixels, layout)
+
+
+def scaled_decode_size(size: tuple[int, int], spec: InputSpec) -> tuple[int, int]:
+    """The smallest decode size whose shorter side still reaches the resize target (or the crop
+    when there is no resize): what a DCT-scaling JPEG decoder may shrink ``size`` to."""
+    w, h = size
+    target = spec.resize or max(spec.height, spec.width)
+    scale = min(1.0, target / min(w, h))
+    return max(1, int(np.ceil(w * scale))), max(1, int(np.ceil(h * scale)))
+
+
+def resize_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
+    """torchvision ``Resize(spec.resize)`` then ``CenterCrop((height, width))`` on a PIL image,
+    with torchvision's own size arithmetic (and its zero padding when the crop is larger)."""
+    if spec.resize:
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = spec.resize, int(spec.resize * long / short)
+        size = (new_short, new_long) if w <= h else (new_long, new_short)
+        if size != (w, h):
+            img = img.resize(size, _RESAMPLE[spec.interpolation])
+    w, h = img.size
+    cw, ch = spec.width, spec.height
+    if cw > w or ch > h:  # torchvision pads with zeros, then crops
+        padded = Image.new(img.mode, (max(w, cw), max(h, ch)))
+        padded.paste(img, ((cw - w) // 2 if cw > w else 0, (ch - h) // 2 if ch > h else 0))
+        img = padded
+        w, h = img.size
+    if (w, h) == (cw, ch):
+        return img
+    top = int(round((h - ch) / 2.0))
+    left = int(round((w - cw) / 2.0))
+    return img.crop((left, top, left + cw, top + ch))

@@ -1,0 +1,167 @@
+"""Start the servers a bench run talks to, each in its own process, and wait until they serve.
+
+``start_visionserve`` is the one way our tools start a server from Python (the bench, the swap
+script, the tests): it waits for the "serving gRPC on HOST:PORT, metrics on URL" log line, which
+the server prints only once every model loaded at start-up is ready.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..repository import version_numbers
+
+READY = re.compile(r"serving gRPC on [\w.:\[\]-]+?:(\d+), metrics on http://[\w.\[\]-]+:(\d+)/")
+TRITON_PEER = Path(__file__).with_name("triton_peer.py")
+
+
+@dataclass
+class Launched:
+    """A server subprocess: its ports and its log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    grpc_port: int
+    metrics_port: int = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_visionserve(repo: Path, *extra_args: str, name: str = "visionserve",
+                      env: dict[str, str] | None = None, log_path: Path | None = None,
+                      ready_timeout_s: float = 300.0) -> Launched:
+    """``visionserve serve --repo REPO`` on loopback with free ports (plus ``extra_args``)."""
+    log_path = log_path or Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "visionserve.service.cli", "serve", "--repo", str(repo),
+             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *extra_args],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        match = READY.search(log_path.read_text(errors="replace"))
+        if match:
+            return Launched(name, process, log_path, int(match[1]), int(match[2]))
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {process.returncode} before "
+                               f"serving; its log ({log_path}) ends:\n"
+                               f"{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"{name} was not serving after {ready_timeout_s:.0f} s; see {log_path}")
+
+
+def single_model_repo(repo: Path, model: str, dst: Path, *, max_batch_size: int | None = None
+                      ) -> Path:
+    """A repository holding only ``model``'s newest version (linked, not copied), optionally with
+    ``max_batch_size`` overridden: "batching off" is the same server with ``max_batch_size = 1``.
+    """
+    src = repo / model
+    versions = version_numbers(src)
+    if not versions:
+        raise FileNotFoundError(f"no version of {model} in {repo}; run `visionserve export "
+                                f"{model} --repo {repo}` first")
+    config = ModelConfig.from_toml(src / "config.toml")
+    if max_batch_size is not None:
+        batching = config.batching
+        preferred = tuple(b for b in batching.preferred_batch_sizes if b <= max_batch_size)
+        config = dataclasses.replace(
+            config, max_batch_size=max_batch_size,
+            warmup_batch_sizes=tuple(b for b in config.warmup_batch_sizes
+                                     if b <= max_batch_size) or (1,),
+            batching=dataclasses.replace(batching, preferred_batch_sizes=preferred))
+    out = dst / model
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "config.toml").write_text(config.to_toml())
+    for extra in src.iterdir():  # labels and other model-level files
+        if extra.is_file() and extra.name != "config.toml":
+            (out / extra.name).symlink_to(extra.resolve())
+    newest = versions[-1]
+    (out / str(newest)).symlink_to((src / str(newest)).resolve(), target_is_directory=True)
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def default_triton_python() -> Path:
+    anchors = Path(os.environ.get("ANCHORS_DIR", Path.home() / ".cache/visionserve-anchors"))
+    return anchors / "venv-triton" / "bin" / "python"
+
+
+def start_triton(python: Path, onnx_path: Path, model: str, *, input_name: str,
+                 shape: tuple[int, int, int], dtype: str, mean: tuple[float, ...],
+                 std: tuple[float, ...], batching: bool, max_batch_size: int, threads: int,
+                 ready_timeout_s: float = 300.0) -> Launched:
+    """The real ``tritonserver`` bundled in the ``nvidia-pytriton`` wheel, serving the same ONNX
+    file through its Python backend and dynamic batcher (see ``triton_peer.py``), run by the
+    interpreter of a venv that has ``nvidia-pytriton`` (its pins clash with ours)."""
+    if not python.exists():
+        raise FileNotFoundError(
+            f"no Python with nvidia-pytriton at {python}; create one with `python3.11 -m venv "
+            f"{python.parent.parent} && {python.parent}/pip install nvidia-pytriton onnxruntime "
+            "numpy`, or pass --triton-python")
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    log_path = Path(tempfile.mkstemp(prefix=f"triton-{model}-", suffix=".log")[1])
+    env = dict(os.environ)
+    # The backend stub links libpython: it must find the venv interpreter's own copy first.
+    libdir = subprocess.run([str(python), "-c", "import sysconfig;print(sysconfig."
+                             "get_config_var('LIBDIR') or '')"], capture_output=True,
+                            text=True, check=False).stdout.strip() or sysconfig.get_config_var(
+                                "LIBDIR")
+    if libdir:
+        env["LD_LIBRARY_PATH"] = ":".join([libdir, *filter(None, env.get(
+            "LD_LIBRARY_PATH", "").split(":"))])
+    args = [str(python), str(TRITON_PEER), "--onnx", str(onnx_path), "--model-name", model,
+            "--input-name", input_name, "--shape", ",".join(map(str, shape)), "--dtype", dtype,
+            "--mean", ",".join(map(str, mean)), "--std", ",".join(map(str, std)),
+            "--batching", "on" if batching else "off", "--max-batch", str(max_batch_size),
+            "--threads", str(threads), "--grpc-port", str(grpc_port),
+            "--http-port", str(http_port), "--metrics-port", str(metrics_port)]
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + ready_timeout_s
+    name = f"triton (batching {'on' if batching else 'off'})"
+    while time.monotonic() < deadline:
+        if "READY" in log_path.read_text(errors="replace"):
+            return Launched(name, process, log_path, grpc_port, metrics_port)
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited before serving; its log ({log_path}) ends:\n"
+                               f"{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"{name} was not serving after {ready_timeout_s:.0f} s; see {log_path}")

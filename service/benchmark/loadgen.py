@@ -1,0 +1,277 @@
+"""The load generator: its own process, grpc.aio, pre-built messages, closed or open loop.
+
+Closed loop: N coroutines each keep one request in flight. Open loop: requests start at the
+times of a Poisson schedule drawn up front, whether or not earlier ones have answered, and each
+latency is measured from the request's *intended* send time — a server (or a client) that falls
+behind is charged for it (no coordinated omission). Warm-up traffic is sent and discarded first.
+The process reports its own CPU use (and the machine's), so a client-bound run is visible.
+
+The client imports our ``visionserve.v1`` stubs and Triton's ``tritonclient`` (for KServe v2),
+never ``visionserve.inference``: that package and tritonclient define the same protobuf names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import resource
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .schedule import latency_summary, poisson_offsets
+
+CALL_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One measured level against one target."""
+
+    target: str  # HOST:PORT
+    label: str  # "visionserve" | "triton" (reported as-is)
+    model: str
+    api: str  # "classify" (our Classify, top-5) | "kserve" (ModelInfer, logits)
+    input: str  # "float32" | "uint8" | "jpeg"
+    shape: tuple[int, int, int]  # C, H, W of the model input
+    input_name: str = "input"
+    concurrency: int = 0  # closed loop when > 0
+    rate: float = 0.0  # open loop (requests/s) when > 0
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    images_per_request: int = 1
+    jpegs: tuple[bytes, ...] = field(default=(), repr=False)
+    seed: int = 0
+
+
+def run_job(job: Job) -> dict[str, object]:
+    """Run ``job`` in this process (the parent uses :class:`ClientProcess`)."""
+    return asyncio.run(_run(job))
+
+
+class ClientProcess:
+    """One long-lived client process (spawned, so it shares nothing with the parent) that runs
+    jobs one after another."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._jobs: mp.Queue[Job | None] = ctx.Queue()
+        self._results: mp.Queue[dict[str, object]] = ctx.Queue()
+        self._process = ctx.Process(target=_serve_jobs, args=(self._jobs, self._results),
+                                    daemon=True, name="visionserve-bench-client")
+        self._process.start()
+
+    def run(self, job: Job) -> dict[str, object]:
+        self._jobs.put(job)
+        result = self._results.get(timeout=job.duration_s + job.warmup_s + 600)
+        if "exception" in result:
+            raise RuntimeError(f"load generator failed on {job.label} {job.api}: "
+                               f"{result['exception']}")
+        return result
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def __enter__(self) -> ClientProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve_jobs(jobs: mp.Queue, results: mp.Queue) -> None:  # type: ignore[type-arg]
+    while (job := jobs.get()) is not None:
+        try:
+            results.put(run_job(job))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
+            results.put({"exception": f"{type(exc).__name__}: {exc}"})
+
+
+# --------------------------------------------------------------------------- payloads and calls
+
+def _arrays(job: Job) -> list[np.ndarray]:
+    rng = np.random.default_rng(job.seed + 1)
+    c, h, w = job.shape
+    if job.input == "uint8":
+        return [rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+                for _ in range(job.images_per_request)]
+    return [rng.standard_normal((c, h, w), dtype=np.float32)
+            for _ in range(job.images_per_request)]
+
+
+def _jpegs(job: Job) -> list[bytes]:
+    if not job.jpegs:
+        raise ValueError("input jpeg needs encoded images in the job")
+    return [job.jpegs[i % len(job.jpegs)] for i in range(job.images_per_request)]
+
+
+Call = Callable[[], Awaitable[object]]
+
+
+def _classify(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Exception]]:
+    import grpc
+
+    from visionserve.v1 import visionserve_pb2 as pb
+    from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
+
+    from ..client import MAX_MESSAGE_BYTES, numpy_to_image
+
+    channel = grpc.aio.insecure_channel(job.target, options=[
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    stub = pb_grpc.VisionServiceStub(channel)
+    if job.input == "jpeg":
+        images = [pb.Image(encoded=data) for data in _jpegs(job)]
+    else:
+        images = [numpy_to_image(a) for a in _arrays(job)]
+    request = pb.ClassifyRequest(model=job.model, images=images, top_k=5)
+
+    def call() -> Awaitable[object]:
+        return stub.Classify(request, timeout=CALL_TIMEOUT_S)
+
+    return call, channel.close, grpc.RpcError
+
+
+def _kserve(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Exception]]:
+    import tritonclient.grpc.aio as atc
+    from tritonclient.utils import InferenceServerException
+
+    client = atc.InferenceServerClient(job.target)
+    if job.input == "jpeg":
+        batch = np.array(_jpegs(job), dtype=np.object_)
+        tensor = atc.InferInput(job.input_name, [len(batch)], "BYTES")
+    else:
+        batch = np.stack(_arrays(job))
+        tensor = atc.InferInput(job.input_name, list(batch.shape),
+                                "UINT8" if batch.dtype == np.uint8 else "FP32")
+    tensor.set_data_from_numpy(batch)
+    outputs = [atc.InferRequestedOutput("logits")]
+
+    def call() -> Awaitable[object]:
+        return client.infer(job.model, [tensor], outputs=outputs, client_timeout=CALL_TIMEOUT_S)
+
+    return call, client.close, InferenceServerException
+
+
+def _error_name(exc: Exception) -> str:
+    code = getattr(exc, "code", None)
+    if callable(code):  # grpc.aio.AioRpcError
+        return str(code().name)
+    status = getattr(exc, "status", None)  # tritonclient: "StatusCode.RESOURCE_EXHAUSTED"
+    if callable(status):
+        return str(status() or type(exc).__name__).removeprefix("StatusCode.")
+    return type(exc).__name__
+
+
+# --------------------------------------------------------------------------- the loops
+
+async def _run(job: Job) -> dict[str, object]:
+    call, close, error_type = (_kserve if job.api == "kserve" else _classify)(job)
+    try:
+        await _closed(call, error_type, max(1, job.concurrency or 4), job.warmup_s)  # warm-up
+        cpu0, busy0, start = _cpu_s(), _machine_busy(), time.perf_counter()
+        if job.concurrency > 0:
+            latencies, errors, end = await _closed(call, error_type, job.concurrency,
+                                                   job.duration_s)
+        else:
+            latencies, errors, end = await _open(call, error_type, job.rate, job.duration_s,
+                                                 job.seed)
+        elapsed = max(end - start, 1e-9)
+        cpu = _cpu_s() - cpu0
+        busy = _machine_busy()
+    finally:
+        await close()
+    row: dict[str, object] = {
+        "target": job.label, "api": job.api, "input": job.input,
+        "images_per_request": job.images_per_request,
+        "requests": len(latencies), "requests_per_s": len(latencies) / elapsed,
+        "images_per_s": len(latencies) * job.images_per_request / elapsed,
+        **latency_summary(latencies),
+        "errors": sum(errors.values()), "error_codes": dict(errors),
+        "client_cpu": cpu / elapsed,
+        "machine_cpu": _busy_fraction(busy0, busy),
+    }
+    if job.concurrency > 0:
+        row["concurrency"] = job.concurrency
+    else:
+        row["rate"] = job.rate
+        row["offered_per_s"] = len(poisson_offsets(job.rate, job.duration_s, job.seed)) \
+            / job.duration_s
+    return row
+
+
+async def _closed(call: Call, error_type: type[Exception], concurrency: int,
+                  duration_s: float) -> tuple[list[float], Counter[str], float]:
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    stop_at = time.perf_counter() + duration_s
+    last = [time.perf_counter()]
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                await call()
+            except error_type as exc:
+                errors[_error_name(exc)] += 1
+                continue
+            last[0] = time.perf_counter()
+            latencies.append(last[0] - t0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors, max(last[0], stop_at)
+
+
+async def _open(call: Call, error_type: type[Exception], rate: float, duration_s: float,
+                seed: int) -> tuple[list[float], Counter[str], float]:
+    """Poisson arrivals; each latency counts from the intended send time."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    offsets = poisson_offsets(rate, duration_s, seed)
+    start = time.perf_counter() + 0.01
+    last = [start]
+
+    async def one(intended: float) -> None:
+        try:
+            await call()
+        except error_type as exc:
+            errors[_error_name(exc)] += 1
+            return
+        now = time.perf_counter()
+        last[0] = max(last[0], now)
+        latencies.append(now - intended)
+
+    tasks = []
+    for offset in offsets:
+        intended = start + float(offset)
+        delay = intended - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(intended)))
+    await asyncio.gather(*tasks)
+    return latencies, errors, max(last[0], start + duration_s)
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine_busy() -> tuple[int, int]:
+    try:
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    return sum(values), values[3] + values[4]  # total, idle + iowait
+
+
+def _busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return (total - idle) / total if total > 0 else float("nan")

@@ -1,0 +1,242 @@
+"""``visionserve bench``: start the targets, interleave repeated levels, report medians.
+
+Targets run side by side for the whole run (idle while another is measured), so every level of
+every target is measured in each repeat, in the same order: a slow drift of the machine hits all
+of them alike. The in-process ceiling is measured once per repeat too, with the servers idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, cpu_count
+from ..repository import MODEL_FILES, version_numbers
+from . import report
+from .inprocess import InProcessEngine
+from .launch import (
+    Launched,
+    default_triton_python,
+    single_model_repo,
+    start_triton,
+    start_visionserve,
+)
+from .loadgen import ClientProcess, Job
+from .schedule import median_run
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str  # visionserve | triton
+    address: str
+    batching: str  # on | off
+    apis: tuple[str, ...]
+    inputs: tuple[str, ...]
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    model_dir = args.repo / args.model
+    versions = version_numbers(model_dir)
+    if not versions:
+        console.print(f"no version of {args.model} in {args.repo}; run `visionserve export "
+                      f"{args.model} --repo {args.repo}` first")
+        return 2
+    config = ModelConfig.from_toml(model_dir / "config.toml")
+    model_file = model_dir / str(versions[-1]) / MODEL_FILES["onnxruntime"]
+    inputs = tuple(_split(args.input))
+    apis = tuple(_split(args.api))
+    batchings = tuple(_split(args.batching))
+    peers = tuple(_split(args.peer or ""))
+    concurrencies = [int(c) for c in _split(args.concurrency)]
+    rates = [float(r) for r in _split(args.rate or "")]
+    jpegs = tuple(_photos(args.jpeg_dir)) if "jpeg" in inputs else ()
+
+    launched: list[Launched] = []
+    targets: list[Target] = []
+    workdir = Path(tempfile.mkdtemp(prefix="visionserve-bench-"))
+    try:
+        with console.status("starting servers…"):
+            if args.server:
+                targets.append(Target("visionserve", args.server, "on", apis, inputs))
+            else:
+                for batching in batchings:
+                    repo = single_model_repo(args.repo, args.model, workdir / f"repo-{batching}",
+                                             max_batch_size=None if batching == "on" else 1)
+                    server = start_visionserve(repo, "--model-control", "none",
+                                               name=f"visionserve-batching-{batching}")
+                    launched.append(server)
+                    peer_apis = ("kserve",) if peers else ()
+                    targets.append(Target("visionserve", server.target, batching,
+                                          tuple(dict.fromkeys(apis + peer_apis)), inputs))
+            if "triton" in peers:
+                python = args.triton_python or default_triton_python()
+                for batching in batchings:
+                    for dtype in (i for i in inputs if i != "jpeg"):  # no decoder in the peer
+                        peer = start_triton(
+                            python, model_file, args.model, input_name=config.input.name,
+                            shape=config.input.shape, dtype=dtype, mean=config.input.mean,
+                            std=config.input.std, batching=batching == "on",
+                            max_batch_size=config.max_batch_size if batching == "on" else 1,
+                            threads=config.onnxruntime.intra_op_threads or cpu_count())
+                        launched.append(peer)
+                        targets.append(Target("triton", peer.target, batching, ("kserve",),
+                                              (dtype,)))
+        engine = InProcessEngine(model_file, config)
+        raw: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        in_process: dict[str, list[float]] = {str(b): [] for b in engine.batch_sizes}
+        combos = [(t, api, inp) for t in targets for api in t.apis for inp in t.inputs]
+        levels = [("concurrency", c) for c in concurrencies] + [("rate", r) for r in rates]
+        total = args.repeats * (len(engine.batch_sizes) + len(levels) * len(combos))
+        with Progress(console=console, transient=True) as progress, ClientProcess() as client:
+            task = progress.add_task("bench", total=total)
+            for repeat in range(args.repeats):
+                for b in engine.batch_sizes:
+                    progress.update(task, description=f"[{repeat + 1}/{args.repeats}] "
+                                                      f"in-process batch {b}")
+                    in_process[str(b)].append(engine.images_per_s(b, args.in_process_s))
+                    progress.advance(task)
+                for kind, value in levels:
+                    for target, api, inp in combos:
+                        progress.update(task, description=(
+                            f"[{repeat + 1}/{args.repeats}] {target.label} {api} {inp} "
+                            f"batching {target.batching} {kind} {value:g}"))
+                        job = Job(target=target.address, label=target.label, model=args.model,
+                                  api=api, input=inp, shape=config.input.shape,
+                                  input_name=config.input.name,
+                                  concurrency=int(value) if kind == "concurrency" else 0,
+                                  rate=float(value) if kind == "rate" else 0.0,
+                                  duration_s=args.duration_s, warmup_s=args.warmup_s,
+                                  images_per_request=args.images_per_request, jpegs=jpegs,
+                                  seed=repeat)
+                        row = client.run(job)
+                        row["batching"] = target.batching
+                        raw.setdefault((target.label, api, inp, target.batching, kind, value),
+                                       []).append(row)
+                        progress.advance(task)
+    finally:
+        for server in launched:
+            server.stop()
+    results: dict[str, Any] = {
+        "model": args.model, "command": "visionserve " + shlex.join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "duration_s": args.duration_s,
+        "repeats": args.repeats, "runs": [median_run(rows) for rows in raw.values()],
+        "in_process": {b: _median(v) for b, v in in_process.items()},
+        "machine": _machine(peers)}
+    results["ratios"] = report.compute_ratios(results["runs"], results["in_process"])
+    report.print_table(console, results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(results, args.plot)
+        console.print(f"wrote {args.plot}")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(report.markdown(results))
+        console.print(f"wrote {args.markdown}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name in the repository")
+    p.add_argument("--repo", type=Path, default=Path("model_repo"))
+    p.add_argument("--server", help="HOST:PORT of a running server to measure instead of "
+                                    "starting one per --batching mode (the default, --start)")
+    p.add_argument("--start", action="store_true",
+                   help="start the servers here (the default when --server is not given)")
+    p.add_argument("--input", default="float32",
+                   help="comma-separated: float32 and/or uint8 raw tensors (one 224² image "
+                        "each), jpeg (640×480 photos, decoded server-side)")
+    p.add_argument("--api", default="classify",
+                   help="comma-separated: classify (our Classify, top-5) and/or kserve "
+                        "(KServe v2 ModelInfer through tritonclient, logits)")
+    p.add_argument("--concurrency", default="1,4,8,16,32,64",
+                   help="closed-loop levels: requests kept in flight")
+    p.add_argument("--rate", default="",
+                   help="open-loop levels: Poisson arrivals per second (latency counted from "
+                        "each request's intended send time)")
+    p.add_argument("--duration-s", type=float, default=10.0, help="seconds per level")
+    p.add_argument("--warmup-s", type=float, default=2.0,
+                   help="unrecorded load before each level")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="repeat every level; the median run is reported")
+    p.add_argument("--in-process-s", type=float, default=3.0,
+                   help="seconds per batch size of the in-process ceiling")
+    p.add_argument("--batching", default="on,off",
+                   help="comma-separated: on (the model's config) and/or off (the same "
+                        "server with max_batch_size = 1)")
+    p.add_argument("--peer", default="",
+                   help="triton: also serve the same ONNX file with the real tritonserver "
+                        "bundled in nvidia-pytriton (Python backend + dynamic batcher), driven "
+                        "by the same client via KServe v2")
+    p.add_argument("--triton-python", type=Path,
+                   help="python of a venv with nvidia-pytriton (default: "
+                        "$ANCHORS_DIR/venv-triton/bin/python)")
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--jpeg-dir", type=Path,
+                   help="photos for --input jpeg (default: scikit-image's sample photos "
+                        "resized to 640×480)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--plot", type=Path, help="write a PNG plot here")
+    p.add_argument("--markdown", type=Path, help="write a docs/benchmarks.md section here")
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return round(ordered[(len(ordered) - 1) // 2], 2)
+
+
+def _photos(folder: Path | None) -> list[bytes]:
+    """Real photos as 640×480 JPEGs (quality 90), or the files of ``folder`` unchanged."""
+    if folder is not None:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        if not files:
+            raise SystemExit(f"no .jpg files in {folder}")
+        return [p.read_bytes() for p in files]
+    from PIL import Image
+
+    from .decoders import sample_photos
+
+    out = []
+    for photo in sample_photos():
+        buf = io.BytesIO()
+        Image.fromarray(photo).resize((640, 480), Image.Resampling.BICUBIC).save(
+            buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _machine(peers: tuple[str, ...]) -> dict[str, object]:
+    import grpc
+    import numpy
+    import onnxruntime
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "grpcio": grpc.__version__,
+            "numpy": numpy.__version__, "peers": list(peers)}
