@@ -6,7 +6,7 @@ REPO    ?= model_repo
 DEFAULT_MODELS := lenet5 resnet18 resnet50 mobilenet_v3_small
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup serve models test test-fast lint proto bench clean
+.PHONY: setup serve models test test-fast lint proto bench peer-triton clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,8 +35,18 @@ proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
 		--grpc_python_out=proto proto/visionserve/v1/*.proto proto/visionserve/inference/*.proto
 
-bench: models
-	$(BIN)/visionserve bench --model resnet50 --repo $(REPO) --json bench/results/resnet50.json
+ANCHORS_DIR ?= $(HOME)/.cache/visionserve-anchors
+
+# The Triton peer of `visionserve bench --peer triton`: its own venv (PyTriton's pins clash).
+peer-triton:
+	test -x $(ANCHORS_DIR)/venv-triton/bin/python || $(PY) -m venv $(ANCHORS_DIR)/venv-triton
+	$(ANCHORS_DIR)/venv-triton/bin/pip install --quiet nvidia-pytriton onnxruntime numpy
+
+# Every figure of docs/benchmarks.md (~35 min on 2 cores; run on an otherwise idle machine).
+bench: models peer-triton
+	$(BIN)/pip install --quiet -e '.[bench]'
+	VS=$(BIN)/visionserve MODELS="lenet5 resnet18 resnet50 mobilenet_v3_small decode" \
+		bash bench/run_all.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info tests/.cache

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from visionserve.service.benchmark.launch import start_visionserve
 from visionserve.service.client import numpy_to_image
 from visionserve.service.repository import version_numbers
 from visionserve.v1 import visionserve_pb2 as pb
@@ -50,21 +49,12 @@ def main() -> None:
         if (src / name).exists():
             shutil.copy(src / name, dst / name)
     shutil.copytree(src / str(newest), dst / "1")
-    log = scratch / "server.log"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "visionserve.service.cli", "serve", "--repo", str(scratch / "repo"),
-         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-         "--poll-interval-s", str(args.poll_interval_s)],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    server = start_visionserve(scratch / "repo", "--poll-interval-s", str(args.poll_interval_s),
+                               log_path=scratch / "server.log")
     try:
-        while not (m := re.search(r"serving gRPC on [\d.]+:(\d+)", log.read_text())):
-            if server.poll() is not None:
-                raise SystemExit(log.read_text())
-            time.sleep(0.1)
-        result = asyncio.run(drive(f"127.0.0.1:{m[1]}", args, dst, scratch))
+        result = asyncio.run(drive(server.target, args, dst, scratch))
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     sys.stdout.write(result + "\n")
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
 import subprocess
 import sys
-import time
 import tomllib
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from visionserve.service.benchmark.launch import start_visionserve
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
@@ -155,32 +154,16 @@ class Server:
         return self.process.wait()
 
 
-READY = re.compile(r"serving gRPC on [\d.]+:(\d+), metrics on http://[\d.]+:(\d+)/metrics")
-
-
 def start_server(repo: Path, log_path: Path, *extra: str, python_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None, timeout: float = 120) -> Server:
-    log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the subprocess
-    process = subprocess.Popen(
-        [sys.executable, *python_args, "-m", "visionserve.service.cli", "serve",
-         "--repo", str(repo), "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-         *extra],
-        stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = READY.search(log_path.read_text(errors="replace"))
-        if match:
-            server = Server(process, log_path, int(match[1]), int(match[2]))
-            health = health_pb2_grpc.HealthStub(server.channel)
-            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
-            assert status == health_pb2.HealthCheckResponse.SERVING
-            return server
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}:\n"
-                                 f"{log_path.read_text()[-5000:]}")
-        time.sleep(0.1)
-    process.kill()
-    raise AssertionError(f"server not ready in {timeout} s:\n{log_path.read_text()[-5000:]}")
+    """`visionserve serve` on loopback (free ports), ready and SERVING before it is returned."""
+    launched = start_visionserve(repo, *extra, env=env, log_path=log_path,
+                                 python_args=python_args, cwd=ROOT, ready_timeout_s=timeout)
+    server = Server(launched.process, log_path, launched.grpc_port, launched.metrics_port)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    return server
 
 
 @pytest.fixture(scope="session")

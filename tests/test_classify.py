@@ -88,6 +88,23 @@ def test_server_preprocessing_is_bit_identical_to_torchvision(server):
         np.testing.assert_array_equal(vectors[0], vectors[1])
 
 
+def test_the_opt_in_fast_decoder_agrees_with_the_exact_path_on_large_photos(server,
+                                                                          server_factory):
+    """`input.decoder = "fast"` decodes big JPEGs at a reduced DCT scale: not bit-identical,
+    but the same prediction and (nearly) the same embedding as the exact path."""
+    from PIL import Image
+
+    fast = server_factory(("resnet18",), {"resnet18": {"input.decoder": "fast"}})
+    for name in PHOTOS:
+        big = np.asarray(Image.fromarray(photo(name)).resize((1920, 1080)))
+        request = pb.EmbedRequest(model="resnet18", images=[pb.Image(encoded=encode(big))])
+        exact_vec = np.frombuffer(server.stub.Embed(request).embeddings.data, "<f4")
+        fast_vec = np.frombuffer(fast.stub.Embed(request).embeddings.data, "<f4")
+        assert not np.array_equal(exact_vec, fast_vec)  # it really took the other path
+        cosine = exact_vec @ fast_vec / np.linalg.norm(exact_vec) / np.linalg.norm(fast_vec)
+        assert cosine > 0.99, (name, cosine)
+
+
 def test_grayscale_model_takes_colour_photos_png_and_webp(server):
     from conftest import OrtReference  # noqa: F401 - same engine for the 1-channel model
 

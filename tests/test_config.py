@@ -37,6 +37,7 @@ def test_what_export_writes_reads_back_identically(tmp_path):
      "batching.max_queue_size must be >= max_batch_size (64)"),
     ("[warmup]\nbatch_sizes = [1, 99]", "warmup.batch_sizes must lie in 1..max_batch_size"),
     ("backend = 'tflite'", "backend must be one of"),
+    ("[input]\ndecoder = 'turbo'", "input.decoder must be one of ('exact', 'fast')"),
     ("max_batch_size = [", "not valid TOML"),
 ])
 def test_a_bad_value_names_the_file_and_key(tmp_path, text, message):

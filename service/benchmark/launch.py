@@ -58,14 +58,16 @@ class Launched:
 
 def start_visionserve(repo: Path, *extra_args: str, name: str = "visionserve",
                       env: dict[str, str] | None = None, log_path: Path | None = None,
+                      python_args: tuple[str, ...] = (), cwd: Path | None = None,
                       ready_timeout_s: float = 300.0) -> Launched:
     """``visionserve serve --repo REPO`` on loopback with free ports (plus ``extra_args``)."""
     log_path = log_path or Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
     with open(log_path, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "visionserve.service.cli", "serve", "--repo", str(repo),
-             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *extra_args],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            [sys.executable, *python_args, "-m", "visionserve.service.cli", "serve",
+             "--repo", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",
+             "--metrics-port", "0", *extra_args],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         match = READY.search(log_path.read_text(errors="replace"))

@@ -34,7 +34,7 @@ class Job:
     target: str  # HOST:PORT
     label: str  # "visionserve" | "triton" (reported as-is)
     model: str
-    api: str  # "classify" (our Classify, top-5) | "kserve" (ModelInfer, logits)
+    api: str  # "classify" (our Classify, top-5) | "kserve" (ModelInfer, logits) | "health"
     input: str  # "float32" | "uint8" | "jpeg"
     shape: tuple[int, int, int]  # C, H, W of the model input
     input_name: str = "input"
@@ -159,6 +159,21 @@ def _kserve(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Excepti
     return call, client.close, InferenceServerException
 
 
+def _health(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Exception]]:
+    """A round trip through the server's gRPC stack with no model: the floor of any call."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.aio.insecure_channel(job.target)
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="")
+
+    def call() -> Awaitable[object]:
+        return stub.Check(request, timeout=CALL_TIMEOUT_S)
+
+    return call, channel.close, grpc.RpcError
+
+
 def _error_name(exc: Exception) -> str:
     code = getattr(exc, "code", None)
     if callable(code):  # grpc.aio.AioRpcError
@@ -172,7 +187,7 @@ def _error_name(exc: Exception) -> str:
 # --------------------------------------------------------------------------- the loops
 
 async def _run(job: Job) -> dict[str, object]:
-    call, close, error_type = (_kserve if job.api == "kserve" else _classify)(job)
+    call, close, error_type = {"kserve": _kserve, "health": _health}.get(job.api, _classify)(job)
     try:
         await _closed(call, error_type, max(1, job.concurrency or 4), job.warmup_s)  # warm-up
         cpu0, busy0, start = _cpu_s(), _machine_busy(), time.perf_counter()

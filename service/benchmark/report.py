@@ -23,7 +23,8 @@ def _find(runs: Iterable[Row], **match: object) -> Row | None:
     return next((r for r in runs if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def compute_ratios(runs: list[Row], in_process: dict[str, float]) -> dict[str, float]:
+def compute_ratios(runs: list[Row], in_process: dict[str, float],
+                   round_trip: Row | None = None) -> dict[str, float]:
     """Named ratios from one run's rows (see docs/benchmarks.md for what each means)."""
     ratios: dict[str, float] = {}
     if not in_process:
@@ -36,9 +37,19 @@ def compute_ratios(runs: list[Row], in_process: dict[str, float]) -> dict[str, f
         if r["batching"] != "on":
             continue
         key = f"{r['input']}_{r['api']}_{level(r)}"
+        peer = _find(runs, target="triton", api=r["api"], input=r["input"], batching="on",
+                     **_level_match(r))
+        if peer and peer["images_per_s"] > 0:
+            ratios[f"{key}_vs_triton"] = r["images_per_s"] / peer["images_per_s"]
+            ratios[f"{key}_p99_triton_over_ours"] = peer["p99_ms"] / r["p99_ms"]
+        if "concurrency" not in r:  # open loop: throughput is the offered rate
+            continue
         ratios[f"{key}_vs_in_process_best"] = r["images_per_s"] / best
         if r.get("concurrency") == 1 and b1:
             ratios[f"{key}_vs_in_process_b1"] = r["images_per_s"] / b1
+            if round_trip and r["images_per_request"] == 1:  # the floor: engine + one RTT
+                floor_ms = 1000.0 / b1 + round_trip["p50_ms"]
+                ratios[f"{key}_p50_over_engine_plus_rtt"] = r["p50_ms"] / floor_ms
         off = _find(ours, api=r["api"], input=r["input"], batching="off",
                     **_level_match(r))
         if off and off["images_per_s"] > 0:
@@ -46,11 +57,6 @@ def compute_ratios(runs: list[Row], in_process: dict[str, float]) -> dict[str, f
             ratios[f"{key}_batching_on_vs_off"] = on_off
             if engine_gain and not math.isnan(engine_gain):  # target: >= 0.9 at c32
                 ratios[f"{key}_batching_on_off_vs_engine_gain"] = on_off / engine_gain
-        peer = _find(runs, target="triton", api=r["api"], input=r["input"], batching="on",
-                     **_level_match(r))
-        if peer and peer["images_per_s"] > 0:
-            ratios[f"{key}_vs_triton"] = r["images_per_s"] / peer["images_per_s"]
-            ratios[f"{key}_p99_triton_over_ours"] = peer["p99_ms"] / r["p99_ms"]
         if r["input"] == "jpeg":
             for raw in ("float32", "uint8"):
                 other = _find(ours, api=r["api"], input=raw, batching="on", **_level_match(r))
@@ -81,6 +87,11 @@ def print_table(console: Any, results: dict[str, Any]) -> None:
     console.print(table)
     console.print("in-process img/s by batch: " + ", ".join(
         f"{b}: {v:.1f}" for b, v in results["in_process"].items()))
+    if results.get("round_trip"):
+        rt = results["round_trip"]
+        console.print(f"gRPC round trip without a model (health Check, concurrency 1): p50 "
+                      f"{rt['p50_ms']:.2f} ms; in-process batch 1: "
+                      f"{1000 / results['in_process']['1']:.2f} ms per image")
     for name, value in results["ratios"].items():
         console.print(f"  {name}: {value:.3f}")
 
@@ -109,6 +120,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axes[1].plot(xs, [r["p99_ms"] for r in rows], marker="x", linestyle="--",
                      color=line[0].get_color(), label=f"{name} p99")
     axes[0].axhline(best, color="grey", linestyle=":", label="in-process best")
+    top = max((r["images_per_s"] for r in closed), default=best)
+    axes[0].set(yscale="log" if best > 5 * top else "linear")
     axes[0].set(xscale="log", xlabel="concurrency (requests in flight)", ylabel="images/s",
                 title=f"{results['model']}: throughput")
     axes[1].set(xscale="log", yscale="log", xlabel="concurrency", ylabel="latency ms",
@@ -151,6 +164,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['images_per_s'] / best:.2f} |")
     lines += ["", "In-process img/s by batch: " + ", ".join(
         f"{b}: {v:.1f}" for b, v in results["in_process"].items()) + ".", "",
+        *([f"gRPC round trip without a model (health Check, concurrency 1): p50 "
+           f"{results['round_trip']['p50_ms']:.2f} ms; in-process batch 1: "
+           f"{1000 / results['in_process']['1']:.2f} ms per image.", ""]
+          if results.get("round_trip") else []),
         "Ratios: " + ", ".join(f"`{k}` {v:.2f}" for k, v in results["ratios"].items()) + ".",
         ""]
     return "\n".join(lines)

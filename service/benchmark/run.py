@@ -97,6 +97,7 @@ def run_bench(args: argparse.Namespace) -> int:
         engine = InProcessEngine(model_file, config)
         raw: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         in_process: dict[str, list[float]] = {str(b): [] for b in engine.batch_sizes}
+        round_trip: list[dict[str, Any]] = []
         combos = [(t, api, inp) for t in targets for api in t.apis for inp in t.inputs]
         levels = [("concurrency", c) for c in concurrencies] + [("rate", r) for r in rates]
         total = args.repeats * (len(engine.batch_sizes) + len(levels) * len(combos))
@@ -108,6 +109,10 @@ def run_bench(args: argparse.Namespace) -> int:
                                                       f"in-process batch {b}")
                     in_process[str(b)].append(engine.images_per_s(b, args.in_process_s))
                     progress.advance(task)
+                round_trip.append(client.run(Job(
+                    target=targets[0].address, label=targets[0].label, model=args.model,
+                    api="health", input="none", shape=config.input.shape, concurrency=1,
+                    duration_s=min(2.0, args.duration_s), warmup_s=0.2)))
                 for kind, value in levels:
                     for target, api, inp in combos:
                         progress.update(task, description=(
@@ -134,8 +139,11 @@ def run_bench(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"), "duration_s": args.duration_s,
         "repeats": args.repeats, "runs": [median_run(rows) for rows in raw.values()],
         "in_process": {b: _median(v) for b, v in in_process.items()},
+        "round_trip": {k: v for k, v in median_run(round_trip, "p50_ms").items()
+                       if k in ("p50_ms", "p99_ms", "requests_per_s", "p50_ms_repeats")},
         "machine": _machine(peers)}
-    results["ratios"] = report.compute_ratios(results["runs"], results["in_process"])
+    results["ratios"] = report.compute_ratios(results["runs"], results["in_process"],
+                                                results["round_trip"])
     report.print_table(console, results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,165 @@
+"""`visionserve bench` and `bench-decode`: the bench's own logic, fast, with no timing threshold.
+
+What is specified here is what the numbers mean (schedules, medians, ratios) and what a run
+produces (JSON schema, plot, markdown), on the tiny LeNet-5 with 1-second levels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visionserve.service.benchmark.launch import default_triton_python
+from visionserve.service.benchmark.report import compute_ratios
+from visionserve.service.benchmark.schedule import median_run, poisson_offsets
+
+from .conftest import run_cli
+
+RUN_KEYS = {"target", "api", "input", "batching", "images_per_s", "p50_ms", "p90_ms", "p99_ms",
+            "p999_ms", "errors", "client_cpu"}
+
+
+# --- open-loop schedule -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate", [5.0, 200.0, 3000.0])
+def test_poisson_schedule_has_the_rate_and_exponential_gaps(rate: float) -> None:
+    duration = 20.0
+    times = poisson_offsets(rate, duration, seed=7)
+    n, expected = len(times), rate * duration
+    assert abs(n - expected) < 5 * np.sqrt(expected)  # a Poisson count: sd = sqrt(mean)
+    assert np.all(np.diff(times) > 0) and times[0] >= 0 and times[-1] < duration
+    gaps = np.diff(times)
+    assert gaps.mean() == pytest.approx(1 / rate, rel=5 / np.sqrt(n))
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.15 + 3 / np.sqrt(n))  # CV = 1
+    # memoryless: as many gaps above the mean as an exponential puts there (e^-1 of them)
+    assert np.mean(gaps > 1 / rate) == pytest.approx(np.exp(-1), abs=0.05 + 3 / np.sqrt(n))
+
+
+def test_poisson_schedule_is_reproducible_and_rejects_nonsense() -> None:
+    assert np.array_equal(poisson_offsets(50, 2, seed=1), poisson_offsets(50, 2, seed=1))
+    assert not np.array_equal(poisson_offsets(50, 2, seed=1), poisson_offsets(50, 2, seed=2))
+    with pytest.raises(ValueError):
+        poisson_offsets(0, 1)
+
+
+# --- medians and ratios -----------------------------------------------------------------------
+
+def test_repeats_report_the_median_run_whole() -> None:
+    runs = [{"images_per_s": v, "p99_ms": p, "errors": e}
+            for v, p, e in ((10.0, 9.0, 0), (30.0, 7.0, 1), (20.0, 8.0, 0))]
+    chosen = median_run(runs)
+    assert chosen["images_per_s"] == 20.0 and chosen["p99_ms"] == 8.0  # one real run's row
+    assert chosen["images_per_s_repeats"] == [10.0, 30.0, 20.0]
+    assert chosen["errors"] == 1  # errors of every repeat count
+
+
+def _row(target: str, batching: str, c: int, ips: float, p99: float = 100.0,
+         input_: str = "float32") -> dict[str, object]:
+    return {"target": target, "api": "kserve", "input": input_, "batching": batching,
+            "concurrency": c, "images_per_s": ips, "p99_ms": p99, "images_per_request": 1,
+            "p50_ms": 10.0}
+
+
+def test_ratios_are_computed_side_by_side_within_one_run() -> None:
+    in_process = {"1": 50.0, "8": 100.0, "32": 80.0}  # engine gain: 2x
+    runs = [_row("visionserve", "on", 32, 90.0, p99=200.0),
+            _row("visionserve", "off", 32, 50.0),
+            _row("triton", "on", 32, 60.0, p99=400.0),
+            _row("visionserve", "on", 32, 72.0, input_="jpeg"),
+            _row("visionserve", "on", 1, 45.0)]
+    ratios = compute_ratios(runs, in_process, round_trip={"p50_ms": 0.5})
+    assert ratios["engine_batching_gain"] == 2.0
+    assert ratios["float32_kserve_c32_vs_in_process_best"] == 0.9
+    assert ratios["float32_kserve_c32_batching_on_vs_off"] == 1.8
+    assert ratios["float32_kserve_c32_batching_on_off_vs_engine_gain"] == 0.9
+    assert ratios["float32_kserve_c32_vs_triton"] == 1.5
+    assert ratios["float32_kserve_c32_p99_triton_over_ours"] == 2.0
+    assert ratios["jpeg_kserve_c32_vs_float32"] == 0.8
+    assert ratios["float32_kserve_c1_vs_in_process_b1"] == 0.9
+    # concurrency 1 latency against its floor: the engine's batch-1 time plus one round trip
+    assert ratios["float32_kserve_c1_p50_over_engine_plus_rtt"] == round(10.0 / (20.0 + 0.5), 3)
+    assert not any(k.startswith("float32_kserve_c32") and "triton" in k and "off" in k
+                   for k in ratios)
+
+
+# --- a whole run through the CLI --------------------------------------------------------------
+
+def test_bench_run_writes_json_plot_and_markdown(exported_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lenet5.json"
+    result = run_cli(
+        "bench", "--model", "lenet5", "--repo", str(exported_repo), "--concurrency", "1,3",
+        "--rate", "40", "--duration-s", "1", "--warmup-s", "0.2", "--repeats", "2",
+        "--in-process-s", "0.2", "--input", "float32,uint8,jpeg", "--api", "classify,kserve",
+        "--batching", "on,off", "--json", str(out), "--plot", str(tmp_path / "p.png"),
+        "--markdown", str(tmp_path / "b.md"), timeout=500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data) >= {"runs", "in_process", "ratios", "machine", "command", "repeats"}
+    assert data["machine"]["cores"] >= 1 and data["machine"]["cpu"]
+    assert set(data["in_process"]) == {"1", "2", "4", "8", "16", "32"}  # up to max_batch_size
+    runs = data["runs"]
+    assert len(runs) == 2 * 3 * 2 * 3  # batching × inputs × apis × (2 concurrencies + 1 rate)
+    for run in runs:
+        assert RUN_KEYS <= set(run), run
+        assert run["target"] == "visionserve" and run["errors"] == 0, run
+        assert ("concurrency" in run) != ("rate" in run)
+        assert run["images_per_s"] > 0 and run["p50_ms"] <= run["p99_ms"] <= run["p999_ms"]
+        assert len(run["images_per_s_repeats"]) == 2
+    assert {(r["input"], r["batching"]) for r in runs} == {
+        (i, b) for i in ("float32", "uint8", "jpeg") for b in ("on", "off")}
+    assert "float32_classify_c3_batching_on_vs_off" in data["ratios"]
+    assert "jpeg_kserve_c3_vs_uint8" in data["ratios"]
+    assert data["round_trip"]["p50_ms"] > 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "b.md").read_text()
+    assert "visionserve bench --model lenet5" in md and "| visionserve | kserve | jpeg |" in md
+
+
+def test_bench_names_a_missing_model(tmp_path: Path) -> None:
+    result = run_cli("bench", "--model", "nope", "--repo", str(tmp_path))
+    assert result.returncode == 2
+    assert "no version of nope" in result.stdout and "visionserve export nope" in result.stdout
+
+
+def test_bench_help_explains_itself() -> None:
+    text = " ".join(run_cli("bench", "--help").stdout.split())
+    for phrase in ("--concurrency", "--rate", "--repeats", "--batching", "--peer", "--input",
+                   "--json", "--plot", "intended send time", "max_batch_size = 1"):
+        assert phrase in text, phrase
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not default_triton_python().exists(),
+                    reason="no venv with nvidia-pytriton at $ANCHORS_DIR/venv-triton "
+                           "(optional peer; see docs/benchmarks.md)")
+def test_bench_drives_triton_with_the_same_client(exported_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    result = run_cli("bench", "--model", "lenet5", "--repo", str(exported_repo),
+                     "--concurrency", "2", "--duration-s", "1", "--warmup-s", "0.3",
+                     "--repeats", "1", "--in-process-s", "0.2", "--batching", "on",
+                     "--api", "kserve", "--peer", "triton", "--json", str(out), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {r["target"] for r in data["runs"]} == {"visionserve", "triton"}
+    assert all(r["errors"] == 0 for r in data["runs"])
+    assert "float32_kserve_c2_vs_triton" in data["ratios"]
+
+
+# --- the preprocessing bench ------------------------------------------------------------------
+
+def test_bench_decode_compares_decoders_with_the_exact_reference(exported_repo: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    result = run_cli("bench-decode", "--model", "resnet18", "--repo", str(exported_repo),
+                     "--sizes", "320x240", "--seconds", "0.1", "--json", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["sizes"]["320x240"]["decoders"]
+    reference = rows["pillow"]
+    assert reference["mean_abs_diff"] == 0.0 and reference["top1_agreement"] == 1.0
+    assert set(rows) == {"pillow", "pillow-draft", "pillow-reduce", "simplejpeg", "opencv"}
+    for name, row in rows.items():
+        assert "skipped" in row or (row["images_per_s_per_core"] > 0
+                                    and 0.0 <= row["top5_agreement"] <= 1.0), name
