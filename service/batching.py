@@ -102,15 +102,17 @@ class _Work:
 
 
 RunBatch = Callable[[np.ndarray], ModelOutputs]
+Assemble = Callable[[list[np.ndarray]], np.ndarray]  # prepared images → the batch tensor
 
 
 class DynamicBatcher:
     """Queue + ``instances`` worker tasks. Create, ``start()``, ``submit()`` many, ``close()``."""
 
     def __init__(self, name: str, run: RunBatch, policy: BatchPolicy, executor: Executor,
-                 observer: BatchObserver | None = None) -> None:
+                 observer: BatchObserver | None = None, assemble: Assemble = np.stack) -> None:
         self.name = name  # "model M version V", used in every message
         self._run = run
+        self._assemble = assemble
         self._policy = policy
         self._executor = executor
         self._observer = observer or NullObserver()
@@ -132,7 +134,8 @@ class DynamicBatcher:
             self._workers.append(asyncio.create_task(self._worker(), name=f"{self.name}#{i}"))
 
     async def submit(self, images: list[np.ndarray], deadline: float | None) -> Computed:
-        """Queue one request's images (each float32 [C, H, W]); return their outputs in order."""
+        """Queue one request's images (each prepared for ``assemble``: by default float32
+        [C, H, W]); return their outputs in order."""
         n, cap = len(images), self._policy.max_queue_size
         if self._closed:
             raise ModelUnavailable(f"{self.name} is unloading; retry (a newer version, if any, "
@@ -281,8 +284,8 @@ class DynamicBatcher:
         self._observer.batch_done(size, waits, compute_s)
 
     def _run_timed(self, images: list[np.ndarray]) -> tuple[ModelOutputs, float]:
-        """Executor thread: one stacked copy of the batch, then the engine."""
-        batch = np.stack(images)
+        """Executor thread: one pass that assembles the batch, then the engine."""
+        batch = self._assemble(images)
         start = time.perf_counter()
         outputs = self._run(batch)
         return outputs, time.perf_counter() - start

@@ -87,16 +87,17 @@ class InferenceCore:
 
     async def _preprocess(self, served: ServedVersion,
                           images: list[ImageInput]) -> list[np.ndarray]:
-        """Raw float32 tensors are zero-copy views: done inline. Anything that decodes or
-        converts pixels runs in the preprocessing pool, one image per task, in parallel."""
+        """Raw tensors only validate (zero-copy views): done inline. Encoded images decode in the
+        preprocessing pool, one image per task, in parallel. Normalization happens later, in
+        the batch (``Preprocessor.assemble``)."""
         prep = served.preprocessor
         loop = asyncio.get_running_loop()
         results: list[np.ndarray | asyncio.Future[np.ndarray]] = []
         for i, image in enumerate(images):
-            if isinstance(image, RawTensor) and image.dtype == "float32":
-                results.append(prep.tensor(i, image))
+            if isinstance(image, RawTensor):
+                results.append(prep.prepare(i, image))
             else:
-                results.append(loop.run_in_executor(self._executor, prep.tensor, i, image))
+                results.append(loop.run_in_executor(self._executor, prep.prepare, i, image))
         pending = [r for r in results if isinstance(r, asyncio.Future)]
         if pending:
             await asyncio.gather(*pending)

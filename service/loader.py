@@ -123,7 +123,9 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
     where = f"model {name} version {ventry.version}"
     stats = VersionStatistics()
     observer = FanOut(metrics.observer(name, ventry.version, policy.max_queue_size), stats)
-    batcher = DynamicBatcher(where, backend.run, policy, executor, observer)
+    preprocessor = Preprocessor(name, ventry.version, config.input, limits)
+    batcher = DynamicBatcher(where, backend.run, policy, executor, observer,
+                             assemble=preprocessor.assemble)
     batcher.start()
     seconds = time.perf_counter() - start
     metrics.model_load_seconds.labels(name, str(ventry.version)).observe(seconds)
@@ -132,5 +134,5 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
     return ServedVersion(name=name, version=ventry.version, config=config,
                          config_fingerprint=config_fingerprint, fingerprint=ventry.fingerprint,
                          labels=ventry.labels, backend=backend, batcher=batcher,
-                         preprocessor=Preprocessor(name, ventry.version, config.input, limits),
+                         preprocessor=preprocessor,
                          executor=executor, stats=stats)

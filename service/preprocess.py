@@ -6,9 +6,11 @@ size arithmetic and Pillow's resampling, so the result is bit-identical to
 ``torchvision.transforms`` on a PIL image (a test holds it to that). Normalization is one lookup
 table per channel, computed with the same float32 operations as ToTensor + Normalize.
 
-Raw tensors skip decoding: float32 CHW already normalized, or uint8 (HWC or CHW) normalized here.
-Everything here is blocking CPU work that releases the GIL in Pillow/NumPy: run it in the
-preprocessing executor, not on the event loop.
+Two steps: ``prepare`` (per image, when the request arrives) validates raw tensors — zero-copy
+views of the request's bytes, cheap enough for the event loop — or decodes an encoded image to
+uint8 pixels (blocking CPU work that releases the GIL in Pillow: the preprocessing pool runs it).
+``assemble`` (per batch, in the batcher's thread) writes every image into the batch, normalizing
+uint8 pixels on the way: no per-image thread hop for raw tensors, one pass over the pixels.
 """
 
 from __future__ import annotations
@@ -69,11 +71,31 @@ class Preprocessor:
     def spec(self) -> InputSpec:
         return self._spec
 
-    def tensor(self, index: int, image: ImageInput) -> np.ndarray:
-        """One image → float32 [C, H, W] (may be a read-only view of the request's bytes)."""
+    def prepare(self, index: int, image: ImageInput) -> np.ndarray:
+        """One image → the model's CHW input, or its uint8 CHW pixels (often a zero-copy view of
+        the request's bytes) still to be normalized: :meth:`assemble` does that while it builds
+        the batch, in the batcher's thread. Raw tensors only validate here (cheap: run inline);
+        encoded images decode (run in the preprocessing pool)."""
         if isinstance(image, EncodedImage):
-            return self._normalize(self._decode(index, image.data), "HWC")
+            return _chw(self._decode(index, image.data), "HWC")
         return self._raw(index, image)
+
+    def assemble(self, items: list[np.ndarray]) -> np.ndarray:
+        """Prepared images → one float32 [N, C, H, W] batch: float32 items copied, uint8 items
+        normalized straight into their slot (one lookup table per channel; bit-identical to
+        ToTensor + Normalize)."""
+        batch = np.empty((len(items), *self._spec.shape), dtype=np.float32)
+        for i, item in enumerate(items):
+            if item.dtype == np.uint8:
+                for ch in range(batch.shape[1]):
+                    np.take(self._lut[ch], item[ch], out=batch[i, ch])
+            else:
+                batch[i] = item
+        return batch
+
+    def tensor(self, index: int, image: ImageInput) -> np.ndarray:
+        """One image → normalized float32 [C, H, W] (prepare + assemble, for tools and tests)."""
+        return self.assemble([self.prepare(index, image)])[0]
 
     def _decode(self, index: int, data: bytes) -> np.ndarray:
         spec, field = self._spec, f"images[{index}]"
@@ -107,18 +129,6 @@ class Preprocessor:
             pixels = pixels[..., ::-1]
         return pixels
 
-    def _normalize(self, pixels: np.ndarray, layout: str) -> np.ndarray:
-        """uint8 HWC/CHW (or HW for one channel) → normalized float32 CHW via the lookup table."""
-        c = self._spec.channels
-        if pixels.ndim == 2:
-            pixels = pixels[None]
-        elif layout == "HWC":
-            pixels = pixels.transpose(2, 0, 1)
-        out = np.empty((c, *pixels.shape[1:]), dtype=np.float32)
-        for ch in range(c):
-            np.take(self._lut[ch], pixels[ch], out=out[ch])
-        return out
-
     def _raw(self, index: int, t: RawTensor) -> np.ndarray:
         spec, field = self._spec, f"images[{index}].tensor"
         chw, hwc = spec.shape, (spec.height, spec.width, spec.channels)
@@ -149,7 +159,14 @@ class Preprocessor:
         if t.dtype == "float32":
             return np.frombuffer(t.data, dtype="<f4").reshape(chw)
         pixels = np.frombuffer(t.data, dtype=np.uint8).reshape(t.shape)
-        return self._normalize(pixels, layout)
+        return _chw(pixels, layout)
+
+
+def _chw(pixels: np.ndarray, layout: str) -> np.ndarray:
+    """uint8 HWC / CHW / HW pixels → a CHW view (no copy)."""
+    if pixels.ndim == 2:
+        return pixels[None]
+    return pixels.transpose(2, 0, 1) if layout == "HWC" else pixels
 
 
 def scaled_decode_size(size: tuple[int, int], spec: InputSpec) -> tuple[int, int]:

@@ -41,7 +41,9 @@ class OnnxRuntimeBackend(Backend):
             raise ConfigError(f"{where}: onnxruntime.graph_optimization must be one of "
                               f"{list(_OPT_LEVELS)}, got {cfg.graph_optimization!r}")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = cfg.intra_op_threads or cpu_count()
+        # auto: each instance gets its share of the cores (instances run batches concurrently)
+        opts.intra_op_num_threads = cfg.intra_op_threads or max(
+            1, cpu_count() // config.instance_count)
         opts.inter_op_num_threads = cfg.inter_op_threads or 1
         opts.graph_optimization_level = _OPT_LEVELS[cfg.graph_optimization]
         opts.log_severity_level = 3

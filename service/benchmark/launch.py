@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,10 +83,12 @@ def start_visionserve(repo: Path, *extra_args: str, name: str = "visionserve",
     raise RuntimeError(f"{name} was not serving after {ready_timeout_s:.0f} s; see {log_path}")
 
 
-def single_model_repo(repo: Path, model: str, dst: Path, *, max_batch_size: int | None = None
-                      ) -> Path:
+def single_model_repo(repo: Path, model: str, dst: Path, *, max_batch_size: int | None = None,
+                      overrides: dict[str, str] | None = None) -> Path:
     """A repository holding only ``model``'s newest version (linked, not copied), optionally with
-    ``max_batch_size`` overridden: "batching off" is the same server with ``max_batch_size = 1``.
+    ``max_batch_size`` overridden ("batching off" is the same server with ``max_batch_size = 1``)
+    and other config keys (``{"instance_count": "2", "onnxruntime.intra_op_threads": "1"}``,
+    values in TOML syntax), checked like any config.toml.
     """
     src = repo / model
     versions = version_numbers(src)
@@ -93,6 +96,13 @@ def single_model_repo(repo: Path, model: str, dst: Path, *, max_batch_size: int 
         raise FileNotFoundError(f"no version of {model} in {repo}; run `visionserve export "
                                 f"{model} --repo {repo}` first")
     config = ModelConfig.from_toml(src / "config.toml")
+    if overrides:
+        raw = tomllib.loads(config.to_toml())
+        for key, text in overrides.items():
+            section, _, leaf = key.rpartition(".")
+            value = tomllib.loads(f"v = {text}")["v"]
+            (raw.setdefault(section, {}) if section else raw)[leaf] = value
+        config = ModelConfig.from_dict(raw, f"{model} config with {overrides}")
     if max_batch_size is not None:
         batching = config.batching
         preferred = tuple(b for b in batching.preferred_batch_sizes if b <= max_batch_size)

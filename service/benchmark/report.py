@@ -15,6 +15,10 @@ from typing import Any
 Row = dict[str, Any]
 
 
+def target_name(row: Row) -> str:
+    return f"{row['target']} [{row['variant']}]" if row.get("variant") else str(row["target"])
+
+
 def level(row: Row) -> str:
     return f"c{row['concurrency']}" if "concurrency" in row else f"r{row['rate']:g}"
 
@@ -32,7 +36,15 @@ def compute_ratios(runs: list[Row], in_process: dict[str, float],
     best, b1 = max(in_process.values()), in_process.get("1", 0.0)
     engine_gain = best / b1 if b1 else math.nan
     ratios["engine_batching_gain"] = engine_gain
-    ours = [r for r in runs if r["target"] == "visionserve"]
+    for r in runs:
+        if r.get("variant"):
+            base = _find((x for x in runs if x["target"] == "visionserve" and not x.get("variant")),
+                         api=r["api"], input=r["input"], batching="on", **_level_match(r))
+            if base and base["images_per_s"] > 0:
+                key = f"{r['input']}_{r['api']}_{level(r)}_{r['variant']}"
+                ratios[f"{key}_vs_default"] = r["images_per_s"] / base["images_per_s"]
+                ratios[f"{key}_vs_in_process_best"] = r["images_per_s"] / best
+    ours = [r for r in runs if r["target"] == "visionserve" and not r.get("variant")]
     for r in ours:
         if r["batching"] != "on":
             continue
@@ -79,7 +91,7 @@ def print_table(console: Any, results: dict[str, Any]) -> None:
                 "p99 ms", "p99.9 ms", "errors", "client CPU", "÷ in-process best"):
         table.add_column(col, justify="right")
     for r in results["runs"]:
-        table.add_row(r["target"], r["api"], r["input"], r["batching"], level(r),
+        table.add_row(target_name(r), r["api"], r["input"], r["batching"], level(r),
                       f"{r['images_per_s']:.1f}",
                       *(f"{r[k]:.1f}" for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms")),
                       str(r["errors"]), f"{r['client_cpu']:.2f}",
@@ -109,7 +121,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
     series: dict[str, list[Row]] = {}
     for r in closed:
-        series.setdefault(f"{r['target']} {r['api']} {r['input']} batching {r['batching']}",
+        series.setdefault(f"{target_name(r)} {r['api']} {r['input']} batching {r['batching']}",
                           []).append(r)
     best = max(results["in_process"].values())
     for name, rows in series.items():
@@ -129,7 +141,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     if opened:
         by: dict[str, list[Row]] = {}
         for r in opened:
-            by.setdefault(f"{r['target']} {r['input']} batching {r['batching']}", []).append(r)
+            by.setdefault(f"{target_name(r)} {r['input']} batching {r['batching']}", []).append(r)
         for name, rows in by.items():
             rows = sorted(rows, key=lambda r: r["rate"])
             axes[2].plot([r["offered_per_s"] * r["images_per_request"] for r in rows],
@@ -158,7 +170,7 @@ def markdown(results: dict[str, Any]) -> str:
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["runs"]:
         lines.append(
-            f"| {r['target']} | {r['api']} | {r['input']} | {r['batching']} | {level(r)} | "
+            f"| {target_name(r)} | {r['api']} | {r['input']} | {r['batching']} | {level(r)} | "
             f"{r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
             f"{r['p99_ms']:.1f} | {r['p999_ms']:.1f} | {r['errors']} | {r['client_cpu']:.2f} | "
             f"{r['images_per_s'] / best:.2f} |")

@@ -39,6 +39,7 @@ class Target:
     label: str  # visionserve | triton
     address: str
     batching: str  # on | off
+    variant: str = ""  # a named config variant of visionserve (--variant)
     apis: tuple[str, ...]
     inputs: tuple[str, ...]
 
@@ -81,6 +82,14 @@ def run_bench(args: argparse.Namespace) -> int:
                     peer_apis = ("kserve",) if peers else ()
                     targets.append(Target("visionserve", server.target, batching,
                                           tuple(dict.fromkeys(apis + peer_apis)), inputs))
+                for name, overrides in _variants(args.variant):
+                    repo = single_model_repo(args.repo, args.model, workdir / f"repo-{name}",
+                                             overrides=overrides)
+                    server = start_visionserve(repo, "--model-control", "none",
+                                               name=f"visionserve-{name}")
+                    launched.append(server)
+                    targets.append(Target("visionserve", server.target, "on", apis, inputs,
+                                          variant=name))
             if "triton" in peers:
                 python = args.triton_python or default_triton_python()
                 for batching in batchings:
@@ -128,8 +137,10 @@ def run_bench(args: argparse.Namespace) -> int:
                                   seed=repeat)
                         row = client.run(job)
                         row["batching"] = target.batching
-                        raw.setdefault((target.label, api, inp, target.batching, kind, value),
-                                       []).append(row)
+                        if target.variant:
+                            row["variant"] = target.variant
+                        raw.setdefault((target.label, target.variant, api, inp, target.batching,
+                                        kind, value), []).append(row)
                         progress.advance(task)
     finally:
         for server in launched:
@@ -194,6 +205,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--triton-python", type=Path,
                    help="python of a venv with nvidia-pytriton (default: "
                         "$ANCHORS_DIR/venv-triton/bin/python)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
+                   help="also serve a config variant side by side, e.g. "
+                        "'2x1:instance_count=2;onnxruntime.intra_op_threads=1' (repeatable)")
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--jpeg-dir", type=Path,
                    help="photos for --input jpeg (default: scikit-image's sample photos "
@@ -201,6 +215,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write a PNG plot here")
     p.add_argument("--markdown", type=Path, help="write a docs/benchmarks.md section here")
+
+
+def _variants(specs: list[str]) -> list[tuple[str, dict[str, str]]]:
+    out = []
+    for spec in specs:
+        name, _, body = spec.partition(":")
+        pairs = [kv.split("=", 1) for kv in body.split(";") if kv.strip()]
+        if not name or not pairs or any(len(p) != 2 for p in pairs):
+            raise SystemExit(f"--variant {spec!r}: expected NAME:KEY=VALUE;KEY=VALUE")
+        out.append((name, {k.strip(): v.strip() for k, v in pairs}))
+    return out
 
 
 def _split(text: str) -> list[str]:
