@@ -2,16 +2,16 @@
 # The measurements behind docs/benchmarks.md, on an otherwise idle machine (~30 min on 2 cores).
 # Needs the default models exported (make serve does it, or `visionserve export lenet5 resnet18
 # resnet50 mobilenet_v3_small`) and, for the Triton peer, a venv with nvidia-pytriton at
-# $ANCHORS_DIR/venv-triton (see docs/benchmarks.md). Writes bench/results/<model>.{json,md}
-# and docs/img/bench-<model>.png.
+# $ANCHORS_DIR/venv-triton (see docs/benchmarks.md). Writes docs/bench/<model>.{json,md,png}
+# (the figures docs/benchmarks.md quotes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VS=${VS:-.venv/bin/visionserve}
 COMMON=(--api kserve --peer triton --duration-s "${DURATION:-4}" --warmup-s 1 --repeats "${REPEATS:-3}")
 run() { # model, extra args...
   local m=$1; shift
-  "$VS" bench --model "$m" "${COMMON[@]}" "$@" --json "bench/results/$m.json" \
-      --markdown "bench/results/$m.md" --plot "docs/img/bench-$m.png"
+  "$VS" bench --model "$m" "${COMMON[@]}" "$@" --json "docs/bench/$m.json" \
+      --markdown "docs/bench/$m.md" --plot "docs/bench/$m.png"
 }
 models=${MODELS:-lenet5 resnet18 resnet50 mobilenet_v3_small}
 for m in $models; do
@@ -20,7 +20,7 @@ for m in $models; do
     resnet18) run resnet18 --input float32 --concurrency 1,4,16,32,64;;
     resnet50) run resnet50 --input float32,jpeg --concurrency 1,4,16,32,64;;
     mobilenet_v3_small) run mobilenet_v3_small --input uint8,jpeg --concurrency 1,4,16,32,64;;
-    decode) "$VS" bench-decode --model resnet50 --json bench/results/decode.json \
-              --markdown bench/results/decode.md;;
+    decode) "$VS" bench-decode --model resnet50 --json docs/bench/decode.json \
+              --markdown docs/bench/decode.md;;
   esac
 done
