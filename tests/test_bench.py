@@ -7,16 +7,16 @@ produces (JSON schema, plot, markdown), on the tiny LeNet-5 with 1-second levels
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from visionserve.service.benchmark.launch import default_triton_python
 from visionserve.service.benchmark.report import compute_ratios
 from visionserve.service.benchmark.schedule import median_run, poisson_offsets
-
-from .conftest import run_cli
 
 RUN_KEYS = {"target", "api", "input", "batching", "images_per_s", "p50_ms", "p90_ms", "p99_ms",
             "p999_ms", "errors", "client_cpu"}
@@ -99,7 +99,10 @@ def test_bench_run_writes_json_plot_and_markdown(exported_repo: Path, tmp_path: 
     data = json.loads(out.read_text())
     assert set(data) >= {"runs", "in_process", "ratios", "machine", "command", "repeats"}
     assert data["machine"]["cores"] >= 1 and data["machine"]["cpu"]
-    assert set(data["in_process"]) == {"1", "2", "4", "8", "16", "32"}  # up to max_batch_size
+    max_batch = tomllib.loads((exported_repo / "lenet5" / "config.toml").read_text())[
+        "max_batch_size"]
+    assert set(data["in_process"]) == {str(b) for b in (1, 2, 4, 8, 16, 32, 64)
+                                       if b <= max_batch}  # batch 1 ... max_batch_size
     runs = data["runs"]
     assert len(runs) == 2 * 3 * 2 * 3  # batching × inputs × apis × (2 concurrencies + 1 rate)
     for run in runs:

@@ -39,9 +39,9 @@ class Target:
     label: str  # visionserve | triton
     address: str
     batching: str  # on | off
-    variant: str = ""  # a named config variant of visionserve (--variant)
     apis: tuple[str, ...]
     inputs: tuple[str, ...]
+    variant: str = ""  # a named config variant of visionserve (--variant)
 
 
 def run_bench(args: argparse.Namespace) -> int:
