@@ -3,8 +3,8 @@
 For an encoded image: decode (Pillow) → EXIF orientation → colour mode → ``Resize(resize)`` →
 ``CenterCrop(height, width)`` → ``ToTensor`` → ``Normalize(mean, std)``, with torchvision's own
 size arithmetic and Pillow's resampling, so the result is bit-identical to
-``torchvision.transforms`` on a PIL image (a test holds it to that). Normalization is one lookup
-table per channel, computed with the same float32 operations as ToTensor + Normalize.
+``torchvision.transforms`` on a PIL image (a test holds it to that). Normalization uses the same
+float32 operations as ToTensor + Normalize, vectorized over the image.
 
 Two steps: ``prepare`` (per image, when the request arrives) validates raw tensors — zero-copy
 views of the request's bytes, cheap enough for the event loop — or decodes an encoded image to
@@ -62,10 +62,8 @@ class Preprocessor:
         self._where = f"model {model} version {version}"
         self._spec = spec
         self._limits = limits
-        self._lut = np.stack([
-            (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(m)) / np.float32(s)
-            for m, s in zip(spec.mean, spec.std, strict=True)
-        ])  # [C, 256] float32
+        self._mean = np.array(spec.mean, dtype=np.float32)[:, None, None]  # [C, 1, 1]
+        self._std = np.array(spec.std, dtype=np.float32)[:, None, None]
 
     @property
     def spec(self) -> InputSpec:
@@ -82,13 +80,15 @@ class Preprocessor:
 
     def assemble(self, items: list[np.ndarray]) -> np.ndarray:
         """Prepared images → one float32 [N, C, H, W] batch: float32 items copied, uint8 items
-        normalized straight into their slot (one lookup table per channel; bit-identical to
-        ToTensor + Normalize)."""
+        normalized straight into their slot with ToTensor + Normalize's own float32 operations
+        (x / 255 - mean) / std, so the result is bit-identical to torchvision's."""
         batch = np.empty((len(items), *self._spec.shape), dtype=np.float32)
         for i, item in enumerate(items):
             if item.dtype == np.uint8:
-                for ch in range(batch.shape[1]):
-                    np.take(self._lut[ch], item[ch], out=batch[i, ch])
+                slot = batch[i]
+                np.divide(item, np.float32(255), out=slot, dtype=np.float32)
+                np.subtract(slot, self._mean, out=slot)
+                np.divide(slot, self._std, out=slot)
             else:
                 batch[i] = item
         return batch
