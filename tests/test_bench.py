@@ -48,12 +48,14 @@ def test_poisson_schedule_is_reproducible_and_rejects_nonsense() -> None:
 # --- medians and ratios -----------------------------------------------------------------------
 
 def test_repeats_report_the_median_run_whole() -> None:
-    runs = [{"images_per_s": v, "p99_ms": p, "errors": e}
+    runs = [{"images_per_s": v, "p99_ms": p, "errors": e,
+             "error_codes": {"UNAVAILABLE": e} if e else {}}
             for v, p, e in ((10.0, 9.0, 0), (30.0, 7.0, 1), (20.0, 8.0, 0))]
     chosen = median_run(runs)
     assert chosen["images_per_s"] == 20.0 and chosen["p99_ms"] == 8.0  # one real run's row
     assert chosen["images_per_s_repeats"] == [10.0, 30.0, 20.0]
     assert chosen["errors"] == 1  # errors of every repeat count
+    assert chosen["error_codes"] == {"UNAVAILABLE": 1}
 
 
 def _row(target: str, batching: str, c: int, ips: float, p99: float = 100.0,

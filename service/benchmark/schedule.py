@@ -40,4 +40,9 @@ def median_run(runs: list[dict[str, object]], key: str = "images_per_s") -> dict
     chosen = dict(ordered[(len(ordered) - 1) // 2])
     chosen[f"{key}_repeats"] = [round(float(r[key]), 3) for r in runs]  # type: ignore[arg-type]
     chosen["errors"] = sum(int(r["errors"]) for r in runs)  # type: ignore[call-overload]
+    codes: dict[str, int] = {}
+    for r in runs:
+        for code, n in dict(r.get("error_codes") or {}).items():  # type: ignore[call-overload]
+            codes[code] = codes.get(code, 0) + int(n)
+    chosen["error_codes"] = codes  # of every repeat, like "errors"
     return chosen
