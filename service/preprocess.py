@@ -178,15 +178,20 @@ def scaled_decode_size(size: tuple[int, int], spec: InputSpec) -> tuple[int, int
     return max(1, int(np.ceil(w * scale))), max(1, int(np.ceil(h * scale)))
 
 
+def resize_size(size: tuple[int, int], spec: InputSpec) -> tuple[int, int]:
+    """torchvision ``Resize(spec.resize)``'s output (width, height) for an image of ``size``."""
+    w, h = size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = spec.resize, int(spec.resize * long / short)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
 def resize_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
     """torchvision ``Resize(spec.resize)`` then ``CenterCrop((height, width))`` on a PIL image,
     with torchvision's own size arithmetic (and its zero padding when the crop is larger)."""
     if spec.resize:
-        w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = spec.resize, int(spec.resize * long / short)
-        size = (new_short, new_long) if w <= h else (new_long, new_short)
-        if size != (w, h):
+        size = resize_size(img.size, spec)
+        if size != img.size:
             img = img.resize(size, _RESAMPLE[spec.interpolation])
     w, h = img.size
     cw, ch = spec.width, spec.height

@@ -27,7 +27,14 @@ import numpy as np
 from PIL import Image
 
 from ..config import InputSpec, ServerLimits
-from ..preprocess import EncodedImage, Preprocessor, RawTensor, resize_crop, scaled_decode_size
+from ..preprocess import (
+    EncodedImage,
+    Preprocessor,
+    RawTensor,
+    resize_crop,
+    resize_size,
+    scaled_decode_size,
+)
 
 Decoder = Callable[[bytes, InputSpec], np.ndarray]  # → uint8 HWC crop
 
@@ -80,12 +87,9 @@ def _pillow_draft(data: bytes, spec: InputSpec) -> np.ndarray:
 
 def _pillow_reduce(data: bytes, spec: InputSpec) -> np.ndarray:
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    scale = spec.resize / min(w, h)
-    size = (spec.resize, int(spec.resize * h / w)) if w <= h else \
-        (int(spec.resize * w / h), spec.resize)
-    if scale < 1:
-        img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    if spec.resize < min(img.size):
+        img = img.resize(resize_size(img.size, spec), Image.Resampling.BILINEAR,
+                         reducing_gap=2.0)
     return np.asarray(resize_crop(img, spec))
 
 
@@ -112,9 +116,7 @@ def _opencv(data: bytes, spec: InputSpec) -> np.ndarray:
     flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
              8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    h, w = bgr.shape[:2]
-    size = (spec.resize, int(spec.resize * h / w)) if w <= h else \
-        (int(spec.resize * w / h), spec.resize)
+    size = resize_size((bgr.shape[1], bgr.shape[0]), spec)
     bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
     top = int(round((size[1] - spec.height) / 2.0))
     left = int(round((size[0] - spec.width) / 2.0))
