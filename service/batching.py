@@ -31,6 +31,7 @@ import numpy as np
 
 from .backends.base import ModelOutputs
 from .errors import BackendError, DeadlineExceeded, ModelUnavailable, QueueFull, VisionServeError
+from .logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class _Work:
     future: asyncio.Future[Computed]
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
+    request_id: str  # for the log line of a failed batch
 
 
 RunBatch = Callable[[np.ndarray], ModelOutputs]
@@ -155,7 +157,8 @@ class DynamicBatcher:
                                    "queued; allow more time")
         loop = asyncio.get_running_loop()
         step = self._policy.max_batch_size
-        chunks = [_Work(images[i:i + step], loop.create_future(), deadline, now)
+        rid = REQUEST_ID.get()
+        chunks = [_Work(images[i:i + step], loop.create_future(), deadline, now, rid)
                   for i in range(0, n, step)]
         self._queue.extend(chunks)
         self._queued_images += n
@@ -268,10 +271,16 @@ class DynamicBatcher:
                 raise BackendError(f"{self.name}: the backend returned {len(outputs)} rows for "
                                    f"a batch of {size} images")
         except Exception as exc:  # noqa: BLE001 - every future must be finished
-            if not isinstance(exc, VisionServeError):
-                log.exception("%s: inference failed on a batch of %d", self.name, size)
-                exc = BackendError(f"{self.name}: inference failed ({type(exc).__name__}); "
-                                   "see the server log")
+            ids = ", ".join(sorted({w.request_id for w in batch}))
+            if isinstance(exc, VisionServeError):
+                log.error("%s: batch of %d images failed (requests %s): %s", self.name, size,
+                          ids, exc)
+            else:
+                log.exception("%s: inference failed on a batch of %d images (requests %s); "
+                              "they get INTERNAL, the next batch runs", self.name, size, ids)
+                exc = BackendError(f"{self.name}: inference failed ({type(exc).__name__}) on "
+                                   f"the batch this request was in; see the server log. Retry: "
+                                   "the model keeps serving")
             for w in batch:
                 _fail(w.future, exc)
             return

@@ -20,8 +20,9 @@ log = logging.getLogger("visionserve")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import configure
+
+    configure(args.log_level)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -44,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dynamic batching; Prometheus metrics over HTTP. Stops "
                                    "gracefully on SIGTERM/SIGINT.")
     p.add_argument("--repo", type=Path, default=Path("model_repo"), help="model repository")
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (gRPC and metrics)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (gRPC, and metrics "
+                                                      "unless --metrics-host)")
+    p.add_argument("--metrics-host", default="",
+                   help="address of the /metrics HTTP server (default: --host), e.g. 127.0.0.1 "
+                        "or a cluster-internal address")
     p.add_argument("--grpc-port", type=int, default=8001, help="0 = pick a free port, logged")
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="HTTP port of /metrics; 0 = pick a free port, logged")
@@ -67,7 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-model", action="append", default=[], metavar="NAME",
                    help="with --model-control explicit: a model to load at start (repeatable)")
     p.add_argument("--shutdown-grace-s", type=float, default=30.0,
-                   help="how long in-flight requests may take to finish on SIGTERM")
+                   help="how long in-flight requests may take to finish on SIGTERM/SIGINT (a "
+                        "second signal exits at once)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path,
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="require 'authorization: Bearer <token>' metadata, the token being this "
+                        "file's first line (or set VISIONSERVE_AUTH_TOKEN to the token itself); "
+                        "health is always open, repository load/unload always protected")
+    p.add_argument("--auth-open", default="", metavar="CLASSES",
+                   help="with a token: comma-separated classes left open, from inference, "
+                        "metadata, statistics (e.g. behind a mesh that authenticates callers)")
+    p.add_argument("--access-log", choices=["all", "errors", "off"], default="errors",
+                   help="one log line per request (request id, method, model, version, code, "
+                        "duration): for every request, only for failed ones, or none")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="export a PyTorch architecture to a new ONNX version",
@@ -109,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=0, help="0 = newest")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--server", default="localhost:8001", help="HOST:PORT of the gRPC server")
+    _client_security_flags(p)
     p.set_defaults(func=_classify)
 
     p = sub.add_parser("embed", help="print embedding vectors of image files")
@@ -116,10 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--raw", action="store_true", help="do not L2-normalize")
     p.add_argument("--server", default="localhost:8001")
+    _client_security_flags(p)
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("models", help="list the models of a running server")
     p.add_argument("--server", default="localhost:8001")
+    _client_security_flags(p)
     p.set_defaults(func=_models)
 
     p = sub.add_parser("health", help="exit 0 if the server (or a model) is SERVING",
@@ -130,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HOST:PORT (default: localhost and $VISIONSERVE_GRPC_PORT or 8001)")
     p.add_argument("--service", default="", help="a model name; empty = the server itself")
     p.add_argument("--timeout-s", type=float, default=3.0)
+    _client_security_flags(p, token=False)
     p.set_defaults(func=_health)
 
     p = sub.add_parser(
@@ -169,6 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client_security_flags(p: argparse.ArgumentParser, token: bool = True) -> None:
+    """Flags of the commands that call a server secured with TLS (and a token)."""
+    p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate: "
+                                               "connect over TLS")
+    p.add_argument("--tls-client-cert", type=Path, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-client-key", type=Path, help="PEM key of --tls-client-cert")
+    if token:
+        p.add_argument("--auth-token-file", type=Path,
+                       help="send 'authorization: Bearer <first line of this file>' (or set "
+                            "VISIONSERVE_AUTH_TOKEN to the token)")
+
+
+def _client_channel(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .client import open_channel
+
+    return open_channel(args.server, args.tls_ca, args.tls_client_cert, args.tls_client_key)
+
+
 def _env_defaults(parser: argparse.ArgumentParser) -> None:
     """VISIONSERVE_<FLAG> becomes the flag's default (the command line still wins)."""
     for action in parser._actions:
@@ -196,14 +238,38 @@ def _env_defaults(parser: argparse.ArgumentParser) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from .config import ServerLimits
+    from .security import BearerTokenInterceptor, TlsConfig, load_token
     from .server import ServerConfig, serve
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        log.error("--tls-cert and --tls-key go together; give both (or neither)")
+        return 2
+    if args.tls_client_ca and not args.tls_cert:
+        log.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        return 2
+    auth_open = tuple(c for c in args.auth_open.split(",") if c)
+    tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca) \
+        if args.tls_cert else None
+    try:  # fail at start, with the flag named, rather than at the first call
+        token = load_token(args.auth_token_file)
+        if token:
+            BearerTokenInterceptor(token, auth_open)
+        elif auth_open:
+            raise ValueError("--auth-open needs a token (--auth-token-file or "
+                             "VISIONSERVE_AUTH_TOKEN)")
+        if tls:
+            tls.credentials()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
 
     config = ServerConfig(
         repo=args.repo, host=args.host, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, preprocess_threads=args.preprocess_threads,
         model_control=args.model_control, poll_interval_s=args.poll_interval_s,
         load_models=tuple(args.load_model),
-        shutdown_grace_s=args.shutdown_grace_s,
+        shutdown_grace_s=args.shutdown_grace_s, metrics_host=args.metrics_host, tls=tls,
+        auth_token=token, auth_open=auth_open, access_log=args.access_log,
         limits=ServerLimits(max_message_bytes=args.max_message_bytes,
                             max_encoded_image_bytes=args.max_image_bytes,
                             max_image_pixels=args.max_image_pixels,
@@ -227,7 +293,7 @@ def _classify(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     reply = _call(lambda c: c.classify_files(args.images, args.model, args.top_k,
-                                             args.version), args.server)
+                                             args.version), args)
     if reply is None:
         return 1
     console = Console()
@@ -244,8 +310,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    vectors = _call(lambda c: c.embed_files(args.images, args.model, not args.raw),
-                    args.server)
+    vectors = _call(lambda c: c.embed_files(args.images, args.model, not args.raw), args)
     if vectors is None:
         return 1
     for path, v in zip(args.images, vectors, strict=True):
@@ -259,7 +324,7 @@ def _models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    reply = _call(lambda c: c.list_models(), args.server)
+    reply = _call(lambda c: c.list_models(), args)
     if reply is None:
         return 1
     from visionserve.v1 import visionserve_pb2 as pb
@@ -280,12 +345,14 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _call(fn, server: str):  # type: ignore[no-untyped-def]
+def _call(fn, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     import grpc
 
     from .client import VisionClient
+    from .security import load_token
 
-    client = VisionClient(server)
+    client = VisionClient(args.server, channel=_client_channel(args),
+                          token=load_token(args.auth_token_file))
     try:
         return fn(client)
     except grpc.RpcError as err:
@@ -299,7 +366,7 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.server) as channel:
+    with _client_channel(args) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)

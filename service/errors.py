@@ -75,10 +75,16 @@ class BackendError(VisionServeError):
     code = grpc.StatusCode.INTERNAL
 
 
+MAX_MESSAGE_CHARS = 2000  # status details travel in a header: keep them well under its limit
+
+
 def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map any exception to the (code, message) sent to the client."""
     if isinstance(exc, VisionServeError):
-        return exc.code, str(exc)
+        message = str(exc)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "…(message shortened)"
+        return exc.code, message
     log.error("unexpected error while serving a request", exc_info=exc)
     return (grpc.StatusCode.INTERNAL,
             "internal server error (logged on the server); please report it")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .config import ServerLimits, cpu_count
 from .inference import InferenceCore
 from .metrics import Metrics
 from .registry import ModelRegistry
+from .security import BearerTokenInterceptor, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +49,37 @@ class ServerConfig:
     poll_interval_s: float = 5.0
     load_models: tuple[str, ...] = ()  # explicit mode: models to load at start
     shutdown_grace_s: float = 30.0
+    metrics_host: str = ""  # "" = the same address as gRPC
+    tls: TlsConfig | None = None
+    auth_token: str | None = None  # bearer token; None = no auth
+    auth_open: tuple[str, ...] = ()  # access classes open without the token (security.OPENABLE)
+    access_log: str = "errors"  # all | errors | off (api.calls.ACCESS_LOG_MODES)
 
 
 async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully: health goes
-    NOT_SERVING, no new RPCs are accepted, in-flight ones finish (up to the grace period),
-    queued batches drain, and the process exits."""
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully: health and
+    KServe readiness go NOT_SERVING first, then no new RPCs are accepted (UNAVAILABLE),
+    in-flight ones finish (up to the grace period), queued batches drain, and the process
+    exits. A second signal during the shutdown exits at once."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("second %s during shutdown: exiting now, in-flight requests are lost",
+                        sig.name)
+            logging.shutdown()
+            os._exit(128 + sig.value)
+        log.info("%s received", sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
 
     disable_created_metrics()  # the *_created series only double the scrape size
     metrics = Metrics()
-    http_server, http_thread = start_http_server(config.metrics_port, addr=config.host,
-                                                 registry=metrics.registry)
+    http_server, http_thread = start_http_server(
+        config.metrics_port, addr=config.metrics_host or config.host, registry=metrics.registry)
     metrics_port = http_server.server_port
 
     health_servicer = health.aio.HealthServicer()
@@ -77,26 +95,34 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     core = InferenceCore(registry, preprocess_pool, config.limits, metrics)
 
     limit = config.limits.max_message_bytes
-    server = grpc.aio.server(options=[
+    interceptors = [BearerTokenInterceptor(config.auth_token, config.auth_open)] \
+        if config.auth_token else []  # none at all without auth: no per-call cost
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 1),
     ])
-    calls = CallHandler(registry, metrics)
+    calls = CallHandler(registry, metrics, config.access_log)
+    kserve = KServeServicer(core, calls, config.model_control)
     pb_grpc.add_VisionServiceServicer_to_server(VisionServicer(core, calls), server)
-    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(core, calls, config.model_control), server)
+    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,
          kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    address = f"{config.host}:{config.grpc_port}"
+    grpc_port = server.add_secure_port(address, config.tls.credentials()) if config.tls \
+        else server.add_insecure_port(address)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    log.info("gRPC listening on %s:%d (NOT_SERVING until models are loaded)", config.host,
-             grpc_port)
+    log.info("gRPC listening on %s:%d (%s; %s; NOT_SERVING until models are loaded)",
+             config.host, grpc_port,
+             "plaintext" if not config.tls else
+             "TLS, client certificates required" if config.tls.client_ca else "TLS",
+             "no auth" if not config.auth_token else
+             "bearer token required except for " + ", ".join(("health", *config.auth_open)))
 
     only = set(config.load_models) if config.model_control == "explicit" else None
     await registry.load_repository(config.repo, only)
@@ -104,7 +130,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     failed = [s.name for s in registry.statuses() if s.state == "failed"]
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("serving gRPC on %s:%d, metrics on http://%s:%d/metrics; models ready: %s%s",
-             config.host, grpc_port, config.host, metrics_port, ", ".join(ready) or "none",
+             config.host, grpc_port, config.metrics_host or config.host, metrics_port,
+             ", ".join(ready) or "none",
              f"; failed: {', '.join(failed)}" if failed else "")
 
     poller = asyncio.create_task(_poll(registry, config.poll_interval_s, stop)) \
@@ -112,11 +139,15 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     await stop.wait()
     if poller is not None:
         await poller
-    log.info("shutting down: refusing new requests, finishing in-flight ones (grace %.0f s)",
-             config.shutdown_grace_s)
+    log.info("shutting down: readiness off, refusing new requests, finishing in-flight ones "
+             "(grace %.0f s; a second signal exits at once)", config.shutdown_grace_s)
+    kserve.accepting = False
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.shutdown_grace_s)
-    await registry.close()
+    await server.stop(config.shutdown_grace_s)  # after the grace, calls still running cancel
+    try:  # what is left is at most the batches computing now
+        await asyncio.wait_for(registry.close(), timeout=10)
+    except TimeoutError:
+        log.error("models did not unload within 10 s of the grace period; exiting anyway")
     preprocess_pool.shutdown(wait=True)
     http_server.shutdown()
     log.info("stopped")

@@ -1,18 +1,25 @@
-"""What every RPC handler shares: deadline, in-flight gauge, request histogram, error mapping,
-and the bidirectional-stream pattern (many requests in flight on one stream)."""
+"""What every RPC handler shares: request id, deadline, in-flight gauge, request histogram,
+access log, error mapping, and the bidirectional-stream pattern (many requests in flight on one
+stream)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 
-from ..errors import VisionServeError, grpc_status
+from ..errors import InvalidInput, VisionServeError, grpc_status
+from ..logs import REQUEST_ID, printable, request_id
 from ..metrics import UNKNOWN_MODEL, Metrics
 from ..registry import ModelRegistry
+
+access_log = logging.getLogger("visionserve.access")
+ACCESS_LOG_MODES = ("all", "errors", "off")
+MAX_MODEL_NAME = 256
 
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -24,21 +31,37 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def metadata_request_id(context: grpc.aio.ServicerContext) -> str:
+    """The ``x-request-id`` metadata of a call (as a mesh or gateway sets it), or ""."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""
+
+
 class CallHandler:
-    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics,
+                 access_log_mode: str = "errors") -> None:
         self._registry = registry
         self._metrics = metrics
+        self._access = access_log_mode
 
     async def run(self, method: str, model: str,
-                  work: Callable[[], Awaitable[tuple[T, int]]]) -> T:
-        """Run ``work`` (which returns the reply and the version that answered) and record its
-        outcome; exceptions propagate unchanged."""
+                  work: Callable[[], Awaitable[tuple[T, int]]], client_id: str = "") -> T:
+        """Run ``work`` (which returns the reply and the version that answered) under a request
+        id (``client_id`` or a new one) and record its outcome; exceptions propagate unchanged.
+        """
         start = time.perf_counter()
+        REQUEST_ID.set(request_id(client_id))
         inflight = self._metrics.inflight.labels(method)
         inflight.inc()
         version = ""
         code = grpc.StatusCode.OK
         try:
+            if len(model) > MAX_MODEL_NAME or not model.isprintable():
+                raise InvalidInput(f"model name {printable(model)!r} ({len(model)} chars) is not "
+                                   f"a model name: use at most {MAX_MODEL_NAME} printable "
+                                   "characters")
             reply, answered = await work()
             version = str(answered) if answered else ""
             return reply
@@ -52,15 +75,23 @@ class CallHandler:
             raise
         finally:
             inflight.dec()
+            elapsed = time.perf_counter() - start
             label = model if not model or self._registry.is_known(model) else UNKNOWN_MODEL
             self._metrics.request_duration.labels(label, version, method, code.name).observe(
-                time.perf_counter() - start)
+                elapsed)
+            if self._access == "all" or (self._access == "errors"
+                                         and code != grpc.StatusCode.OK):
+                access_log.info("%s model=%s version=%s code=%s duration_ms=%.2f", method,
+                                printable(model), version or "-", code.name, elapsed * 1000)
 
     async def handle(self, method: str, model: str, context: grpc.aio.ServicerContext,
-                     work: Callable[[], Awaitable[tuple[T, int]]]) -> T:
-        """``run`` for a unary RPC: an error becomes the call's status (never a traceback)."""
+                     work: Callable[[], Awaitable[tuple[T, int]]], client_id: str = "") -> T:
+        """``run`` for a unary RPC: an error becomes the call's status (never a traceback).
+        The request id is ``client_id`` (the request's own field), else the call's
+        ``x-request-id`` metadata, else a new one."""
         try:
-            return await self.run(method, model, work)
+            return await self.run(method, model, work,
+                                  client_id or metadata_request_id(context))
         except Exception as exc:  # noqa: BLE001 - mapped to a status right here
             code, message = grpc_status(exc)
         await context.abort(code, message)

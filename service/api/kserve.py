@@ -32,6 +32,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self._registry: ModelRegistry = core.registry
         self._calls = calls
         self._model_control = model_control
+        self.accepting = True  # False once shutdown starts: ServerReady turns false first
 
     # --- health and metadata --------------------------------------------------------------
 
@@ -39,7 +40,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):  # noqa: N802, ANN001, ANN201
-        return kpb.ServerReadyResponse(ready=not self._registry.loading)
+        return kpb.ServerReadyResponse(ready=self.accepting and not self._registry.loading)
 
     async def ModelReady(self, request, context):  # noqa: N802, ANN001, ANN201
         try:
@@ -89,7 +90,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):  # noqa: N802, ANN001, ANN201
         return await self._calls.handle("ModelInfer", request.model_name, context,
-                                        lambda: self._infer(request, context))
+                                        lambda: self._infer(request, context), request.id)
 
     async def ModelStreamInfer(self, requests: AsyncIterator[kpb.ModelInferRequest],  # noqa: N802
                                context: grpc.aio.ServicerContext
@@ -97,7 +98,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         async def answer(request: kpb.ModelInferRequest) -> kpb.ModelStreamInferResponse:
             try:
                 reply = await self._calls.run("ModelStreamInfer", request.model_name,
-                                              lambda: self._infer(request, context))
+                                              lambda: self._infer(request, context),
+                                              request.id)
             except Exception as exc:  # noqa: BLE001 - this request's error, not the stream's
                 _, message = grpc_status(exc)
                 return kpb.ModelStreamInferResponse(

@@ -34,7 +34,8 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
                                                deadline_of(context))
             return result.to_grpc(), result.version
 
-        return await self._calls.handle("Classify", request.model, context, work)
+        return await self._calls.handle("Classify", request.model, context, work,
+                                        request.request_id)
 
     async def ClassifyStream(self, requests: AsyncIterator[pb.ClassifyRequest],  # noqa: N802
                              context: grpc.aio.ServicerContext
@@ -46,7 +47,8 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
                 return result.to_grpc(), result.version
 
             try:
-                reply = await self._calls.run("ClassifyStream", request.model, work)
+                reply = await self._calls.run("ClassifyStream", request.model, work,
+                                              request.request_id)
             except Exception as exc:  # noqa: BLE001 - this request's error, not the stream's
                 code, message = grpc_status(exc)
                 return pb.ClassifyStreamResponse(request_id=request.request_id,
@@ -62,7 +64,8 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
             result = await self._core.embed(EmbedCall.from_grpc(request), deadline_of(context))
             return result.to_grpc(), result.version
 
-        return await self._calls.handle("Embed", request.model, context, work)
+        return await self._calls.handle("Embed", request.model, context, work,
+                                        request.request_id)
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:

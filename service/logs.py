@@ -1,0 +1,42 @@
+"""Logging: every line written while a request is handled carries its request id, and one
+access-log line per request (logger ``visionserve.access``) records method, model, version,
+status code and duration. Nothing a client sent is logged beyond its model name and request id,
+both shortened and escaped (``printable``); never payload bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextvars import ContextVar
+
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+FORMAT = "%(asctime)s %(levelname)s %(name)s:%(request_tag)s %(message)s"
+_MAX_SHOWN = 64
+
+
+def configure(level: str) -> None:
+    """Root logging for the CLI: the format above, and the request id on every record."""
+    logging.basicConfig(level=getattr(logging, level.upper()), format=FORMAT)
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        rid = REQUEST_ID.get()
+        record.request_tag = f" [req {rid}]" if rid else ""
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+def request_id(client_id: str) -> str:
+    """The id logs use for one request: the client's own (shortened, escaped), or a new one."""
+    return printable(client_id) if client_id else uuid.uuid4().hex[:16]
+
+
+def printable(text: str, limit: int = _MAX_SHOWN) -> str:
+    """``text`` safe for a log line or a status message: control characters escaped (no forged
+    log lines), at most ``limit`` characters."""
+    shown = text[:limit].encode("unicode_escape").decode("ascii") if not text.isprintable() \
+        else text[:limit]
+    return shown + (f"…(+{len(text) - limit} chars)" if len(text) > limit else "")

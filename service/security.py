@@ -1,0 +1,124 @@
+"""Transport security and access control of the gRPC port: TLS (optionally mutual) and an
+optional bearer token checked in one interceptor (docs/security.md).
+
+Every RPC belongs to one access class. ``health`` (gRPC health, KServe ServerLive/ServerReady/
+ModelReady) is always open so that probes work; ``repository`` (KServe RepositoryIndex/Load/
+Unload) always needs the token when one is set; ``inference``, ``metadata`` and ``statistics``
+need it unless the operator opens them (``--auth-open``), e.g. behind a mesh that authenticates
+callers itself. Anything not listed (reflection, a future RPC) counts as ``metadata``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+TOKEN_ENV = "VISIONSERVE_AUTH_TOKEN"
+OPENABLE = ("inference", "metadata", "statistics")
+
+_KSERVE = "/inference.GRPCInferenceService/"
+_VISION = "/visionserve.v1.VisionService/"
+_CLASSES = {
+    **{f"{_KSERVE}{m}": "health" for m in ("ServerLive", "ServerReady", "ModelReady")},
+    **{f"{_KSERVE}{m}": "repository"
+       for m in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")},
+    **{f"{_KSERVE}{m}": "inference" for m in ("ModelInfer", "ModelStreamInfer")},
+    **{f"{_VISION}{m}": "inference" for m in ("Classify", "ClassifyStream", "Embed")},
+    f"{_KSERVE}ModelStatistics": "statistics",
+}
+
+
+def access_class(method: str) -> str:
+    """The access class of a full method name such as ``/visionserve.v1.VisionService/Embed``."""
+    if method.startswith("/grpc.health.v1.Health/"):
+        return "health"
+    return _CLASSES.get(method, "metadata")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # set: mutual TLS, clients must present a cert it signed
+
+    def credentials(self) -> grpc.ServerCredentials:
+        pairs = [(_read(self.key, "--tls-key"), _read(self.cert, "--tls-cert"))]
+        if self.client_ca is None:
+            return grpc.ssl_server_credentials(pairs)
+        return grpc.ssl_server_credentials(pairs, _read(self.client_ca, "--tls-client-ca"),
+                                           require_client_auth=True)
+
+
+def load_token(token_file: Path | None) -> str | None:
+    """The bearer token from ``token_file`` (first line) or else $VISIONSERVE_AUTH_TOKEN; None
+    when neither is set (auth off)."""
+    if token_file is not None:
+        token = _read(token_file, "--auth-token-file").decode().strip()
+        if not token:
+            raise ValueError(f"--auth-token-file {token_file} is empty; put the token on its "
+                             "first line")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses, with UNAUTHENTICATED, every call of a protected class whose ``authorization``
+    metadata is not ``Bearer <token>``. The refused request's body is never deserialized."""
+
+    def __init__(self, token: str, open_classes: tuple[str, ...] = ()) -> None:
+        unknown = set(open_classes) - set(OPENABLE)
+        if unknown:
+            raise ValueError(f"--auth-open {sorted(unknown)[0]!r} is not allowed; choose from "
+                             f"{list(OPENABLE)} (health is always open, repository never)")
+        self._expected = f"Bearer {token}".encode()
+        self._open = {"health", *open_classes}
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        cls = access_class(details.method)
+        if cls in self._open:
+            return await continuation(details)
+        presented = next((v for k, v in details.invocation_metadata or ()
+                          if k == "authorization"), None)
+        if presented is not None and hmac.compare_digest(
+                presented.encode() if isinstance(presented, str) else presented,
+                self._expected):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
+            return handler
+        reason = "no authorization metadata" if presented is None else "the token is not valid"
+        return _refusal(handler, f"{details.method.rsplit('/', 1)[-1]} needs a bearer token "
+                                 f"({cls} calls are protected on this server): {reason}; send "
+                                 "metadata 'authorization: Bearer <token>'")
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def abort(_request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def abort_stream(_requests: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    # no deserializer: an unauthenticated payload is never parsed
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(abort)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(abort_stream)
+    return grpc.stream_stream_rpc_method_handler(abort_stream)
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot read it ({exc.strerror})") from None

@@ -1,0 +1,247 @@
+"""Security of the gRPC port: TLS, mutual TLS, bearer tokens, the metrics address, and what
+reaches clients and logs (docs/security.md). Certificates are generated at run time."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import ROOT, make_repo, run_cli, tensor_image
+from visionserve.service.benchmark.launch import start_visionserve
+from visionserve.service.client import open_channel
+from visionserve.v1 import visionserve_pb2 as pb
+from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
+
+x509 = pytest.importorskip("cryptography.x509")
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+TOKEN = "s3cret-token-for-tests"
+DIGIT = np.zeros((32, 32, 1), np.uint8)
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # a client certificate signed by another CA
+    rogue_key: Path
+
+
+def _key_and_cert(dir_: Path, name: str, issuer: tuple | None, *, ca: bool = False,
+                  server: bool = False) -> tuple:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(issuer[1].subject if issuer else subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    cert = builder.sign(issuer[0] if issuer else key, hashes.SHA256())
+    (dir_ / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (dir_ / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key, cert
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca = _key_and_cert(d, "ca", None, ca=True)
+    rogue_ca = _key_and_cert(d, "rogue-ca", None, ca=True)
+    _key_and_cert(d, "server", ca, server=True)
+    _key_and_cert(d, "client", ca)
+    _key_and_cert(d, "rogue", rogue_ca)
+    return Pki(d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt",
+               d / "client.key", d / "rogue.crt", d / "rogue.key")
+
+
+def serve(repo: Path, log: Path, *args: str, env: dict[str, str] | None = None):  # noqa: ANN201
+    return start_visionserve(repo, *args, env=env, log_path=log, cwd=ROOT, ready_timeout_s=120)
+
+
+def classify(channel: grpc.Channel, **kwargs: object) -> pb.ClassifyResponse:
+    return pb_grpc.VisionServiceStub(channel).Classify(
+        pb.ClassifyRequest(model="lenet5", images=[tensor_image(DIGIT)]), timeout=30, **kwargs)
+
+
+def status_of(call, *args: object, **kwargs: object) -> grpc.RpcError:  # noqa: ANN001
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def test_tls_serves_tls_clients_and_refuses_plaintext(exported_repo, tmp_path, pki):
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    try:
+        target = f"localhost:{srv.grpc_port}"
+        with open_channel(target, tls_ca=pki.ca) as channel:
+            assert classify(channel).version == 1
+        with grpc.insecure_channel(target) as plaintext:
+            assert status_of(classify, plaintext).code() == grpc.StatusCode.UNAVAILABLE
+        probe = run_cli("health", "--server", target, "--tls-ca", str(pki.ca))
+        assert probe.returncode == 0, probe.stderr
+        assert "(TLS; no auth;" in srv.log_tail()
+    finally:
+        srv.stop()
+
+
+def test_mutual_tls_needs_a_client_certificate_from_the_configured_ca(exported_repo, tmp_path,
+                                                                      pki):
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                "--tls-client-ca", str(pki.ca))
+    try:
+        target = f"localhost:{srv.grpc_port}"
+        with open_channel(target, pki.ca, pki.client_cert, pki.client_key) as channel:
+            assert classify(channel).version == 1
+        with open_channel(target, tls_ca=pki.ca) as anonymous:
+            assert status_of(classify, anonymous).code() == grpc.StatusCode.UNAVAILABLE
+        with open_channel(target, pki.ca, pki.rogue_cert, pki.rogue_key) as rogue:
+            assert status_of(classify, rogue).code() == grpc.StatusCode.UNAVAILABLE
+        models = run_cli("models", "--server", target, "--tls-ca", str(pki.ca),
+                         "--tls-client-cert", str(pki.client_cert),
+                         "--tls-client-key", str(pki.client_key))
+        assert models.returncode == 0 and "lenet5" in models.stdout, models.stderr
+    finally:
+        srv.stop()
+
+
+def test_bad_tls_flags_fail_at_start_naming_the_flag(exported_repo, tmp_path, pki):
+    repo = str(exported_repo)
+    result = run_cli("serve", "--repo", repo, "--tls-cert", str(pki.server_cert))
+    assert result.returncode == 2 and "--tls-cert and --tls-key go together" in result.stderr
+    result = run_cli("serve", "--repo", repo, "--tls-cert", str(pki.server_cert),
+                     "--tls-key", str(tmp_path / "missing.key"))
+    assert result.returncode == 2 and "--tls-key" in result.stderr
+    assert "cannot read it" in result.stderr
+
+
+def test_bearer_token_protects_everything_but_health(exported_repo, tmp_path):
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--model-control", "explicit", "--load-model", "lenet5",
+                env={"VISIONSERVE_AUTH_TOKEN": TOKEN})
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            err = status_of(classify, channel)
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "Classify needs a bearer token" in err.details()
+            assert "authorization: Bearer <token>" in err.details()
+            err = status_of(classify, channel, metadata=(("authorization", "Bearer nope"),))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "the token is not valid" in err.details()
+            assert classify(channel, metadata=(("authorization", f"Bearer {TOKEN}"),)).version == 1
+
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            kserve = _kserve(channel)
+            assert kserve.ServerReady(_kpb().ServerReadyRequest()).ready
+            err = status_of(kserve.RepositoryModelUnload,
+                            _kpb().RepositoryModelUnloadRequest(model_name="lenet5"))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            err = status_of(kserve.ModelMetadata, _kpb().ModelMetadataRequest(name="lenet5"))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "bearer token required except for health" in srv.log_tail()
+    finally:
+        srv.stop()
+
+
+def test_opened_classes_need_no_token_but_repository_calls_always_do(exported_repo, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--model-control", "explicit", "--load-model", "lenet5",
+                "--auth-token-file", str(token_file), "--auth-open",
+                "inference,metadata,statistics")
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            assert classify(channel).version == 1
+            kserve = _kserve(channel)
+            assert kserve.ModelMetadata(_kpb().ModelMetadataRequest(name="lenet5")).name
+            unload = _kpb().RepositoryModelUnloadRequest(model_name="lenet5")
+            assert status_of(kserve.RepositoryModelUnload, unload).code() == \
+                grpc.StatusCode.UNAUTHENTICATED
+            kserve.RepositoryModelUnload(unload, metadata=(("authorization",
+                                                            f"Bearer {TOKEN}"),))
+        cli = run_cli("models", "--server", srv.target, "--auth-token-file", str(token_file))
+        assert cli.returncode == 0, cli.stderr
+    finally:
+        srv.stop()
+    refused = run_cli("serve", "--repo", str(exported_repo), "--auth-token-file",
+                      str(token_file), "--auth-open", "repository")
+    assert refused.returncode == 2
+    assert "--auth-open 'repository' is not allowed" in refused.stderr
+
+
+def test_metrics_can_bind_to_another_address(exported_repo, tmp_path):
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--host", "127.0.0.1", "--metrics-host", "127.0.0.2")
+    try:
+        url = f"http://{{}}:{srv.metrics_port}/metrics"
+        with urllib.request.urlopen(url.format("127.0.0.2"), timeout=10) as reply:
+            assert b"visionserve_inflight_requests" in reply.read()
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(url.format("127.0.0.1"), timeout=10)
+        assert f"metrics on http://127.0.0.2:{srv.metrics_port}/metrics" in srv.log_tail()
+    finally:
+        srv.stop()
+
+
+def test_access_log_carries_the_request_id_and_never_payload_bytes(exported_repo, tmp_path):
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--access-log", "all")
+    marker = b"PAYLOAD-MARKER-7f3a"
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+            stub.Classify(pb.ClassifyRequest(model="lenet5", request_id="req-ok-1",
+                                             images=[tensor_image(DIGIT)]), timeout=30)
+            err = status_of(stub.Classify, pb.ClassifyRequest(
+                model="lenet5", request_id="req-bad-2\nFORGED LINE",
+                images=[pb.Image(encoded=marker * 100)]), timeout=30)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "Traceback" not in err.details() and ".py" not in err.details()
+            stub.Classify(pb.ClassifyRequest(model="lenet5", images=[tensor_image(DIGIT)]),
+                          timeout=30, metadata=(("x-request-id", "mesh-id-3"),))
+        log = srv.log_tail(100_000)
+        assert "[req req-ok-1] Classify model=lenet5 version=1 code=OK duration_ms=" in log
+        assert "[req req-bad-2\\nFORGED LINE] Classify model=lenet5 version=- " \
+               "code=INVALID_ARGUMENT" in log
+        assert "\nFORGED LINE" not in log
+        assert "[req mesh-id-3] Classify model=lenet5 version=1 code=OK" in log
+        assert marker.decode() not in log
+    finally:
+        srv.stop()
+
+
+def _kpb():  # noqa: ANN202 - KServe stubs are imported late (one descriptor pool per process)
+    from visionserve.inference import grpc_service_pb2
+
+    return grpc_service_pb2
+
+
+def _kserve(channel: grpc.Channel):  # noqa: ANN202
+    from visionserve.inference import grpc_service_pb2_grpc
+
+    return grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
