@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="how long in-flight requests may take to finish on SIGTERM/SIGINT (a "
                         "second signal exits at once)")
+    p.add_argument("--shutdown-delay-s", type=float, default=0.0,
+                   help="on SIGTERM, report not-ready but keep serving this long before new "
+                        "calls are refused (lets Kubernetes/a mesh stop routing here first)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path,
@@ -268,7 +271,8 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, preprocess_threads=args.preprocess_threads,
         model_control=args.model_control, poll_interval_s=args.poll_interval_s,
         load_models=tuple(args.load_model),
-        shutdown_grace_s=args.shutdown_grace_s, metrics_host=args.metrics_host, tls=tls,
+        shutdown_grace_s=args.shutdown_grace_s, shutdown_delay_s=args.shutdown_delay_s,
+        metrics_host=args.metrics_host, tls=tls,
         auth_token=token, auth_open=auth_open, access_log=args.access_log,
         limits=ServerLimits(max_message_bytes=args.max_message_bytes,
                             max_encoded_image_bytes=args.max_image_bytes,

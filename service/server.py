@@ -49,6 +49,9 @@ class ServerConfig:
     poll_interval_s: float = 5.0
     load_models: tuple[str, ...] = ()  # explicit mode: models to load at start
     shutdown_grace_s: float = 30.0
+    # readiness off, still serving, for this long before new calls are refused: time for a
+    # load balancer (Kubernetes endpoints, a mesh) to stop sending new work here
+    shutdown_delay_s: float = 0.0
     metrics_host: str = ""  # "" = the same address as gRPC
     tls: TlsConfig | None = None
     auth_token: str | None = None  # bearer token; None = no auth
@@ -143,7 +146,19 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
              "(grace %.0f s; a second signal exits at once)", config.shutdown_grace_s)
     kserve.accepting = False
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.shutdown_grace_s)  # after the grace, calls still running cancel
+    if config.shutdown_delay_s > 0:
+        log.info("readiness is off; still serving for %.1f s (--shutdown-delay-s)",
+                 config.shutdown_delay_s)
+        await asyncio.sleep(config.shutdown_delay_s)
+    # our handlers refuse new calls with UNAVAILABLE while accepted ones finish; then gRPC
+    # stops (calls still running after the grace are cancelled)
+    started = loop.time()
+    if not await calls.drain(config.shutdown_grace_s):
+        log.warning("requests still running after the %.0f s grace are cancelled",
+                    config.shutdown_grace_s)
+    else:
+        await calls.quiet(0.2, config.shutdown_grace_s - (loop.time() - started))
+    await server.stop(max(0.0, config.shutdown_grace_s - (loop.time() - started)))
     try:  # what is left is at most the batches computing now
         await asyncio.wait_for(registry.close(), timeout=10)
     except TimeoutError:

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import grpc
 
-from ..errors import InvalidInput, VisionServeError, grpc_status
+from ..errors import InvalidInput, ModelUnavailable, VisionServeError, grpc_status
 from ..logs import REQUEST_ID, printable, request_id
 from ..metrics import UNKNOWN_MODEL, Metrics
 from ..registry import ModelRegistry
@@ -45,6 +45,33 @@ class CallHandler:
         self._registry = registry
         self._metrics = metrics
         self._access = access_log_mode
+        self._running = 0  # requests inside run() now
+        self._accepting = True
+        self._drained = asyncio.Event()
+        self._last_refused = 0.0  # time.monotonic() of the last call refused while draining
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests (UNAVAILABLE) from now on and wait up to ``timeout_s`` for the
+        running ones to finish; True when none is left."""
+        self._accepting = False
+        if self._running == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def quiet(self, period_s: float, timeout_s: float) -> None:
+        """After ``drain``: keep refusing until no call arrived for ``period_s`` (at most
+        ``timeout_s``), so that clients still sending get UNAVAILABLE from us rather than a
+        CANCELLED from gRPC's own shutdown racing their calls."""
+        end = time.monotonic() + timeout_s
+        while (now := time.monotonic()) < end:
+            wait = min(self._last_refused + period_s, end) - now
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
 
     async def run(self, method: str, model: str,
                   work: Callable[[], Awaitable[tuple[T, int]]], client_id: str = "") -> T:
@@ -55,9 +82,14 @@ class CallHandler:
         REQUEST_ID.set(request_id(client_id))
         inflight = self._metrics.inflight.labels(method)
         inflight.inc()
+        self._running += 1
         version = ""
         code = grpc.StatusCode.OK
         try:
+            if not self._accepting:
+                self._last_refused = time.monotonic()
+                raise ModelUnavailable("the server is shutting down and takes no new requests; "
+                                       "retry (another replica, or this one once restarted)")
             if len(model) > MAX_MODEL_NAME or not model.isprintable():
                 raise InvalidInput(f"model name {printable(model)!r} ({len(model)} chars) is not "
                                    f"a model name: use at most {MAX_MODEL_NAME} printable "
@@ -75,6 +107,9 @@ class CallHandler:
             raise
         finally:
             inflight.dec()
+            self._running -= 1
+            if not self._running and not self._accepting:
+                self._drained.set()
             elapsed = time.perf_counter() - start
             label = model if not model or self._registry.is_known(model) else UNKNOWN_MODEL
             self._metrics.request_duration.labels(label, version, method, code.name).observe(

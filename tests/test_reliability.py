@@ -1,0 +1,194 @@
+"""Reliability under failure: a backend error inside a batch, and SIGTERM/SIGINT under load
+(readiness off first, new calls UNAVAILABLE, every accepted request answered, exit within the
+grace, a second signal exits at once)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import make_repo, start_server, tensor_image
+from visionserve.v1 import visionserve_pb2 as pb
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper  # noqa: E402
+
+
+def fragile_model(path: Path) -> None:
+    """A LeNet-shaped ONNX model that ONNX Runtime fails on (Gather index out of bounds) for any
+    batch holding an image whose largest value is >= 8: a poison pill inside a batch."""
+    w = np.random.default_rng(0).standard_normal((1024, 10)).astype(np.float32)
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["embedding"]),
+        helper.make_node("MatMul", ["embedding", "w"], ["scores"]),
+        helper.make_node("ReduceMax", ["input"], ["peak"], keepdims=0),
+        helper.make_node("Cast", ["peak"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "index"], ["offset"]),
+        helper.make_node("Add", ["scores", "offset"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "fragile",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 1024])],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel()),
+         helper.make_tensor("table", TensorProto.FLOAT, [8], [0.0] * 8)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def test_a_backend_error_fails_only_its_batch_and_logs_the_request_ids(exported_repo, tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",), {"lenet5": {
+        # an idle instance waits (up to 2 s) for three images: the three calls batch together
+        "batching.max_queue_delay_ms": 2000.0, "batching.preferred_batch_sizes": [3]}})
+    shutil.move(repo / "lenet5", repo / "fragile")
+    fragile_model(repo / "fragile" / "1" / "model.onnx")
+    srv = start_server(repo, tmp_path / "server.log")
+    good = np.zeros((1, 32, 32), np.float32)
+    poison = np.full((1, 32, 32), 1000.0, np.float32)
+
+    def call(rid: str, x: np.ndarray) -> grpc.StatusCode:
+        try:
+            srv.stub.Classify(pb.ClassifyRequest(model="fragile", request_id=rid,
+                                                 images=[tensor_image(x)]), timeout=60)
+        except grpc.RpcError as err:
+            assert "Traceback" not in err.details() and ".py" not in err.details()
+            return err.code()
+        return grpc.StatusCode.OK
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            codes = list(pool.map(call, ["good-a", "poison-b", "good-c"], [good, poison, good]))
+        assert codes == [grpc.StatusCode.INTERNAL] * 3  # one batch, one failure
+        line = next(x for x in srv.log().splitlines() if "inference failed on a batch" in x)
+        assert "model fragile version 1" in line and "batch of 3 images" in line
+        assert "requests good-a, good-c, poison-b" in line
+        with ThreadPoolExecutor(3) as pool:  # the next batch runs
+            codes = list(pool.map(call, ["a", "b", "c"], [good] * 3))
+        assert codes == [grpc.StatusCode.OK] * 3
+        assert srv.metric("visionserve_batch_size_sum", model="fragile") == 3
+    finally:
+        srv.stop()
+
+
+# --- shutdown ---------------------------------------------------------------------------------
+
+class Load:
+    """``clients`` threads calling Classify back to back, each until the server refuses it;
+    every outcome is recorded."""
+
+    def __init__(self, srv, model: str, image: pb.Image, clients: int) -> None:  # noqa: ANN001
+        self.srv, self.codes = srv, Counter[str]()
+        self._request = pb.ClassifyRequest(model=model, images=[image])
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop) for _ in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.srv.stub.Classify(self._request, timeout=120)
+                code = "OK"
+            except grpc.RpcError as err:
+                code = err.code().name
+            with self._lock:
+                self.codes[code] += 1
+            if code != "OK":
+                return
+
+    def join(self) -> Counter[str]:
+        for t in self._threads:
+            t.join(timeout=180)
+        return self.codes
+
+
+def accepted(log: str) -> Counter[str]:
+    """Requests the server answered, by code, from its access log (UNAVAILABLE: refused while
+    shutting down)."""
+    return Counter(re.findall(r"Classify model=\S+ version=\S+ code=(\w+)", log))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_under_load_answers_every_accepted_request_then_exits(exported_repo, tmp_path,
+                                                                        sig):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("mobilenet_v3_small",),
+                     {"mobilenet_v3_small": {"max_batch_size": 8}})
+    srv = start_server(repo, tmp_path / "server.log", "--access-log", "all",
+                       "--shutdown-delay-s", "1", "--shutdown-grace-s", "60")
+    load = Load(srv, "mobilenet_v3_small", tensor_image(np.zeros((224, 224, 3), np.uint8)), 16)
+    time.sleep(2)  # under load
+    srv.process.send_signal(sig)
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    readiness = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    codes = load.join()
+    assert srv.process.wait(timeout=90) == 0
+    log = srv.log()
+    # readiness went off while requests were still served (the 1 s delay), then new calls
+    # were refused with UNAVAILABLE, and every request the server accepted was answered OK
+    assert readiness == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert set(codes) == {"OK", "UNAVAILABLE"}, codes
+    assert codes["UNAVAILABLE"] == 16
+    assert accepted(log) == Counter({"OK": codes["OK"], "UNAVAILABLE": 16}), (accepted(log),
+                                                                              codes)
+    assert codes["OK"] > 16
+    assert f"{sig.name} received" in log and "stopped" in log
+
+
+def test_exit_within_the_grace_period_cuts_what_is_still_running(exported_repo, tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
+                     {"resnet18": {"max_batch_size": 1}})
+    srv = start_server(repo, tmp_path / "server.log", "--shutdown-grace-s", "1")
+    x = tensor_image(np.zeros((224, 224, 3), np.uint8))
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(srv.stub.Classify, pb.ClassifyRequest(model="resnet18",
+                                                                  images=[x] * 200), timeout=300)
+        _wait_in_flight(srv)
+        signalled = time.monotonic()
+        srv.process.send_signal(signal.SIGTERM)
+        assert srv.process.wait(timeout=60) == 0
+        took = time.monotonic() - signalled
+        with pytest.raises(grpc.RpcError) as info:
+            slow.result()
+    assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert took < 30, f"exit took {took:.1f} s with a 1 s grace"  # a hang guard, not a timing
+
+
+def test_a_second_signal_exits_at_once(exported_repo, tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
+                     {"resnet18": {"max_batch_size": 1}})
+    srv = start_server(repo, tmp_path / "server.log", "--shutdown-grace-s", "600")
+    x = tensor_image(np.zeros((224, 224, 3), np.uint8))
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(srv.stub.Classify, pb.ClassifyRequest(model="resnet18",
+                                                                  images=[x] * 200), timeout=300)
+        _wait_in_flight(srv)
+        srv.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "shutting down" not in srv.log():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        srv.process.send_signal(signal.SIGTERM)
+        assert srv.process.wait(timeout=30) == 128 + signal.SIGTERM
+        with pytest.raises(grpc.RpcError):
+            slow.result()
+    assert "second SIGTERM during shutdown: exiting now" in srv.log()
+
+
+def _wait_in_flight(srv) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + 60
+    while srv.metric("visionserve_inflight_requests", method="Classify") == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
