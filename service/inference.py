@@ -35,6 +35,10 @@ class InferenceCore:
         self._limits = limits
         self._metrics = metrics
 
+    @property
+    def limits(self) -> ServerLimits:
+        return self._limits
+
     async def classify(self, call: ClassifyCall, deadline: float | None) -> ClassifyResult:
         served = self.registry.resolve(call.model, call.version)
         results = await self.infer(served, call.images, deadline,

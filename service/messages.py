@@ -13,7 +13,7 @@ import numpy as np
 
 from visionserve.v1 import visionserve_pb2 as pb
 
-from .errors import InvalidInput
+from .errors import InvalidInput, LimitExceeded
 from .postprocess import ClassScore
 from .preprocess import EncodedImage, ImageInput, RawTensor
 
@@ -22,7 +22,10 @@ _LAYOUTS = {pb.LAYOUT_UNSPECIFIED: "", pb.LAYOUT_CHW: "CHW", pb.LAYOUT_HWC: "HWC
 DEFAULT_TOP_K = 5
 
 
-def images_from_grpc(images: list[pb.Image], model: str) -> list[ImageInput]:
+def images_from_grpc(images: list[pb.Image], model: str, max_images: int) -> list[ImageInput]:
+    if len(images) > max_images:
+        raise LimitExceeded(f"model {model}: {len(images)} images in one request, over the "
+                            f"limit of {max_images}; split the request")
     out: list[ImageInput] = []
     for i, image in enumerate(images):
         kind = image.WhichOneof("source")
@@ -50,7 +53,7 @@ class ClassifyCall:
     request_id: str
 
     @classmethod
-    def from_grpc(cls, req: pb.ClassifyRequest) -> ClassifyCall:
+    def from_grpc(cls, req: pb.ClassifyRequest, max_images: int) -> ClassifyCall:
         if req.top_k < 0:
             raise InvalidInput(f"model {req.model}: top_k must be >= 0 (0 = {DEFAULT_TOP_K}), "
                                f"got {req.top_k}")
@@ -58,7 +61,7 @@ class ClassifyCall:
             raise InvalidInput(f"model {req.model}: version must be >= 0 (0 = newest), got "
                                f"{req.version}")
         return cls(model=req.model, version=req.version,
-                   images=images_from_grpc(list(req.images), req.model),
+                   images=images_from_grpc(list(req.images), req.model, max_images),
                    top_k=req.top_k or DEFAULT_TOP_K, request_id=req.request_id)
 
 
@@ -86,12 +89,12 @@ class EmbedCall:
     request_id: str
 
     @classmethod
-    def from_grpc(cls, req: pb.EmbedRequest) -> EmbedCall:
+    def from_grpc(cls, req: pb.EmbedRequest, max_images: int) -> EmbedCall:
         if req.version < 0:
             raise InvalidInput(f"model {req.model}: version must be >= 0 (0 = newest), got "
                                f"{req.version}")
         return cls(model=req.model, version=req.version,
-                   images=images_from_grpc(list(req.images), req.model),
+                   images=images_from_grpc(list(req.images), req.model, max_images),
                    normalize=req.normalize, request_id=req.request_id)
 
 

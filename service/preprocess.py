@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import InputSpec, ServerLimits
-from .errors import InvalidInput, LimitExceeded
+from .errors import InvalidInput, LimitExceeded, VisionServeError
+from .logs import printable
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -32,6 +33,9 @@ _RESAMPLE = {
     "hamming": Image.Resampling.HAMMING,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# Our own limit (ServerLimits.max_image_pixels, checked from the header before any pixel is
+# allocated, with a message naming the request's field) replaces Pillow's global one.
+Image.MAX_IMAGE_PIXELS = None
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP"})  # MPO: JPEGs from phone cameras
 
 
@@ -104,30 +108,49 @@ class Preprocessor:
                                 f"{self._limits.max_encoded_image_bytes}-byte limit for an "
                                 "encoded image; re-encode it smaller")
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
             if img.format not in ACCEPTED_FORMATS:
                 raise InvalidInput(f"{self._where}: {field} is a {img.format} image; send JPEG, "
                                    "PNG or WebP")
-            width, height = img.size
-            if width * height > self._limits.max_image_pixels:
-                raise InvalidInput(
-                    f"{self._where}: {field} is {width}x{height} = {width * height} pixels, over "
-                    f"the limit of {self._limits.max_image_pixels}; downscale it before sending")
+            self._check_size(field, img.size)
             if spec.decoder == "fast" and img.format in ("JPEG", "MPO"):
                 img.draft(img.mode if img.mode in ("L", "RGB") else None,
                           scaled_decode_size(img.size, spec))
-            img.load()
+            img.load()  # an animated WebP/MPO: its first frame
             img = ImageOps.exif_transpose(img)
-            img = img.convert("L" if spec.color == "L" else "RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            img = _to_mode(img, "L" if spec.color == "L" else "RGB")
+        except VisionServeError:
+            raise
+        except MemoryError:
+            raise LimitExceeded(f"{self._where}: {field} needs more memory to decode than the "
+                                "server has free; send a smaller image") from None
+        except Exception as exc:  # noqa: BLE001 - any failure on untrusted bytes: undecodable
+            reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) \
+                else printable(str(exc), 200) or type(exc).__name__
             raise InvalidInput(f"{self._where}: {field} could not be decoded as an image "
-                               f"({exc}); send the unmodified bytes of a JPEG, PNG or WebP "
+                               f"({reason}); send the unmodified bytes of a JPEG, PNG or WebP "
                                "file") from None
         img = resize_crop(img, spec)
         pixels = np.asarray(img)
         if spec.color == "BGR":
             pixels = pixels[..., ::-1]
         return pixels
+
+    def _check_size(self, field: str, size: tuple[int, int]) -> None:
+        """Refuse, from the header alone, images whose pixels (or whose resized pixels: an
+        extreme aspect ratio) would exceed the limit: nothing is allocated for them."""
+        limit, (width, height) = self._limits.max_image_pixels, size
+        if width * height > limit:
+            raise InvalidInput(
+                f"{self._where}: {field} is {width}x{height} = {width * height} pixels, over "
+                f"the limit of {limit}; downscale it before sending")
+        if self._spec.resize:
+            rw, rh = resize_size(size, self._spec)
+            if rw * rh > limit:
+                raise InvalidInput(
+                    f"{self._where}: {field} is {width}x{height}, an aspect ratio too extreme to "
+                    f"resize: its shorter side at {self._spec.resize} makes {rw}x{rh} pixels, "
+                    f"over the limit of {limit}; crop it closer to square before sending")
 
     def _raw(self, index: int, t: RawTensor) -> np.ndarray:
         spec, field = self._spec, f"images[{index}].tensor"
@@ -160,6 +183,16 @@ class Preprocessor:
             return np.frombuffer(t.data, dtype="<f4").reshape(chw)
         pixels = np.frombuffer(t.data, dtype=np.uint8).reshape(t.shape)
         return _chw(pixels, layout)
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Pillow's ``convert`` (what torchvision's loader does: alpha dropped, palette expanded,
+    CMYK converted), except 16-bit grayscale, which ``convert`` would clip to white: its top 8
+    bits are kept instead."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
+    return img if img.mode == mode else img.convert(mode)
 
 
 def _chw(pixels: np.ndarray, layout: str) -> np.ndarray:

@@ -114,7 +114,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: kpb.ModelInferRequest,
                      context: grpc.aio.ServicerContext) -> tuple[kpb.ModelInferResponse, int]:
         served = self._resolve(request.model_name, request.model_version)
-        images = images_from_infer_request(request, served)
+        images = images_from_infer_request(request, served,
+                                           self._core.limits.max_images_per_request)
         reply = await self._core.infer(served, images, deadline_of(context),
                                        lambda out: infer_response(request, served, out))
         return reply, served.version

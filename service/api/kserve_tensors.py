@@ -9,6 +9,7 @@ parameter on a requested output returns Triton's ``"value:index:label"`` BYTES.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -16,13 +17,13 @@ import numpy as np
 from visionserve.inference import grpc_service_pb2 as kpb
 
 from ..backends.base import ModelOutputs
-from ..errors import InvalidInput
+from ..errors import InvalidInput, LimitExceeded
 from ..preprocess import EncodedImage, ImageInput, RawTensor
 from ..registry import ServedVersion
 
 
-def images_from_infer_request(req: kpb.ModelInferRequest,
-                              served: ServedVersion) -> list[ImageInput]:
+def images_from_infer_request(req: kpb.ModelInferRequest, served: ServedVersion,
+                              max_images: int) -> list[ImageInput]:
     spec, where = served.config.input, served.where
     names = [t.name for t in req.inputs]
     if len(req.inputs) != 1:
@@ -38,25 +39,29 @@ def images_from_infer_request(req: kpb.ModelInferRequest,
     shape = list(tensor.shape)
     field = f"input {tensor.name!r}"
     if tensor.datatype == "BYTES":
-        return _encoded_images(field, where, shape, raw, tensor)
+        return _encoded_images(field, where, shape, raw, tensor, max_images)
     if tensor.datatype not in ("FP32", "UINT8"):
         raise InvalidInput(f"{where}: {field} has datatype {tensor.datatype}; this model takes "
                            f"FP32 [-1, {spec.channels}, {spec.height}, {spec.width}], UINT8 "
                            f"[-1, {spec.height}, {spec.width}, {spec.channels}] or BYTES "
                            "(encoded images)")
-    if len(shape) != 4 or shape[0] < 1:
+    if len(shape) != 4 or min(shape) < 1:
         raise InvalidInput(f"{where}: {field} has shape {shape}; expected 4 dimensions "
-                           f"[N, {spec.channels}, {spec.height}, {spec.width}] with N >= 1")
+                           f"[N, {spec.channels}, {spec.height}, {spec.width}], each >= 1")
     n = shape[0]
-    per_image = int(np.prod(shape[1:]))
+    _check_count(n, max_images, where)
+    per_image = math.prod(shape[1:])  # Python ints: no overflow on absurd shapes
     if tensor.datatype == "FP32":
         itemsize, dtype = 4, "float32"
         data = raw if raw is not None else \
             np.asarray(tensor.contents.fp32_contents, dtype="<f4").tobytes()
     else:
         itemsize, dtype = 1, "uint8"
-        data = raw if raw is not None else \
-            np.asarray(tensor.contents.uint_contents, dtype=np.uint8).tobytes()
+        values = tensor.contents.uint_contents
+        if raw is None and values and max(values) > 255:
+            raise InvalidInput(f"{where}: {field} contents.uint_contents holds {max(values)}; "
+                               "UINT8 values must lie in 0..255")
+        data = raw if raw is not None else np.asarray(values, dtype=np.uint8).tobytes()
     expected = n * per_image * itemsize
     if len(data) != expected:
         source = "raw_input_contents[0]" if raw is not None else "contents"
@@ -68,22 +73,33 @@ def images_from_infer_request(req: kpb.ModelInferRequest,
             for i in range(n)]
 
 
+def _check_count(n: int, max_images: int, where: str) -> None:
+    if n > max_images:
+        raise LimitExceeded(f"{where}: {n} images in one request, over the limit of "
+                            f"{max_images}; split the request")
+
+
 def _encoded_images(field: str, where: str, shape: list[int], raw: bytes | None,
-                    tensor: kpb.ModelInferRequest.InferInputTensor) -> list[ImageInput]:
+                    tensor: kpb.ModelInferRequest.InferInputTensor,
+                    max_images: int) -> list[ImageInput]:
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
         raise InvalidInput(f"{where}: {field} is BYTES with shape {shape}; expected [N] or "
                            "[N, 1], one encoded image (JPEG/PNG/WebP file bytes) per element")
-    elements = deserialize_bytes(raw, where, field) if raw is not None \
+    _check_count(shape[0], max_images, where)
+    elements = deserialize_bytes(raw, where, field, max_images) if raw is not None \
         else list(tensor.contents.bytes_contents)
     if len(elements) != shape[0]:
         raise InvalidInput(f"{where}: {field} has {len(elements)} elements but shape {shape}")
     return [EncodedImage(e) for e in elements]
 
 
-def deserialize_bytes(raw: bytes, where: str, field: str) -> list[bytes]:
+def deserialize_bytes(raw: bytes, where: str, field: str, max_elements: int) -> list[bytes]:
     """Triton's BYTES wire format: each element a 4-byte little-endian length, then the bytes."""
     out, offset, view = [], 0, memoryview(raw)
     while offset < len(raw):
+        if len(out) == max_elements:
+            raise LimitExceeded(f"{where}: {field}: more than {max_elements} BYTES elements, "
+                                "over the images-per-request limit; split the request")
         if offset + 4 > len(raw):
             raise InvalidInput(f"{where}: {field}: truncated BYTES element length at byte "
                                f"{offset}")

@@ -26,11 +26,12 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     def __init__(self, core: InferenceCore, calls: CallHandler) -> None:
         self._core = core
         self._calls = calls
+        self._max_images = core.limits.max_images_per_request
 
     async def Classify(self, request: pb.ClassifyRequest,  # noqa: N802 - gRPC's names
                        context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         async def work() -> tuple[pb.ClassifyResponse, int]:
-            result = await self._core.classify(ClassifyCall.from_grpc(request),
+            result = await self._core.classify(ClassifyCall.from_grpc(request, self._max_images),
                                                deadline_of(context))
             return result.to_grpc(), result.version
 
@@ -42,8 +43,8 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
                              ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         async def answer(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
             async def work() -> tuple[pb.ClassifyResponse, int]:
-                result = await self._core.classify(ClassifyCall.from_grpc(request),
-                                                   deadline_of(context))
+                call = ClassifyCall.from_grpc(request, self._max_images)
+                result = await self._core.classify(call, deadline_of(context))
                 return result.to_grpc(), result.version
 
             try:
@@ -61,7 +62,8 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     async def Embed(self, request: pb.EmbedRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         async def work() -> tuple[pb.EmbedResponse, int]:
-            result = await self._core.embed(EmbedCall.from_grpc(request), deadline_of(context))
+            call = EmbedCall.from_grpc(request, self._max_images)
+            result = await self._core.embed(call, deadline_of(context))
             return result.to_grpc(), result.version
 
         return await self._calls.handle("Embed", request.model, context, work,
