@@ -22,7 +22,7 @@ from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
-from .api.calls import CallHandler
+from .api.calls import CallHandler, add_servicer
 from .api.kserve import KServeServicer
 from .api.vision import VisionServicer
 from .config import ServerLimits, cpu_count
@@ -107,8 +107,9 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     ])
     calls = CallHandler(registry, metrics, config.access_log)
     kserve = KServeServicer(core, calls, config.model_control)
-    pb_grpc.add_VisionServiceServicer_to_server(VisionServicer(core, calls), server)
-    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
+    add_servicer(pb_grpc.add_VisionServiceServicer_to_server, VisionServicer(core, calls),
+                 server)
+    add_servicer(kpb_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,

@@ -69,15 +69,14 @@ class Api:
                     model=MODEL, images=[pb.Image(encoded=data)], normalize=False), timeout=60)
                 scores = embeddings(reply)[0]
             else:
-                from visionserve.inference import grpc_service_pb2 as kpb
-                from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
-                from visionserve.service.api.kserve_tensors import serialize_bytes
+                from tritonclient.grpc import service_pb2 as kpb
+                from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
                 request = kpb.ModelInferRequest(
                     model_name=MODEL, inputs=[kpb.ModelInferRequest.InferInputTensor(
                         name="input", datatype="BYTES", shape=[1])],
                     outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name="embedding")],
-                    raw_input_contents=[serialize_bytes([data])])
+                    raw_input_contents=[struct.pack("<I", len(data)) + data])
                 reply = kpb_grpc.GRPCInferenceServiceStub(self.server.channel).ModelInfer(
                     request, timeout=60)
                 scores = np.frombuffer(reply.raw_output_contents[0], "<f4")

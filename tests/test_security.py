@@ -235,13 +235,13 @@ def test_access_log_carries_the_request_id_and_never_payload_bytes(exported_repo
         srv.stop()
 
 
-def _kpb():  # noqa: ANN202 - KServe stubs are imported late (one descriptor pool per process)
-    from visionserve.inference import grpc_service_pb2
+def _kpb():  # noqa: ANN202 - Triton's client stubs (see test_kserve.py: never ours here)
+    from tritonclient.grpc import service_pb2
 
-    return grpc_service_pb2
+    return service_pb2
 
 
 def _kserve(channel: grpc.Channel):  # noqa: ANN202
-    from visionserve.inference import grpc_service_pb2_grpc
+    from tritonclient.grpc import service_pb2_grpc
 
-    return grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    return service_pb2_grpc.GRPCInferenceServiceStub(channel)
