@@ -192,3 +192,68 @@ def _wait_in_flight(srv) -> None:  # noqa: ANN001
     while srv.metric("visionserve_inflight_requests", method="Classify") == 0:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+# --- cancellation and deadline storm ----------------------------------------------------------
+
+def test_a_storm_of_cancellations_and_short_deadlines_computes_none_of_them(exported_repo,
+                                                                            tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
+                     {"resnet18": {"max_batch_size": 1}})
+    srv = start_server(repo, tmp_path / "server.log")
+    x = tensor_image(np.zeros((224, 224, 3), np.uint8))
+    one = pb.ClassifyRequest(model="resnet18", images=[x])
+    rss_before = _rss_mb(srv.process.pid)
+    try:
+        # 30 images at batch 1 occupy the model for a while; everything behind them waits
+        busy = srv.stub.Classify.future(pb.ClassifyRequest(model="resnet18", images=[x] * 30),
+                                        timeout=300)
+        deadline = time.monotonic() + 60
+        while srv.metric("visionserve_queue_depth", model="resnet18") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        short = [srv.stub.Classify.future(one, timeout=0.005 + 0.001 * (i % 50))
+                 for i in range(150)]
+        cancelled = [srv.stub.Classify.future(one, timeout=120) for _ in range(150)]
+        time.sleep(0.05)
+        for f in cancelled:
+            f.cancel()
+        codes = Counter(_code(f) for f in short + cancelled)
+        assert len(busy.result().results) == 30
+        assert codes == Counter({"DEADLINE_EXCEEDED": 150, "CANCELLED": 150}), codes
+        # the server proves it: the images it computed are exactly the 30 answered, while it
+        # counted the dropped ones by reason; queue and in-flight gauges are back to zero
+        _eventually(lambda: srv.metric("visionserve_queue_depth", model="resnet18") == 0)
+        _eventually(lambda: srv.metric("visionserve_inflight_requests") == 0)
+        assert srv.metric("visionserve_batch_size_sum", model="resnet18") == 30
+        dropped = {r: srv.metric("visionserve_requests_expired_total", model="resnet18",
+                                 reason=r) for r in ("deadline", "cancelled")}
+        assert dropped["deadline"] > 0 and dropped["cancelled"] > 0, dropped
+        assert dropped["deadline"] + dropped["cancelled"] <= 300
+        assert len(srv.stub.Classify(one, timeout=30).results) == 1
+        assert srv.metric("visionserve_batch_size_sum", model="resnet18") == 31
+        assert _rss_mb(srv.process.pid) - rss_before < 100
+    finally:
+        srv.stop()
+
+
+def _code(future) -> str:  # noqa: ANN001
+    try:
+        future.result()
+    except grpc.FutureCancelledError:
+        return "CANCELLED"
+    except grpc.RpcError as err:
+        return err.code().name
+    return "OK"
+
+
+def _eventually(check, timeout_s: float = 30) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
