@@ -5,7 +5,10 @@ Rules (DESIGN §5, STYLE §6):
   while it computes, arrivals accumulate into the next batch. ``max_queue_delay_ms`` only lets an
   idle instance wait for more work (the window starts at the oldest queued request), up to the
   largest preferred batch size; with 0 a lone request never waits for company.
-- The queue is bounded in images; a request that does not fit is refused with QueueFull.
+- The queue is bounded in images; a request that does not fit is refused with QueueFull, at
+  once. So is a request with a deadline when the images queued ahead of it cannot be computed
+  before that deadline at the recent compute rate (``reject_unreachable_deadlines``): under
+  overload, the excess is refused in microseconds instead of timing out in the queue.
 - Expired (deadline passed) and cancelled requests are dropped before compute and reported.
 - A request's images stay together, in order; a request larger than ``max_batch_size`` is split
   into consecutive chunks, and its outputs are stitched back in order.
@@ -43,6 +46,8 @@ class BatchObserver(Protocol):
 
     def expired(self, reason: str, images: int) -> None: ...
 
+    def rejected(self, reason: str, images: int) -> None: ...
+
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None: ...
 
 
@@ -51,6 +56,9 @@ class NullObserver:
         pass
 
     def expired(self, reason: str, images: int) -> None:
+        pass
+
+    def rejected(self, reason: str, images: int) -> None:
         pass
 
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
@@ -64,6 +72,7 @@ class BatchPolicy:
     max_queue_delay_ms: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()
     instances: int = 1  # batches computed concurrently
+    reject_unreachable_deadlines: bool = True
 
 
 class FanOut:
@@ -79,6 +88,10 @@ class FanOut:
     def expired(self, reason: str, images: int) -> None:
         for o in self._observers:
             o.expired(reason, images)
+
+    def rejected(self, reason: str, images: int) -> None:
+        for o in self._observers:
+            o.rejected(reason, images)
 
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
         for o in self._observers:
@@ -126,6 +139,7 @@ class DynamicBatcher:
         self._changed = asyncio.Condition()
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
+        self._image_s: float | None = None  # recent compute seconds per image (EWMA)
 
     @property
     def queued_images(self) -> int:
@@ -143,10 +157,12 @@ class DynamicBatcher:
             raise ModelUnavailable(f"{self.name} is unloading; retry (a newer version, if any, "
                                    "takes new requests)")
         if n > cap:
+            self._observer.rejected("queue_full", n)
             raise QueueFull(f"{self.name}: a request of {n} images can never fit the queue of "
                             f"{cap} images; send at most {cap} per request or raise "
                             "batching.max_queue_size")
         if self._queued_images + n > cap:
+            self._observer.rejected("queue_full", n)
             raise QueueFull(f"{self.name}: queue full ({self._queued_images} of {cap} images "
                             "waiting); retry with backoff, add capacity, or raise "
                             "batching.max_queue_size")
@@ -155,6 +171,16 @@ class DynamicBatcher:
             self._observer.expired("deadline", n)
             raise DeadlineExceeded(f"{self.name}: the deadline passed before the request was "
                                    "queued; allow more time")
+        if deadline is not None and self._image_s is not None \
+                and self._policy.reject_unreachable_deadlines:
+            wait_s = (self._queued_images + n) * self._image_s / self._policy.instances
+            if now + wait_s > deadline:
+                self._observer.rejected("deadline_unreachable", n)
+                raise QueueFull(
+                    f"{self.name}: overloaded for this deadline: {self._queued_images} images "
+                    f"are queued ahead, about {wait_s * 1000:.0f} ms of compute, but the "
+                    f"deadline is in {(deadline - now) * 1000:.0f} ms; refused now rather than "
+                    "dropped later. Retry with backoff or a longer deadline, or add capacity")
         loop = asyncio.get_running_loop()
         step = self._policy.max_batch_size
         rid = REQUEST_ID.get()
@@ -284,6 +310,9 @@ class DynamicBatcher:
             for w in batch:
                 _fail(w.future, exc)
             return
+        per_image = compute_s / size
+        self._image_s = per_image if self._image_s is None \
+            else 0.8 * self._image_s + 0.2 * per_image
         offset = 0
         for w in batch:
             n = len(w.images)

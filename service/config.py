@@ -91,6 +91,9 @@ class BatchingConfig:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 1024
     default_timeout_ms: float = 0.0  # applied when the client sets no deadline; 0 = none
+    # refuse at once (RESOURCE_EXHAUSTED) a request whose deadline the queue ahead of it cannot
+    # meet at the recent compute rate, instead of letting it time out in the queue
+    reject_unreachable_deadlines: bool = True
 
     def validate(self, where: str, max_batch_size: int) -> None:
         _check(self.max_queue_delay_ms >= 0, where, "batching.max_queue_delay_ms", "must be >= 0",

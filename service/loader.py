@@ -119,6 +119,7 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
         max_queue_delay_ms=config.batching.max_queue_delay_ms,
         preferred_batch_sizes=config.batching.preferred_batch_sizes,
         instances=config.instance_count,
+        reject_unreachable_deadlines=config.batching.reject_unreachable_deadlines,
     )
     where = f"model {name} version {ventry.version}"
     stats = VersionStatistics()

@@ -51,6 +51,11 @@ class Metrics:
             "visionserve_requests_expired",
             "Images dropped before compute because their deadline passed or the client "
             "cancelled.", (*mv, "reason"), registry=r)
+        self.rejected = Counter(
+            "visionserve_requests_rejected",
+            "Images refused at admission with RESOURCE_EXHAUSTED: the queue was full, or the "
+            "queue ahead could not be computed before the request's deadline.",
+            (*mv, "reason"), registry=r)
         self.model_state = Gauge(
             "visionserve_model_state",
             "1 for the current state of each model version, 0 for the others.",
@@ -82,12 +87,17 @@ class BatchMetrics:
         self._size = metrics.batch_size.labels(model, version)
         self._expired = {reason: metrics.expired.labels(model, version, reason)
                          for reason in ("deadline", "cancelled")}
+        self._rejected = {reason: metrics.rejected.labels(model, version, reason)
+                          for reason in ("queue_full", "deadline_unreachable")}
 
     def queue_depth(self, images: int) -> None:
         self._depth.set(images)
 
     def expired(self, reason: str, images: int) -> None:
         self._expired[reason].inc(images)
+
+    def rejected(self, reason: str, images: int) -> None:
+        self._rejected[reason].inc(images)
 
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
         self._size.observe(size)

@@ -53,6 +53,9 @@ class VersionStatistics:
     def expired(self, reason: str, images: int) -> None:
         pass
 
+    def rejected(self, reason: str, images: int) -> None:
+        pass
+
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
         self.inference_count += size
         self.execution_count += 1

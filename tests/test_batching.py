@@ -37,10 +37,12 @@ class GatedBackend:
 
 
 class Recorder:
-    """The batcher's observer: what it reported expiring, and the sizes it computed."""
+    """The batcher's observer: what it reported expiring or rejecting, and the sizes it
+    computed."""
 
     def __init__(self) -> None:
         self.expired_counts: dict[str, int] = {}
+        self.rejected_counts: dict[str, int] = {}
         self.sizes: list[int] = []
 
     def queue_depth(self, images: int) -> None:
@@ -48,6 +50,9 @@ class Recorder:
 
     def expired(self, reason: str, images: int) -> None:
         self.expired_counts[reason] = self.expired_counts.get(reason, 0) + images
+
+    def rejected(self, reason: str, images: int) -> None:
+        self.rejected_counts[reason] = self.rejected_counts.get(reason, 0) + images
 
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
         self.sizes.append(size)
@@ -115,17 +120,44 @@ async def test_a_request_larger_than_max_batch_size_is_split_in_order_and_stitch
 
 async def test_a_full_queue_refuses_with_queue_full_and_keeps_serving():
     backend = GatedBackend()
-    batcher, _ = make(backend, max_queue_size=4)
+    batcher, rec = make(backend, max_queue_size=4)
     busy = asyncio.create_task(batcher.submit(images(1), None))
     await started(backend)
     queued = asyncio.create_task(batcher.submit(images(2, 3, 4), None))
     await asyncio.sleep(0)
     with pytest.raises(QueueFull, match="model m version 1: queue full"):
         await batcher.submit(images(5, 6), None)
+    assert rec.rejected_counts == {"queue_full": 2}
     backend.gated = False
     backend.release.release()
     assert ids_of(await busy) == [1] and ids_of(await queued) == [2, 3, 4]
     assert ids_of(await batcher.submit(images(5, 6), None)) == [5, 6]
+    await batcher.close()
+
+
+async def test_a_deadline_the_queue_cannot_meet_is_refused_at_admission():
+    backend = GatedBackend()
+    batcher, rec = make(backend, max_batch_size=1)
+    first = asyncio.create_task(batcher.submit(images(1), None))
+    await started(backend)
+    await asyncio.sleep(0.05)  # the first batch computes for at least 50 ms: the estimate
+    backend.release.release()
+    await first
+    busy = asyncio.create_task(batcher.submit(images(2), None))
+    await started(backend)
+    queued = asyncio.create_task(batcher.submit(images(3, 4), None))
+    await asyncio.sleep(0)
+    # 2 images queued ahead at >= 50 ms each cannot finish within 10 ms: refused, not queued
+    with pytest.raises(QueueFull, match="model m version 1: overloaded for this deadline: 2 "
+                                        "images are queued ahead"):
+        await batcher.submit(images(5), time.monotonic() + 0.01)
+    patient = asyncio.create_task(batcher.submit(images(6), time.monotonic() + 600))
+    backend.gated = False
+    backend.release.release()
+    assert ids_of(await busy) == [2] and ids_of(await queued) == [3, 4]
+    assert ids_of(await patient) == [6]
+    assert rec.rejected_counts == {"deadline_unreachable": 1}
+    assert [b for b in backend.batches] == [[1], [2], [3], [4], [6]]
     await batcher.close()
 
 

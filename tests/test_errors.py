@@ -125,7 +125,9 @@ def _busy(srv, images: int) -> threading.Thread:  # noqa: ANN001
     return thread
 
 
-SLOW = {"resnet18": {"max_batch_size": 1, "batching.max_queue_size": 24}}
+SLOW = {"resnet18": {"max_batch_size": 1, "batching.max_queue_size": 24,
+                     # requests must reach the queue to show how expired work is dropped there
+                     "batching.reject_unreachable_deadlines": False}}
 
 
 def test_full_queue_is_resource_exhausted(server_factory):

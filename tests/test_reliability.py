@@ -128,13 +128,17 @@ def test_a_signal_under_load_answers_every_accepted_request_then_exits(exported_
                      {"mobilenet_v3_small": {"max_batch_size": 8}})
     srv = start_server(repo, tmp_path / "server.log", "--access-log", "all",
                        "--shutdown-delay-s", "1", "--shutdown-grace-s", "60")
-    load = Load(srv, "mobilenet_v3_small", tensor_image(np.zeros((224, 224, 3), np.uint8)), 16)
-    time.sleep(2)  # under load
-    srv.process.send_signal(sig)
-    health = health_pb2_grpc.HealthStub(srv.channel)
-    readiness = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-    codes = load.join()
-    assert srv.process.wait(timeout=90) == 0
+    try:
+        load = Load(srv, "mobilenet_v3_small", tensor_image(np.zeros((224, 224, 3), np.uint8)),
+                    16)
+        time.sleep(2)  # under load
+        srv.process.send_signal(sig)
+        health = health_pb2_grpc.HealthStub(srv.channel)
+        readiness = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        codes = load.join()
+        assert srv.process.wait(timeout=90) == 0
+    finally:
+        srv.stop()
     log = srv.log()
     # readiness went off while requests were still served (the 1 s delay), then new calls
     # were refused with UNAVAILABLE, and every request the server accepted was answered OK
@@ -153,13 +157,16 @@ def test_exit_within_the_grace_period_cuts_what_is_still_running(exported_repo, 
     srv = start_server(repo, tmp_path / "server.log", "--shutdown-grace-s", "1")
     x = tensor_image(np.zeros((224, 224, 3), np.uint8))
     with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(srv.stub.Classify, pb.ClassifyRequest(model="resnet18",
-                                                                  images=[x] * 200), timeout=300)
-        _wait_in_flight(srv)
-        signalled = time.monotonic()
-        srv.process.send_signal(signal.SIGTERM)
-        assert srv.process.wait(timeout=60) == 0
-        took = time.monotonic() - signalled
+        try:
+            slow = pool.submit(srv.stub.Classify, pb.ClassifyRequest(
+                model="resnet18", images=[x] * 200), timeout=300)
+            _wait_in_flight(srv)
+            signalled = time.monotonic()
+            srv.process.send_signal(signal.SIGTERM)
+            assert srv.process.wait(timeout=60) == 0
+            took = time.monotonic() - signalled
+        finally:
+            srv.stop()
         with pytest.raises(grpc.RpcError) as info:
             slow.result()
     assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
@@ -172,16 +179,16 @@ def test_a_second_signal_exits_at_once(exported_repo, tmp_path):
     srv = start_server(repo, tmp_path / "server.log", "--shutdown-grace-s", "600")
     x = tensor_image(np.zeros((224, 224, 3), np.uint8))
     with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(srv.stub.Classify, pb.ClassifyRequest(model="resnet18",
-                                                                  images=[x] * 200), timeout=300)
-        _wait_in_flight(srv)
-        srv.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while "shutting down" not in srv.log():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        srv.process.send_signal(signal.SIGTERM)
-        assert srv.process.wait(timeout=30) == 128 + signal.SIGTERM
+        try:
+            slow = pool.submit(srv.stub.Classify, pb.ClassifyRequest(
+                model="resnet18", images=[x] * 200), timeout=300)
+            _wait_in_flight(srv)
+            srv.process.send_signal(signal.SIGTERM)
+            _eventually(lambda: "shutting down" in srv.log())
+            srv.process.send_signal(signal.SIGTERM)
+            assert srv.process.wait(timeout=30) == 128 + signal.SIGTERM
+        finally:
+            srv.stop()
         with pytest.raises(grpc.RpcError):
             slow.result()
     assert "second SIGTERM during shutdown: exiting now" in srv.log()
@@ -198,8 +205,10 @@ def _wait_in_flight(srv) -> None:  # noqa: ANN001
 
 def test_a_storm_of_cancellations_and_short_deadlines_computes_none_of_them(exported_repo,
                                                                             tmp_path):
-    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
-                     {"resnet18": {"max_batch_size": 1}})
+    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",), {"resnet18": {
+        "max_batch_size": 1,
+        # admit the short deadlines (see the next test) to show that the queue drops them
+        "batching.reject_unreachable_deadlines": False}})
     srv = start_server(repo, tmp_path / "server.log")
     x = tensor_image(np.zeros((224, 224, 3), np.uint8))
     one = pb.ClassifyRequest(model="resnet18", images=[x])
@@ -233,6 +242,31 @@ def test_a_storm_of_cancellations_and_short_deadlines_computes_none_of_them(expo
         assert len(srv.stub.Classify(one, timeout=30).results) == 1
         assert srv.metric("visionserve_batch_size_sum", model="resnet18") == 31
         assert _rss_mb(srv.process.pid) - rss_before < 100
+    finally:
+        srv.stop()
+
+
+def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(exported_repo, tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
+                     {"resnet18": {"max_batch_size": 1}})
+    srv = start_server(repo, tmp_path / "server.log")
+    x = tensor_image(np.zeros((224, 224, 3), np.uint8))
+    one = pb.ClassifyRequest(model="resnet18", images=[x])
+    try:
+        srv.stub.Classify(one, timeout=30)  # the batcher learns the compute rate
+        busy = srv.stub.Classify.future(pb.ClassifyRequest(model="resnet18", images=[x] * 30),
+                                        timeout=300)
+        _eventually(lambda: srv.metric("visionserve_queue_depth", model="resnet18") > 0)
+        with pytest.raises(grpc.RpcError) as info:
+            srv.stub.Classify(one, timeout=0.1)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "model resnet18 version 1: overloaded for this deadline" in info.value.details()
+        assert "refused now rather than dropped later" in info.value.details()
+        late = srv.stub.Classify.future(one, timeout=120)  # a deadline it can meet: admitted
+        assert len(busy.result().results) == 30 and len(late.result().results) == 1
+        assert srv.metric("visionserve_requests_rejected_total", model="resnet18",
+                          reason="deadline_unreachable") == 1
+        assert srv.metric("visionserve_batch_size_sum", model="resnet18") == 32
     finally:
         srv.stop()
 
