@@ -139,7 +139,9 @@ class DynamicBatcher:
         self._changed = asyncio.Condition()
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
-        self._image_s: float | None = None  # recent compute seconds per image (EWMA)
+        # recent seconds per image one instance takes to drain the queue (EWMA): measured
+        # batch end to batch end while the queue never ran dry, else over the batch alone
+        self._image_s: float | None = None
 
     @property
     def queued_images(self) -> int:
@@ -215,20 +217,29 @@ class DynamicBatcher:
         await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def _worker(self) -> None:
+        last_end: float | None = None  # when this instance's previous batch ended
         while True:
+            if not self._has_work.is_set():
+                last_end = None  # idle: the next cycle is not back to back
             await self._has_work.wait()
             try:
                 if self._policy.max_queue_delay_ms > 0:
                     await self._wait_for_company()
+                begin = time.monotonic()
                 batch = self._take()
                 if not self._queue:
                     self._has_work.clear()
                 if batch:
                     self._computing += 1
                     try:
-                        await self._compute(batch)
+                        ok = await self._compute(batch)
                     finally:
                         self._computing -= 1
+                    end = time.monotonic()
+                    if ok:
+                        self._learn((end - (last_end or begin)) / sum(len(w.images)
+                                                                      for w in batch))
+                    last_end = end
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not silently stop the model serving
@@ -284,7 +295,12 @@ class DynamicBatcher:
         self._queue.popleft()
         self._queued_images -= n
 
-    async def _compute(self, batch: list[_Work]) -> None:
+    def _learn(self, per_image_s: float) -> None:
+        self._image_s = per_image_s if self._image_s is None \
+            else 0.8 * self._image_s + 0.2 * per_image_s
+
+    async def _compute(self, batch: list[_Work]) -> bool:
+        """Run one batch and finish its futures; False when it failed."""
         size = sum(len(w.images) for w in batch)
         started = time.monotonic()
         waits = [started - w.enqueued for w in batch for _ in w.images]
@@ -309,10 +325,7 @@ class DynamicBatcher:
                                    "the model keeps serving")
             for w in batch:
                 _fail(w.future, exc)
-            return
-        per_image = compute_s / size
-        self._image_s = per_image if self._image_s is None \
-            else 0.8 * self._image_s + 0.2 * per_image
+            return False
         offset = 0
         for w in batch:
             n = len(w.images)
@@ -320,6 +333,7 @@ class DynamicBatcher:
                                         compute_s))
             offset += n
         self._observer.batch_done(size, waits, compute_s)
+        return True
 
     def _run_timed(self, images: list[np.ndarray]) -> tuple[ModelOutputs, float]:
         """Executor thread: one pass that assembles the batch, then the engine."""

@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="largest decoded image (width x height); checked before decoding")
     p.add_argument("--max-images-per-request", type=int, default=256)
+    p.add_argument("--max-inflight-requests", type=int, default=64,
+                   help="inference requests in progress at once, server-wide; more are refused "
+                        "RESOURCE_EXHAUSTED at once (health and metadata calls still pass). "
+                        "About capacity x acceptable latency (docs/security.md); 0 = no limit")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=0,
+                   help="RPCs of any kind at once, refused by gRPC before Python parses them: "
+                        "a memory backstop (0 = no limit; it also refuses health probes)")
     p.add_argument("--preprocess-threads", type=int, default=0, help="0 = one per core")
     p.add_argument("--model-control", choices=["poll", "explicit", "none"], default="poll",
                    help="poll (default): rescan the repository every --poll-interval-s and "
@@ -177,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
 
     p = sub.add_parser(
+        "bench-overload", help="open-loop load at 2x capacity: shedding, p99, memory, recovery",
+        description="Measures the model's capacity, then offers Poisson load at half of it, at "
+                    "--factor times it, and at half again; reports per phase the admitted and "
+                    "refused rates, how fast refusals come back, admitted latency percentiles, "
+                    "and the server's RSS and queue depth (docs/benchmarks.md, Overload).")
+    from .benchmark.overload import add_arguments as add_overload_arguments
+
+    add_overload_arguments(p)
+    p.set_defaults(func=_bench_overload)
+
+    p = sub.add_parser(
         "bench-decode", help="JPEG decode+resize+normalize speed and accuracy per decoder",
         description="For photo sizes (640x480, 1920x1080 by default): images/s per core of "
                     "each decoder (Pillow exact = the reference, Pillow draft, Pillow "
@@ -277,7 +295,9 @@ def _serve(args: argparse.Namespace) -> int:
         limits=ServerLimits(max_message_bytes=args.max_message_bytes,
                             max_encoded_image_bytes=args.max_image_bytes,
                             max_image_pixels=args.max_image_pixels,
-                            max_images_per_request=args.max_images_per_request))
+                            max_images_per_request=args.max_images_per_request,
+                            max_inflight_requests=args.max_inflight_requests,
+                            max_concurrent_rpcs=args.max_concurrent_rpcs))
     asyncio.run(serve(config))
     return 0
 
@@ -386,6 +406,12 @@ def _bench(args: argparse.Namespace) -> int:
     from .benchmark.run import run_bench
 
     return run_bench(args)
+
+
+def _bench_overload(args: argparse.Namespace) -> int:
+    from .benchmark.overload import run_overload
+
+    return run_overload(args)
 
 
 def _bench_decode(args: argparse.Namespace) -> int:

@@ -233,6 +233,13 @@ class ServerLimits:
     max_encoded_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_images_per_request: int = 256
+    # inference requests (Classify, Embed, ModelInfer, stream messages) in progress at once;
+    # more are refused RESOURCE_EXHAUSTED at once, while health and metadata calls still pass.
+    # 0 = no limit.
+    max_inflight_requests: int = 64
+    # RPCs of any kind at once, refused by gRPC itself beyond it (before Python sees them):
+    # a backstop for memory. 0 = no limit.
+    max_concurrent_rpcs: int = 0
 
 
 def cpu_count() -> int:

@@ -39,6 +39,12 @@ class QueueFull(VisionServeError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class ServerBusy(VisionServeError):
+    """Too many inference requests in progress on this server: back off and retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class LimitExceeded(VisionServeError):
     """A configured size limit (bytes, images per request) was exceeded."""
 

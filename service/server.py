@@ -100,12 +100,15 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     limit = config.limits.max_message_bytes
     interceptors = [BearerTokenInterceptor(config.auth_token, config.auth_open)] \
         if config.auth_token else []  # none at all without auth: no per-call cost
-    server = grpc.aio.server(interceptors=interceptors, options=[
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs or None, options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 1),
     ])
-    calls = CallHandler(registry, metrics, config.access_log)
+    calls = CallHandler(registry, metrics, config.access_log,
+                        config.limits.max_inflight_requests)
     kserve = KServeServicer(core, calls, config.model_control)
     add_servicer(pb_grpc.add_VisionServiceServicer_to_server, VisionServicer(core, calls),
                  server)

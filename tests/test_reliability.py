@@ -4,6 +4,7 @@ grace, a second signal exits at once)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import make_repo, start_server, tensor_image
+from conftest import make_repo, run_cli, start_server, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
 
 onnx = pytest.importorskip("onnx")
@@ -291,3 +292,49 @@ def _eventually(check, timeout_s: float = 30) -> None:  # noqa: ANN001
 def _rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+# --- overload ---------------------------------------------------------------------------------
+
+def test_over_the_inflight_limit_inference_is_refused_but_probes_still_pass(exported_repo,
+                                                                            tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
+                     {"resnet18": {"max_batch_size": 1}})
+    srv = start_server(repo, tmp_path / "server.log", "--max-inflight-requests", "2")
+    x = tensor_image(np.zeros((224, 224, 3), np.uint8))
+    try:
+        busy = [srv.stub.Classify.future(pb.ClassifyRequest(model="resnet18", images=[x] * 20),
+                                         timeout=300) for _ in range(2)]
+        _eventually(lambda: srv.metric("visionserve_inflight_requests", method="Classify") == 2)
+        with pytest.raises(grpc.RpcError) as info:
+            srv.stub.Classify(pb.ClassifyRequest(model="resnet18", images=[x]), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "server busy: 2 inference requests are in progress" in info.value.details()
+        health = health_pb2_grpc.HealthStub(srv.channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        assert srv.stub.ListModels(pb.ListModelsRequest(), timeout=5).models
+        assert all(len(f.result().results) == 20 for f in busy)
+        assert len(srv.stub.Classify(pb.ClassifyRequest(model="resnet18", images=[x]),
+                                     timeout=30).results) == 1
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_twice_the_capacity_is_shed_quickly_with_bounded_queue_and_memory(exported_repo,
+                                                                          tmp_path):
+    """`visionserve bench-overload` for a few seconds: the figures themselves (docs/
+    benchmarks.md) are measured, not asserted; the invariants are."""
+    out = tmp_path / "overload.json"
+    result = run_cli("bench-overload", "--model", "mobilenet_v3_small", "--repo",
+                     str(exported_repo), "--duration-s", "6", "--calm-s", "3",
+                     "--set", "batching.max_queue_size=256", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = {p["phase"]: p for p in json.loads(out.read_text())["phases"]}
+    overload = phases["overload"]
+    assert set(overload["error_codes"]) == {"RESOURCE_EXHAUSTED"}, overload["error_codes"]
+    assert overload["requests"] > 0  # admitted work kept flowing
+    assert overload["max_queue_images"] <= 256
+    assert overload["rss_max_mb"] < 2000
+    assert phases["before"]["errors"] == 0 and phases["after"]["errors"] == 0  # recovered

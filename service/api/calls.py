@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import grpc
 
-from ..errors import InvalidInput, ModelUnavailable, VisionServeError, grpc_status
+from ..errors import InvalidInput, ModelUnavailable, ServerBusy, VisionServeError, grpc_status
 from ..logs import REQUEST_ID, printable, request_id
 from ..metrics import UNKNOWN_MODEL, Metrics
 from ..registry import ModelRegistry
@@ -20,6 +20,9 @@ from ..registry import ModelRegistry
 access_log = logging.getLogger("visionserve.access")
 ACCESS_LOG_MODES = ("all", "errors", "off")
 MAX_MODEL_NAME = 256
+INFERENCE_METHODS = frozenset({"Classify", "ClassifyStream", "Embed", "ModelInfer",
+                               "ModelStreamInfer"})
+ACCESS_LOG_LINES_PER_S = 20  # in "errors" mode: a flood of bad requests is summarized
 
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -41,10 +44,15 @@ def metadata_request_id(context: grpc.aio.ServicerContext) -> str:
 
 class CallHandler:
     def __init__(self, registry: ModelRegistry, metrics: Metrics,
-                 access_log_mode: str = "errors") -> None:
+                 access_log_mode: str = "errors", max_inference: int = 0) -> None:
         self._registry = registry
         self._metrics = metrics
         self._access = access_log_mode
+        self._max_inference = max_inference  # 0 = no limit
+        self._inference = 0  # inference requests inside run() now
+        self._log_budget = float(ACCESS_LOG_LINES_PER_S)
+        self._log_refilled = time.monotonic()
+        self._log_suppressed = 0
         self._running = 0  # requests inside run() now
         self._accepting = True
         self._drained = asyncio.Event()
@@ -83,9 +91,15 @@ class CallHandler:
         inflight = self._metrics.inflight.labels(method)
         inflight.inc()
         self._running += 1
+        counted = method in INFERENCE_METHODS
+        self._inference += counted
         version = ""
         code = grpc.StatusCode.OK
         try:
+            if counted and self._max_inference and self._inference > self._max_inference:
+                raise ServerBusy(f"server busy: {self._max_inference} inference requests are in "
+                                 "progress (its --max-inflight-requests); retry with backoff, "
+                                 "or add replicas")
             if not self._accepting:
                 self._last_refused = time.monotonic()
                 raise ModelUnavailable("the server is shutting down and takes no new requests; "
@@ -108,6 +122,7 @@ class CallHandler:
         finally:
             inflight.dec()
             self._running -= 1
+            self._inference -= counted
             if not self._running and not self._accepting:
                 self._drained.set()
             elapsed = time.perf_counter() - start
@@ -115,9 +130,30 @@ class CallHandler:
             self._metrics.request_duration.labels(label, version, method, code.name).observe(
                 elapsed)
             if self._access == "all" or (self._access == "errors"
-                                         and code != grpc.StatusCode.OK):
-                access_log.info("%s model=%s version=%s code=%s duration_ms=%.2f", method,
-                                printable(model), version or "-", code.name, elapsed * 1000)
+                                         and code != grpc.StatusCode.OK and self._may_log()):
+                access_log.info("%s model=%s version=%s code=%s duration_ms=%.2f%s", method,
+                                printable(model), version or "-", code.name, elapsed * 1000,
+                                self._suppressed_note())
+
+    def _may_log(self) -> bool:
+        """Token bucket of the "errors" access log: at most ACCESS_LOG_LINES_PER_S lines a
+        second, so that a flood of refused requests cannot flood the log (or its CPU)."""
+        now = time.monotonic()
+        self._log_budget = min(float(ACCESS_LOG_LINES_PER_S), self._log_budget
+                               + (now - self._log_refilled) * ACCESS_LOG_LINES_PER_S)
+        self._log_refilled = now
+        if self._log_budget < 1:
+            self._log_suppressed += 1
+            return False
+        self._log_budget -= 1
+        return True
+
+    def _suppressed_note(self) -> str:
+        if not self._log_suppressed:
+            return ""
+        note = f" (+{self._log_suppressed} failed requests not logged: rate limit)"
+        self._log_suppressed = 0
+        return note
 
     async def handle(self, method: str, model: str, context: grpc.aio.ServicerContext,
                      work: Callable[[], Awaitable[tuple[T, int]]], client_id: str = "") -> T:

@@ -45,6 +45,7 @@ class Job:
     images_per_request: int = 1
     jpegs: tuple[bytes, ...] = field(default=(), repr=False)
     seed: int = 0
+    timeout_s: float = 0.0  # the deadline each call carries; 0 = CALL_TIMEOUT_S
 
 
 def run_job(job: Job) -> dict[str, object]:
@@ -133,7 +134,7 @@ def _classify(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Excep
     request = pb.ClassifyRequest(model=job.model, images=images, top_k=5)
 
     def call() -> Awaitable[object]:
-        return stub.Classify(request, timeout=CALL_TIMEOUT_S)
+        return stub.Classify(request, timeout=job.timeout_s or CALL_TIMEOUT_S)
 
     return call, channel.close, grpc.RpcError
 
@@ -154,7 +155,8 @@ def _kserve(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Excepti
     outputs = [atc.InferRequestedOutput("logits")]
 
     def call() -> Awaitable[object]:
-        return client.infer(job.model, [tensor], outputs=outputs, client_timeout=CALL_TIMEOUT_S)
+        return client.infer(job.model, [tensor], outputs=outputs,
+                            client_timeout=job.timeout_s or CALL_TIMEOUT_S)
 
     return call, client.close, InferenceServerException
 
@@ -191,12 +193,13 @@ async def _run(job: Job) -> dict[str, object]:
     try:
         await _closed(call, error_type, max(1, job.concurrency or 4), job.warmup_s)  # warm-up
         cpu0, busy0, start = _cpu_s(), _machine_busy(), time.perf_counter()
+        failed: list[float] = []
         if job.concurrency > 0:
             latencies, errors, end = await _closed(call, error_type, job.concurrency,
                                                    job.duration_s)
         else:
             latencies, errors, end = await _open(call, error_type, job.rate, job.duration_s,
-                                                 job.seed)
+                                                 job.seed, failed)
         elapsed = max(end - start, 1e-9)
         cpu = _cpu_s() - cpu0
         busy = _machine_busy()
@@ -218,6 +221,7 @@ async def _run(job: Job) -> dict[str, object]:
         row["rate"] = job.rate
         row["offered_per_s"] = len(poisson_offsets(job.rate, job.duration_s, job.seed)) \
             / job.duration_s
+        row["error_latency"] = latency_summary(failed)  # how fast refusals come back
     return row
 
 
@@ -244,8 +248,10 @@ async def _closed(call: Call, error_type: type[Exception], concurrency: int,
 
 
 async def _open(call: Call, error_type: type[Exception], rate: float, duration_s: float,
-                seed: int) -> tuple[list[float], Counter[str], float]:
-    """Poisson arrivals; each latency counts from the intended send time."""
+                seed: int, failed: list[float] | None = None
+                ) -> tuple[list[float], Counter[str], float]:
+    """Poisson arrivals; each latency counts from the intended send time (that of each failed
+    call goes to ``failed``)."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     offsets = poisson_offsets(rate, duration_s, seed)
@@ -257,6 +263,8 @@ async def _open(call: Call, error_type: type[Exception], rate: float, duration_s
             await call()
         except error_type as exc:
             errors[_error_name(exc)] += 1
+            if failed is not None:
+                failed.append(time.perf_counter() - intended)
             return
         now = time.perf_counter()
         last[0] = max(last[0], now)
