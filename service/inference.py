@@ -8,6 +8,7 @@ the same statistics.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -101,7 +102,9 @@ class InferenceCore:
             if isinstance(image, RawTensor):
                 results.append(prep.prepare(i, image))
             else:
-                results.append(loop.run_in_executor(self._executor, prep.prepare, i, image))
+                # in the request's context: a log line from the decoder carries its request id
+                results.append(loop.run_in_executor(self._executor, contextvars.copy_context().run,
+                                                    prep.prepare, i, image))
         pending = [r for r in results if isinstance(r, asyncio.Future)]
         if pending:
             await asyncio.gather(*pending)
