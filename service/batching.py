@@ -22,6 +22,7 @@ The batcher knows no gRPC and no Prometheus: it reports through a ``BatchObserve
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -149,7 +150,9 @@ class DynamicBatcher:
 
     def start(self) -> None:
         for i in range(self._policy.instances):
-            self._workers.append(asyncio.create_task(self._worker(), name=f"{self.name}#{i}"))
+            # a fresh context: not the request id of whichever call happened to load the model
+            self._workers.append(asyncio.create_task(self._worker(), name=f"{self.name}#{i}",
+                                                     context=contextvars.Context()))
 
     async def submit(self, images: list[np.ndarray], deadline: float | None) -> Computed:
         """Queue one request's images (each prepared for ``assemble``: by default float32
@@ -173,9 +176,11 @@ class DynamicBatcher:
             self._observer.expired("deadline", n)
             raise DeadlineExceeded(f"{self.name}: the deadline passed before the request was "
                                    "queued; allow more time")
-        if deadline is not None and self._image_s is not None \
+        if deadline is not None and self._image_s is not None and self._queued_images \
                 and self._policy.reject_unreachable_deadlines:
-            wait_s = (self._queued_images + n) * self._image_s / self._policy.instances
+            # only the queue ahead counts: with nothing queued a request is always admitted, so
+            # a stale (too slow) estimate cannot lock traffic out, and batches keep refreshing it
+            wait_s = self._queued_images * self._image_s / self._policy.instances
             if now + wait_s > deadline:
                 self._observer.rejected("deadline_unreachable", n)
                 raise QueueFull(

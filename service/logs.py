@@ -31,7 +31,16 @@ def configure(level: str) -> None:
 
 def request_id(client_id: str) -> str:
     """The id logs use for one request: the client's own (shortened, escaped), or a new one."""
-    return printable(client_id) if client_id else uuid.uuid4().hex[:16]
+    return log_field(client_id) if client_id else uuid.uuid4().hex[:16]
+
+
+def log_field(text: str) -> str:
+    """``printable(text)``, quoted when it holds a space, ``=`` or a quote, so that a client's
+    string cannot pose as another ``key=value`` field of an access-log line."""
+    shown = printable(text)
+    if not any(c in shown for c in " =\"'"):
+        return shown
+    return '"' + shown.replace('"', '\\"') + '"'
 
 
 def printable(text: str, limit: int = _MAX_SHOWN) -> str:

@@ -144,13 +144,15 @@ class Preprocessor:
             raise InvalidInput(
                 f"{self._where}: {field} is {width}x{height} = {width * height} pixels, over "
                 f"the limit of {limit}; downscale it before sending")
-        if self._spec.resize:
-            rw, rh = resize_size(size, self._spec)
-            if rw * rh > limit:
-                raise InvalidInput(
-                    f"{self._where}: {field} is {width}x{height}, an aspect ratio too extreme to "
-                    f"resize: its shorter side at {self._spec.resize} makes {rw}x{rh} pixels, "
-                    f"over the limit of {limit}; crop it closer to square before sending")
+        spec = self._spec
+        rw, rh = resize_size(size, spec) if spec.resize else size
+        pw, ph = max(rw, spec.width), max(rh, spec.height)  # torchvision pads a small side
+        if pw * ph > limit:
+            raise InvalidInput(
+                f"{self._where}: {field} is {width}x{height}, an aspect ratio too extreme to "
+                f"resize: fitted to the model's {spec.width}x{spec.height} input (resize "
+                f"{spec.resize or 'none'}, then padding) it becomes {pw}x{ph} pixels, over the "
+                f"limit of {limit}; crop it closer to square before sending")
 
     def _raw(self, index: int, t: RawTensor) -> np.ndarray:
         spec, field = self._spec, f"images[{index}].tensor"

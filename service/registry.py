@@ -113,8 +113,8 @@ class ModelRegistry:
     async def load_named(self, name: str) -> None:
         """(Re)load one model folder by name (explicit model control)."""
         if self.repo is None or not (self.repo / name).is_dir() or name.startswith((".", "_")):
-            raise ModelNotFound(f"model {name!r}: no folder {name!r} in the repository "
-                                f"{self.repo}; export it first")
+            raise ModelNotFound(f"model {name!r}: no folder {name!r} in the repository; "
+                                "export it first")
         entry = await asyncio.get_running_loop().run_in_executor(
             None, repository.scan_model, self.repo / name)
         await self.sync(entry, force=True)
@@ -130,7 +130,8 @@ class ModelRegistry:
                 return
             self._synced[name] = entry.fingerprint
             old = {v: s for (n, v), s in self._served.items() if n == name}
-            status = ModelStatus(name=name, config=entry.config, error=entry.error,
+            status = ModelStatus(name=name, config=entry.config,
+                                 error=self._public(entry.error),
                                  versions={v: VersionStatus(version=v, state="ready")
                                            for v in old})
             self._status[name] = status
@@ -220,9 +221,19 @@ class ModelRegistry:
     async def _retire(self, served: list[ServedVersion]) -> None:
         await asyncio.gather(*(s.retire(self._metrics) for s in served))
 
+    def _public(self, text: str | None) -> str | None:
+        """A reason as clients see it (GetModel, errors): paths relative to the repository,
+        never the server's own directories. Logs keep the full paths."""
+        if not text or self.repo is None:
+            return text
+        for root in {str(self.repo.resolve()), str(self.repo)} - {".", ""}:
+            text = text.replace(root.rstrip("/") + "/", "")
+        return text
+
     def _fail(self, status: ModelStatus, version: int, reason: str) -> None:
         log.error("model %s version %d failed to load: %s", status.name, version, reason)
-        status.versions[version] = VersionStatus(version=version, state="failed", reason=reason)
+        status.versions[version] = VersionStatus(version=version, state="failed",
+                                                 reason=self._public(reason) or "")
         self._metrics.set_model_state(status.name, str(version), "failed")
         self._metrics.model_load_failures.labels(status.name, str(version)).inc()
 

@@ -58,7 +58,8 @@ def load_token(token_file: Path | None) -> str | None:
     """The bearer token from ``token_file`` (first line) or else $VISIONSERVE_AUTH_TOKEN; None
     when neither is set (auth off)."""
     if token_file is not None:
-        token = _read(token_file, "--auth-token-file").decode().strip()
+        lines = _read(token_file, "--auth-token-file").decode().splitlines()
+        token = lines[0].strip() if lines else ""
         if not token:
             raise ValueError(f"--auth-token-file {token_file} is empty; put the token on its "
                              "first line")
@@ -75,7 +76,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if unknown:
             raise ValueError(f"--auth-open {sorted(unknown)[0]!r} is not allowed; choose from "
                              f"{list(OPENABLE)} (health is always open, repository never)")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._open = {"health", *open_classes}
 
     async def intercept_service(
@@ -87,9 +88,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         presented = next((v for k, v in details.invocation_metadata or ()
                           if k == "authorization"), None)
-        if presented is not None and hmac.compare_digest(
-                presented.encode() if isinstance(presented, str) else presented,
-                self._expected):
+        if presented is not None and self._valid(presented):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
@@ -98,6 +97,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return _refusal(handler, f"{details.method.rsplit('/', 1)[-1]} needs a bearer token "
                                  f"({cls} calls are protected on this server): {reason}; send "
                                  "metadata 'authorization: Bearer <token>'")
+
+
+    def _valid(self, presented: str | bytes) -> bool:
+        """``Bearer <token>`` (the scheme is case-insensitive, RFC 7235), compared in constant
+        time."""
+        text = presented.encode() if isinstance(presented, str) else presented
+        scheme, _, token = text.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(),
+                                                                   self._expected)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

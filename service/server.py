@@ -135,21 +135,22 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     await registry.load_repository(config.repo, only)
     ready = [s.name for s in registry.statuses() if s.state == "ready"]
     failed = [s.name for s in registry.statuses() if s.state == "failed"]
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving gRPC on %s:%d, metrics on http://%s:%d/metrics; models ready: %s%s",
-             config.host, grpc_port, config.metrics_host or config.host, metrics_port,
-             ", ".join(ready) or "none",
-             f"; failed: {', '.join(failed)}" if failed else "")
-
-    poller = asyncio.create_task(_poll(registry, config.poll_interval_s, stop)) \
-        if config.model_control == "poll" else None
+    poller = None
+    if not stop.is_set():  # a signal during the initial load: never report SERVING
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving gRPC on %s:%d, metrics on http://%s:%d/metrics; models ready: %s%s",
+                 config.host, grpc_port, config.metrics_host or config.host, metrics_port,
+                 ", ".join(ready) or "none",
+                 f"; failed: {', '.join(failed)}" if failed else "")
+        if config.model_control == "poll":
+            poller = asyncio.create_task(_poll(registry, config.poll_interval_s, stop))
     await stop.wait()
-    if poller is not None:
-        await poller
     log.info("shutting down: readiness off, refusing new requests, finishing in-flight ones "
              "(grace %.0f s; a second signal exits at once)", config.shutdown_grace_s)
     kserve.accepting = False
-    await health_servicer.enter_graceful_shutdown()
+    await health_servicer.enter_graceful_shutdown()  # first: before a scan in progress ends
+    if poller is not None:
+        await poller
     if config.shutdown_delay_s > 0:
         log.info("readiness is off; still serving for %.1f s (--shutdown-delay-s)",
                  config.shutdown_delay_s)
@@ -157,6 +158,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     # our handlers refuse new calls with UNAVAILABLE while accepted ones finish; then gRPC
     # stops (calls still running after the grace are cancelled)
     started = loop.time()
+    log.info("now refusing new calls (UNAVAILABLE); finishing the accepted ones")
     if not await calls.drain(config.shutdown_grace_s):
         log.warning("requests still running after the %.0f s grace are cancelled",
                     config.shutdown_grace_s)

@@ -161,6 +161,21 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_admission():
     await batcher.close()
 
 
+async def test_a_stale_slow_estimate_never_refuses_a_request_with_nothing_queued_ahead():
+    backend = GatedBackend()
+    batcher, rec = make(backend, max_batch_size=1)
+    first = asyncio.create_task(batcher.submit(images(1), None))
+    await started(backend)
+    await asyncio.sleep(0.05)  # one slow batch: the estimate says >= 50 ms per image
+    backend.gated = False
+    backend.release.release()
+    await first
+    # nothing is queued: a 10 ms deadline is admitted, and the batch refreshes the estimate
+    assert ids_of(await batcher.submit(images(2), time.monotonic() + 0.01)) == [2]
+    assert rec.rejected_counts == {}
+    await batcher.close()
+
+
 async def test_expired_work_is_dropped_before_compute_and_reported():
     backend = GatedBackend()
     batcher, rec = make(backend)

@@ -187,6 +187,7 @@ def test_an_aspect_ratio_too_extreme_to_resize_is_refused_before_decoding(api):
     code, details = api.refusal(png_bytes(Image.new("RGB", (20000, 1))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "images[0] is 20000x1, an aspect ratio too extreme to resize" in details
+    assert "it becomes 5120000x256 pixels, over the limit of 40000000" in details
     assert "crop it closer to square" in details
 
 

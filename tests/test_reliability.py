@@ -128,22 +128,24 @@ def test_a_signal_under_load_answers_every_accepted_request_then_exits(exported_
     repo = make_repo(exported_repo, tmp_path / "repo", ("mobilenet_v3_small",),
                      {"mobilenet_v3_small": {"max_batch_size": 8}})
     srv = start_server(repo, tmp_path / "server.log", "--access-log", "all",
-                       "--shutdown-delay-s", "1", "--shutdown-grace-s", "60")
+                       "--shutdown-delay-s", "2", "--shutdown-grace-s", "60")
+    health = health_pb2_grpc.HealthStub(srv.channel)
     try:
         load = Load(srv, "mobilenet_v3_small", tensor_image(np.zeros((224, 224, 3), np.uint8)),
                     16)
         time.sleep(2)  # under load
         srv.process.send_signal(sig)
-        health = health_pb2_grpc.HealthStub(srv.channel)
-        readiness = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        _eventually(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    == health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=10)
         codes = load.join()
         assert srv.process.wait(timeout=90) == 0
     finally:
         srv.stop()
     log = srv.log()
-    # readiness went off while requests were still served (the 1 s delay), then new calls
-    # were refused with UNAVAILABLE, and every request the server accepted was answered OK
-    assert readiness == health_pb2.HealthCheckResponse.NOT_SERVING
+    # readiness went off first while requests were still served (the 2 s delay), then new
+    # calls were refused with UNAVAILABLE, and every request the server accepted was answered
+    during_delay = log.split("readiness is off")[1].split("now refusing new calls")[0]
+    assert accepted(during_delay)["OK"] > 0
     assert set(codes) == {"OK", "UNAVAILABLE"}, codes
     assert codes["UNAVAILABLE"] == 16
     assert accepted(log) == Counter({"OK": codes["OK"], "UNAVAILABLE": 16}), (accepted(log),
@@ -210,7 +212,8 @@ def test_a_storm_of_cancellations_and_short_deadlines_computes_none_of_them(expo
         "max_batch_size": 1,
         # admit the short deadlines (see the next test) to show that the queue drops them
         "batching.reject_unreachable_deadlines": False}})
-    srv = start_server(repo, tmp_path / "server.log")
+    # ... and the whole storm in flight at once, past the default in-flight limit
+    srv = start_server(repo, tmp_path / "server.log", "--max-inflight-requests", "1000")
     x = tensor_image(np.zeros((224, 224, 3), np.uint8))
     one = pb.ClassifyRequest(model="resnet18", images=[x])
     rss_before = _rss_mb(srv.process.pid)

@@ -152,6 +152,10 @@ def test_bearer_token_protects_everything_but_health(exported_repo, tmp_path):
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "the token is not valid" in err.details()
             assert classify(channel, metadata=(("authorization", f"Bearer {TOKEN}"),)).version == 1
+            assert classify(channel, metadata=(("authorization", f"bearer {TOKEN}"),)).version == 1
+            stream = pb_grpc.VisionServiceStub(channel).ClassifyStream(iter([pb.ClassifyRequest(
+                model="lenet5", images=[tensor_image(DIGIT)])]), timeout=30)
+            assert status_of(list, stream).code() == grpc.StatusCode.UNAUTHENTICATED
 
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -162,6 +166,13 @@ def test_bearer_token_protects_everything_but_health(exported_repo, tmp_path):
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             err = status_of(kserve.ModelMetadata, _kpb().ModelMetadataRequest(name="lenet5"))
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            err = status_of(kserve.ModelStatistics, _kpb().ModelStatisticsRequest(name="lenet5"))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            # a model name is a folder of the repository, never a path out of it
+            err = status_of(kserve.RepositoryModelLoad, _kpb().RepositoryModelLoadRequest(
+                model_name="../repo/lenet5"), metadata=(("authorization", f"Bearer {TOKEN}"),))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no path separators" in err.details()
         assert "bearer token required except for health" in srv.log_tail()
     finally:
         srv.stop()
@@ -169,7 +180,7 @@ def test_bearer_token_protects_everything_but_health(exported_repo, tmp_path):
 
 def test_opened_classes_need_no_token_but_repository_calls_always_do(exported_repo, tmp_path):
     token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
+    token_file.write_text(TOKEN + "\n# rotated 2026-11-24: only the first line is the token\n")
     srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
                 "--model-control", "explicit", "--load-model", "lenet5",
                 "--auth-token-file", str(token_file), "--auth-open",
@@ -224,12 +235,16 @@ def test_access_log_carries_the_request_id_and_never_payload_bytes(exported_repo
             assert "Traceback" not in err.details() and ".py" not in err.details()
             stub.Classify(pb.ClassifyRequest(model="lenet5", images=[tensor_image(DIGIT)]),
                           timeout=30, metadata=(("x-request-id", "mesh-id-3"),))
+            err = status_of(stub.Classify, pb.ClassifyRequest(model="x code=OK", images=[
+                tensor_image(DIGIT)]), timeout=30)
+            assert err.code() == grpc.StatusCode.NOT_FOUND
         log = srv.log_tail(100_000)
         assert "[req req-ok-1] Classify model=lenet5 version=1 code=OK duration_ms=" in log
-        assert "[req req-bad-2\\nFORGED LINE] Classify model=lenet5 version=- " \
+        assert '[req "req-bad-2\\nFORGED LINE"] Classify model=lenet5 version=- ' \
                "code=INVALID_ARGUMENT" in log
         assert "\nFORGED LINE" not in log
         assert "[req mesh-id-3] Classify model=lenet5 version=1 code=OK" in log
+        assert 'Classify model="x code=OK" version=- code=NOT_FOUND' in log  # quoted: no field
         assert marker.decode() not in log
     finally:
         srv.stop()

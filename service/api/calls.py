@@ -13,7 +13,7 @@ from typing import TypeVar
 import grpc
 
 from ..errors import InvalidInput, ModelUnavailable, ServerBusy, VisionServeError, grpc_status
-from ..logs import REQUEST_ID, printable, request_id
+from ..logs import REQUEST_ID, log_field, printable, request_id
 from ..metrics import UNKNOWN_MODEL, Metrics
 from ..registry import ModelRegistry
 
@@ -96,18 +96,20 @@ class CallHandler:
         version = ""
         code = grpc.StatusCode.OK
         try:
-            if counted and self._max_inference and self._inference > self._max_inference:
-                raise ServerBusy(f"server busy: {self._max_inference} inference requests are in "
-                                 "progress (its --max-inflight-requests); retry with backoff, "
-                                 "or add replicas")
             if not self._accepting:
                 self._last_refused = time.monotonic()
                 raise ModelUnavailable("the server is shutting down and takes no new requests; "
                                        "retry (another replica, or this one once restarted)")
-            if len(model) > MAX_MODEL_NAME or not model.isprintable():
+            if counted and self._max_inference and self._inference > self._max_inference:
+                raise ServerBusy(f"server busy: {self._max_inference} inference requests are in "
+                                 "progress (its --max-inflight-requests); retry with backoff, "
+                                 "or add replicas")
+            if len(model) > MAX_MODEL_NAME or not model.isprintable() \
+                    or any(c in model for c in "/\\") or model in (".", ".."):
                 raise InvalidInput(f"model name {printable(model)!r} ({len(model)} chars) is not "
                                    f"a model name: use at most {MAX_MODEL_NAME} printable "
-                                   "characters")
+                                   "characters, no path separators (it names a folder of the "
+                                   "repository)")
             reply, answered = await work()
             version = str(answered) if answered else ""
             return reply
@@ -132,7 +134,7 @@ class CallHandler:
             if self._access == "all" or (self._access == "errors"
                                          and code != grpc.StatusCode.OK and self._may_log()):
                 access_log.info("%s model=%s version=%s code=%s duration_ms=%.2f%s", method,
-                                printable(model), version or "-", code.name, elapsed * 1000,
+                                log_field(model), version or "-", code.name, elapsed * 1000,
                                 self._suppressed_note())
 
     def _may_log(self) -> bool:

@@ -17,7 +17,7 @@ from ..errors import InvalidInput, ModelFailed, ModelNotFound, grpc_status
 from ..inference import InferenceCore
 from ..registry import ModelRegistry, ModelStatus, ServedVersion
 from ..statistics import Duration
-from .calls import CallHandler, answer_stream, deadline_of
+from .calls import CallHandler, answer_stream, deadline_of, metadata_request_id
 from .kserve_tensors import images_from_infer_request, infer_response
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
@@ -99,7 +99,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             try:
                 reply = await self._calls.run("ModelStreamInfer", request.model_name,
                                               lambda: self._infer(request, context),
-                                              request.id)
+                                              request.id or stream_id)
             except Exception as exc:  # noqa: BLE001 - this request's error, not the stream's
                 _, message = grpc_status(exc)
                 return kpb.ModelStreamInferResponse(
@@ -108,6 +108,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                         id=request.id))
             return kpb.ModelStreamInferResponse(infer_response=reply)
 
+        stream_id = metadata_request_id(context)
         async for reply in answer_stream(requests, answer):
             yield reply
 

@@ -13,7 +13,7 @@ from ..errors import grpc_status
 from ..inference import InferenceCore
 from ..messages import ClassifyCall, EmbedCall
 from ..registry import ModelStatus
-from .calls import CallHandler, answer_stream, deadline_of
+from .calls import CallHandler, answer_stream, deadline_of, metadata_request_id
 
 _STATES = {
     "loading": pb.MODEL_STATE_LOADING, "ready": pb.MODEL_STATE_READY,
@@ -49,13 +49,14 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
 
             try:
                 reply = await self._calls.run("ClassifyStream", request.model, work,
-                                              request.request_id)
+                                              request.request_id or stream_id)
             except Exception as exc:  # noqa: BLE001 - this request's error, not the stream's
                 code, message = grpc_status(exc)
                 return pb.ClassifyStreamResponse(request_id=request.request_id,
                                                  code=code.value[0], error_message=message)
             return pb.ClassifyStreamResponse(request_id=request.request_id, response=reply)
 
+        stream_id = metadata_request_id(context)
         async for reply in answer_stream(requests, answer):
             yield reply
 
