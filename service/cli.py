@@ -415,12 +415,12 @@ def _bench_overload(args: argparse.Namespace) -> int:
 
 
 def _bench_decode(args: argparse.Namespace) -> int:
-    import json
     import shlex
 
     from rich.console import Console
 
     from .benchmark.decoders import markdown, run_decode_bench
+    from .benchmark.report import save
     from .config import ModelConfig
     from .repository import MODEL_FILES, version_numbers
 
@@ -438,12 +438,7 @@ def _bench_decode(args: argparse.Namespace) -> int:
                                    progress=lambda text: status.update(f"decoding: {text}"))
     text = markdown(results, "visionserve " + shlex.join(sys.argv[1:]))
     console.print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+    save(args.json, results, args.markdown, text)
     return 0
 
 

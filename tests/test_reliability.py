@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -154,54 +155,46 @@ def test_a_signal_under_load_answers_every_accepted_request_then_exits(exported_
     assert f"{sig.name} received" in log and "stopped" in log
 
 
-def test_exit_within_the_grace_period_cuts_what_is_still_running(exported_repo, tmp_path):
+@contextmanager
+def a_long_request_in_flight(exported_repo, tmp_path, grace_s: str):  # noqa: ANN001, ANN201
+    """A server (grace ``grace_s``) computing a 200-image request at batch 1: yields the server
+    and the request's future; the server is stopped afterwards whatever happened."""
     repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
                      {"resnet18": {"max_batch_size": 1}})
-    srv = start_server(repo, tmp_path / "server.log", "--shutdown-grace-s", "1")
+    srv = start_server(repo, tmp_path / "server.log", "--shutdown-grace-s", grace_s)
     x = tensor_image(np.zeros((224, 224, 3), np.uint8))
     with ThreadPoolExecutor(1) as pool:
         try:
             slow = pool.submit(srv.stub.Classify, pb.ClassifyRequest(
                 model="resnet18", images=[x] * 200), timeout=300)
-            _wait_in_flight(srv)
-            signalled = time.monotonic()
-            srv.process.send_signal(signal.SIGTERM)
-            assert srv.process.wait(timeout=60) == 0
-            took = time.monotonic() - signalled
+            _eventually(lambda: srv.metric("visionserve_inflight_requests",
+                                           method="Classify") > 0, timeout_s=60)
+            yield srv, slow
         finally:
             srv.stop()
-        with pytest.raises(grpc.RpcError) as info:
-            slow.result()
+
+
+def test_exit_within_the_grace_period_cuts_what_is_still_running(exported_repo, tmp_path):
+    with a_long_request_in_flight(exported_repo, tmp_path, "1") as (srv, slow):
+        signalled = time.monotonic()
+        srv.process.send_signal(signal.SIGTERM)
+        assert srv.process.wait(timeout=60) == 0
+        took = time.monotonic() - signalled
+    with pytest.raises(grpc.RpcError) as info:
+        slow.result()
     assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
     assert took < 30, f"exit took {took:.1f} s with a 1 s grace"  # a hang guard, not a timing
 
 
 def test_a_second_signal_exits_at_once(exported_repo, tmp_path):
-    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
-                     {"resnet18": {"max_batch_size": 1}})
-    srv = start_server(repo, tmp_path / "server.log", "--shutdown-grace-s", "600")
-    x = tensor_image(np.zeros((224, 224, 3), np.uint8))
-    with ThreadPoolExecutor(1) as pool:
-        try:
-            slow = pool.submit(srv.stub.Classify, pb.ClassifyRequest(
-                model="resnet18", images=[x] * 200), timeout=300)
-            _wait_in_flight(srv)
-            srv.process.send_signal(signal.SIGTERM)
-            _eventually(lambda: "shutting down" in srv.log())
-            srv.process.send_signal(signal.SIGTERM)
-            assert srv.process.wait(timeout=30) == 128 + signal.SIGTERM
-        finally:
-            srv.stop()
-        with pytest.raises(grpc.RpcError):
-            slow.result()
+    with a_long_request_in_flight(exported_repo, tmp_path, "600") as (srv, slow):
+        srv.process.send_signal(signal.SIGTERM)
+        _eventually(lambda: "shutting down" in srv.log())
+        srv.process.send_signal(signal.SIGTERM)
+        assert srv.process.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(grpc.RpcError):
+        slow.result()
     assert "second SIGTERM during shutdown: exiting now" in srv.log()
-
-
-def _wait_in_flight(srv) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + 60
-    while srv.metric("visionserve_inflight_requests", method="Classify") == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
 
 
 # --- cancellation and deadline storm ----------------------------------------------------------

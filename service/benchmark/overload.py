@@ -12,7 +12,6 @@ bounded p99, does memory stay flat, and is the server back to normal at once whe
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from ..config import ModelConfig
+from . import report
 from .launch import single_model_repo, start_visionserve
 from .loadgen import ClientProcess, Job
 
@@ -92,12 +92,7 @@ def run_overload(args: argparse.Namespace) -> int:
               "serve_args": args.serve_args, "phases": phases}
     text = markdown(result)
     console.print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+    report.save(args.json, result, args.markdown, text)
     return 0
 
 

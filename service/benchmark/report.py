@@ -15,6 +15,24 @@ from typing import Any
 Row = dict[str, Any]
 
 
+def save(json_path: Path | None, data: object, markdown_path: Path | None,
+         markdown_text: str) -> list[Path]:
+    """Write the results as JSON and/or markdown where asked (folders created); the paths
+    written."""
+    import json
+
+    written = []
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+        written.append(json_path)
+    if markdown_path:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(markdown_text)
+        written.append(markdown_path)
+    return written
+
+
 def target_name(row: Row) -> str:
     return f"{row['target']} [{row['variant']}]" if row.get("variant") else str(row["target"])
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import platform
 import shlex
 import sys
@@ -156,17 +155,13 @@ def run_bench(args: argparse.Namespace) -> int:
     results["ratios"] = report.compute_ratios(results["runs"], results["in_process"],
                                                 results["round_trip"])
     report.print_table(console, results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
+    written = report.save(args.json, results, args.markdown,
+                          report.markdown(results) if args.markdown else "")
     if args.plot:
         report.plot(results, args.plot)
-        console.print(f"wrote {args.plot}")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(report.markdown(results))
-        console.print(f"wrote {args.markdown}")
+        written.append(args.plot)
+    for path in written:
+        console.print(f"wrote {path}")
     return 0
 
 
