@@ -203,6 +203,13 @@ def test_undecodable_protobuf_and_oversize_messages_get_clear_statuses(server_fa
             raw(b"\x0a\x06lenet5" + b"\x1a\x00" * 60_000, timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "100000" in info.value.details()
+    for method in ("/visionserve.v1.VisionService/ClassifyStream",
+                   "/inference.GRPCInferenceService/ModelStreamInfer"):
+        stream = srv.channel.stream_stream(method)(iter([b"\xff\xff\xff"]), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "is not a valid protobuf message" in info.value.details()
     reply = srv.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[
         tensor_image(np.zeros((32, 32, 1), np.uint8))]), timeout=30)
     assert reply.version == 1
