@@ -35,6 +35,7 @@ def sample(pid: int) -> dict[str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SOAK_S + 300)
 def test_a_long_run_with_version_swaps_does_not_grow_memory_fds_or_threads(exported_repo,
                                                                           tmp_path):
     repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5", "mobilenet_v3_small"))
