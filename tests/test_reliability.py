@@ -153,6 +153,9 @@ def test_a_signal_under_load_answers_every_accepted_request_then_exits(exported_
                                                                               codes)
     assert codes["OK"] > 16
     assert f"{sig.name} received" in log and "stopped" in log
+    print(json.dumps({"signal": sig.name, "client": dict(codes),  # noqa: T201 - for the note
+                      "server_access_log": dict(accepted(log)),
+                      "answered_ok_during_delay": accepted(during_delay)["OK"]}))
 
 
 @contextmanager
