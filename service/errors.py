@@ -81,6 +81,14 @@ class BackendError(VisionServeError):
     code = grpc.StatusCode.INTERNAL
 
 
+def check_image_count(n: int, limit: int, where: str) -> None:
+    """The images-per-request limit, one rule for every entry point: each API checks it before
+    converting a request's images, the core again for any other caller."""
+    if n > limit:
+        raise LimitExceeded(f"{where}: {n} images in one request, over the limit of {limit}; "
+                            "split the request")
+
+
 MAX_MESSAGE_CHARS = 2000  # status details travel in a header: keep them well under its limit
 
 

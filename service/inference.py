@@ -18,7 +18,7 @@ import numpy as np
 
 from .backends.base import ModelOutputs
 from .config import ServerLimits
-from .errors import InvalidInput, LimitExceeded
+from .errors import InvalidInput, check_image_count
 from .messages import ClassifyCall, ClassifyResult, EmbedCall, EmbedResult
 from .metrics import Metrics
 from .postprocess import l2_normalize, top_k
@@ -68,10 +68,7 @@ class InferenceCore:
         try:
             if not images:
                 raise InvalidInput(f"{served.where}: images is empty; send at least one image")
-            if len(images) > self._limits.max_images_per_request:
-                raise LimitExceeded(f"{served.where}: {len(images)} images in one request, over "
-                                    f"the limit of {self._limits.max_images_per_request}; split "
-                                    "the request")
+            check_image_count(len(images), self._limits.max_images_per_request, served.where)
             if deadline is None and served.config.batching.default_timeout_ms > 0:
                 deadline = time.monotonic() + served.config.batching.default_timeout_ms / 1000
             tensors = await self._preprocess(served, images)

@@ -13,7 +13,7 @@ import numpy as np
 
 from visionserve.v1 import visionserve_pb2 as pb
 
-from .errors import InvalidInput, LimitExceeded
+from .errors import InvalidInput, check_image_count
 from .postprocess import ClassScore
 from .preprocess import EncodedImage, ImageInput, RawTensor
 
@@ -23,9 +23,7 @@ DEFAULT_TOP_K = 5
 
 
 def images_from_grpc(images: list[pb.Image], model: str, max_images: int) -> list[ImageInput]:
-    if len(images) > max_images:
-        raise LimitExceeded(f"model {model}: {len(images)} images in one request, over the "
-                            f"limit of {max_images}; split the request")
+    check_image_count(len(images), max_images, f"model {model}")
     out: list[ImageInput] = []
     for i, image in enumerate(images):
         kind = image.WhichOneof("source")

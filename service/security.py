@@ -109,10 +109,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    async def abort(_request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def abort_stream(_requests: object, context: grpc.aio.ServicerContext) -> None:
+    async def abort(_request_or_stream: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     # no deserializer: an unauthenticated payload is never parsed
@@ -121,8 +118,8 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(abort)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort_stream)
-    return grpc.stream_stream_rpc_method_handler(abort_stream)
+        return grpc.stream_unary_rpc_method_handler(abort)
+    return grpc.stream_stream_rpc_method_handler(abort)
 
 
 def _read(path: Path, flag: str) -> bytes:

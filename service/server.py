@@ -56,7 +56,7 @@ class ServerConfig:
     tls: TlsConfig | None = None
     auth_token: str | None = None  # bearer token; None = no auth
     auth_open: tuple[str, ...] = ()  # access classes open without the token (security.OPENABLE)
-    access_log: str = "errors"  # all | errors | off (api.calls.ACCESS_LOG_MODES)
+    access_log: str = "errors"  # all | errors | off (--access-log)
 
 
 async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:

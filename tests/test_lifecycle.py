@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import make_repo, run_cli, start_server, tensor_image
+from visionserve.service.benchmark.launch import rss_mb
 from visionserve.v1 import visionserve_pb2 as pb
 
 POLL = ("--model-control", "poll", "--poll-interval-s", "0.3")
@@ -195,13 +196,6 @@ def test_explicit_mode_changes_nothing_until_asked(exported_repo, tmp_path):
     finally:
         client.close()
         srv.stop()
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_repo, start_server, tensor_image
+from visionserve.service.benchmark.launch import rss_mb
 from visionserve.v1 import visionserve_pb2 as pb
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -256,12 +257,6 @@ def malformed(rng: np.random.Generator) -> tuple[str, str, object]:
         return "too many images", "Classify", pb.ClassifyRequest(
             model="lenet5", images=[pb.Image(encoded=b"x")] * 300)
     return "empty image", "Embed", pb.EmbedRequest(model=model, images=[pb.Image()] * 3)
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kb / 1024
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import make_repo, run_cli, start_server, tensor_image
+from visionserve.service.benchmark.launch import rss_mb
 from visionserve.v1 import visionserve_pb2 as pb
 
 onnx = pytest.importorskip("onnx")
@@ -212,7 +213,7 @@ def test_a_storm_of_cancellations_and_short_deadlines_computes_none_of_them(expo
     srv = start_server(repo, tmp_path / "server.log", "--max-inflight-requests", "1000")
     x = tensor_image(np.zeros((224, 224, 3), np.uint8))
     one = pb.ClassifyRequest(model="resnet18", images=[x])
-    rss_before = _rss_mb(srv.process.pid)
+    rss_before = rss_mb(srv.process.pid)
     try:
         # 30 images at batch 1 occupy the model for a while; everything behind them waits
         busy = srv.stub.Classify.future(pb.ClassifyRequest(model="resnet18", images=[x] * 30),
@@ -241,7 +242,7 @@ def test_a_storm_of_cancellations_and_short_deadlines_computes_none_of_them(expo
         assert dropped["deadline"] + dropped["cancelled"] <= 300
         assert len(srv.stub.Classify(one, timeout=30).results) == 1
         assert srv.metric("visionserve_batch_size_sum", model="resnet18") == 31
-        assert _rss_mb(srv.process.pid) - rss_before < 100
+        assert rss_mb(srv.process.pid) - rss_before < 100
     finally:
         srv.stop()
 
@@ -287,10 +288,6 @@ def _eventually(check, timeout_s: float = 30) -> None:  # noqa: ANN001
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 # --- overload ---------------------------------------------------------------------------------

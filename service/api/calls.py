@@ -18,7 +18,6 @@ from ..metrics import UNKNOWN_MODEL, Metrics
 from ..registry import ModelRegistry
 
 access_log = logging.getLogger("visionserve.access")
-ACCESS_LOG_MODES = ("all", "errors", "off")
 MAX_MODEL_NAME = 256
 INFERENCE_METHODS = frozenset({"Classify", "ClassifyStream", "Embed", "ModelInfer",
                                "ModelStreamInfer"})

@@ -17,7 +17,7 @@ import numpy as np
 from visionserve.inference import grpc_service_pb2 as kpb
 
 from ..backends.base import ModelOutputs
-from ..errors import InvalidInput, LimitExceeded
+from ..errors import InvalidInput, LimitExceeded, check_image_count
 from ..preprocess import EncodedImage, ImageInput, RawTensor
 from ..registry import ServedVersion
 
@@ -49,7 +49,7 @@ def images_from_infer_request(req: kpb.ModelInferRequest, served: ServedVersion,
         raise InvalidInput(f"{where}: {field} has shape {shape}; expected 4 dimensions "
                            f"[N, {spec.channels}, {spec.height}, {spec.width}], each >= 1")
     n = shape[0]
-    _check_count(n, max_images, where)
+    check_image_count(n, max_images, where)
     per_image = math.prod(shape[1:])  # Python ints: no overflow on absurd shapes
     if tensor.datatype == "FP32":
         itemsize, dtype = 4, "float32"
@@ -73,19 +73,13 @@ def images_from_infer_request(req: kpb.ModelInferRequest, served: ServedVersion,
             for i in range(n)]
 
 
-def _check_count(n: int, max_images: int, where: str) -> None:
-    if n > max_images:
-        raise LimitExceeded(f"{where}: {n} images in one request, over the limit of "
-                            f"{max_images}; split the request")
-
-
 def _encoded_images(field: str, where: str, shape: list[int], raw: bytes | None,
                     tensor: kpb.ModelInferRequest.InferInputTensor,
                     max_images: int) -> list[ImageInput]:
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
         raise InvalidInput(f"{where}: {field} is BYTES with shape {shape}; expected [N] or "
                            "[N, 1], one encoded image (JPEG/PNG/WebP file bytes) per element")
-    _check_count(shape[0], max_images, where)
+    check_image_count(shape[0], max_images, where)
     elements = deserialize_bytes(raw, where, field, max_images) if raw is not None \
         else list(tensor.contents.bytes_contents)
     if len(elements) != shape[0]:

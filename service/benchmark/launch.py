@@ -124,6 +124,12 @@ def single_model_repo(repo: Path, model: str, dst: Path, *, max_batch_size: int 
     return dst
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` (Linux /proc), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

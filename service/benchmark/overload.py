@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from . import report
-from .launch import single_model_repo, start_visionserve
+from .launch import rss_mb, single_model_repo, start_visionserve
 from .loadgen import ClientProcess, Job
 
 PHASES = (("before", 0.5), ("overload", None), ("after", 0.5))  # None: --factor
@@ -152,11 +152,6 @@ class Sampler:
         prefix = f'visionserve_queue_depth{{model="{self._model}"'
         return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
                    if line.startswith(prefix))
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def _with(job: Job, **changes: object) -> Job:
