@@ -1,11 +1,13 @@
 # syntax=docker/dockerfile:1
 # visionserve images (multi-stage):
 #   docker build --target serve  -t visionserve:0.1.0 .          slim server, ONNX Runtime CPU, no PyTorch
-#   docker build --target serve  --build-arg 'ORT_PACKAGE=onnxruntime-gpu[cuda,cudnn]' \
-#                -t visionserve:0.1.0-gpu .    CUDA/TensorRT EPs; CUDA and cuDNN come as pip wheels,
-#                                              the driver from the host (NVIDIA container toolkit)
+#   docker build --target serve  --build-arg LOCK=gpu.txt -t visionserve:0.1.0-gpu .
+#                                     ONNX Runtime's CUDA build (CUDA EP, TensorRT EP), CUDA and cuDNN as
+#                                     pip wheels, the driver from the host (NVIDIA container toolkit)
 #   docker build --target export -t visionserve-export:0.1.0 .   PyTorch (CPU wheels) + the export stage
-# Settings are environment variables (VISIONSERVE_<FLAG>); the model repository is a volume.
+# The serve stage installs exactly deploy/requirements/$LOCK (versions and hashes, `make lock`),
+# then our wheel without resolving anything. Settings are environment variables
+# (VISIONSERVE_<FLAG>); the model repository is a volume.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -14,31 +16,34 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service service
 COPY export export
+COPY bench bench
 COPY proto proto
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS serve
-ARG ORT_PACKAGE=onnxruntime
-ARG ORT_VERSION=1.31.1
+ARG LOCK=serve.txt
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     VISIONSERVE_REPO=/models \
     VISIONSERVE_GRPC_PORT=8001 \
     VISIONSERVE_METRICS_PORT=8002 \
     VISIONSERVE_SHUTDOWN_GRACE_S=30
+COPY deploy/requirements/${LOCK} /tmp/requirements.txt
 COPY --from=wheel /wheels /wheels
-# One layer: our wheel and its serving dependencies (no compilers, no PyTorch), then the ONNX
-# Runtime build chosen by ORT_PACKAGE.
-RUN pip install --no-cache-dir /wheels/visionserve-*.whl \
-    && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \
-         pip uninstall -y onnxruntime && pip install --no-cache-dir "${ORT_PACKAGE}==${ORT_VERSION}"; \
-       fi \
-    && rm -rf /wheels \
-    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin visionserve
+# One layer: the locked serving dependencies (wheels only, every hash checked; no compilers, no
+# PyTorch), our wheel on top of them (--no-deps: nothing unlocked comes in), the user, and
+# the volume's mount point (a read-only root cannot create it at run time).
+RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r /tmp/requirements.txt \
+    && pip install --no-cache-dir --no-deps /wheels/visionserve-*.whl \
+    && visionserve --version \
+    && rm -rf /wheels /tmp/requirements.txt \
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin visionserve \
+    && install -d -m 0755 /models
 USER 10001
 VOLUME ["/models"]
 EXPOSE 8001 8002
 # SIGTERM: health goes NOT_SERVING, in-flight requests finish within VISIONSERVE_SHUTDOWN_GRACE_S.
+# Nothing is written at run time: the root filesystem may be read-only (docs/deploy.md).
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["visionserve", "health"]

@@ -5,13 +5,17 @@ BIN     := $(VENV)/bin
 REPO    ?= model_repo
 DEFAULT_MODELS := lenet5 resnet18 resnet50 mobilenet_v3_small
 STAMP   := $(VENV)/.installed
+LOCK    := deploy/requirements/serve.txt
 
-.PHONY: setup serve models test test-fast lint proto bench peer-triton clean
+.PHONY: setup serve models test test-fast lint lock proto bench peer-triton clean
 
-$(STAMP): pyproject.toml
+# The serving dependencies at exactly the versions of the serve image's lock (its hashes
+# stripped: pip cannot hash-check an editable install), the extras resolved around them.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[export,dev]'
+	sed -e '/--hash=/d' -e 's/ \\$$//' $(LOCK) > $(VENV)/serve-constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/serve-constraints.txt -e '.[export,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,6 +35,10 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check service export tests bench
 
+# Regenerate deploy/requirements/{serve,gpu}.txt after a dependency change in pyproject.toml.
+lock: setup
+	UV=$(BIN)/uv bash deploy/requirements/lock.sh
+
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
 		--grpc_python_out=proto proto/visionserve/v1/*.proto proto/visionserve/inference/*.proto
@@ -46,7 +54,7 @@ peer-triton:
 bench: models peer-triton
 	$(BIN)/pip install --quiet -e '.[bench]'
 	VS=$(BIN)/visionserve MODELS="lenet5 resnet18 resnet50 mobilenet_v3_small decode" \
-		bash bench/run_all.sh
+		bash bench/scripts/run_all.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info tests/.cache

@@ -51,7 +51,7 @@ def run_export(args: argparse.Namespace) -> int:
         for arch in todo:
             task = progress.add_task(f"{arch}: build", total=len(STEPS))
 
-            def on_step(step: str, task=task, arch=arch) -> None:  # noqa: ANN001
+            def on_step(step: str, task=task, arch=arch) -> None:
                 progress.update(task, description=f"{arch}: {step}",
                                 completed=STEPS.index(step))
 

@@ -67,7 +67,7 @@ STEPS = ("build", "export", "parity", "publish")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # ONNX's protobuf limit is 2 GB: larger weights go beside
 
 
-def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:  # noqa: ANN001
+def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     """Export one architecture into ``req.repo``; ``on_step(name)`` reports progress."""
     start = time.perf_counter()
     arch = architectures.get(req.arch)

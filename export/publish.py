@@ -49,10 +49,20 @@ def staging(model_dir: Path, version: int) -> Iterator[Path]:
 def publish(tmp: Path, model_dir: Path, version: int) -> Path:
     target = model_dir / str(version)
     try:
+        # mkdtemp made it 0700: a server running as another user (the serve image's uid
+        # 10001, an export job's) could not read the version. Readable as the files in it are.
+        os.chmod(tmp, _readable_dir_mode())
         os.rename(tmp, target)  # atomic; fails if the target appeared meanwhile
     except OSError as exc:
         raise PublishError(f"could not publish {target}: {exc}") from exc
     return target
+
+
+def _readable_dir_mode() -> int:
+    """0o777 less the process umask (0o755 with the usual 022), as ``mkdir`` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def ensure_model_files(model_dir: Path, config: ModelConfig, labels: list[str],

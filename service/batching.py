@@ -317,7 +317,7 @@ class DynamicBatcher:
             if len(outputs) != size:
                 raise BackendError(f"{self.name}: the backend returned {len(outputs)} rows for "
                                    f"a batch of {size} images")
-        except Exception as exc:  # noqa: BLE001 - every future must be finished
+        except Exception as exc:
             ids = ", ".join(sorted({w.request_id for w in batch}))
             if isinstance(exc, VisionServeError):
                 log.error("%s: batch of %d images failed (requests %s): %s", self.name, size,

@@ -1,8 +1,10 @@
-"""The ``visionserve`` command: serve, export, classify, embed, models.
+"""The ``visionserve`` command: serve, export, classify, embed, models, health, bench.
 
 Every flag can also come from the environment as ``VISIONSERVE_<FLAG>`` (``--grpc-port`` →
-``VISIONSERVE_GRPC_PORT``); a flag on the command line wins. The export stage (and PyTorch) is
-imported only by ``export``.
+``VISIONSERVE_GRPC_PORT``); a flag on the command line wins. Each command imports what it needs
+when it runs: the export stage (and PyTorch) only for ``export``, the benchmark package
+(``visionserve.bench``, the ``bench`` extra) only for the ``bench*`` commands, whose arguments
+it parses itself.
 """
 
 from __future__ import annotations
@@ -14,19 +16,43 @@ import os
 import sys
 from pathlib import Path
 
+from .terminal import OUTPUT_FORMATS
+
 log = logging.getLogger("visionserve")
+
+EXIT_CODES = ("exit status: 0 ok, 1 failed (a call, a check or an export failed), 2 usage "
+              "(bad flags, missing extra, nothing to do), 130 interrupted (Ctrl-C)")
+# The benchmark's commands (visionserve.bench.cli parses their arguments): command -> summary.
+BENCH_COMMANDS = {
+    "bench": "served throughput/latency beside the in-process engine and a peer",
+    "bench-overload": "open-loop load at 2x capacity: shedding, p99, memory, recovery",
+    "bench-decode": "JPEG decode+resize+normalize speed and accuracy per decoder",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in BENCH_COMMANDS:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from .logs import configure
 
     configure(args.log_level)
     try:
+        if args.command in BENCH_COMMANDS:
+            return _bench(args.command, rest)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("visionserve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="visionserve",
         description="Serve image classifiers over gRPC (ONNX Runtime), export them from "
                     "PyTorch, and call them. Every flag may also be set as an environment "
-                    "variable VISIONSERVE_<FLAG>, e.g. VISIONSERVE_GRPC_PORT=9001.")
+                    "variable VISIONSERVE_<FLAG>, e.g. VISIONSERVE_GRPC_PORT=9001. "
+                    "Logs and progress go to stderr; results to stdout.",
+        epilog=EXIT_CODES)
+    parser.add_argument("--version", action="version", version=f"visionserve {_version()}")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -98,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", choices=["all", "errors", "off"], default="errors",
                    help="one log line per request (request id, method, model, version, code, "
                         "duration): for every request, only for failed ones, or none")
+    p.add_argument("--ready-file", type=Path, metavar="PATH",
+                   help="once SERVING, write {\"grpc_port\", \"metrics_port\", \"pid\", "
+                        "\"models_ready\", \"models_failed\"} as JSON to PATH (atomically; "
+                        "removed when shutdown starts): how scripts learn the ports of "
+                        "--grpc-port 0 and when the server is ready")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="export a PyTorch architecture to a new ONNX version",
@@ -116,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-missing", action="store_true",
                    help="skip architectures that already have a version in the repository")
     p.add_argument("--list", action="store_true", help="list the known architectures")
+    _output_flag(p, "of --list")
     p.add_argument("--all", action="store_true", help="export every known architecture")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="fp16: FP16 weights and compute (for GPU providers; I/O stays FP32); "
@@ -139,19 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=0, help="0 = newest")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--server", default="localhost:8001", help="HOST:PORT of the gRPC server")
+    _output_flag(p, "(json: the ClassifyResponse, results in the order of the files)")
     _client_security_flags(p)
     p.set_defaults(func=_classify)
 
     p = sub.add_parser("embed", help="print embedding vectors of image files")
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--model", required=True)
+    p.add_argument("--version", type=int, default=0, help="0 = newest")
     p.add_argument("--raw", action="store_true", help="do not L2-normalize")
     p.add_argument("--server", default="localhost:8001")
+    _output_flag(p, "(table: size, norm and the first values; json: every vector in full)")
     _client_security_flags(p)
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("models", help="list the models of a running server")
     p.add_argument("--server", default="localhost:8001")
+    _output_flag(p, "(json: the ListModelsResponse)")
     _client_security_flags(p)
     p.set_defaults(func=_models)
 
@@ -163,55 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HOST:PORT (default: localhost and $VISIONSERVE_GRPC_PORT or 8001)")
     p.add_argument("--service", default="", help="a model name; empty = the server itself")
     p.add_argument("--timeout-s", type=float, default=3.0)
+    _output_flag(p, "(json: server, service and status)")
     _client_security_flags(p, token=False)
     p.set_defaults(func=_health)
 
-    p = sub.add_parser(
-        "bench", help="served throughput/latency beside the in-process engine and a peer",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Starts the model's server with batching on and off (or measures --server), "
-                    "optionally Triton (--peer triton), and drives them with one load generator "
-                    "in its own process: closed loop at --concurrency levels, open loop "
-                    "(Poisson) at --rate levels. Each level is repeated (--repeats, median "
-                    "reported) with the targets interleaved, beside the same model file in an "
-                    "in-process ONNX Runtime session at batch 1..max. Prints a table and ratios; "
-                    "writes JSON, a PNG plot and a markdown section on request.",
-        epilog="example:\n  visionserve bench --model resnet50 --concurrency 1,4,16,64 "
-               "--peer triton --json bench/results/resnet50.json --plot docs/img/resnet50.png")
-    from .benchmark.run import add_arguments
+    for command, summary in BENCH_COMMANDS.items():  # parsed by visionserve.bench.cli
+        sub.add_parser(command, help=summary + " (the 'bench' extra; "
+                                               f"`visionserve {command} --help`)",
+                       add_help=False, prefix_chars="\0")
 
-    add_arguments(p)
-    p.set_defaults(func=_bench)
-
-    p = sub.add_parser(
-        "bench-overload", help="open-loop load at 2x capacity: shedding, p99, memory, recovery",
-        description="Measures the model's capacity, then offers Poisson load at half of it, at "
-                    "--factor times it, and at half again; reports per phase the admitted and "
-                    "refused rates, how fast refusals come back, admitted latency percentiles, "
-                    "and the server's RSS and queue depth (docs/benchmarks.md, Overload).")
-    from .benchmark.overload import add_arguments as add_overload_arguments
-
-    add_overload_arguments(p)
-    p.set_defaults(func=_bench_overload)
-
-    p = sub.add_parser(
-        "bench-decode", help="JPEG decode+resize+normalize speed and accuracy per decoder",
-        description="For photo sizes (640x480, 1920x1080 by default): images/s per core of "
-                    "each decoder (Pillow exact = the reference, Pillow draft, Pillow "
-                    "reducing_gap, simplejpeg, OpenCV) and its top-1/top-5 agreement with the "
-                    "reference through --model, on real sample photos.")
-    p.add_argument("--model", default="resnet50", help="model whose input spec and predictions "
-                                                       "are used (newest version)")
-    p.add_argument("--repo", type=Path, default=Path("model_repo"))
-    p.add_argument("--sizes", default="640x480,1920x1080", help="WxH,...")
-    p.add_argument("--seconds", type=float, default=2.0, help="CPU seconds per decoder and size")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--markdown", type=Path)
-    p.set_defaults(func=_bench_decode)
-
-    for action_parser in [parser, *sub.choices.values()]:
-        _env_defaults(action_parser)
+    for name, action_parser in sub.choices.items():
+        if name not in BENCH_COMMANDS:
+            action_parser.epilog = action_parser.epilog or EXIT_CODES
+            action_parser.set_defaults(command_parser=action_parser)
+            env_defaults(action_parser)
+    env_defaults(parser)
     return parser
+
+
+def _output_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="table",
+                   help=f"table for people, json for scripts: one JSON document on stdout "
+                        f"{what}")
 
 
 def _client_security_flags(p: argparse.ArgumentParser, token: bool = True) -> None:
@@ -232,11 +244,11 @@ def _client_channel(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return open_channel(args.server, args.tls_ca, args.tls_client_cert, args.tls_client_key)
 
 
-def _env_defaults(parser: argparse.ArgumentParser) -> None:
+def env_defaults(parser: argparse.ArgumentParser) -> None:
     """VISIONSERVE_<FLAG> becomes the flag's default (the command line still wins)."""
     for action in parser._actions:
         flags = [o for o in action.option_strings if o.startswith("--")]
-        if not flags or action.dest == "help":
+        if not flags or action.dest in ("help", "version"):
             continue
         key = "VISIONSERVE_" + flags[0][2:].upper().replace("-", "_")
         if key in os.environ:
@@ -290,7 +302,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_control=args.model_control, poll_interval_s=args.poll_interval_s,
         load_models=tuple(args.load_model),
         shutdown_grace_s=args.shutdown_grace_s, shutdown_delay_s=args.shutdown_delay_s,
-        metrics_host=args.metrics_host, tls=tls,
+        metrics_host=args.metrics_host, tls=tls, ready_file=args.ready_file,
         auth_token=token, auth_open=auth_open, access_log=args.access_log,
         limits=ServerLimits(max_message_bytes=args.max_message_bytes,
                             max_encoded_image_bytes=args.max_image_bytes,
@@ -313,30 +325,37 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from .terminal import message_dict, print_json, print_table
 
     reply = _call(lambda c: c.classify_files(args.images, args.model, args.top_k,
                                              args.version), args)
     if reply is None:
         return 1
-    console = Console()
+    if args.output == "json":
+        print_json(message_dict(reply))
+        return 0
     for path, result in zip(args.images, reply.results, strict=True):
-        table = Table(title=f"{path} — {reply.model} v{reply.version}")
-        table.add_column("#", justify="right")
-        table.add_column("label")
-        table.add_column("index", justify="right")
-        table.add_column("score", justify="right")
-        for rank, c in enumerate(result.classes, 1):
-            table.add_row(str(rank), c.label, str(c.index), f"{c.score:.4f}")
-        console.print(table)
+        print_table(f"{path} — {reply.model} v{reply.version}", ("#", "label", "index", "score"),
+                    [(rank, c.label, c.index, f"{c.score:.4f}")
+                     for rank, c in enumerate(result.classes, 1)])
     return 0
 
 
 def _embed(args: argparse.Namespace) -> int:
-    vectors = _call(lambda c: c.embed_files(args.images, args.model, not args.raw), args)
-    if vectors is None:
+    from .client import tensor_to_numpy
+    from .terminal import message_dict, print_json
+
+    reply = _call(lambda c: c.embed_files(args.images, args.model, not args.raw,
+                                          args.version), args)
+    if reply is None:
         return 1
+    vectors = tensor_to_numpy(reply.embeddings)
+    if args.output == "json":  # the reply's mapping, with the vectors as numbers, not base64
+        document = message_dict(reply)
+        document["embeddings"] = {"shape": list(vectors.shape), "dtype": "float32",
+                                  "values": vectors.tolist()}
+        print_json(document)
+        return 0
     for path, v in zip(args.images, vectors, strict=True):
         head = " ".join(f"{x:+.4f}" for x in v[:8])
         sys.stdout.write(f"{path}: dim={v.shape[0]} norm={float((v ** 2).sum() ** 0.5):.4f} "
@@ -345,27 +364,28 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from visionserve.v1 import visionserve_pb2 as pb
+
+    from .terminal import message_dict, print_json, print_table
 
     reply = _call(lambda c: c.list_models(), args)
     if reply is None:
         return 1
-    from visionserve.v1 import visionserve_pb2 as pb
+    if args.output == "json":
+        print_json(message_dict(reply))
+        return 0
 
-    table = Table(title=f"models on {args.server}")
-    for col in ("model", "state", "versions", "input", "classes", "embedding", "max batch",
-                "reason"):
-        table.add_column(col)
+    def state(value: int) -> str:
+        return pb.ModelState.Name(value).removeprefix("MODEL_STATE_").lower()
+
+    rows = []
     for m in reply.models:
-        versions = ", ".join(
-            f"{v.version}:{pb.ModelState.Name(v.state).removeprefix('MODEL_STATE_').lower()}"
-            for v in m.versions)
+        versions = ", ".join(f"{v.version}:{state(v.state)}" for v in m.versions)
         shape = f"{m.input.channels}x{m.input.height}x{m.input.width}" if m.input.name else ""
-        table.add_row(m.name, pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(),
-                      versions, shape, str(m.num_classes), str(m.embedding_dim),
-                      str(m.max_batch_size), m.reason[:80])
-    Console().print(table)
+        rows.append((m.name, state(m.state), versions, shape, m.num_classes, m.embedding_dim,
+                     m.max_batch_size, m.reason))
+    print_table(f"models on {args.server}", ("model", "state", "versions", "input", "classes",
+                                             "embedding", "max batch", "reason"), rows)
     return 0
 
 
@@ -390,6 +410,8 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from .terminal import print_json
+
     with _client_channel(args) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -398,48 +420,26 @@ def _health(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{args.server}: {err.code().name}: {err.details()}\n")
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    sys.stdout.write(f"{args.server} {args.service or '(server)'}: {status}\n")
+    if args.output == "json":
+        print_json({"server": args.server, "service": args.service, "status": status})
+    else:
+        sys.stdout.write(f"{args.server} {args.service or '(server)'}: {status}\n")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from .benchmark.run import run_bench
+def _bench(command: str, argv: list[str]) -> int:
+    """The ``bench*`` commands live in ``visionserve.bench``; without the ``bench`` extra they
+    exit 2 naming it (the server itself never needs it)."""
+    from visionserve.bench import missing_requirements
 
-    return run_bench(args)
-
-
-def _bench_overload(args: argparse.Namespace) -> int:
-    from .benchmark.overload import run_overload
-
-    return run_overload(args)
-
-
-def _bench_decode(args: argparse.Namespace) -> int:
-    import shlex
-
-    from rich.console import Console
-
-    from .benchmark.decoders import markdown, run_decode_bench
-    from .benchmark.report import save
-    from .config import ModelConfig
-    from .repository import MODEL_FILES, version_numbers
-
-    console = Console()
-    model_dir = args.repo / args.model
-    versions = version_numbers(model_dir)
-    if not versions:
-        console.print(f"no version of {args.model} in {args.repo}; export it first")
+    missing = missing_requirements()
+    if missing:
+        log.error("`visionserve %s` needs the 'bench' extra: pip install 'visionserve[bench]' "
+                  "(missing: %s)", command, ", ".join(missing))
         return 2
-    config = ModelConfig.from_toml(model_dir / "config.toml")
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    with console.status("decoding…") as status:
-        results = run_decode_bench(model_dir / str(versions[-1]) / MODEL_FILES["onnxruntime"],
-                                   config.input, sizes, args.seconds,  # type: ignore[arg-type]
-                                   progress=lambda text: status.update(f"decoding: {text}"))
-    text = markdown(results, "visionserve " + shlex.join(sys.argv[1:]))
-    console.print(text)
-    save(args.json, results, args.markdown, text)
-    return 0
+    from visionserve.bench.cli import main as bench_main
+
+    return bench_main(command, argv)
 
 
 if __name__ == "__main__":

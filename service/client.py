@@ -49,12 +49,12 @@ class VisionClient:
                                    timeout=self._timeout_s, metadata=self._metadata)
 
     def embed_files(self, paths: list[Path], model: str, normalize: bool = True,
-                    version: int = 0) -> np.ndarray:
+                    version: int = 0) -> pb.EmbedResponse:
+        """The reply; ``tensor_to_numpy(reply.embeddings)`` is the [N, D] array."""
         images = [pb.Image(encoded=p.read_bytes()) for p in paths]
-        reply = self._stub.Embed(pb.EmbedRequest(model=model, version=version, images=images,
-                                                 normalize=normalize), timeout=self._timeout_s,
-                                 metadata=self._metadata)
-        return tensor_to_numpy(reply.embeddings)
+        return self._stub.Embed(pb.EmbedRequest(model=model, version=version, images=images,
+                                                normalize=normalize), timeout=self._timeout_s,
+                                metadata=self._metadata)
 
     def list_models(self) -> pb.ListModelsResponse:
         return self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout_s,

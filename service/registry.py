@@ -211,7 +211,7 @@ class ModelRegistry:
         except VisionServeError as exc:
             self._fail(status, number, str(exc))
             return None
-        except Exception as exc:  # noqa: BLE001 - one model never stops the server
+        except Exception as exc:
             log.exception("model %s version %d failed to load", status.name, number)
             self._fail(status, number, f"{type(exc).__name__}: {exc}")
             return None

@@ -5,6 +5,7 @@ signals, graceful shutdown. Everything is built here from one ``ServerConfig`` a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -57,6 +58,8 @@ class ServerConfig:
     auth_token: str | None = None  # bearer token; None = no auth
     auth_open: tuple[str, ...] = ()  # access classes open without the token (security.OPENABLE)
     access_log: str = "errors"  # all | errors | off (--access-log)
+    # written once SERVING (ports, pid, models), removed when shutdown starts (--ready-file)
+    ready_file: Path | None = None
 
 
 async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
@@ -142,11 +145,17 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
                  config.host, grpc_port, config.metrics_host or config.host, metrics_port,
                  ", ".join(ready) or "none",
                  f"; failed: {', '.join(failed)}" if failed else "")
+        if config.ready_file:
+            _write_ready_file(config.ready_file, {
+                "grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid(),
+                "models_ready": ready, "models_failed": failed})
         if config.model_control == "poll":
             poller = asyncio.create_task(_poll(registry, config.poll_interval_s, stop))
     await stop.wait()
     log.info("shutting down: readiness off, refusing new requests, finishing in-flight ones "
              "(grace %.0f s; a second signal exits at once)", config.shutdown_grace_s)
+    if config.ready_file:
+        config.ready_file.unlink(missing_ok=True)
     kserve.accepting = False
     await health_servicer.enter_graceful_shutdown()  # first: before a scan in progress ends
     if poller is not None:
@@ -174,6 +183,13 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     log.info("stopped")
 
 
+def _write_ready_file(path: Path, content: dict[str, object]) -> None:
+    """Write-then-rename: a reader sees no file or the whole document, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content) + "\n")
+    os.replace(tmp, path)
+
+
 async def _poll(registry: ModelRegistry, interval_s: float, stop: asyncio.Event) -> None:
     """Rescan the repository every ``interval_s`` until ``stop``; a failed scan is logged and
     retried at the next tick, never fatal."""
@@ -185,5 +201,5 @@ async def _poll(registry: ModelRegistry, interval_s: float, stop: asyncio.Event)
             pass
         try:
             await registry.poll()
-        except Exception:  # noqa: BLE001 - the poller must outlive any one bad model
+        except Exception:
             log.exception("repository poll failed; retrying in %.1f s", interval_s)

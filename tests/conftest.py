@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from visionserve.service.benchmark.launch import start_visionserve
+from visionserve.bench.launch import start_visionserve
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
@@ -236,3 +236,35 @@ class OrtReference:
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+# --- what a user installs ------------------------------------------------------------------
+
+LOCK = ROOT / "deploy" / "requirements" / "serve.txt"
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of this checkout, built as `pip wheel .` builds it (the Dockerfile's way)."""
+    out = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                             "--no-build-isolation", "--wheel-dir", str(out), str(ROOT)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (wheel,) = out.glob("visionserve-*.whl")
+    return wheel
+
+
+def locked_versions(lock: Path = LOCK) -> dict[str, str]:
+    """name -> version of every requirement pinned in a lock file (names normalized)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in lock.read_text().splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            req = Requirement(line.rstrip(" \\"))
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"{lock.name}: {line} is not pinned"
+            pins[canonicalize_name(req.name)] = spec.version
+    return pins

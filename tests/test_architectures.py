@@ -19,7 +19,7 @@ from visionserve.v1 import visionserve_pb2 as pb
 torch = pytest.importorskip("torch")
 
 
-def reference_embedding(arch: str, model, pixels: np.ndarray) -> np.ndarray:  # noqa: ANN001
+def reference_embedding(arch: str, model, pixels: np.ndarray) -> np.ndarray:
     """The embedding PyTorch computes on the source's own eval transform of the JPEG."""
     from PIL import Image
 
@@ -38,7 +38,7 @@ def reference_embedding(arch: str, model, pixels: np.ndarray) -> np.ndarray:  # 
         return model.forward_head(features, pre_logits=True).numpy()[0]
 
 
-def build(arch: str):  # noqa: ANN201
+def build(arch: str):
     torch.manual_seed(4)
     if arch.startswith("efficientnet"):
         import torchvision

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from visionserve.service.benchmark.launch import default_triton_python
-from visionserve.service.benchmark.report import compute_ratios
-from visionserve.service.benchmark.schedule import median_run, poisson_offsets
+from visionserve.bench.launch import default_triton_python
+from visionserve.bench.report import compute_ratios
+from visionserve.bench.schedule import median_run, poisson_offsets
 
 RUN_KEYS = {"target", "api", "input", "batching", "images_per_s", "p50_ms", "p90_ms", "p99_ms",
             "p999_ms", "errors", "client_cpu"}

@@ -17,13 +17,13 @@ GOOD = pb.ClassifyRequest(model="lenet5", images=[
     pb.Image(tensor=pb.Tensor(shape=[1, 32, 32], dtype=pb.DTYPE_UINT8, data=bytes(1024)))])
 
 
-def rpc_error(call, request, **kw) -> grpc.RpcError:  # noqa: ANN001
+def rpc_error(call, request, **kw) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call(request, **kw)
     return info.value
 
 
-def still_serves(server) -> None:  # noqa: ANN001
+def still_serves(server) -> None:
     assert len(server.stub.Classify(GOOD, timeout=30).results) == 1
 
 
@@ -110,7 +110,7 @@ def test_message_over_the_size_limit_is_resource_exhausted(server_factory):
     still_serves(srv)
 
 
-def _busy(srv, images: int) -> threading.Thread:  # noqa: ANN001
+def _busy(srv, images: int) -> threading.Thread:
     """Occupy resnet18 (max_batch_size 1) with one request of ``images`` images, and return
     once the server reports work waiting in its queue."""
     x = np.zeros((3, 224, 224), np.float32)

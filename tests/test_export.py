@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,9 @@ def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path)
     assert record["embedding_dim"] == 84 and record["num_classes"] == 10
     assert (repo / "lenet5" / "config.toml").is_file()
     assert (version / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+    umask = os.umask(0)
+    os.umask(umask)  # readable by a server running as another user, as a mkdir'd folder is
+    assert stat.S_IMODE(version.stat().st_mode) == 0o777 & ~umask
 
     second = run_cli("export", "lenet5", "--repo", str(repo))
     assert second.returncode == 0, second.stderr

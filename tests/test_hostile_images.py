@@ -59,7 +59,7 @@ class Api:
     """Send one encoded image through one public API (Embed, or ModelInfer asking for the
     embedding output); answers (code, details, the embedding)."""
 
-    def __init__(self, server, kind: str) -> None:  # noqa: ANN001
+    def __init__(self, server, kind: str) -> None:
         self.server, self.kind = server, kind
 
     def send(self, data: bytes) -> tuple[grpc.StatusCode, str, np.ndarray | None]:
@@ -99,7 +99,7 @@ class Api:
 
 
 @pytest.fixture(params=["embed", "kserve"])
-def api(request, server) -> Api:  # noqa: ANN001
+def api(request, server) -> Api:
     return Api(server, request.param)
 
 

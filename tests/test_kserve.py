@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def triton(server):  # noqa: ANN001, ANN201
+def triton(server):
     client = tc.InferenceServerClient(server.address)
     yield client
     client.close()
@@ -42,13 +42,13 @@ def jpeg_input(*images: bytes) -> tc.InferInput:
     return tensor
 
 
-def refused(call, *args, **kwargs) -> InferenceServerException:  # noqa: ANN001
+def refused(call, *args, **kwargs) -> InferenceServerException:
     with pytest.raises(InferenceServerException) as info:
         call(*args, **kwargs)
     return info.value
 
 
-def good_infer(triton) -> None:  # noqa: ANN001
+def good_infer(triton) -> None:
     x = np.zeros((1, 1, 32, 32), np.float32)
     assert triton.infer("lenet5", [fp32_input(x)]).as_numpy("logits").shape == (1, 10)
 
@@ -159,7 +159,7 @@ def test_concurrent_async_infers_and_classify_calls_batch_together(server, expor
 
 
 def test_statistics_count_the_calls_made(triton):
-    def stats():  # noqa: ANN202
+    def stats():
         return triton.get_inference_statistics("lenet5", "1").model_stats[0]
 
     before = stats()

@@ -30,13 +30,13 @@ def ours(tmp_path_factory: pytest.TempPathFactory) -> descriptor_pool.Descriptor
     return pool
 
 
-def _messages(desc):  # noqa: ANN001, ANN202
+def _messages(desc):
     yield desc
     for nested in desc.nested_types:
         yield from _messages(nested)
 
 
-def _field_signature(field) -> tuple:  # noqa: ANN001
+def _field_signature(field) -> tuple:
     return (field.number, field.type, field.is_repeated,
             field.message_type.full_name if field.message_type else "",
             field.enum_type.full_name if field.enum_type else "",

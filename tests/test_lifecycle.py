@@ -15,14 +15,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import make_repo, run_cli, start_server, tensor_image
-from visionserve.service.benchmark.launch import rss_mb
+from visionserve.bench.launch import rss_mb
 from visionserve.v1 import visionserve_pb2 as pb
 
 POLL = ("--model-control", "poll", "--poll-interval-s", "0.3")
 LENET = pb.ClassifyRequest(model="lenet5", images=[tensor_image(np.zeros((32, 32, 1), np.uint8))])
 
 
-def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:  # noqa: ANN001
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -39,7 +39,7 @@ def publish(model_dir: Path, version: int, source: Path) -> None:
 class Load:
     """``clients`` threads calling Classify in a loop; records (client, version, error)."""
 
-    def __init__(self, server, request: pb.ClassifyRequest, clients: int = 16) -> None:  # noqa: ANN001
+    def __init__(self, server, request: pb.ClassifyRequest, clients: int = 16) -> None:
         self.replies: list[tuple[int, int, str]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(server, request, i))
@@ -47,7 +47,7 @@ class Load:
         for t in self._threads:
             t.start()
 
-    def _run(self, server, request: pb.ClassifyRequest, client: int) -> None:  # noqa: ANN001
+    def _run(self, server, request: pb.ClassifyRequest, client: int) -> None:
         while not self._stop.is_set():
             try:
                 reply = server.stub.Classify(request, timeout=30)

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_repo, start_server, tensor_image
-from visionserve.service.benchmark.launch import rss_mb
+from visionserve.bench.launch import rss_mb
 from visionserve.v1 import visionserve_pb2 as pb
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -103,7 +103,7 @@ def vision_request(draw: st.DrawFn) -> tuple[str, object]:
 
 
 @st.composite
-def kserve_request(draw: st.DrawFn):  # noqa: ANN201
+def kserve_request(draw: st.DrawFn):
     from tritonclient.grpc import service_pb2 as kpb  # Triton's stubs: see test_kserve.py
 
     inputs, raws = [], []
@@ -148,7 +148,7 @@ def kserve_request(draw: st.DrawFn):  # noqa: ANN201
 
 # --- properties --------------------------------------------------------------------------------
 
-def check_answer(call, request, timeout: float = 60) -> tuple[grpc.StatusCode, object]:  # noqa: ANN001
+def check_answer(call, request, timeout: float = 60) -> tuple[grpc.StatusCode, object]:
     try:
         reply = call(request, timeout=timeout)
     except grpc.RpcError as err:

@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import make_repo, run_cli, start_server, tensor_image
-from visionserve.service.benchmark.launch import rss_mb
+from visionserve.bench.launch import rss_mb
 from visionserve.v1 import visionserve_pb2 as pb
 
 onnx = pytest.importorskip("onnx")
@@ -92,7 +92,7 @@ class Load:
     """``clients`` threads calling Classify back to back, each until the server refuses it;
     every outcome is recorded."""
 
-    def __init__(self, srv, model: str, image: pb.Image, clients: int) -> None:  # noqa: ANN001
+    def __init__(self, srv, model: str, image: pb.Image, clients: int) -> None:
         self.srv, self.codes = srv, Counter[str]()
         self._request = pb.ClassifyRequest(model=model, images=[image])
         self._lock = threading.Lock()
@@ -160,7 +160,7 @@ def test_a_signal_under_load_answers_every_accepted_request_then_exits(exported_
 
 
 @contextmanager
-def a_long_request_in_flight(exported_repo, tmp_path, grace_s: str):  # noqa: ANN001, ANN201
+def a_long_request_in_flight(exported_repo, tmp_path, grace_s: str):
     """A server (grace ``grace_s``) computing a 200-image request at batch 1: yields the server
     and the request's future; the server is stopped afterwards whatever happened."""
     repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
@@ -272,7 +272,7 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(exported_repo, tmp_
         srv.stop()
 
 
-def _code(future) -> str:  # noqa: ANN001
+def _code(future) -> str:
     try:
         future.result()
     except grpc.FutureCancelledError:
@@ -282,7 +282,7 @@ def _code(future) -> str:  # noqa: ANN001
     return "OK"
 
 
-def _eventually(check, timeout_s: float = 30) -> None:  # noqa: ANN001
+def _eventually(check, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         assert time.monotonic() < deadline

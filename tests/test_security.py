@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ROOT, make_repo, run_cli, tensor_image
-from visionserve.service.benchmark.launch import start_visionserve
+from visionserve.bench.launch import start_visionserve
 from visionserve.service.client import open_channel
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
@@ -76,7 +76,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                d / "client.key", d / "rogue.crt", d / "rogue.key")
 
 
-def serve(repo: Path, log: Path, *args: str, env: dict[str, str] | None = None):  # noqa: ANN201
+def serve(repo: Path, log: Path, *args: str, env: dict[str, str] | None = None):
     return start_visionserve(repo, *args, env=env, log_path=log, cwd=ROOT, ready_timeout_s=120)
 
 
@@ -85,7 +85,7 @@ def classify(channel: grpc.Channel, **kwargs: object) -> pb.ClassifyResponse:
         pb.ClassifyRequest(model="lenet5", images=[tensor_image(DIGIT)]), timeout=30, **kwargs)
 
 
-def status_of(call, *args: object, **kwargs: object) -> grpc.RpcError:  # noqa: ANN001
+def status_of(call, *args: object, **kwargs: object) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call(*args, **kwargs)
     return info.value
@@ -250,13 +250,13 @@ def test_access_log_carries_the_request_id_and_never_payload_bytes(exported_repo
         srv.stop()
 
 
-def _kpb():  # noqa: ANN202 - Triton's client stubs (see test_kserve.py: never ours here)
+def _kpb():
     from tritonclient.grpc import service_pb2
 
     return service_pb2
 
 
-def _kserve(channel: grpc.Channel):  # noqa: ANN202
+def _kserve(channel: grpc.Channel):
     from tritonclient.grpc import service_pb2_grpc
 
     return service_pb2_grpc.GRPCInferenceServiceStub(channel)

@@ -29,7 +29,7 @@ def clean_fake():
     yield
 
 
-def build(tmp_path: Path, **kwargs):  # noqa: ANN003, ANN201
+def build(tmp_path: Path, **kwargs):
     from visionserve.export.tensorrt_build import build_engine
 
     onnx = tmp_path / "model.onnx"
@@ -75,7 +75,7 @@ def test_parser_errors_and_failed_builds_are_clear(tmp_path):
         build(tmp_path)
 
 
-def backend(tmp_path: Path, recorded_version: str | None = None, max_batch_size: int = 16):  # noqa: ANN201
+def backend(tmp_path: Path, recorded_version: str | None = None, max_batch_size: int = 16):
     from visionserve.service.backends.tensorrt import TensorRTBackend
 
     (tmp_path / "model.plan").write_bytes(b"FAKE-PLAN")

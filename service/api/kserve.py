@@ -36,20 +36,20 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     # --- health and metadata --------------------------------------------------------------
 
-    async def ServerLive(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ServerLive(self, request, context):
         return kpb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ServerReady(self, request, context):
         return kpb.ServerReadyResponse(ready=self.accepting and not self._registry.loading)
 
-    async def ModelReady(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ModelReady(self, request, context):
         try:
             self._resolve(request.name, request.version)
         except Exception:  # noqa: BLE001 - not ready, whatever the reason
             return kpb.ModelReadyResponse(ready=False)
         return kpb.ModelReadyResponse(ready=True)
 
-    async def ServerMetadata(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ServerMetadata(self, request, context):
         try:
             ours = version("visionserve")
         except PackageNotFoundError:  # pragma: no cover - running from a source tree
@@ -57,7 +57,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.ServerMetadataResponse(name="visionserve", version=ours,
                                           extensions=EXTENSIONS)
 
-    async def ModelMetadata(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ModelMetadata(self, request, context):
         async def work() -> tuple[kpb.ModelMetadataResponse, int]:
             served = self._resolve(request.name, request.version)
             versions = [served] if request.version else self._registry.ready_versions(
@@ -79,7 +79,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
         return await self._calls.handle("ModelMetadata", request.name, context, work)
 
-    async def ModelConfig(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ModelConfig(self, request, context):
         async def work() -> tuple[kpb.ModelConfigResponse, int]:
             served = self._resolve(request.name, request.version)
             return kpb.ModelConfigResponse(config=model_config(served)), served.version
@@ -88,11 +88,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     # --- inference --------------------------------------------------------------------------
 
-    async def ModelInfer(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ModelInfer(self, request, context):
         return await self._calls.handle("ModelInfer", request.model_name, context,
                                         lambda: self._infer(request, context), request.id)
 
-    async def ModelStreamInfer(self, requests: AsyncIterator[kpb.ModelInferRequest],  # noqa: N802
+    async def ModelStreamInfer(self, requests: AsyncIterator[kpb.ModelInferRequest],
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[kpb.ModelStreamInferResponse]:
         async def answer(request: kpb.ModelInferRequest) -> kpb.ModelStreamInferResponse:
@@ -123,7 +123,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     # --- statistics and repository ------------------------------------------------------------
 
-    async def ModelStatistics(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def ModelStatistics(self, request, context):
         async def work() -> tuple[kpb.ModelStatisticsResponse, int]:
             if request.name:
                 served = [self._resolve(request.name, request.version)] if request.version \
@@ -135,7 +135,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
         return await self._calls.handle("ModelStatistics", request.name, context, work)
 
-    async def RepositoryIndex(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def RepositoryIndex(self, request, context):
         models = []
         for status in self._registry.statuses():
             for entry in _index_entries(status):
@@ -143,7 +143,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                     models.append(entry)
         return kpb.RepositoryIndexResponse(models=models)
 
-    async def RepositoryModelLoad(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def RepositoryModelLoad(self, request, context):
         async def work() -> tuple[kpb.RepositoryModelLoadResponse, int]:
             self._require_explicit("RepositoryModelLoad")
             await self._registry.load_named(request.model_name)
@@ -155,7 +155,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return await self._calls.handle("RepositoryModelLoad", request.model_name, context,
                                         work)
 
-    async def RepositoryModelUnload(self, request, context):  # noqa: N802, ANN001, ANN201
+    async def RepositoryModelUnload(self, request, context):
         async def work() -> tuple[kpb.RepositoryModelUnloadResponse, int]:
             self._require_explicit("RepositoryModelUnload")
             await self._registry.unload_model(request.model_name)

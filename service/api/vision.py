@@ -28,7 +28,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         self._calls = calls
         self._max_images = core.limits.max_images_per_request
 
-    async def Classify(self, request: pb.ClassifyRequest,  # noqa: N802 - gRPC's names
+    async def Classify(self, request: pb.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         async def work() -> tuple[pb.ClassifyResponse, int]:
             result = await self._core.classify(ClassifyCall.from_grpc(request, self._max_images),
@@ -38,7 +38,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         return await self._calls.handle("Classify", request.model, context, work,
                                         request.request_id)
 
-    async def ClassifyStream(self, requests: AsyncIterator[pb.ClassifyRequest],  # noqa: N802
+    async def ClassifyStream(self, requests: AsyncIterator[pb.ClassifyRequest],
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         async def answer(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
@@ -60,7 +60,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         async for reply in answer_stream(requests, answer):
             yield reply
 
-    async def Embed(self, request: pb.EmbedRequest,  # noqa: N802
+    async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         async def work() -> tuple[pb.EmbedResponse, int]:
             call = EmbedCall.from_grpc(request, self._max_images)
@@ -70,7 +70,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         return await self._calls.handle("Embed", request.model, context, work,
                                         request.request_id)
 
-    async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
+    async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         async def work() -> tuple[pb.ListModelsResponse, int]:
             statuses = self._core.registry.statuses()
@@ -78,7 +78,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
 
         return await self._calls.handle("ListModels", "", context, work)
 
-    async def GetModel(self, request: pb.GetModelRequest,  # noqa: N802
+    async def GetModel(self, request: pb.GetModelRequest,
                        context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async def work() -> tuple[pb.ModelInfo, int]:
             return model_info(self._core.registry.status(request.model)), 0

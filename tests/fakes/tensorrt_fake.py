@@ -103,7 +103,7 @@ class Profile:
     def __init__(self) -> None:
         self.shapes: dict[str, tuple] = {}
 
-    def set_shape(self, name: str, min: tuple, opt: tuple, max: tuple) -> None:  # noqa: A002
+    def set_shape(self, name: str, min: tuple, opt: tuple, max: tuple) -> None:
         self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
 
 
@@ -197,14 +197,14 @@ def _view(address: int, shape: tuple) -> np.ndarray:
                                  ).reshape(shape)
 
 
-class cudart:  # noqa: N801 - the module's name in cuda-python
+class cudart:
     """Fake of cuda.bindings.runtime: (error, value) tuples, host memory as the device."""
 
-    class cudaError_t(enum.Enum):  # noqa: N801
+    class cudaError_t(enum.Enum):
         cudaSuccess = 0
         cudaErrorMemoryAllocation = 2
 
-    class cudaMemcpyKind(enum.Enum):  # noqa: N801
+    class cudaMemcpyKind(enum.Enum):
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
 
@@ -212,33 +212,33 @@ class cudart:  # noqa: N801 - the module's name in cuda-python
     freed: list[int] = []
 
     @classmethod
-    def cudaMalloc(cls, size: int) -> tuple:  # noqa: N802
+    def cudaMalloc(cls, size: int) -> tuple:
         buf = np.zeros(size, np.uint8)
         cls.buffers[buf.ctypes.data] = buf
         calls.append(("cudaMalloc", size))
         return cls.cudaError_t.cudaSuccess, buf.ctypes.data
 
     @classmethod
-    def cudaFree(cls, pointer: int) -> tuple:  # noqa: N802
+    def cudaFree(cls, pointer: int) -> tuple:
         cls.freed.append(pointer)
         return (cls.cudaError_t.cudaSuccess,)
 
     @classmethod
-    def cudaMemcpyAsync(cls, dst: int, src: int, size: int, kind: object,  # noqa: N802
+    def cudaMemcpyAsync(cls, dst: int, src: int, size: int, kind: object,
                         stream: int) -> tuple:
         calls.append(("cudaMemcpyAsync", kind.name, size))
         ctypes.memmove(dst, src, size)
         return (cls.cudaError_t.cudaSuccess,)
 
     @classmethod
-    def cudaStreamCreate(cls) -> tuple:  # noqa: N802
+    def cudaStreamCreate(cls) -> tuple:
         return cls.cudaError_t.cudaSuccess, 7
 
     @classmethod
-    def cudaStreamSynchronize(cls, stream: int) -> tuple:  # noqa: N802
+    def cudaStreamSynchronize(cls, stream: int) -> tuple:
         calls.append(("cudaStreamSynchronize", stream))
         return (cls.cudaError_t.cudaSuccess,)
 
     @classmethod
-    def cudaStreamDestroy(cls, stream: int) -> tuple:  # noqa: N802
+    def cudaStreamDestroy(cls, stream: int) -> tuple:
         return (cls.cudaError_t.cudaSuccess,)

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..config import InputSpec, ServerLimits
-from ..preprocess import (
+from visionserve.service.config import InputSpec, ServerLimits
+from visionserve.service.preprocess import (
     EncodedImage,
     Preprocessor,
     RawTensor,

@@ -1,15 +1,15 @@
 """Start the servers a bench run talks to, each in its own process, and wait until they serve.
 
 ``start_visionserve`` is the one way our tools start a server from Python (the bench, the swap
-script, the tests): it waits for the "serving gRPC on HOST:PORT, metrics on URL" log line, which
-the server prints only once every model loaded at start-up is ready.
+script, the tests): it passes ``--ready-file`` and waits for that JSON document, which the server
+writes (atomically) only once every model loaded at start-up is ready, with the ports it bound.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -21,10 +21,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ModelConfig
-from ..repository import version_numbers
+from visionserve.service.config import ModelConfig
+from visionserve.service.repository import version_numbers
 
-READY = re.compile(r"serving gRPC on [\w.:\[\]-]+?:(\d+), metrics on http://[\w.\[\]-]+:(\d+)/")
 TRITON_PEER = Path(__file__).with_name("triton_peer.py")
 
 
@@ -60,20 +59,25 @@ class Launched:
 def start_visionserve(repo: Path, *extra_args: str, name: str = "visionserve",
                       env: dict[str, str] | None = None, log_path: Path | None = None,
                       python_args: tuple[str, ...] = (), cwd: Path | None = None,
-                      ready_timeout_s: float = 300.0) -> Launched:
-    """``visionserve serve --repo REPO`` on loopback with free ports (plus ``extra_args``)."""
+                      ready_timeout_s: float = 300.0,
+                      command: tuple[str, ...] = ()) -> Launched:
+    """``visionserve serve --repo REPO`` on loopback with free ports (plus ``extra_args``),
+    returned once it is SERVING. ``command`` replaces ``python -m visionserve.service.cli``
+    (e.g. the console script of another venv)."""
     log_path = log_path or Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
+    ready_file = log_path.with_name(log_path.name + ".ready.json")
+    ready_file.unlink(missing_ok=True)
+    launcher = list(command) or [sys.executable, *python_args, "-m", "visionserve.service.cli"]
     with open(log_path, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, *python_args, "-m", "visionserve.service.cli", "serve",
-             "--repo", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",
-             "--metrics-port", "0", *extra_args],
+            [*launcher, "serve", "--repo", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",
+             "--metrics-port", "0", "--ready-file", str(ready_file), *extra_args],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
-        match = READY.search(log_path.read_text(errors="replace"))
-        if match:
-            return Launched(name, process, log_path, int(match[1]), int(match[2]))
+        if ready_file.exists():
+            ready = json.loads(ready_file.read_text())
+            return Launched(name, process, log_path, ready["grpc_port"], ready["metrics_port"])
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with status {process.returncode} before "
                                f"serving; its log ({log_path}) ends:\n"

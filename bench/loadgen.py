@@ -118,10 +118,9 @@ Call = Callable[[], Awaitable[object]]
 def _classify(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Exception]]:
     import grpc
 
+    from visionserve.service.client import MAX_MESSAGE_BYTES, numpy_to_image
     from visionserve.v1 import visionserve_pb2 as pb
     from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
-
-    from ..client import MAX_MESSAGE_BYTES, numpy_to_image
 
     channel = grpc.aio.insecure_channel(job.target, options=[
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

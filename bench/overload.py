@@ -19,7 +19,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from ..config import ModelConfig
+from visionserve.service.config import ModelConfig
+
 from . import report
 from .launch import rss_mb, single_model_repo, start_visionserve
 from .loadgen import ClientProcess, Job

@@ -5,7 +5,7 @@
 # $ANCHORS_DIR/venv-triton (see docs/benchmarks.md). Writes docs/bench/<model>.{json,md,png}
 # (the figures docs/benchmarks.md quotes).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 VS=${VS:-.venv/bin/visionserve}
 COMMON=(--api kserve --peer triton --duration-s "${DURATION:-4}" --warmup-s 1 --repeats "${REPEATS:-3}")
 run() { # model, extra args...

@@ -3,7 +3,7 @@
 # measured capacity for 20 s between two 10 s phases at half of it, with the defaults, with
 # a 500 ms client deadline, and without the server-wide in-flight limit (for comparison).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 VS=${VS:-.venv/bin/visionserve}
 OUT=docs/bench/overload
 mkdir -p "$OUT"

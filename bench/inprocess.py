@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig, cpu_count
+from visionserve.service.config import ModelConfig, cpu_count
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 

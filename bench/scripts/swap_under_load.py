@@ -1,6 +1,6 @@
 """Publish a new version while 16 clients hammer the server; report what the swap cost.
 
-    .venv/bin/python bench/swap_under_load.py --model resnet18 --repo model_repo \
+    .venv/bin/python bench/scripts/swap_under_load.py --model resnet18 --repo model_repo \
         [--clients 16] [--poll-interval-s 5] [--before-s 8] [--after-s 12]
 
 Copies the model's newest version into a scratch repository, starts `visionserve serve` in poll
@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from visionserve.service.benchmark.launch import start_visionserve
+from visionserve.bench.launch import start_visionserve
 from visionserve.service.client import numpy_to_image
 from visionserve.service.repository import version_numbers
 from visionserve.v1 import visionserve_pb2 as pb

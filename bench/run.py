@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig, cpu_count
-from ..repository import MODEL_FILES, version_numbers
+from visionserve.service.config import ModelConfig, cpu_count
+from visionserve.service.repository import MODEL_FILES, version_numbers
+
 from . import report
 from .inprocess import InProcessEngine
 from .launch import (

@@ -1,0 +1,108 @@
+"""The benchmark's commands: ``visionserve bench``, ``bench-overload`` and ``bench-decode``.
+
+``visionserve.service.cli`` hands these commands and their arguments to :func:`main` only after
+checking that the ``bench`` extra is installed, so the server never imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from visionserve.service.cli import BENCH_COMMANDS as COMMANDS
+from visionserve.service.cli import EXIT_CODES, env_defaults
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one bench command, named as the user typed it (``visionserve bench``)."""
+    prog = f"visionserve {command}"
+    if command == "bench":
+        from .run import add_arguments
+
+        p = argparse.ArgumentParser(
+            prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="Starts the model's server with batching on and off (or measures "
+                        "--server), optionally Triton (--peer triton), and drives them with one "
+                        "load generator in its own process: closed loop at --concurrency "
+                        "levels, open loop (Poisson) at --rate levels. Each level is repeated "
+                        "(--repeats, median reported) with the targets interleaved, beside the "
+                        "same model file in an in-process ONNX Runtime session at batch "
+                        "1..max. Prints a table and ratios; writes JSON, a PNG plot and a "
+                        "markdown section on request.",
+            epilog="example:\n  visionserve bench --model resnet50 --concurrency 1,4,16,64 "
+                   "--peer triton --json bench/results/resnet50.json --plot docs/img/"
+                   "resnet50.png\n\n" + EXIT_CODES)
+        add_arguments(p)
+    elif command == "bench-overload":
+        from .overload import add_arguments
+
+        p = argparse.ArgumentParser(
+            prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="Measures the model's capacity, then offers Poisson load at half of "
+                        "it, at --factor times it, and at half again; reports per phase the "
+                        "admitted and refused rates, how fast refusals come back, admitted "
+                        "latency percentiles, and the server's RSS and queue depth "
+                        "(docs/benchmarks.md, Overload).", epilog=EXIT_CODES)
+        add_arguments(p)
+    elif command == "bench-decode":
+        p = argparse.ArgumentParser(
+            prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="For photo sizes (640x480, 1920x1080 by default): images/s per core "
+                        "of each decoder (Pillow exact = the reference, Pillow draft, Pillow "
+                        "reducing_gap, simplejpeg, OpenCV) and its top-1/top-5 agreement with "
+                        "the reference through --model, on real sample photos.",
+            epilog=EXIT_CODES)
+        p.add_argument("--model", default="resnet50",
+                       help="model whose input spec and predictions are used (newest version)")
+        p.add_argument("--repo", type=Path, default=Path("model_repo"))
+        p.add_argument("--sizes", default="640x480,1920x1080", help="WxH,...")
+        p.add_argument("--seconds", type=float, default=2.0,
+                       help="CPU seconds per decoder and size")
+        p.add_argument("--json", type=Path)
+        p.add_argument("--markdown", type=Path)
+    else:
+        raise ValueError(f"not a bench command: {command!r} (one of {', '.join(COMMANDS)})")
+    env_defaults(p)
+    return p
+
+
+def main(command: str, argv: list[str]) -> int:
+    args = build_parser(command).parse_args(argv)
+    if command == "bench":
+        from .run import run_bench
+
+        return run_bench(args)
+    if command == "bench-overload":
+        from .overload import run_overload
+
+        return run_overload(args)
+    return _bench_decode(args)
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from visionserve.service.config import ModelConfig
+    from visionserve.service.repository import MODEL_FILES, version_numbers
+
+    from .decoders import markdown, run_decode_bench
+    from .report import save
+
+    console = Console()
+    model_dir = args.repo / args.model
+    versions = version_numbers(model_dir)
+    if not versions:
+        console.print(f"no version of {args.model} in {args.repo}; export it first")
+        return 2
+    config = ModelConfig.from_toml(model_dir / "config.toml")
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    with console.status("decoding…") as status:
+        results = run_decode_bench(model_dir / str(versions[-1]) / MODEL_FILES["onnxruntime"],
+                                   config.input, sizes, args.seconds,  # type: ignore[arg-type]
+                                   progress=lambda text: status.update(f"decoding: {text}"))
+    text = markdown(results, "visionserve " + shlex.join(sys.argv[1:]))
+    console.print(text)
+    save(args.json, results, args.markdown, text)
+    return 0

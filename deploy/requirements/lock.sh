@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Regenerates the serve image's locks (`make lock`): exact versions with the hashes of every
+# wheel, installed with `pip install --require-hashes`. The serving dependencies are resolved
+# together with the dev, export and bench extras first, so the dev venv (constrained by
+# serve.txt, see the Makefile) and the image run the same versions; gpu.txt is the same set with
+# ONNX Runtime's CUDA build (CUDA and cuDNN as pip wheels) in place of the CPU one.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+UV=${UV:-.venv/bin/uv}
+target=(--python-version 3.11 --python-platform x86_64-unknown-linux-gnu)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$UV" pip compile pyproject.toml --extra export --extra dev --extra bench "${target[@]}" \
+  --no-header --quiet -o "$work/dev.txt"
+"$UV" pip compile pyproject.toml -c "$work/dev.txt" --generate-hashes "${target[@]}" \
+  --custom-compile-command "make lock" --quiet -o deploy/requirements/serve.txt
+python3 - "$work/gpu.in" <<'PY'
+import sys, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+gpu = [d.replace("onnxruntime", "onnxruntime-gpu[cuda,cudnn]", 1)
+       if d.startswith("onnxruntime") else d for d in deps]
+open(sys.argv[1], "w").write("\n".join(gpu) + "\n")
+PY
+"$UV" pip compile "$work/gpu.in" -c "$work/dev.txt" --generate-hashes "${target[@]}" \
+  --custom-compile-command "make lock" --quiet -o deploy/requirements/gpu.txt
