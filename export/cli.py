@@ -8,7 +8,6 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from visionserve.service.repository import version_numbers
 
@@ -27,7 +26,7 @@ def run_export(args: argparse.Namespace) -> int:
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # they narrate every graph pass
     if args.list:
-        _print_list()
+        _print_list(args.output)
         return 0
     names = list(architectures.ARCHITECTURES) if args.all else args.arch
     if not names:
@@ -82,21 +81,28 @@ def run_export(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _print_list() -> None:
+def _print_list(output: str) -> None:
     """Built on PyTorch's meta device: shapes and parameter counts without allocating weights."""
     import torch
 
-    table = Table(title="architectures")
-    for col in ("name", "family", "source", "input", "resize", "params (M)", "embedding",
-                "head"):
-        table.add_column(col)
+    from visionserve.service.terminal import print_json, print_table
+
+    rows = []
     for a in architectures.ARCHITECTURES.values():
         with torch.device("meta"):
             model = a.build(a.num_classes)
         head = a.head_path(model)
         params = sum(p.numel() for p in model.parameters())
-        dim = getattr(model.get_submodule(head), "in_features", "?")
-        table.add_row(a.name, a.family, a.source, "x".join(map(str, a.input.shape)),
-                      f"{a.input.resize} {a.input.interpolation}", f"{params / 1e6:.1f}",
-                      str(dim), head)
-    Console().print(table)
+        dim = getattr(model.get_submodule(head), "in_features", None)
+        rows.append({"name": a.name, "family": a.family, "source": a.source,
+                     "input": list(a.input.shape), "resize": a.input.resize,
+                     "interpolation": a.input.interpolation, "params": params,
+                     "embedding_dim": dim, "head": head})
+    if output == "json":
+        print_json(rows)
+        return
+    print_table("architectures", ("name", "family", "source", "input", "resize", "params (M)",
+                                  "embedding", "head"),
+                [(r["name"], r["family"], r["source"], "x".join(map(str, r["input"])),
+                  f"{r['resize']} {r['interpolation']}", f"{r['params'] / 1e6:.1f}",
+                  r["embedding_dim"] or "?", r["head"]) for r in rows])

@@ -257,3 +257,15 @@ def test_health_command_reports_server_and_model_readiness(server):
     assert run_cli("health", "--server", server.address, "--service", "lenet5").returncode == 0
     missing = run_cli("health", "--server", server.address, "--service", "nope")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_server_containers_run_on_a_read_only_root_filesystem():
+    """What must stay writable: nothing. The image test serves from a read-only root."""
+    deployment = next(d for d in rendered("cpu") if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    runtime = yaml.safe_load((DEPLOY / "kserve" / "servingruntime.yaml").read_text())
+    for security in (container["securityContext"],
+                     runtime["spec"]["containers"][0]["securityContext"]):
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+    assert all(m.get("readOnly") for m in container["volumeMounts"])

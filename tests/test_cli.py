@@ -1,0 +1,97 @@
+"""The CLI as scripts use it: `-o json` is one JSON document on stdout (logs on stderr), piped
+tables are never cut, and exit codes follow the documented rule (0 ok, 1 failed, 2 usage)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TEST_MODELS, encode, photo, run_cli
+
+COMMANDS = ("serve", "export", "classify", "embed", "models", "health")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name in ("chelsea", "coffee"):
+        path = folder / f"{name}.jpg"
+        path.write_bytes(encode(photo(name)))
+        paths.append(str(path))
+    return paths
+
+
+def test_help_documents_the_exit_codes_of_every_command():
+    for args in ((), *((c,) for c in COMMANDS)):
+        text = " ".join(run_cli(*args, "--help").stdout.split())
+        assert "exit status: 0 ok, 1 failed" in text and "2 usage" in text and \
+            "130 interrupted" in text, args
+
+
+def test_usage_errors_exit_2_and_failed_calls_exit_1(server):
+    assert run_cli("serve", "--no-such-flag").returncode == 2
+    assert run_cli("classify").returncode == 2  # images and --model are required
+    missing = run_cli("models", "--server", "127.0.0.1:1", "-o", "json")
+    assert missing.returncode == 1 and missing.stdout == "" and "UNAVAILABLE" in missing.stderr
+    unknown = run_cli("classify", str(ROOT / "README.md"), "--model", "nope",
+                      "--server", server.address, "-o", "json")
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert "NOT_FOUND" in unknown.stderr and "nope" in unknown.stderr
+
+
+def test_piped_architecture_list_is_never_cut():
+    listing = run_cli("export", "--list", env={"COLUMNS": "80"})  # stdout is a pipe here
+    assert listing.returncode == 0, listing.stderr
+    document = run_cli("export", "--list", "-o", "json")
+    names = [a["name"] for a in json.loads(document.stdout)]
+    assert len(names) == 35 and "mobilenet_v3_small" in names and "inception_resnet_v2" in names
+    rows = {line.split("│")[1].strip() for line in listing.stdout.splitlines()
+            if line.startswith("│")}
+    assert rows == set(names)  # every name whole: no "mobile…"
+    assert "…" not in listing.stdout
+
+
+def test_models_json_is_the_list_models_reply(server):
+    result = run_cli("models", "--server", server.address, "-o", "json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    by_name = {m["name"]: m for m in document["models"]}
+    assert set(TEST_MODELS) <= set(by_name)
+    assert by_name["resnet18"]["state"] == "MODEL_STATE_READY"
+    assert by_name["resnet18"]["versions"][0]["version"] == "1"  # uint64 → string, as proto3 JSON
+    table = run_cli("models", "--server", server.address)
+    assert "resnet18" in table.stdout and "ready" in table.stdout
+
+
+def test_classify_json_holds_each_files_top_k_in_order(server, photos):
+    result = run_cli("classify", *photos, "--model", "resnet18", "--top-k", "3",
+                     "--server", server.address, "-o", "json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["model"] == "resnet18" and len(document["results"]) == len(photos)
+    for result_ in document["results"]:
+        scores = [c["score"] for c in result_["classes"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        assert all(isinstance(c["label"], str) and c["label"] for c in result_["classes"])
+
+
+def test_embed_json_holds_every_vector_in_full(server, photos):
+    result = run_cli("embed", *photos, "--model", "resnet18", "--server", server.address,
+                     "-o", "json")
+    assert result.returncode == 0, result.stderr
+    embeddings = json.loads(result.stdout)["embeddings"]
+    vectors = np.array(embeddings["values"], dtype=np.float32)
+    assert embeddings["shape"] == [2, 512] and vectors.shape == (2, 512)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+
+def test_health_json(server):
+    result = run_cli("health", "--server", server.address, "-o", "json")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {"server": server.address, "service": "",
+                                         "status": "SERVING"}
+    model = run_cli("health", "--server", server.address, "--service", "nope", "-o", "json")
+    assert model.returncode == 1 and model.stdout == ""
