@@ -3,6 +3,7 @@ graceful shutdown, and the CLI a user types."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
@@ -75,6 +76,20 @@ def test_the_serving_path_runs_with_torch_unimportable(exported_repo, tmp_path):
     finally:
         srv.stop()
     assert "torch is blocked" not in srv.log()
+
+
+def test_the_ready_file_appears_once_serving_and_goes_when_shutdown_starts(exported_repo,
+                                                                          tmp_path):
+    """--ready-file: how a script learns the ports of --grpc-port 0 and that models are up."""
+    srv = start_server(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)),
+                       tmp_path / "server.log")
+    ready_file = tmp_path / "server.log.ready.json"  # where the launcher asks for it
+    ready = json.loads(ready_file.read_text())
+    assert ready == {"grpc_port": srv.grpc_port, "metrics_port": srv.metrics_port,
+                     "pid": srv.process.pid, "models_ready": ["lenet5"], "models_failed": []}
+    assert srv.stop() == 0
+    assert not ready_file.exists()
+    assert not list(tmp_path.glob(".server.log.ready.json.*"))  # no temp file left behind
 
 
 def test_a_bad_config_fails_that_model_only_naming_the_file_and_key(exported_repo, tmp_path):
