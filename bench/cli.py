@@ -9,51 +9,53 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 from visionserve.service.cli import BENCH_COMMANDS as COMMANDS
 from visionserve.service.cli import EXIT_CODES, env_defaults
 
+DESCRIPTIONS = {
+    "bench": "Starts the model's server with batching on and off (or measures --server), "
+             "optionally Triton (--peer triton), and drives them with one load generator in its "
+             "own process: closed loop at --concurrency levels, open loop (Poisson) at --rate "
+             "levels. Each level is repeated (--repeats, median reported) with the targets "
+             "interleaved, beside the same model file in an in-process ONNX Runtime session at "
+             "batch 1..max. Prints a table and ratios; writes JSON, a PNG plot and a markdown "
+             "section on request.",
+    "bench-overload": "Measures the model's capacity, then offers Poisson load at half of it, "
+                      "at --factor times it, and at half again; reports per phase the admitted "
+                      "and refused rates, how fast refusals come back, admitted latency "
+                      "percentiles, and the server's RSS and queue depth (docs/benchmarks.md, "
+                      "Overload).",
+    "bench-decode": "For photo sizes (640x480, 1920x1080 by default): images/s per core of each "
+                    "decoder (Pillow exact = the reference, Pillow draft, Pillow reducing_gap, "
+                    "simplejpeg, OpenCV) and its top-1/top-5 agreement with the reference "
+                    "through --model, on real sample photos.",
+}
+EXAMPLES = {
+    "bench": "example:\n  visionserve bench --model resnet50 --concurrency 1,4,16,64 --peer "
+             "triton --json bench/results/resnet50.json --plot docs/img/resnet50.png\n\n",
+}
+
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one bench command, named as the user typed it (``visionserve bench``)."""
-    prog = f"visionserve {command}"
+    if command not in COMMANDS:
+        raise ValueError(f"not a bench command: {command!r} (one of {', '.join(COMMANDS)})")
+    p = argparse.ArgumentParser(  # raw: the example's command line must not be re-wrapped
+        prog=f"visionserve {command}", description=textwrap.fill(DESCRIPTIONS[command], 79),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES.get(command, "") + textwrap.fill(EXIT_CODES, 79))
     if command == "bench":
         from .run import add_arguments
 
-        p = argparse.ArgumentParser(
-            prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-            description="Starts the model's server with batching on and off (or measures "
-                        "--server), optionally Triton (--peer triton), and drives them with one "
-                        "load generator in its own process: closed loop at --concurrency "
-                        "levels, open loop (Poisson) at --rate levels. Each level is repeated "
-                        "(--repeats, median reported) with the targets interleaved, beside the "
-                        "same model file in an in-process ONNX Runtime session at batch "
-                        "1..max. Prints a table and ratios; writes JSON, a PNG plot and a "
-                        "markdown section on request.",
-            epilog="example:\n  visionserve bench --model resnet50 --concurrency 1,4,16,64 "
-                   "--peer triton --json bench/results/resnet50.json --plot docs/img/"
-                   "resnet50.png\n\n" + EXIT_CODES)
         add_arguments(p)
     elif command == "bench-overload":
-        from .overload import add_arguments
+        from .overload import add_arguments as add_overload_arguments
 
-        p = argparse.ArgumentParser(
-            prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-            description="Measures the model's capacity, then offers Poisson load at half of "
-                        "it, at --factor times it, and at half again; reports per phase the "
-                        "admitted and refused rates, how fast refusals come back, admitted "
-                        "latency percentiles, and the server's RSS and queue depth "
-                        "(docs/benchmarks.md, Overload).", epilog=EXIT_CODES)
-        add_arguments(p)
-    elif command == "bench-decode":
-        p = argparse.ArgumentParser(
-            prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-            description="For photo sizes (640x480, 1920x1080 by default): images/s per core "
-                        "of each decoder (Pillow exact = the reference, Pillow draft, Pillow "
-                        "reducing_gap, simplejpeg, OpenCV) and its top-1/top-5 agreement with "
-                        "the reference through --model, on real sample photos.",
-            epilog=EXIT_CODES)
+        add_overload_arguments(p)
+    else:
         p.add_argument("--model", default="resnet50",
                        help="model whose input spec and predictions are used (newest version)")
         p.add_argument("--repo", type=Path, default=Path("model_repo"))
@@ -62,8 +64,6 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                        help="CPU seconds per decoder and size")
         p.add_argument("--json", type=Path)
         p.add_argument("--markdown", type=Path)
-    else:
-        raise ValueError(f"not a bench command: {command!r} (one of {', '.join(COMMANDS)})")
     env_defaults(p)
     return p
 
