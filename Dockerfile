@@ -2,8 +2,8 @@
 # visionserve images (multi-stage):
 #   docker build --target serve  -t visionserve:0.1.0 .          slim server, ONNX Runtime CPU, no PyTorch
 #   docker build --target serve  --build-arg LOCK=gpu.txt -t visionserve:0.1.0-gpu .
-#                                     ONNX Runtime's CUDA build (CUDA EP, TensorRT EP), CUDA and cuDNN as
-#                                     pip wheels, the driver from the host (NVIDIA container toolkit)
+#                                     ONNX Runtime's CUDA build (CUDA EP; CUDA and cuDNN as pip wheels,
+#                                     the driver from the host). TensorRT's libraries are not in it
 #   docker build --target export -t visionserve-export:0.1.0 .   PyTorch (CPU wheels) + the export stage
 # The serve stage installs exactly deploy/requirements/$LOCK (versions and hashes, `make lock`),
 # then our wheel without resolving anything. Settings are environment variables
@@ -35,7 +35,7 @@ COPY --from=wheel /wheels /wheels
 # the volume's mount point (a read-only root cannot create it at run time).
 RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r /tmp/requirements.txt \
     && pip install --no-cache-dir --no-deps /wheels/visionserve-*.whl \
-    && visionserve --version \
+    && python -c 'import visionserve.service.server, visionserve.service.cli' \
     && rm -rf /wheels /tmp/requirements.txt \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin visionserve \
     && install -d -m 0755 /models

@@ -36,8 +36,12 @@ lint: setup
 	$(BIN)/ruff check service export tests bench
 
 # Regenerate deploy/requirements/{serve,gpu}.txt after a dependency change in pyproject.toml.
-lock: setup
-	UV=$(BIN)/uv bash deploy/requirements/lock.sh
+# uv lives in a venv of its own: the dev venv is built from the lock, which may be stale here.
+LOCK_TOOLS ?= .venv-lock
+lock:
+	test -x $(LOCK_TOOLS)/bin/uv || ($(PY) -m venv $(LOCK_TOOLS) && \
+		$(LOCK_TOOLS)/bin/pip install --quiet uv)
+	UV=$(LOCK_TOOLS)/bin/uv PY=$(PY) bash deploy/requirements/lock.sh
 
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \

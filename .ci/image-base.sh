@@ -15,7 +15,7 @@ if buildah inspect --type image "$BASE" >/dev/null 2>&1; then
 fi
 if [ ! -s "$tarball" ]; then
   root=$(mktemp -d "$CACHE/rootfs.XXXXXX")
-  trap 'rm -rf "$root"' EXIT
+  trap 'rm -rf --one-file-system "$root"' EXIT
   echo "debootstrap bookworm (minbase + python3.11) into $root (about 70 s)"
   debootstrap --variant=minbase \
     --include=python3.11,python3.11-venv,python3-distutils,python3-pip,ca-certificates \
@@ -29,6 +29,7 @@ if [ ! -s "$tarball" ]; then
   tar -C "$root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
 fi
 container=$(buildah from scratch)
+trap 'buildah rm "$container" >/dev/null 2>&1 || true' EXIT
 mnt=$(buildah mount "$container")
 tar -C "$mnt" -xf "$tarball"
 buildah umount "$container" >/dev/null

@@ -36,6 +36,7 @@ class Launched:
     log_path: Path
     grpc_port: int
     metrics_port: int = 0
+    ready_file: Path | None = None  # visionserve's --ready-file
 
     @property
     def target(self) -> str:
@@ -64,7 +65,10 @@ def start_visionserve(repo: Path, *extra_args: str, name: str = "visionserve",
     """``visionserve serve --repo REPO`` on loopback with free ports (plus ``extra_args``),
     returned once it is SERVING. ``command`` replaces ``python -m visionserve.service.cli``
     (e.g. the console script of another venv)."""
-    log_path = log_path or Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
+    if log_path is None:
+        fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
+        os.close(fd)
+        log_path = Path(path)
     ready_file = log_path.with_name(log_path.name + ".ready.json")
     ready_file.unlink(missing_ok=True)
     launcher = list(command) or [sys.executable, *python_args, "-m", "visionserve.service.cli"]
@@ -75,9 +79,13 @@ def start_visionserve(repo: Path, *extra_args: str, name: str = "visionserve",
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
-        if ready_file.exists():
+        if ready_file.exists() and process.poll() is None:
             ready = json.loads(ready_file.read_text())
-            return Launched(name, process, log_path, ready["grpc_port"], ready["metrics_port"])
+            if ready["pid"] != process.pid:
+                raise RuntimeError(f"{ready_file} was written by process {ready['pid']}, not by "
+                                   f"{name} ({process.pid})")
+            return Launched(name, process, log_path, ready["grpc_port"], ready["metrics_port"],
+                            ready_file)
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with status {process.returncode} before "
                                f"serving; its log ({log_path}) ends:\n"

@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_overload(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = Console(width=None if sys.stdout.isatty() else 10_000)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     workdir = Path(tempfile.mkdtemp(prefix="visionserve-overload-"))
     repo = single_model_repo(args.repo, args.model, workdir, overrides=overrides)

@@ -48,7 +48,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = Console(width=None if sys.stdout.isatty() else 10_000)
     model_dir = args.repo / args.model
     versions = version_numbers(model_dir)
     if not versions:

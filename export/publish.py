@@ -59,9 +59,14 @@ def publish(tmp: Path, model_dir: Path, version: int) -> Path:
 
 
 def _readable_dir_mode() -> int:
-    """0o777 less the process umask (0o755 with the usual 022), as ``mkdir`` would give."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """0o777 less the process umask (0o755 with the usual 022), as ``mkdir`` would give. Read
+    from /proc, not by setting and restoring it: ``os.umask`` is process-wide, and another
+    thread creating a file meanwhile would get mode 0666."""
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
     return 0o777 & ~umask
 
 

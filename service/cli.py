@@ -248,7 +248,7 @@ def env_defaults(parser: argparse.ArgumentParser) -> None:
     """VISIONSERVE_<FLAG> becomes the flag's default (the command line still wins)."""
     for action in parser._actions:
         flags = [o for o in action.option_strings if o.startswith("--")]
-        if not flags or action.dest in ("help", "version"):
+        if not flags or action.dest == "help" or isinstance(action, argparse._VersionAction):
             continue
         key = "VISIONSERVE_" + flags[0][2:].upper().replace("-", "_")
         if key in os.environ:
@@ -279,6 +279,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.tls_client_ca and not args.tls_cert:
         log.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        return 2
+    if args.ready_file and not os.access(args.ready_file.parent, os.W_OK):
+        log.error("--ready-file %s: its folder does not exist or is not writable; point it "
+                  "into a writable volume", args.ready_file)
         return 2
     auth_open = tuple(c for c in args.auth_open.split(",") if c)
     tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca) \

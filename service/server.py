@@ -184,10 +184,15 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
 
 
 def _write_ready_file(path: Path, content: dict[str, object]) -> None:
-    """Write-then-rename: a reader sees no file or the whole document, never half of it."""
+    """Write-then-rename: a reader sees no file or the whole document, never half of it. A
+    failure is logged, never fatal: the server serves whether or not a script is told."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(content) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.error("could not write --ready-file %s: %s (serving anyway)", path, exc)
+        tmp.unlink(missing_ok=True)
 
 
 async def _poll(registry: ModelRegistry, interval_s: float, stop: asyncio.Event) -> None:

@@ -244,12 +244,28 @@ LOCK = ROOT / "deploy" / "requirements" / "serve.txt"
 
 
 @pytest.fixture(scope="session")
-def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel of this checkout, built as `pip wheel .` builds it (the Dockerfile's way)."""
+def source_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files of this checkout that git would commit (tracked, and untracked but not
+    ignored), copied: what a fresh clone holds, without this tree's build/ or caches."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    dst = tmp_path_factory.mktemp("source") / "visionserve"
+    for name in filter(None, (f.decode() for f in files)):
+        if (ROOT / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def built_wheel(source_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel, built as the Dockerfile builds it: `pip wheel --no-deps .` (build isolation:
+    setuptools comes from the registry), in a copy of the checkout so no build/ folder of ours
+    can slip stale modules in."""
     out = tmp_path_factory.mktemp("wheel")
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                             "--no-build-isolation", "--wheel-dir", str(out), str(ROOT)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+                             "--wheel-dir", str(out), str(source_copy)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     (wheel,) = out.glob("visionserve-*.whl")
     return wheel

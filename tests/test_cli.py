@@ -4,13 +4,18 @@ tables are never cut, and exit codes follow the documented rule (0 ok, 1 failed,
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from conftest import ROOT, TEST_MODELS, encode, photo, run_cli
 
-COMMANDS = ("serve", "export", "classify", "embed", "models", "health")
+COMMANDS = ("serve", "export", "classify", "embed", "models", "health", "bench",
+            "bench-overload", "bench-decode")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +45,24 @@ def test_usage_errors_exit_2_and_failed_calls_exit_1(server):
                       "--server", server.address, "-o", "json")
     assert unknown.returncode == 1 and unknown.stdout == ""
     assert "NOT_FOUND" in unknown.stderr and "nope" in unknown.stderr
+
+
+def test_an_interrupted_command_exits_130():
+    """Ctrl-C while `health` waits on a server that accepted the connection but never answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "visionserve.service.cli", "health", "--server",
+             f"127.0.0.1:{silent.getsockname()[1]}", "--timeout-s", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        connection, _ = silent.accept()  # the client is inside its call now
+        with connection:
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err.decode()[-2000:]
+    assert b"Traceback" not in err
 
 
 def test_piped_architecture_list_is_never_cut():

@@ -260,3 +260,43 @@ def _kserve(channel: grpc.Channel):
     from tritonclient.grpc import service_pb2_grpc
 
     return service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def test_a_model_whose_external_data_escapes_its_folder_fails_alone(exported_repo, tmp_path):
+    """The onnxruntime floor (>= 1.24.1, docs/security.md): a version whose initializer points
+    at a file outside its folder is refused at load; the file is never read into weights."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    secret = tmp_path / "secret.bin"
+    np.arange(4, dtype=np.float32).tofile(secret)
+    (repo / "escape" / "1").mkdir(parents=True)
+    (repo / "escape" / "config.toml").write_text((repo / "lenet5" / "config.toml").read_text())
+    weight = numpy_helper.from_array(np.zeros(4, np.float32), "W")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../../../secret.bin"), ("offset", "0"), ("length", "16")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input", "W"], ["logits"])], "escape",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4])], initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save_model(model, repo / "escape" / "1" / "model.onnx")
+
+    launched = start_visionserve(repo, "--model-control", "none", log_path=tmp_path / "s.log")
+    try:
+        with grpc.insecure_channel(launched.target) as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+            info = stub.GetModel(pb.GetModelRequest(model="escape"), timeout=30)
+            (version,) = info.versions
+            assert version.state == pb.MODEL_STATE_FAILED
+            assert "External data path escapes model directory" in version.reason, \
+                version.reason
+            assert stub.Classify(pb.ClassifyRequest(model="lenet5", images=[
+                tensor_image(np.zeros((1, 32, 32), np.float32))]), timeout=30).results
+    finally:
+        assert launched.stop() == 0

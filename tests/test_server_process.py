@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ROOT, encode, make_repo, photo, run_cli, start_server, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
@@ -81,15 +84,37 @@ def test_the_serving_path_runs_with_torch_unimportable(exported_repo, tmp_path):
 def test_the_ready_file_appears_once_serving_and_goes_when_shutdown_starts(exported_repo,
                                                                           tmp_path):
     """--ready-file: how a script learns the ports of --grpc-port 0 and that models are up."""
-    srv = start_server(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)),
-                       tmp_path / "server.log")
-    ready_file = tmp_path / "server.log.ready.json"  # where the launcher asks for it
-    ready = json.loads(ready_file.read_text())
-    assert ready == {"grpc_port": srv.grpc_port, "metrics_port": srv.metrics_port,
-                     "pid": srv.process.pid, "models_ready": ["lenet5"], "models_failed": []}
-    assert srv.stop() == 0
-    assert not ready_file.exists()
-    assert not list(tmp_path.glob(".server.log.ready.json.*"))  # no temp file left behind
+    ready_file = tmp_path / "state" / "ready.json"
+    ready_file.parent.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "visionserve.service.cli", "serve", "--repo",
+         str(make_repo(exported_repo, tmp_path / "repo", ("lenet5",))), "--host", "127.0.0.1",
+         "--grpc-port", "0", "--metrics-port", "0", "--ready-file", str(ready_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready_file.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        ready = json.loads(ready_file.read_text())
+        assert set(ready) == {"grpc_port", "metrics_port", "pid", "models_ready",
+                              "models_failed"}
+        assert ready["pid"] == process.pid and ready["grpc_port"] > 0
+        assert (ready["models_ready"], ready["models_failed"]) == (["lenet5"], [])
+        with grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}") as channel:
+            assert health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+    assert list(ready_file.parent.iterdir()) == []  # removed at shutdown, no temp file left
+
+
+def test_a_ready_file_in_a_folder_that_cannot_be_written_is_a_usage_error(tmp_path):
+    result = run_cli("serve", "--repo", str(tmp_path), "--ready-file",
+                     str(tmp_path / "missing" / "ready.json"))
+    assert result.returncode == 2 and "--ready-file" in result.stderr
 
 
 def test_a_bad_config_fails_that_model_only_naming_the_file_and_key(exported_repo, tmp_path):

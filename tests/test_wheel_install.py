@@ -55,8 +55,9 @@ def run(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120, cwd=venv)
 
 
-def answers(srv: Server) -> tuple[bytes, bytes]:
-    """A Classify of a real JPEG and a KServe ModelInfer of a seeded tensor, as wire bytes."""
+def answers(srv: Server) -> tuple[pb.ClassifyResponse, kpb.ModelInferResponse]:
+    """A Classify of a real JPEG and a KServe ModelInfer of a seeded tensor (messages compare
+    field by field: every float and every raw output byte)."""
     image = pb.Image(encoded=encode(photo("chelsea")))
     classify = srv.stub.Classify(pb.ClassifyRequest(model="resnet18", images=[image], top_k=5,
                                                     request_id="same"), timeout=60)
@@ -67,7 +68,7 @@ def answers(srv: Server) -> tuple[bytes, bytes]:
                                                        shape=list(batch.shape))],
         raw_input_contents=[batch.tobytes()])
     infer = kpb_grpc.GRPCInferenceServiceStub(srv.channel).ModelInfer(request, timeout=60)
-    return classify.SerializeToString(), infer.SerializeToString()
+    return classify, infer
 
 
 def test_the_installed_wheel_has_no_torch_and_imports_every_serving_module(user_venv):
@@ -105,13 +106,19 @@ def test_the_installed_wheel_serves_what_the_editable_install_serves(user_venv, 
         assert installed.stop() == 0
 
 
-def test_the_bench_extra_brings_the_bench_command(user_venv, built_wheel, tmp_path):
-    constraints = tmp_path / "constraints.txt"  # the lock's versions, without the hash mode
+def test_the_bench_extra_brings_the_bench_command(built_wheel, tmp_path):
+    """`pip install visionserve[bench]` in a venv of its own (the lock's versions as
+    constraints: the hash mode cannot resolve an extra)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    constraints = tmp_path / "constraints.txt"
     constraints.write_text("\n".join(line.rstrip(" \\") for line in LOCK.read_text().splitlines()
                                      if "--hash=" not in line) + "\n")
-    pip(user_venv, "-c", str(constraints), f"{built_wheel}[bench]")
-    bench = run(user_venv, "bench", "--help")
+    pip(venv, "-c", str(constraints), f"{built_wheel}[bench]")
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"],
+                          capture_output=True).returncode == 1  # the bench needs no PyTorch
+    bench = run(venv, "bench", "--help")
     assert bench.returncode == 0, bench.stderr
     assert "usage: visionserve bench" in bench.stdout and "--concurrency" in bench.stdout
-    decode = run(user_venv, "bench-decode", "--help")
+    decode = run(venv, "bench-decode", "--help")
     assert decode.returncode == 0 and "--sizes" in decode.stdout

@@ -6,15 +6,16 @@
 # ONNX Runtime's CUDA build (CUDA and cuDNN as pip wheels) in place of the CPU one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-UV=${UV:-.venv/bin/uv}
+UV=${UV:-.venv-lock/bin/uv}
+PY=${PY:-python3.11}  # tomllib
 target=(--python-version 3.11 --python-platform x86_64-unknown-linux-gnu)
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+work=.venv-lock/resolution  # a stable path: the locks' "via" notes name it
+mkdir -p "$work"
 "$UV" pip compile pyproject.toml --extra export --extra dev --extra bench "${target[@]}" \
   --no-header --quiet -o "$work/dev.txt"
 "$UV" pip compile pyproject.toml -c "$work/dev.txt" --generate-hashes "${target[@]}" \
   --custom-compile-command "make lock" --quiet -o deploy/requirements/serve.txt
-python3 - "$work/gpu.in" <<'PY'
+"$PY" - "$work/gpu.in" <<'PY'
 import sys, tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 gpu = [d.replace("onnxruntime", "onnxruntime-gpu[cuda,cudnn]", 1)
