@@ -56,7 +56,7 @@ peer-triton:
 
 # Every figure of docs/benchmarks.md (~35 min on 2 cores; run on an otherwise idle machine).
 bench: models peer-triton
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip install --quiet -c $(VENV)/serve-constraints.txt -e '.[bench]'
 	VS=$(BIN)/visionserve MODELS="lenet5 resnet18 resnet50 mobilenet_v3_small decode" \
 		bash bench/scripts/run_all.sh
 
