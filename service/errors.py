@@ -1,84 +1,97 @@
-"""One exception root for the whole server; each class carries its gRPC status code.
+"""One exception root for the whole server; each class carries a neutral error code.
 
 Layers below the API raise these with messages written for the client: they name the model,
-the version and the field that was wrong, and say what to do. ``grpc_status`` is the only
-place where an exception becomes a wire status; anything that is not a ``VisionServeError``
+the version and the field that was wrong, and say what to do. ``client_error`` is the only place
+where an exception becomes what a client is told; anything that is not a ``VisionServeError``
 becomes INTERNAL with a generic message (the traceback goes to the log, never to the client).
+Each wire maps the neutral codes once (gRPC: ``api/status.py``); nothing here knows a wire.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 
-import grpc
-
 log = logging.getLogger(__name__)
+
+
+class ErrorCode(enum.Enum):
+    """What went wrong, for any wire. The names are gRPC's canonical codes (which HTTP/REST
+    front ends map to statuses the same way KServe and Triton do)."""
+
+    INVALID_ARGUMENT = enum.auto()
+    NOT_FOUND = enum.auto()
+    RESOURCE_EXHAUSTED = enum.auto()
+    DEADLINE_EXCEEDED = enum.auto()
+    UNAVAILABLE = enum.auto()
+    FAILED_PRECONDITION = enum.auto()
+    INTERNAL = enum.auto()
 
 
 class VisionServeError(Exception):
     """Root of every error the server reports to clients on purpose."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: ErrorCode = ErrorCode.INTERNAL
 
 
 class InvalidInput(VisionServeError):
     """The request is malformed: wrong shape, dtype, undecodable image, bad parameter."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = ErrorCode.INVALID_ARGUMENT
 
 
 class ModelNotFound(VisionServeError):
     """No such model, or no such version of it is loaded."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    code = ErrorCode.NOT_FOUND
 
 
 class QueueFull(VisionServeError):
     """The model version's queue is at capacity: the client should back off and retry."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = ErrorCode.RESOURCE_EXHAUSTED
 
 
 class ServerBusy(VisionServeError):
     """Too many inference requests in progress on this server: back off and retry."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = ErrorCode.RESOURCE_EXHAUSTED
 
 
 class LimitExceeded(VisionServeError):
     """A configured size limit (bytes, images per request) was exceeded."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = ErrorCode.RESOURCE_EXHAUSTED
 
 
 class DeadlineExceeded(VisionServeError):
     """The request's deadline passed before it could be computed; its work was dropped."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = ErrorCode.DEADLINE_EXCEEDED
 
 
 class ModelUnavailable(VisionServeError):
     """The model exists but cannot serve now (failed to load, draining, shutting down)."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = ErrorCode.UNAVAILABLE
 
 
 class ModelFailed(VisionServeError):
     """The model is known but its load failed; the reason says what to fix."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = ErrorCode.FAILED_PRECONDITION
 
 
 class ConfigError(VisionServeError):
     """A model's config.toml is invalid; fails that model only, never the whole server."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = ErrorCode.FAILED_PRECONDITION
 
 
 class BackendError(VisionServeError):
     """The inference engine failed or returned something inconsistent."""
 
-    code = grpc.StatusCode.INTERNAL
+    code = ErrorCode.INTERNAL
 
 
 def check_image_count(n: int, limit: int, where: str) -> None:
@@ -92,13 +105,18 @@ def check_image_count(n: int, limit: int, where: str) -> None:
 MAX_MESSAGE_CHARS = 2000  # status details travel in a header: keep them well under its limit
 
 
-def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map any exception to the (code, message) sent to the client."""
+def error_code(exc: BaseException) -> ErrorCode:
+    """The code of any exception (INTERNAL for those not raised on purpose); logs nothing."""
+    return exc.code if isinstance(exc, VisionServeError) else ErrorCode.INTERNAL
+
+
+def client_error(exc: BaseException) -> tuple[ErrorCode, str]:
+    """Any exception as the (code, message) a client is told; an unexpected one is logged with
+    its traceback and answered with a generic message."""
     if isinstance(exc, VisionServeError):
         message = str(exc)
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[:MAX_MESSAGE_CHARS] + "…(message shortened)"
         return exc.code, message
     log.error("unexpected error while serving a request", exc_info=exc)
-    return (grpc.StatusCode.INTERNAL,
-            "internal server error (logged on the server); please report it")
+    return ErrorCode.INTERNAL, "internal server error (logged on the server); please report it"

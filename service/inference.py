@@ -1,8 +1,9 @@
 """The core every API shares: resolve the model version, preprocess, batch, postprocess.
 
-Classify, Embed and KServe ModelInfer all end in ``InferenceCore.infer``, so requests from
-every API meet the same batcher of their model version and batch together, and are counted in
-the same statistics.
+Classify, Embed and KServe ModelInfer arrive as typed calls (``messages``) and all end in
+``InferenceCore.infer``, so requests from every API meet the same batcher of their model
+version and batch together, and are counted in the same statistics. The core returns typed
+results; encoding them for a wire is the front end's work, outside the timed stages.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import numpy as np
 from .backends.base import ModelOutputs
 from .config import ServerLimits
 from .errors import InvalidInput, check_image_count
-from .messages import ClassifyCall, ClassifyResult, EmbedCall, EmbedResult
+from .messages import ClassifyCall, ClassifyResult, EmbedCall, EmbedResult, InferCall, InferResult
 from .metrics import Metrics
 from .postprocess import l2_normalize, top_k
 from .preprocess import ImageInput, RawTensor
 from .registry import ModelRegistry, ServedVersion
+from .tensor_io import check_requested_outputs, images_from_inputs, output_tensors
 
 T = TypeVar("T")
 
@@ -53,6 +55,16 @@ class InferenceCore:
             served, call.images, deadline,
             lambda out: l2_normalize(out.embedding) if call.normalize else out.embedding)
         return EmbedResult(model=served.name, version=served.version, embeddings=vectors,
+                           request_id=call.request_id)
+
+    async def model_infer(self, call: InferCall, deadline: float | None) -> InferResult:
+        """KServe v2 ModelInfer: named input tensors in, the requested outputs out."""
+        served = self.registry.resolve(call.model, call.version)
+        images = images_from_inputs(call, served, self._limits.max_images_per_request)
+        requested = check_requested_outputs(call, served)
+        outputs = await self.infer(served, images, deadline,
+                                   lambda out: output_tensors(requested, served, out))
+        return InferResult(model=served.name, version=served.version, outputs=outputs,
                            request_id=call.request_id)
 
     async def infer(self, served: ServedVersion, images: list[ImageInput],

@@ -207,6 +207,23 @@ def test_classify_stream_answers_by_request_id(server):
     assert "images is empty" in replies["empty"].error_message
 
 
+def test_a_request_the_model_cannot_answer_is_refused_before_any_compute(triton):
+    """Requested outputs are checked before the batcher: no batch runs for a request naming an
+    output the model lacks (the version's execution count does not move)."""
+    def executions() -> int:
+        return triton.get_inference_statistics("lenet5", "1").model_stats[0].execution_count
+
+    before = executions()
+    x = fp32_input(np.zeros((1, 1, 32, 32), np.float32))
+    err = refused(triton.infer, "lenet5", [x], outputs=[tc.InferRequestedOutput("logits"),
+                                                         tc.InferRequestedOutput("nope")])
+    assert err.status() == "StatusCode.INVALID_ARGUMENT" and "unknown output 'nope'" in \
+        err.message() and "model lenet5 version 1" in err.message()
+    assert executions() == before
+    good_infer(triton)
+    assert executions() == before + 1
+
+
 @pytest.mark.parametrize("case", ["unknown model", "unknown version", "bad version",
                                   "datatype", "shape", "missing input", "wrong name",
                                   "size mismatch", "unknown output"])

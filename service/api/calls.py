@@ -12,10 +12,11 @@ from typing import TypeVar
 
 import grpc
 
-from ..errors import InvalidInput, ModelUnavailable, ServerBusy, VisionServeError, grpc_status
+from ..errors import InvalidInput, ModelUnavailable, ServerBusy, error_code
 from ..logs import REQUEST_ID, log_field, printable, request_id
 from ..metrics import UNKNOWN_MODEL, Metrics
 from ..registry import ModelRegistry
+from .status import GRPC_CODES, grpc_status
 
 access_log = logging.getLogger("visionserve.access")
 MAX_MODEL_NAME = 256
@@ -118,7 +119,7 @@ class CallHandler:
         except Exception as exc:
             # the status only; grpc_status (which logs unexpected errors) runs once, where the
             # error is turned into the reply
-            code = exc.code if isinstance(exc, VisionServeError) else grpc.StatusCode.INTERNAL
+            code = GRPC_CODES[error_code(exc)]
             raise
         finally:
             inflight.dec()

@@ -13,12 +13,13 @@ from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.inference import model_config_pb2 as mc
 
 from ..config import ModelConfig
-from ..errors import InvalidInput, ModelFailed, ModelNotFound, grpc_status
+from ..errors import ModelFailed, ModelNotFound
 from ..inference import InferenceCore
 from ..registry import ModelRegistry, ModelStatus, ServedVersion
 from ..statistics import Duration
 from .calls import CallHandler, answer_stream, deadline_of, metadata_request_id
-from .kserve_tensors import images_from_infer_request, infer_response
+from .kserve_wire import infer_call, infer_reply, parse_version
+from .status import grpc_status
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
 PLATFORM = "onnxruntime_onnx"
@@ -114,12 +115,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: kpb.ModelInferRequest,
                      context: grpc.aio.ServicerContext) -> tuple[kpb.ModelInferResponse, int]:
-        served = self._resolve(request.model_name, request.model_version)
-        images = images_from_infer_request(request, served,
-                                           self._core.limits.max_images_per_request)
-        reply = await self._core.infer(served, images, deadline_of(context),
-                                       lambda out: infer_response(request, served, out))
-        return reply, served.version
+        call = infer_call(request, self._core.limits.max_images_per_request)
+        result = await self._core.model_infer(call, deadline_of(context))
+        return infer_reply(result), result.version
 
     # --- statistics and repository ------------------------------------------------------------
 
@@ -167,17 +165,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     # --- helpers -------------------------------------------------------------------------------
 
     def _resolve(self, name: str, version_text: str) -> ServedVersion:
-        if not version_text:
-            return self._registry.resolve(name, 0)
-        try:
-            number = int(version_text)
-        except ValueError:
-            raise InvalidInput(f"model {name}: model_version {version_text!r} is not a version "
-                               "number; leave it empty for the newest") from None
-        if number < 1:
-            raise InvalidInput(f"model {name}: model_version must be >= 1 (or empty), got "
-                               f"{number}")
-        return self._registry.resolve(name, number)
+        return self._registry.resolve(name, parse_version(name, version_text))
 
     def _ready_or_raise(self, name: str) -> list[ServedVersion]:
         self._registry.status(name)  # NOT_FOUND for unknown names

@@ -9,11 +9,11 @@ import grpc
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
-from ..errors import grpc_status
 from ..inference import InferenceCore
-from ..messages import ClassifyCall, EmbedCall
 from ..registry import ModelStatus
 from .calls import CallHandler, answer_stream, deadline_of, metadata_request_id
+from .status import grpc_status
+from .vision_wire import classify_call, classify_reply, embed_call, embed_reply
 
 _STATES = {
     "loading": pb.MODEL_STATE_LOADING, "ready": pb.MODEL_STATE_READY,
@@ -31,9 +31,9 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     async def Classify(self, request: pb.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         async def work() -> tuple[pb.ClassifyResponse, int]:
-            result = await self._core.classify(ClassifyCall.from_grpc(request, self._max_images),
+            result = await self._core.classify(classify_call(request, self._max_images),
                                                deadline_of(context))
-            return result.to_grpc(), result.version
+            return classify_reply(result), result.version
 
         return await self._calls.handle("Classify", request.model, context, work,
                                         request.request_id)
@@ -43,9 +43,9 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
                              ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         async def answer(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
             async def work() -> tuple[pb.ClassifyResponse, int]:
-                call = ClassifyCall.from_grpc(request, self._max_images)
+                call = classify_call(request, self._max_images)
                 result = await self._core.classify(call, deadline_of(context))
-                return result.to_grpc(), result.version
+                return classify_reply(result), result.version
 
             try:
                 reply = await self._calls.run("ClassifyStream", request.model, work,
@@ -63,9 +63,9 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         async def work() -> tuple[pb.EmbedResponse, int]:
-            call = EmbedCall.from_grpc(request, self._max_images)
+            call = embed_call(request, self._max_images)
             result = await self._core.embed(call, deadline_of(context))
-            return result.to_grpc(), result.version
+            return embed_reply(result), result.version
 
         return await self._calls.handle("Embed", request.model, context, work,
                                         request.request_id)

@@ -1,0 +1,122 @@
+"""KServe v2 ModelInferRequest/ModelInferResponse ↔ the core's ``InferCall``/``InferResult``.
+
+Everything here is about the wire, and checked before anything is converted: version numbers,
+the count of raw buffers, shapes (4 dimensions for FP32/UINT8, ``[N]`` or ``[N, 1]`` for BYTES),
+image counts against the limit, Triton's BYTES length-prefixed format, UINT8 ranges. What
+depends on the model (its input name and dims, its outputs) is checked by the core
+(``service/tensor_io.py``), for every front end alike.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from visionserve.inference import grpc_service_pb2 as kpb
+
+from ..errors import InvalidInput, LimitExceeded, check_image_count
+from ..messages import InferCall, InferInput, InferResult, RequestedOutput
+
+
+def parse_version(model: str, text: str) -> int:
+    """KServe's string version: "" = the newest ready one (0 for the core), else a number >= 1."""
+    if not text:
+        return 0
+    try:
+        number = int(text)
+    except ValueError:
+        raise InvalidInput(f"model {model}: model_version {text!r} is not a version number; "
+                           "leave it empty for the newest") from None
+    if number < 1:
+        raise InvalidInput(f"model {model}: model_version must be >= 1 (or empty), got {number}")
+    return number
+
+
+def infer_call(req: kpb.ModelInferRequest, max_images: int) -> InferCall:
+    where = f"model {req.model_name}" + (f" version {req.model_version}"
+                                         if req.model_version else "")
+    version = parse_version(req.model_name, req.model_version)
+    if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
+        raise InvalidInput(f"{where}: {len(req.raw_input_contents)} raw_input_contents for "
+                           f"{len(req.inputs)} inputs")
+    inputs = [_input(t, req.raw_input_contents[i] if req.raw_input_contents else None, where,
+                     max_images) for i, t in enumerate(req.inputs)]
+    outputs = []
+    for out in req.outputs:
+        param = out.parameters.get("classification")
+        outputs.append(RequestedOutput(name=out.name, class_count=None if param is None
+                                       else param.int64_param))
+    return InferCall(model=req.model_name, version=version, inputs=inputs, outputs=outputs,
+                     request_id=req.id)
+
+
+def _input(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None, where: str,
+           max_images: int) -> InferInput:
+    shape = tuple(tensor.shape)
+    field = f"input {tensor.name!r}"
+    source = "raw_input_contents[0]" if raw is not None else "contents"
+    if tensor.datatype == "BYTES":
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+            raise InvalidInput(f"{where}: {field} is BYTES with shape {list(shape)}; expected "
+                               "[N] or [N, 1], one encoded image (JPEG/PNG/WebP file bytes) per "
+                               "element")
+        check_image_count(shape[0], max_images, where)
+        elements = deserialize_bytes(raw, where, field, max_images) if raw is not None \
+            else list(tensor.contents.bytes_contents)
+        return InferInput(name=tensor.name, datatype="BYTES", shape=shape, elements=elements,
+                          source=source)
+    if tensor.datatype not in ("FP32", "UINT8"):  # the core names what the model takes
+        return InferInput(name=tensor.name, datatype=tensor.datatype, shape=shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise InvalidInput(f"{where}: {field} has shape {list(shape)}; expected 4 dimensions "
+                           "[N, C, H, W] (UINT8 also [N, H, W, C]), each >= 1")
+    check_image_count(shape[0], max_images, where)
+    if raw is not None:
+        data: bytes = raw
+    elif tensor.datatype == "FP32":
+        data = np.asarray(tensor.contents.fp32_contents, dtype="<f4").tobytes()
+    else:
+        values = tensor.contents.uint_contents
+        if values and max(values) > 255:
+            raise InvalidInput(f"{where}: {field} contents.uint_contents holds {max(values)}; "
+                               "UINT8 values must lie in 0..255")
+        data = np.asarray(values, dtype=np.uint8).tobytes()
+    return InferInput(name=tensor.name, datatype=tensor.datatype, shape=shape, data=data,
+                      source=source)
+
+
+def deserialize_bytes(raw: bytes, where: str, field: str, max_elements: int) -> list[bytes]:
+    """Triton's BYTES wire format: each element a 4-byte little-endian length, then the bytes."""
+    out, offset, view = [], 0, memoryview(raw)
+    while offset < len(raw):
+        if len(out) == max_elements:
+            raise LimitExceeded(f"{where}: {field}: more than {max_elements} BYTES elements, "
+                                "over the images-per-request limit; split the request")
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"{where}: {field}: truncated BYTES element length at byte "
+                               f"{offset}")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise InvalidInput(f"{where}: {field}: BYTES element of {size} bytes runs past the "
+                               f"end of the buffer ({len(raw)} bytes)")
+        out.append(bytes(view[offset:offset + size]))
+        offset += size
+    return out
+
+
+def serialize_bytes(elements: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def infer_reply(result: InferResult) -> kpb.ModelInferResponse:
+    reply = kpb.ModelInferResponse(model_name=result.model, model_version=str(result.version),
+                                   id=result.request_id)
+    for out in result.outputs:
+        reply.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.shape))
+        if out.datatype == "BYTES":
+            reply.raw_output_contents.append(serialize_bytes(out.elements or []))
+        else:
+            reply.raw_output_contents.append(np.ascontiguousarray(out.array, "<f4").tobytes())
+    return reply

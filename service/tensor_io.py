@@ -1,0 +1,105 @@
+"""Named tensors (KServe v2 / Open Inference Protocol) ↔ the core's images and outputs.
+
+Inputs: FP32 ``[N, C, H, W]`` (normalized), UINT8 ``[N, H, W, C]`` or ``[N, C, H, W]`` (pixels,
+normalized on the server) and BYTES ``[N]`` / ``[N, 1]`` whose elements are encoded images. A
+batch's buffer is viewed, never copied, per image. Outputs are the model's ``logits`` and
+``embedding`` (FP32), or, for an output requested with a class count, Triton's classification
+extension: ``"value:index:label"`` strings. Requested outputs are checked before any work. No
+wire format here: the front ends convert their messages to and from ``InferCall``/``InferResult``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backends.base import ModelOutputs
+from .errors import InvalidInput, check_image_count
+from .messages import InferCall, OutputTensor, RequestedOutput
+from .preprocess import EncodedImage, ImageInput, RawTensor
+from .registry import ServedVersion
+
+
+def images_from_inputs(call: InferCall, served: ServedVersion,
+                       max_images: int) -> list[ImageInput]:
+    spec, where = served.config.input, served.where
+    names = [t.name for t in call.inputs]
+    if len(call.inputs) != 1:
+        raise InvalidInput(f"{where}: expected exactly one input {spec.name!r}, got {names}")
+    tensor = call.inputs[0]
+    if tensor.name != spec.name:
+        raise InvalidInput(f"{where}: unknown input {tensor.name!r}; the model's input is "
+                           f"{spec.name!r}")
+    shape = list(tensor.shape)
+    field = f"input {tensor.name!r}"
+    if tensor.datatype == "BYTES":
+        elements = tensor.elements or []
+        if len(elements) != shape[0]:
+            raise InvalidInput(f"{where}: {field} has {len(elements)} elements but shape "
+                               f"{shape}")
+        return [EncodedImage(e) for e in elements]
+    if tensor.datatype not in ("FP32", "UINT8"):
+        raise InvalidInput(f"{where}: {field} has datatype {tensor.datatype}; this model takes "
+                           f"FP32 [-1, {spec.channels}, {spec.height}, {spec.width}], UINT8 "
+                           f"[-1, {spec.height}, {spec.width}, {spec.channels}] or BYTES "
+                           "(encoded images)")
+    n = shape[0]
+    check_image_count(n, max_images, where)
+    per_image = math.prod(shape[1:])  # Python ints: no overflow on absurd shapes
+    itemsize, dtype = (4, "float32") if tensor.datatype == "FP32" else (1, "uint8")
+    data = tensor.data if tensor.data is not None else b""
+    expected = n * per_image * itemsize
+    if len(data) != expected:
+        raise InvalidInput(f"{where}: {field} {tensor.source} holds {len(data)} bytes, but shape "
+                           f"{shape} of {tensor.datatype} needs {expected}")
+    view = memoryview(data)
+    step = per_image * itemsize
+    return [RawTensor(tuple(shape[1:]), dtype, view[i * step:(i + 1) * step])
+            for i in range(n)]
+
+
+def check_requested_outputs(call: InferCall, served: ServedVersion) -> list[RequestedOutput]:
+    """The outputs to answer (all of them, raw, when none is named), refused before any work
+    when a name is unknown or a class count is not positive."""
+    names = (served.config.output.logits, served.config.output.embedding)
+    requested = call.outputs or [RequestedOutput(name=n) for n in names]
+    for out in requested:
+        if out.name not in names:
+            raise InvalidInput(f"{served.where}: unknown output {out.name!r}; outputs are "
+                               f"{sorted(names)}")
+        if out.class_count is not None and out.class_count < 1:
+            raise InvalidInput(f"{served.where}: output {out.name!r}: classification "
+                               f"class_count must be >= 1, got {out.class_count}")
+    return requested
+
+
+def output_tensors(requested: list[RequestedOutput], served: ServedVersion,
+                   outputs: ModelOutputs) -> list[OutputTensor]:
+    arrays = {served.config.output.logits: outputs.logits,
+              served.config.output.embedding: outputs.embedding}
+    result = []
+    for out in requested:
+        array = arrays[out.name]
+        if out.class_count is not None:
+            k = min(out.class_count, array.shape[1])
+            result.append(OutputTensor(name=out.name, datatype="BYTES", shape=(array.shape[0], k),
+                                       elements=classification_strings(array, k, served.labels)))
+        else:
+            result.append(OutputTensor(name=out.name, datatype="FP32", shape=array.shape,
+                                       array=array))
+    return result
+
+
+def classification_strings(array: np.ndarray, k: int, labels: tuple[str, ...]) -> list[bytes]:
+    """Triton's classification extension: per row, the k largest raw values (no softmax) as
+    ``"value:index[:label]"``, value printed like C++ ``std::to_string`` (6 decimals)."""
+    out: list[bytes] = []
+    for row in array:
+        best = np.argsort(-row, kind="stable")[:k]
+        for i in best:
+            text = f"{float(row[i]):f}:{int(i)}"
+            if int(i) < len(labels):
+                text += f":{labels[int(i)]}"
+            out.append(text.encode())
+    return out
