@@ -223,15 +223,17 @@ class DynamicBatcher:
 
     async def _worker(self) -> None:
         last_end: float | None = None  # when this instance's previous batch ended
+        failures = 0  # consecutive worker errors: each one backs off longer
         while True:
             if not self._has_work.is_set():
                 last_end = None  # idle: the next cycle is not back to back
             await self._has_work.wait()
+            batch: list[_Work] = []
             try:
                 if self._policy.max_queue_delay_ms > 0:
                     await self._wait_for_company()
                 begin = time.monotonic()
-                batch = self._take()
+                self._take(batch)
                 if not self._queue:
                     self._has_work.clear()
                 if batch:
@@ -247,8 +249,20 @@ class DynamicBatcher:
                     last_end = end
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug here must not silently stop the model serving
-                log.exception("%s: batcher worker error (continuing)", self.name)
+            except Exception as exc:  # a bug here must not stop the model serving
+                # the batch it held is answered (never left hanging), and a fault that repeats
+                # cannot spin the event loop: each consecutive one waits twice as long (<= 1 s)
+                failures += 1
+                log.exception("%s: batcher worker error (%d in a row); its batch of %d requests "
+                              "gets INTERNAL", self.name, failures, len(batch))
+                error = BackendError(f"{self.name}: the batcher failed ({type(exc).__name__}) "
+                                     "on the batch this request was in; see the server log. "
+                                     "Retry: the model keeps serving")
+                for w in batch:
+                    _fail(w.future, error)
+                await asyncio.sleep(min(0.01 * 2 ** failures, 1.0))
+            else:
+                failures = 0
             async with self._changed:
                 self._changed.notify_all()
 
@@ -268,9 +282,10 @@ class DynamicBatcher:
             except TimeoutError:
                 return
 
-    def _take(self) -> list[_Work]:
-        """Pop the next batch in FIFO order, dropping cancelled and expired work first."""
-        batch: list[_Work] = []
+    def _take(self, batch: list[_Work]) -> None:
+        """Pop the next batch into ``batch`` in FIFO order, dropping cancelled and expired work
+        first. Filled in place: whatever left the queue is the caller's to answer, even if
+        something here raises half-way."""
         size = 0
         now = time.monotonic()
         while self._queue:
@@ -294,7 +309,6 @@ class DynamicBatcher:
             batch.append(work)
             size += n
         self._observer.queue_depth(self._queued_images)
-        return batch
 
     def _pop(self, n: int) -> None:
         self._queue.popleft()
@@ -314,9 +328,10 @@ class DynamicBatcher:
         try:
             outputs, compute_s = await loop.run_in_executor(self._executor, self._run_timed,
                                                             images)
-            if len(outputs) != size:
-                raise BackendError(f"{self.name}: the backend returned {len(outputs)} rows for "
-                                   f"a batch of {size} images")
+            rows = (len(outputs.logits), len(outputs.embedding))
+            if rows != (size, size):
+                raise BackendError(f"{self.name}: the backend returned {rows[0]} logits rows and "
+                                   f"{rows[1]} embedding rows for a batch of {size} images")
         except Exception as exc:
             ids = ", ".join(sorted({w.request_id for w in batch}))
             if isinstance(exc, VisionServeError):

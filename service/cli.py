@@ -56,6 +56,10 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import ServerConfig
+
+    defaults = ServerConfig()  # the one place the server's defaults live
+    limits = defaults.limits
     parser = argparse.ArgumentParser(
         prog="visionserve",
         description="Serve image classifiers over gRPC (ONNX Runtime), export them from "
@@ -73,44 +77,48 @@ def build_parser() -> argparse.ArgumentParser:
                                    "CPU by default) and serve Classify/Embed over gRPC with "
                                    "dynamic batching; Prometheus metrics over HTTP. Stops "
                                    "gracefully on SIGTERM/SIGINT.")
-    p.add_argument("--repo", type=Path, default=Path("model_repo"), help="model repository")
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (gRPC, and metrics "
+    p.add_argument("--repo", type=Path, default=defaults.repo, help="model repository")
+    p.add_argument("--host", default=defaults.host, help="address to bind (gRPC, and metrics "
                                                       "unless --metrics-host)")
-    p.add_argument("--metrics-host", default="",
+    p.add_argument("--metrics-host", default=defaults.metrics_host,
                    help="address of the /metrics HTTP server (default: --host), e.g. 127.0.0.1 "
                         "or a cluster-internal address")
-    p.add_argument("--grpc-port", type=int, default=8001, help="0 = pick a free port, logged")
-    p.add_argument("--metrics-port", type=int, default=8002,
+    p.add_argument("--grpc-port", type=int, default=defaults.grpc_port,
+                   help="0 = pick a free port, logged")
+    p.add_argument("--metrics-port", type=int, default=defaults.metrics_port,
                    help="HTTP port of /metrics; 0 = pick a free port, logged")
-    p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024,
+    p.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
                    help="largest gRPC message accepted or sent (RESOURCE_EXHAUSTED above)")
-    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024,
+    p.add_argument("--max-image-bytes", type=int, default=limits.max_encoded_image_bytes,
                    help="largest encoded image (JPEG/PNG/WebP) accepted")
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+    p.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
                    help="largest decoded image (width x height); checked before decoding")
-    p.add_argument("--max-images-per-request", type=int, default=256)
-    p.add_argument("--max-inflight-requests", type=int, default=64,
+    p.add_argument("--max-images-per-request", type=int,
+                   default=limits.max_images_per_request)
+    p.add_argument("--max-inflight-requests", type=int, default=limits.max_inflight_requests,
                    help="inference requests in progress at once, server-wide; more are refused "
                         "RESOURCE_EXHAUSTED at once (health and metadata calls still pass). "
                         "About capacity x acceptable latency (docs/security.md); 0 = no limit")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=0,
+    p.add_argument("--max-concurrent-rpcs", type=int, default=limits.max_concurrent_rpcs,
                    help="RPCs of any kind at once, refused by gRPC before Python parses them: "
                         "a memory backstop (0 = no limit; it also refuses health probes)")
-    p.add_argument("--preprocess-threads", type=int, default=0, help="0 = one per core")
-    p.add_argument("--model-control", choices=["poll", "explicit", "none"], default="poll",
+    p.add_argument("--preprocess-threads", type=int, default=defaults.preprocess_threads,
+                   help="0 = one per core")
+    p.add_argument("--model-control", choices=["poll", "explicit", "none"],
+                   default=defaults.model_control,
                    help="poll (default): rescan the repository every --poll-interval-s and "
                         "serve new, changed and removed models/versions without a restart; "
                         "explicit: load only --load-model models at start, then only the KServe "
                         "RepositoryModelLoad/Unload RPCs change what is served (as in Triton); "
                         "none: load every model once at start")
-    p.add_argument("--poll-interval-s", type=float, default=5.0,
+    p.add_argument("--poll-interval-s", type=float, default=defaults.poll_interval_s,
                    help="seconds between repository scans in poll mode")
     p.add_argument("--load-model", action="append", default=[], metavar="NAME",
                    help="with --model-control explicit: a model to load at start (repeatable)")
-    p.add_argument("--shutdown-grace-s", type=float, default=30.0,
+    p.add_argument("--shutdown-grace-s", type=float, default=defaults.shutdown_grace_s,
                    help="how long in-flight requests may take to finish on SIGTERM/SIGINT (a "
                         "second signal exits at once)")
-    p.add_argument("--shutdown-delay-s", type=float, default=0.0,
+    p.add_argument("--shutdown-delay-s", type=float, default=defaults.shutdown_delay_s,
                    help="on SIGTERM, report not-ready but keep serving this long before new "
                         "calls are refused (lets Kubernetes/a mesh stop routing here first)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS")
@@ -124,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-open", default="", metavar="CLASSES",
                    help="with a token: comma-separated classes left open, from inference, "
                         "metadata, statistics (e.g. behind a mesh that authenticates callers)")
-    p.add_argument("--access-log", choices=["all", "errors", "off"], default="errors",
+    p.add_argument("--access-log", choices=["all", "errors", "off"], default=defaults.access_log,
                    help="one log line per request (request id, method, model, version, code, "
                         "duration): for every request, only for failed ones, or none")
     p.add_argument("--ready-file", type=Path, metavar="PATH",
@@ -270,9 +278,9 @@ def env_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import ServerLimits
+    from .config import ServerConfig, ServerLimits
     from .security import BearerTokenInterceptor, TlsConfig, load_token
-    from .server import ServerConfig, serve
+    from .server import serve
 
     if bool(args.tls_cert) != bool(args.tls_key):
         log.error("--tls-cert and --tls-key go together; give both (or neither)")
@@ -300,6 +308,16 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
 
+    try:
+        limits = ServerLimits(max_message_bytes=args.max_message_bytes,
+                              max_encoded_image_bytes=args.max_image_bytes,
+                              max_image_pixels=args.max_image_pixels,
+                              max_images_per_request=args.max_images_per_request,
+                              max_inflight_requests=args.max_inflight_requests,
+                              max_concurrent_rpcs=args.max_concurrent_rpcs)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     config = ServerConfig(
         repo=args.repo, host=args.host, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, preprocess_threads=args.preprocess_threads,
@@ -308,12 +326,7 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace_s, shutdown_delay_s=args.shutdown_delay_s,
         metrics_host=args.metrics_host, tls=tls, ready_file=args.ready_file,
         auth_token=token, auth_open=auth_open, access_log=args.access_log,
-        limits=ServerLimits(max_message_bytes=args.max_message_bytes,
-                            max_encoded_image_bytes=args.max_image_bytes,
-                            max_image_pixels=args.max_image_pixels,
-                            max_images_per_request=args.max_images_per_request,
-                            max_inflight_requests=args.max_inflight_requests,
-                            max_concurrent_rpcs=args.max_concurrent_rpcs))
+        limits=limits)
     asyncio.run(serve(config))
     return 0
 

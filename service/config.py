@@ -12,9 +12,12 @@ import os
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # security imports grpc; the config does not
+    from .security import TlsConfig
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 DECODERS = ("exact", "fast")
@@ -240,6 +243,44 @@ class ServerLimits:
     # RPCs of any kind at once, refused by gRPC itself beyond it (before Python sees them):
     # a backstop for memory. 0 = no limit.
     max_concurrent_rpcs: int = 0
+
+    def __post_init__(self) -> None:
+        from PIL import Image
+
+        pillow = Image.MAX_IMAGE_PIXELS
+        if pillow is not None and self.max_image_pixels > pillow:
+            raise ValueError(f"--max-image-pixels {self.max_image_pixels} is above Pillow's own "
+                             f"decompression-bomb guard ({pillow} pixels), which would refuse "
+                             "such images first; use at most that")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Everything `visionserve serve` runs with; the CLI's flags take their defaults from here."""
+
+    repo: Path = Path("model_repo")
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    preprocess_threads: int = 0  # 0 = one per core
+    # poll: rescan the repository every poll_interval_s (the default: a published version is
+    # served without a restart) | explicit: only the load/unload RPCs change what is served
+    # | none: load once at start
+    model_control: str = "poll"
+    poll_interval_s: float = 5.0
+    load_models: tuple[str, ...] = ()  # explicit mode: models to load at start
+    shutdown_grace_s: float = 30.0
+    # readiness off, still serving, for this long before new calls are refused: time for a
+    # load balancer (Kubernetes endpoints, a mesh) to stop sending new work here
+    shutdown_delay_s: float = 0.0
+    metrics_host: str = ""  # "" = the same address as gRPC
+    tls: TlsConfig | None = None  # security.TlsConfig
+    auth_token: str | None = None  # bearer token; None = no auth
+    auth_open: tuple[str, ...] = ()  # access classes open without the token (security.OPENABLE)
+    access_log: str = "errors"  # all | errors | off (--access-log)
+    # written once SERVING (ports, pid, models), removed when shutdown starts (--ready-file)
+    ready_file: Path | None = None
 
 
 def cpu_count() -> int:

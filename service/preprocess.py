@@ -34,8 +34,10 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 # Our own limit (ServerLimits.max_image_pixels, checked from the header before any pixel is
-# allocated, with a message naming the request's field) replaces Pillow's global one.
-Image.MAX_IMAGE_PIXELS = None
+# allocated, with a message naming the request's field) works beside Pillow's own guard, which
+# stays on: Image.open refuses a header that declares over twice Image.MAX_IMAGE_PIXELS
+# (~179 MP), and our flag may not exceed Image.MAX_IMAGE_PIXELS (ServerLimits), so ours always
+# speaks first up to there.
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP"})  # MPO: JPEGs from phone cameras
 
 
@@ -121,6 +123,11 @@ class Preprocessor:
             img = _to_mode(img, "L" if spec.color == "L" else "RGB")
         except VisionServeError:
             raise
+        except Image.DecompressionBombError:
+            raise InvalidInput(
+                f"{self._where}: {field}'s header declares more than "
+                f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, over the limit of "
+                f"{self._limits.max_image_pixels}; downscale it before sending") from None
         except MemoryError:
             raise LimitExceeded(f"{self._where}: {field} needs more memory to decode than the "
                                 "server has free; send a smaller image") from None

@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -26,40 +25,13 @@ from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 from .api.calls import CallHandler, add_servicer
 from .api.kserve import KServeServicer
 from .api.vision import VisionServicer
-from .config import ServerLimits, cpu_count
+from .config import ServerConfig, cpu_count
 from .inference import InferenceCore
 from .metrics import Metrics
 from .registry import ModelRegistry
-from .security import BearerTokenInterceptor, TlsConfig
+from .security import BearerTokenInterceptor
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServerConfig:
-    repo: Path = Path("model_repo")
-    host: str = "0.0.0.0"
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    limits: ServerLimits = field(default_factory=ServerLimits)
-    preprocess_threads: int = 0  # 0 = one per core
-    # poll: rescan the repository every poll_interval_s (the default: a published version is
-    # served without a restart) | explicit: only the load/unload RPCs change what is served
-    # | none: load once at start
-    model_control: str = "poll"
-    poll_interval_s: float = 5.0
-    load_models: tuple[str, ...] = ()  # explicit mode: models to load at start
-    shutdown_grace_s: float = 30.0
-    # readiness off, still serving, for this long before new calls are refused: time for a
-    # load balancer (Kubernetes endpoints, a mesh) to stop sending new work here
-    shutdown_delay_s: float = 0.0
-    metrics_host: str = ""  # "" = the same address as gRPC
-    tls: TlsConfig | None = None
-    auth_token: str | None = None  # bearer token; None = no auth
-    auth_open: tuple[str, ...] = ()  # access classes open without the token (security.OPENABLE)
-    access_log: str = "errors"  # all | errors | off (--access-log)
-    # written once SERVING (ports, pid, models), removed when shutdown starts (--ready-file)
-    ready_file: Path | None = None
 
 
 async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:

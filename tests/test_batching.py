@@ -24,6 +24,7 @@ class GatedBackend:
         self.release = threading.Semaphore(0)
         self.gated = gated
         self.wrong_rows = False
+        self.wrong_embedding_rows = False
 
     def run(self, batch: np.ndarray) -> ModelOutputs:
         ids = [int(v) for v in batch[:, 0, 0, 0]]
@@ -33,7 +34,8 @@ class GatedBackend:
             self.release.acquire()
         rows = batch.shape[0] - (1 if self.wrong_rows else 0)
         logits = batch[:rows, 0, 0, :1].copy()
-        return ModelOutputs(logits, logits * 2)
+        embedding = logits[:-1] if self.wrong_embedding_rows else logits
+        return ModelOutputs(logits, embedding * 2)
 
 
 class Recorder:
@@ -227,10 +229,49 @@ async def test_a_backend_returning_the_wrong_row_count_fails_that_batch_only():
     backend = GatedBackend(gated=False)
     batcher, _ = make(backend)
     backend.wrong_rows = True
-    with pytest.raises(BackendError, match="returned 1 rows for a batch of 2"):
+    with pytest.raises(BackendError, match="returned 1 logits rows and 1 embedding rows for a "
+                                           "batch of 2"):
         await batcher.submit(images(1, 2), None)
     backend.wrong_rows = False
     assert ids_of(await batcher.submit(images(3), None)) == [3]
+    await batcher.close()
+
+
+async def test_an_embedding_with_the_wrong_row_count_is_an_error_not_a_silent_slice():
+    backend = GatedBackend(gated=False)
+    batcher, _ = make(backend)
+    backend.wrong_embedding_rows = True
+    with pytest.raises(BackendError, match="returned 2 logits rows and 1 embedding rows"):
+        await batcher.submit(images(1, 2), None)
+    backend.wrong_embedding_rows = False
+    assert ids_of(await batcher.submit(images(3), None)) == [3]
+    await batcher.close()
+
+
+class FailingObserver(Recorder):
+    """An observer that raises while the worker takes a batch: a bug inside the batcher."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def queue_depth(self, images: int) -> None:
+        if self.failures and images == 0:  # raised by _take, after the batch left the queue
+            self.failures -= 1
+            raise RuntimeError("observer bug")
+
+
+async def test_a_worker_error_answers_its_batch_instead_of_leaving_it_hanging():
+    backend = GatedBackend(gated=False)
+    observer = FailingObserver(failures=1)
+    batcher = DynamicBatcher("model m version 1", backend.run,
+                             BatchPolicy(max_batch_size=4, max_queue_size=16),
+                             ThreadPoolExecutor(1), observer)
+    batcher.start()
+    # wait_for only guards against the hang this test is about; nothing here is timed
+    with pytest.raises(BackendError, match="the batcher failed \\(RuntimeError\\)"):
+        await asyncio.wait_for(batcher.submit(images(1), None), 60)
+    assert ids_of(await asyncio.wait_for(batcher.submit(images(2), None), 60)) == [2]
     await batcher.close()
 
 
