@@ -24,6 +24,7 @@ from .config import ModelConfig, ServerLimits
 from .metrics import Metrics
 from .preprocess import Preprocessor
 from .repository import VersionEntry
+from .states import VersionState
 from .statistics import VersionStatistics
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,11 @@ class ServedVersion:
 
     async def retire(self, metrics: Metrics) -> None:
         """Wait for the requests using this version, stop its batcher, free its engine."""
-        metrics.set_model_state(self.name, str(self.version), "draining")
+        metrics.set_model_state(self.name, str(self.version), VersionState.DRAINING)
         await self._idle.wait()
         await self.batcher.close()
         await asyncio.get_running_loop().run_in_executor(None, self._free)
-        metrics.set_model_state(self.name, str(self.version), "unloaded")
+        metrics.set_model_state(self.name, str(self.version), VersionState.UNLOADED)
         log.info("unloaded %s", self.where)
 
     def _free(self) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .states import VersionState
+
 # Sub-millisecond to tens of seconds: a LeNet batch takes ~0.1 ms, a ResNet-50 batch of 64 ~3 s.
 DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 UNKNOWN_MODEL = "_unknown"
-MODEL_STATES = ("loading", "ready", "failed", "draining", "unloaded")
+MODEL_STATES = tuple(VersionState)  # the state label takes each value
 
 
 class Metrics:
@@ -70,7 +72,7 @@ class Metrics:
 
     def set_model_state(self, model: str, version: str, state: str) -> None:
         for s in MODEL_STATES:
-            self.model_state.labels(model, version, s).set(1 if s == state else 0)
+            self.model_state.labels(model, version, s.value).set(1 if s == state else 0)
 
     def observer(self, model: str, version: int, capacity: int) -> BatchMetrics:
         self.queue_capacity.labels(model, str(version)).set(capacity)

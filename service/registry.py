@@ -21,16 +21,17 @@ from .errors import ModelFailed, ModelNotFound, ModelUnavailable, VisionServeErr
 from .loader import ServedVersion, load_version
 from .metrics import Metrics
 from .repository import ModelEntry
+from .states import VersionState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelRegistry", "ModelStatus", "ServedVersion", "VersionStatus"]
+__all__ = ["ModelRegistry", "ModelStatus", "ServedVersion", "VersionState", "VersionStatus"]
 
 
 @dataclass(kw_only=True)
 class VersionStatus:
     version: int
-    state: str  # loading | ready | failed | draining | unloaded
+    state: VersionState
     reason: str = ""
 
 
@@ -46,13 +47,13 @@ class ModelStatus:
     embedding_dim: int = 0
 
     @property
-    def state(self) -> str:
+    def state(self) -> VersionState:
         states = {v.state for v in self.versions.values()}
-        if "ready" in states:
-            return "ready"
-        if self.error or (states and states <= {"failed"}):
-            return "failed"
-        return "loading" if "loading" in states else "unloaded"
+        if VersionState.READY in states:
+            return VersionState.READY
+        if self.error or (states and states <= {VersionState.FAILED}):
+            return VersionState.FAILED
+        return VersionState.LOADING if VersionState.LOADING in states else VersionState.UNLOADED
 
     @property
     def reason(self) -> str:
@@ -132,7 +133,7 @@ class ModelRegistry:
             old = {v: s for (n, v), s in self._served.items() if n == name}
             status = ModelStatus(name=name, config=entry.config,
                                  error=self._public(entry.error),
-                                 versions={v: VersionStatus(version=v, state="ready")
+                                 versions={v: VersionStatus(version=v, state=VersionState.READY)
                                            for v in old})
             self._status[name] = status
             final: dict[int, ServedVersion] = {}
@@ -149,7 +150,7 @@ class ModelRegistry:
                             and current.fingerprint == ventry.fingerprint):
                         final[ventry.version] = current
                         status.versions[ventry.version] = VersionStatus(
-                            version=ventry.version, state="ready")
+                            version=ventry.version, state=VersionState.READY)
                         continue
                     served = await self._try_load(status, entry, ventry)
                     if served is not None:
@@ -160,10 +161,10 @@ class ModelRegistry:
                 final = dict(old)
                 for number in old:
                     status.versions[number] = VersionStatus(
-                        version=number, state="ready",
+                        version=number, state=VersionState.READY,
                         reason="kept serving: its replacement failed to load")
             for number in set(old) - set(final):
-                if status.versions[number].state == "ready":  # retired, not failed
+                if status.versions[number].state == VersionState.READY:  # retired, not failed
                     del status.versions[number]
             self._swap(name, old, final, status)
             await self._on_readiness(name, bool(final))
@@ -178,7 +179,7 @@ class ModelRegistry:
             self._swap(name, old, {}, status)
             status.error = ""
             for number in status.versions:
-                status.versions[number] = VersionStatus(version=number, state="unloaded",
+                status.versions[number] = VersionStatus(version=number, state=VersionState.UNLOADED,
                                                         reason="unloaded")
             self._synced.pop(name, None)
             if forget:
@@ -193,7 +194,7 @@ class ModelRegistry:
             del self._served[(name, number)]
         for number, served in new.items():
             self._served[(name, number)] = served
-            self._metrics.set_model_state(name, str(number), "ready")
+            self._metrics.set_model_state(name, str(number), VersionState.READY)
         if new:
             newest = new[max(new)]
             status.num_classes = newest.backend.num_classes
@@ -203,8 +204,8 @@ class ModelRegistry:
                         ventry: repository.VersionEntry) -> ServedVersion | None:
         assert entry.config is not None
         number = ventry.version
-        status.versions[number] = VersionStatus(version=number, state="loading")
-        self._metrics.set_model_state(status.name, str(number), "loading")
+        status.versions[number] = VersionStatus(version=number, state=VersionState.LOADING)
+        self._metrics.set_model_state(status.name, str(number), VersionState.LOADING)
         try:
             served = await load_version(status.name, entry.config, entry.config_fingerprint,
                                         ventry, self._limits, self._metrics)
@@ -215,7 +216,7 @@ class ModelRegistry:
             log.exception("model %s version %d failed to load", status.name, number)
             self._fail(status, number, f"{type(exc).__name__}: {exc}")
             return None
-        status.versions[number] = VersionStatus(version=number, state="ready")
+        status.versions[number] = VersionStatus(version=number, state=VersionState.READY)
         return served
 
     async def _retire(self, served: list[ServedVersion]) -> None:
@@ -232,9 +233,9 @@ class ModelRegistry:
 
     def _fail(self, status: ModelStatus, version: int, reason: str) -> None:
         log.error("model %s version %d failed to load: %s", status.name, version, reason)
-        status.versions[version] = VersionStatus(version=version, state="failed",
+        status.versions[version] = VersionStatus(version=version, state=VersionState.FAILED,
                                                  reason=self._public(reason) or "")
-        self._metrics.set_model_state(status.name, str(version), "failed")
+        self._metrics.set_model_state(status.name, str(version), VersionState.FAILED)
         self._metrics.model_load_failures.labels(status.name, str(version)).inc()
 
     # --- routing -------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ class ModelRegistry:
         if version == 0:
             if ready:
                 return self._served[(name, ready[0])]
-            if status.state == "unloaded":
+            if status.state == VersionState.UNLOADED:
                 raise ModelNotFound(f"model {name} is unloaded; load it again (KServe "
                                     "RepositoryModelLoad) to serve it")
             raise ModelFailed(f"model {name} has no ready version: {status.reason or status.state}")
@@ -261,7 +262,7 @@ class ModelRegistry:
         if served is not None:
             return served
         vstatus = status.versions.get(version)
-        if vstatus is not None and vstatus.state == "failed":
+        if vstatus is not None and vstatus.state == VersionState.FAILED:
             raise ModelFailed(f"model {name} version {version} failed to load: {vstatus.reason}")
         raise ModelNotFound(f"model {name} version {version} is not served (ready versions: "
                             f"{ready or 'none'}); pass version 0 for the newest")

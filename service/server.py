@@ -26,10 +26,12 @@ from .api.calls import CallHandler, add_servicer
 from .api.kserve import KServeServicer
 from .api.vision import VisionServicer
 from .config import ServerConfig, cpu_count
+from .control import ModelControl
 from .inference import InferenceCore
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .security import BearerTokenInterceptor
+from .states import VersionState
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +84,12 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 1),
     ])
-    calls = CallHandler(registry, metrics, config.access_log,
+    control = ModelControl(registry, config.model_control)
+    calls = CallHandler(control, metrics, config.access_log,
                         config.limits.max_inflight_requests)
-    kserve = KServeServicer(core, calls, config.model_control)
-    add_servicer(pb_grpc.add_VisionServiceServicer_to_server, VisionServicer(core, calls),
-                 server)
+    kserve = KServeServicer(core, control, calls)
+    add_servicer(pb_grpc.add_VisionServiceServicer_to_server,
+                 VisionServicer(core, control, calls), server)
     add_servicer(kpb_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -108,8 +111,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
 
     only = set(config.load_models) if config.model_control == "explicit" else None
     await registry.load_repository(config.repo, only)
-    ready = [s.name for s in registry.statuses() if s.state == "ready"]
-    failed = [s.name for s in registry.statuses() if s.state == "failed"]
+    ready = [s.name for s in registry.statuses() if s.state == VersionState.READY]
+    failed = [s.name for s in registry.statuses() if s.state == VersionState.FAILED]
     poller = None
     if not stop.is_set():  # a signal during the initial load: never report SERVING
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -74,6 +74,23 @@ def test_health_metadata_config_and_repository_index(triton):
     assert index[("resnet18", "1")] == "READY" and index[("lenet5", "1")] == "READY"
 
 
+def test_every_rpc_is_accounted_probes_and_index_included(server, triton):
+    """Liveness, readiness, model readiness, server metadata and the repository index are
+    counted in the request histogram like every other RPC (with their status code)."""
+    calls = {"ServerLive": triton.is_server_live, "ServerReady": triton.is_server_ready,
+             "ModelReady": lambda: triton.is_model_ready("lenet5"),
+             "ServerMetadata": triton.get_server_metadata,
+             "RepositoryIndex": triton.get_model_repository_index}
+    name = "visionserve_request_duration_seconds_count"
+    before = {m: server.metric(name, method=m, code="OK") for m in calls}
+    for call in calls.values():
+        assert call()
+    assert not triton.is_model_ready("nope")  # an answer (ready: false), not an error
+    for method in calls:
+        expected = 2 if method == "ModelReady" else 1
+        assert server.metric(name, method=method, code="OK") - before[method] == expected
+
+
 def test_infer_fp32_raw_equals_the_in_process_engine(triton, exported_repo):
     engine = OrtReference(exported_repo / "resnet18" / "1" / "model.onnx")
     x = np.random.default_rng(11).standard_normal((3, 3, 224, 224), dtype=np.float32)

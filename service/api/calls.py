@@ -12,10 +12,10 @@ from typing import TypeVar
 
 import grpc
 
+from ..control import ModelControl
 from ..errors import InvalidInput, ModelUnavailable, ServerBusy, error_code
 from ..logs import REQUEST_ID, log_field, printable, request_id
 from ..metrics import UNKNOWN_MODEL, Metrics
-from ..registry import ModelRegistry
 from .status import GRPC_CODES, grpc_status
 
 access_log = logging.getLogger("visionserve.access")
@@ -43,9 +43,9 @@ def metadata_request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class CallHandler:
-    def __init__(self, registry: ModelRegistry, metrics: Metrics,
+    def __init__(self, control: ModelControl, metrics: Metrics,
                  access_log_mode: str = "errors", max_inference: int = 0) -> None:
-        self._registry = registry
+        self._control = control
         self._metrics = metrics
         self._access = access_log_mode
         self._max_inference = max_inference  # 0 = no limit
@@ -128,7 +128,7 @@ class CallHandler:
             if not self._running and not self._accepting:
                 self._drained.set()
             elapsed = time.perf_counter() - start
-            label = model if not model or self._registry.is_known(model) else UNKNOWN_MODEL
+            label = model if not model or self._control.is_known(model) else UNKNOWN_MODEL
             self._metrics.request_duration.labels(label, version, method, code.name).observe(
                 elapsed)
             if self._access == "all" or (self._access == "errors"

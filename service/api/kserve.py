@@ -13,9 +13,11 @@ from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.inference import model_config_pb2 as mc
 
 from ..config import ModelConfig
-from ..errors import ModelFailed, ModelNotFound
+from ..control import ModelControl
+from ..errors import VisionServeError
 from ..inference import InferenceCore
-from ..registry import ModelRegistry, ModelStatus, ServedVersion
+from ..registry import ModelStatus, ServedVersion
+from ..states import VersionState
 from ..statistics import Duration
 from .calls import CallHandler, answer_stream, deadline_of, metadata_request_id
 from .kserve_wire import infer_call, infer_reply, parse_version
@@ -23,45 +25,61 @@ from .status import grpc_status
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
 PLATFORM = "onnxruntime_onnx"
-_INDEX_STATES = {"ready": "READY", "loading": "LOADING", "failed": "UNAVAILABLE",
-                 "draining": "UNLOADING", "unloaded": "UNAVAILABLE"}
+# Triton's RepositoryIndex strings for our version states
+_INDEX_STATES = {VersionState.READY: "READY", VersionState.LOADING: "LOADING",
+                 VersionState.FAILED: "UNAVAILABLE", VersionState.DRAINING: "UNLOADING",
+                 VersionState.UNLOADED: "UNAVAILABLE"}
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore, calls: CallHandler, model_control: str) -> None:
+    """Thin: wire → typed call → core or model control → typed result → wire. Every RPC, probes
+    included, goes through the call handler (request metric, access log, error mapping)."""
+
+    def __init__(self, core: InferenceCore, control: ModelControl, calls: CallHandler) -> None:
         self._core = core
-        self._registry: ModelRegistry = core.registry
+        self._control = control
         self._calls = calls
-        self._model_control = model_control
         self.accepting = True  # False once shutdown starts: ServerReady turns false first
 
     # --- health and metadata --------------------------------------------------------------
 
     async def ServerLive(self, request, context):
-        return kpb.ServerLiveResponse(live=True)
+        async def work() -> tuple[kpb.ServerLiveResponse, int]:
+            return kpb.ServerLiveResponse(live=True), 0
+
+        return await self._calls.handle("ServerLive", "", context, work)
 
     async def ServerReady(self, request, context):
-        return kpb.ServerReadyResponse(ready=self.accepting and not self._registry.loading)
+        async def work() -> tuple[kpb.ServerReadyResponse, int]:
+            return kpb.ServerReadyResponse(ready=self.accepting and not self._control.loading), 0
+
+        return await self._calls.handle("ServerReady", "", context, work)
 
     async def ModelReady(self, request, context):
-        try:
-            self._resolve(request.name, request.version)
-        except Exception:  # noqa: BLE001 - not ready, whatever the reason
-            return kpb.ModelReadyResponse(ready=False)
-        return kpb.ModelReadyResponse(ready=True)
+        async def work() -> tuple[kpb.ModelReadyResponse, int]:
+            try:
+                served = self._resolve(request.name, request.version)
+            except VisionServeError:  # not ready, whatever the reason: an answer, not an error
+                return kpb.ModelReadyResponse(ready=False), 0
+            return kpb.ModelReadyResponse(ready=True), served.version
+
+        return await self._calls.handle("ModelReady", request.name, context, work)
 
     async def ServerMetadata(self, request, context):
-        try:
-            ours = version("visionserve")
-        except PackageNotFoundError:  # pragma: no cover - running from a source tree
-            ours = "unknown"
-        return kpb.ServerMetadataResponse(name="visionserve", version=ours,
-                                          extensions=EXTENSIONS)
+        async def work() -> tuple[kpb.ServerMetadataResponse, int]:
+            try:
+                ours = version("visionserve")
+            except PackageNotFoundError:  # pragma: no cover - running from a source tree
+                ours = "unknown"
+            return kpb.ServerMetadataResponse(name="visionserve", version=ours,
+                                              extensions=EXTENSIONS), 0
+
+        return await self._calls.handle("ServerMetadata", "", context, work)
 
     async def ModelMetadata(self, request, context):
         async def work() -> tuple[kpb.ModelMetadataResponse, int]:
             served = self._resolve(request.name, request.version)
-            versions = [served] if request.version else self._registry.ready_versions(
+            versions = [served] if request.version else self._control.ready_versions(
                 request.name)
             spec = served.config.input
             out = served.config.output
@@ -123,31 +141,24 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request, context):
         async def work() -> tuple[kpb.ModelStatisticsResponse, int]:
-            if request.name:
-                served = [self._resolve(request.name, request.version)] if request.version \
-                    else self._ready_or_raise(request.name)
-            else:
-                served = [s for st in self._registry.statuses()
-                          for s in self._registry.ready_versions(st.name)]
+            served = self._control.statistics(
+                request.name, parse_version(request.name, request.version))
             return kpb.ModelStatisticsResponse(model_stats=[statistics(s) for s in served]), 0
 
         return await self._calls.handle("ModelStatistics", request.name, context, work)
 
     async def RepositoryIndex(self, request, context):
-        models = []
-        for status in self._registry.statuses():
-            for entry in _index_entries(status):
-                if not request.ready or entry.state == "READY":
-                    models.append(entry)
-        return kpb.RepositoryIndexResponse(models=models)
+        async def work() -> tuple[kpb.RepositoryIndexResponse, int]:
+            models = [entry for status in self._control.models()
+                      for entry in _index_entries(status)
+                      if not request.ready or entry.state == "READY"]
+            return kpb.RepositoryIndexResponse(models=models), 0
+
+        return await self._calls.handle("RepositoryIndex", "", context, work)
 
     async def RepositoryModelLoad(self, request, context):
         async def work() -> tuple[kpb.RepositoryModelLoadResponse, int]:
-            self._require_explicit("RepositoryModelLoad")
-            await self._registry.load_named(request.model_name)
-            status = self._registry.status(request.model_name)
-            if status.state != "ready":
-                raise ModelFailed(f"model {request.model_name} failed to load: {status.reason}")
+            await self._control.load(request.model_name, "RepositoryModelLoad")
             return kpb.RepositoryModelLoadResponse(), 0
 
         return await self._calls.handle("RepositoryModelLoad", request.model_name, context,
@@ -155,30 +166,14 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelUnload(self, request, context):
         async def work() -> tuple[kpb.RepositoryModelUnloadResponse, int]:
-            self._require_explicit("RepositoryModelUnload")
-            await self._registry.unload_model(request.model_name)
+            await self._control.unload(request.model_name, "RepositoryModelUnload")
             return kpb.RepositoryModelUnloadResponse(), 0
 
         return await self._calls.handle("RepositoryModelUnload", request.model_name, context,
                                         work)
 
-    # --- helpers -------------------------------------------------------------------------------
-
     def _resolve(self, name: str, version_text: str) -> ServedVersion:
-        return self._registry.resolve(name, parse_version(name, version_text))
-
-    def _ready_or_raise(self, name: str) -> list[ServedVersion]:
-        self._registry.status(name)  # NOT_FOUND for unknown names
-        versions = self._registry.ready_versions(name)
-        if not versions:
-            raise ModelNotFound(f"model {name} has no ready version")
-        return versions
-
-    def _require_explicit(self, rpc: str) -> None:
-        if self._model_control != "explicit":
-            raise ModelFailed(f"{rpc} is refused: the server runs with --model-control "
-                              f"{self._model_control}; restart it with --model-control explicit "
-                              "to load and unload models by request")
+        return self._control.resolve(name, parse_version(name, version_text))
 
 
 def model_config(served: ServedVersion) -> mc.ModelConfig:

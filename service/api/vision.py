@@ -9,22 +9,25 @@ import grpc
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
+from ..control import ModelControl
 from ..inference import InferenceCore
 from ..registry import ModelStatus
+from ..states import VersionState
 from .calls import CallHandler, answer_stream, deadline_of, metadata_request_id
 from .status import grpc_status
 from .vision_wire import classify_call, classify_reply, embed_call, embed_reply
 
-_STATES = {
-    "loading": pb.MODEL_STATE_LOADING, "ready": pb.MODEL_STATE_READY,
-    "failed": pb.MODEL_STATE_FAILED, "draining": pb.MODEL_STATE_DRAINING,
-    "unloaded": pb.MODEL_STATE_UNLOADED,
+_STATES = {  # our version states as visionserve.v1 ModelState
+    VersionState.LOADING: pb.MODEL_STATE_LOADING, VersionState.READY: pb.MODEL_STATE_READY,
+    VersionState.FAILED: pb.MODEL_STATE_FAILED, VersionState.DRAINING: pb.MODEL_STATE_DRAINING,
+    VersionState.UNLOADED: pb.MODEL_STATE_UNLOADED,
 }
 
 
 class VisionServicer(pb_grpc.VisionServiceServicer):
-    def __init__(self, core: InferenceCore, calls: CallHandler) -> None:
+    def __init__(self, core: InferenceCore, control: ModelControl, calls: CallHandler) -> None:
         self._core = core
+        self._control = control
         self._calls = calls
         self._max_images = core.limits.max_images_per_request
 
@@ -73,7 +76,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         async def work() -> tuple[pb.ListModelsResponse, int]:
-            statuses = self._core.registry.statuses()
+            statuses = self._control.models()
             return pb.ListModelsResponse(models=[model_info(s) for s in statuses]), 0
 
         return await self._calls.handle("ListModels", "", context, work)
@@ -81,7 +84,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     async def GetModel(self, request: pb.GetModelRequest,
                        context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async def work() -> tuple[pb.ModelInfo, int]:
-            return model_info(self._core.registry.status(request.model)), 0
+            return model_info(self._control.status(request.model)), 0
 
         return await self._calls.handle("GetModel", request.model, context, work)
 

@@ -1,0 +1,72 @@
+"""Model control: what every front end may ask about the models, and what it may change.
+
+List, status, resolve (for metadata and config), statistics, load and unload, in one place that
+both servicers (and the planned HTTP one) call; they reach no registry internals. Load and unload
+are honoured in ``--model-control explicit`` mode only, as in Triton.
+"""
+
+from __future__ import annotations
+
+from .errors import ModelFailed, ModelNotFound
+from .registry import ModelRegistry, ModelStatus, ServedVersion
+from .states import VersionState
+
+
+class ModelControl:
+    def __init__(self, registry: ModelRegistry, mode: str) -> None:
+        self._registry = registry
+        self._mode = mode  # poll | explicit | none (--model-control)
+
+    @property
+    def loading(self) -> bool:
+        """True until the models loaded at start are ready (or failed)."""
+        return self._registry.loading
+
+    def is_known(self, name: str) -> bool:
+        return self._registry.is_known(name)
+
+    def models(self) -> list[ModelStatus]:
+        return self._registry.statuses()
+
+    def status(self, name: str) -> ModelStatus:
+        """NOT_FOUND for a name the repository does not hold."""
+        return self._registry.status(name)
+
+    def resolve(self, name: str, version: int) -> ServedVersion:
+        """The served version (0 = the newest ready), or the client-facing reason why not."""
+        return self._registry.resolve(name, version)
+
+    def ready_versions(self, name: str) -> list[ServedVersion]:
+        """Routable versions of ``name``, newest first."""
+        return self._registry.ready_versions(name)
+
+    def statistics(self, name: str = "", version: int = 0) -> list[ServedVersion]:
+        """The versions whose statistics to report: one (``version``), every ready one of
+        ``name``, or every ready version of every model (no name)."""
+        if not name:
+            return [s for status in self.models() for s in self.ready_versions(status.name)]
+        if version:
+            return [self.resolve(name, version)]
+        self.status(name)  # NOT_FOUND for unknown names
+        versions = self.ready_versions(name)
+        if not versions:
+            raise ModelNotFound(f"model {name} has no ready version")
+        return versions
+
+    async def load(self, name: str, rpc: str) -> None:
+        """(Re)load a model folder; raises if the mode forbids it or the model did not load."""
+        self._require_explicit(rpc)
+        await self._registry.load_named(name)
+        status = self._registry.status(name)
+        if status.state != VersionState.READY:
+            raise ModelFailed(f"model {name} failed to load: {status.reason}")
+
+    async def unload(self, name: str, rpc: str) -> None:
+        self._require_explicit(rpc)
+        await self._registry.unload_model(name)
+
+    def _require_explicit(self, rpc: str) -> None:
+        if self._mode != "explicit":
+            raise ModelFailed(f"{rpc} is refused: the server runs with --model-control "
+                              f"{self._mode}; restart it with --model-control explicit to load "
+                              "and unload models by request")
