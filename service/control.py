@@ -17,11 +17,6 @@ class ModelControl:
         self._registry = registry
         self._mode = mode  # poll | explicit | none (--model-control)
 
-    @property
-    def loading(self) -> bool:
-        """True until the models loaded at start are ready (or failed)."""
-        return self._registry.loading
-
     def is_known(self, name: str) -> bool:
         return self._registry.is_known(name)
 

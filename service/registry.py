@@ -18,6 +18,7 @@ from pathlib import Path
 from . import repository
 from .config import ModelConfig, ServerLimits
 from .errors import ModelFailed, ModelNotFound, ModelUnavailable, VisionServeError
+from .lifecycle import Lifecycle
 from .loader import ServedVersion, load_version
 from .metrics import Metrics
 from .repository import ModelEntry
@@ -70,7 +71,8 @@ async def _ignore(name: str, ready: bool) -> None:
 
 class ModelRegistry:
     def __init__(self, limits: ServerLimits, metrics: Metrics,
-                 on_readiness: Readiness = _ignore) -> None:
+                 on_readiness: Readiness = _ignore, lifecycle: Lifecycle | None = None) -> None:
+        self._lifecycle = lifecycle or Lifecycle()  # read only: "still loading" answers
         self._limits = limits
         self._metrics = metrics
         self._on_readiness = on_readiness  # e.g. the gRPC health service, per model name
@@ -79,22 +81,17 @@ class ModelRegistry:
         self._synced: dict[str, tuple[object, ...]] = {}  # fingerprint last synced, per model
         self._locks: dict[str, asyncio.Lock] = {}
         self.repo: Path | None = None
-        self.loading = True
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def load_repository(self, repo: Path, only: set[str] | None = None) -> None:
         """Initial load: every model of the repository (or those in ``only``)."""
         self.repo = repo
-        self.loading = True
-        try:
-            for entry in repository.scan(repo):
-                if only is None or entry.name in only:
-                    await self.sync(entry)
-            for missing in sorted((only or set()) - set(self._status)):
-                log.error("model %s: no such folder in %s", missing, repo)
-        finally:
-            self.loading = False
+        for entry in repository.scan(repo):
+            if only is None or entry.name in only:
+                await self.sync(entry)
+        for missing in sorted((only or set()) - set(self._status)):
+            log.error("model %s: no such folder in %s", missing, repo)
 
     async def poll(self) -> None:
         """Rescan the repository: sync new and changed models, retire removed ones."""
@@ -244,7 +241,7 @@ class ModelRegistry:
         """The version a request goes to (0 = newest ready); raises a client-facing error."""
         status = self._status.get(name)
         if status is None:
-            if self.loading:
+            if self._lifecycle.loading:
                 raise ModelUnavailable(f"model {name}: the server is still loading models; "
                                        "retry shortly (watch grpc.health.v1 for SERVING)")
             known = ", ".join(sorted(self._status)) or "none"

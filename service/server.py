@@ -28,6 +28,7 @@ from .api.vision import VisionServicer
 from .config import ServerConfig, cpu_count
 from .control import ModelControl
 from .inference import InferenceCore
+from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .security import BearerTokenInterceptor
@@ -69,7 +70,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
             else health_pb2.HealthCheckResponse.NOT_SERVING
         await health_servicer.set(name, status)
 
-    registry = ModelRegistry(config.limits, metrics, model_readiness)
+    lifecycle = Lifecycle()
+    registry = ModelRegistry(config.limits, metrics, model_readiness, lifecycle)
     threads = config.preprocess_threads or cpu_count()
     preprocess_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
     core = InferenceCore(registry, preprocess_pool, config.limits, metrics)
@@ -85,9 +87,9 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
         ("grpc.so_reuseport", 1),
     ])
     control = ModelControl(registry, config.model_control)
-    calls = CallHandler(control, metrics, config.access_log,
+    calls = CallHandler(control, metrics, lifecycle, config.access_log,
                         config.limits.max_inflight_requests)
-    kserve = KServeServicer(core, control, calls)
+    kserve = KServeServicer(core, control, calls, lifecycle)
     add_servicer(pb_grpc.add_VisionServiceServicer_to_server,
                  VisionServicer(core, control, calls), server)
     add_servicer(kpb_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, server)
@@ -115,6 +117,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     failed = [s.name for s in registry.statuses() if s.state == VersionState.FAILED]
     poller = None
     if not stop.is_set():  # a signal during the initial load: never report SERVING
+        lifecycle.advance(Phase.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("serving gRPC on %s:%d, metrics on http://%s:%d/metrics; models ready: %s%s",
                  config.host, grpc_port, config.metrics_host or config.host, metrics_port,
@@ -131,7 +134,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
              "(grace %.0f s; a second signal exits at once)", config.shutdown_grace_s)
     if config.ready_file:
         config.ready_file.unlink(missing_ok=True)
-    kserve.accepting = False
+    lifecycle.advance(Phase.DRAINING)
     await health_servicer.enter_graceful_shutdown()  # first: before a scan in progress ends
     if poller is not None:
         await poller
@@ -143,6 +146,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     # stops (calls still running after the grace are cancelled)
     started = loop.time()
     log.info("now refusing new calls (UNAVAILABLE); finishing the accepted ones")
+    lifecycle.advance(Phase.STOPPING)
     if not await calls.drain(config.shutdown_grace_s):
         log.warning("requests still running after the %.0f s grace are cancelled",
                     config.shutdown_grace_s)
@@ -155,6 +159,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
         log.error("models did not unload within 10 s of the grace period; exiting anyway")
     preprocess_pool.shutdown(wait=True)
     http_server.shutdown()
+    lifecycle.advance(Phase.STOPPED)
     log.info("stopped")
 
 

@@ -142,7 +142,7 @@ def test_latest_two_keeps_two_versions_and_a_removed_one_drains_first(exported_r
                                       state="unloaded") == 1, what="version 1 to unload")
         with pytest.raises(grpc.RpcError) as err:
             srv.stub.Classify(pb.ClassifyRequest(model="resnet18", version=1, images=[image]))
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
         assert srv.stub.Classify(pb.ClassifyRequest(model="resnet18", images=[image])).version == 2
     finally:
         srv.stop()

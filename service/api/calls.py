@@ -14,6 +14,7 @@ import grpc
 
 from ..control import ModelControl
 from ..errors import InvalidInput, ModelUnavailable, ServerBusy, error_code
+from ..lifecycle import Lifecycle
 from ..logs import REQUEST_ID, log_field, printable, request_id
 from ..metrics import UNKNOWN_MODEL, Metrics
 from .status import GRPC_CODES, grpc_status
@@ -43,9 +44,10 @@ def metadata_request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class CallHandler:
-    def __init__(self, control: ModelControl, metrics: Metrics,
+    def __init__(self, control: ModelControl, metrics: Metrics, lifecycle: Lifecycle,
                  access_log_mode: str = "errors", max_inference: int = 0) -> None:
         self._control = control
+        self._lifecycle = lifecycle  # admission: new calls are refused from STOPPING on
         self._metrics = metrics
         self._access = access_log_mode
         self._max_inference = max_inference  # 0 = no limit
@@ -54,14 +56,12 @@ class CallHandler:
         self._log_refilled = time.monotonic()
         self._log_suppressed = 0
         self._running = 0  # requests inside run() now
-        self._accepting = True
         self._drained = asyncio.Event()
         self._last_refused = 0.0  # time.monotonic() of the last call refused while draining
 
     async def drain(self, timeout_s: float) -> bool:
-        """Refuse new requests (UNAVAILABLE) from now on and wait up to ``timeout_s`` for the
-        running ones to finish; True when none is left."""
-        self._accepting = False
+        """Once the lifecycle is STOPPING (new requests refused UNAVAILABLE): wait up to
+        ``timeout_s`` for the running ones to finish; True when none is left."""
         if self._running == 0:
             return True
         try:
@@ -96,7 +96,7 @@ class CallHandler:
         version = ""
         code = grpc.StatusCode.OK
         try:
-            if not self._accepting:
+            if not self._lifecycle.admitting:
                 self._last_refused = time.monotonic()
                 raise ModelUnavailable("the server is shutting down and takes no new requests; "
                                        "retry (another replica, or this one once restarted)")
@@ -125,7 +125,7 @@ class CallHandler:
             inflight.dec()
             self._running -= 1
             self._inference -= counted
-            if not self._running and not self._accepting:
+            if not self._running and not self._lifecycle.admitting:
                 self._drained.set()
             elapsed = time.perf_counter() - start
             label = model if not model or self._control.is_known(model) else UNKNOWN_MODEL

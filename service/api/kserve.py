@@ -16,6 +16,7 @@ from ..config import ModelConfig
 from ..control import ModelControl
 from ..errors import VisionServeError
 from ..inference import InferenceCore
+from ..lifecycle import Lifecycle
 from ..registry import ModelStatus, ServedVersion
 from ..states import VersionState
 from ..statistics import Duration
@@ -35,11 +36,12 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     """Thin: wire → typed call → core or model control → typed result → wire. Every RPC, probes
     included, goes through the call handler (request metric, access log, error mapping)."""
 
-    def __init__(self, core: InferenceCore, control: ModelControl, calls: CallHandler) -> None:
+    def __init__(self, core: InferenceCore, control: ModelControl, calls: CallHandler,
+                 lifecycle: Lifecycle) -> None:
         self._core = core
         self._control = control
         self._calls = calls
-        self.accepting = True  # False once shutdown starts: ServerReady turns false first
+        self._lifecycle = lifecycle
 
     # --- health and metadata --------------------------------------------------------------
 
@@ -51,7 +53,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request, context):
         async def work() -> tuple[kpb.ServerReadyResponse, int]:
-            return kpb.ServerReadyResponse(ready=self.accepting and not self._control.loading), 0
+            return kpb.ServerReadyResponse(ready=self._lifecycle.ready), 0
 
         return await self._calls.handle("ServerReady", "", context, work)
 
