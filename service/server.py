@@ -22,8 +22,11 @@ from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
-from .api.calls import CallHandler, add_servicer
+from .api.access_log import AccessLog
+from .api.admission import Admission
+from .api.calls import CallHandler
 from .api.kserve import KServeServicer
+from .api.strict import add_servicer
 from .api.vision import VisionServicer
 from .config import ServerConfig, cpu_count
 from .control import ModelControl
@@ -87,8 +90,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
         ("grpc.so_reuseport", 1),
     ])
     control = ModelControl(registry, config.model_control)
-    calls = CallHandler(control, metrics, lifecycle, config.access_log,
-                        config.limits.max_inflight_requests)
+    admission = Admission(lifecycle, config.limits.max_inflight_requests)
+    calls = CallHandler(control, metrics, admission, AccessLog(config.access_log))
     kserve = KServeServicer(core, control, calls, lifecycle)
     add_servicer(pb_grpc.add_VisionServiceServicer_to_server,
                  VisionServicer(core, control, calls), server)
@@ -147,11 +150,11 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     started = loop.time()
     log.info("now refusing new calls (UNAVAILABLE); finishing the accepted ones")
     lifecycle.advance(Phase.STOPPING)
-    if not await calls.drain(config.shutdown_grace_s):
+    if not await admission.drain(config.shutdown_grace_s):
         log.warning("requests still running after the %.0f s grace are cancelled",
                     config.shutdown_grace_s)
     else:
-        await calls.quiet(0.2, config.shutdown_grace_s - (loop.time() - started))
+        await admission.quiet(0.2, config.shutdown_grace_s - (loop.time() - started))
     await server.stop(max(0.0, config.shutdown_grace_s - (loop.time() - started)))
     try:  # what is left is at most the batches computing now
         await asyncio.wait_for(registry.close(), timeout=10)

@@ -20,9 +20,10 @@ from ..lifecycle import Lifecycle
 from ..registry import ModelStatus, ServedVersion
 from ..states import VersionState
 from ..statistics import Duration
-from .calls import CallHandler, answer_stream, deadline_of, metadata_request_id
+from .calls import CallHandler, deadline_of, metadata_request_id
 from .kserve_wire import infer_call, infer_reply, parse_version
 from .status import grpc_status
+from .streams import answer_stream
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
 PLATFORM = "onnxruntime_onnx"

@@ -13,8 +13,9 @@ from ..control import ModelControl
 from ..inference import InferenceCore
 from ..registry import ModelStatus
 from ..states import VersionState
-from .calls import CallHandler, answer_stream, deadline_of, metadata_request_id
+from .calls import CallHandler, deadline_of, metadata_request_id
 from .status import grpc_status
+from .streams import answer_stream
 from .vision_wire import classify_call, classify_reply, embed_call, embed_reply
 
 _STATES = {  # our version states as visionserve.v1 ModelState
