@@ -36,17 +36,23 @@ class ModelControl:
         return self._registry.ready_versions(name)
 
     def statistics(self, name: str = "", version: int = 0) -> list[ServedVersion]:
-        """The versions whose statistics to report: one (``version``), every ready one of
-        ``name``, or every ready version of every model (no name)."""
+        """The versions whose statistics to report: one (``version``), every ready or draining
+        one of ``name``, or those of every model (no name). A draining version's requests are
+        still finishing: its counts still move."""
         if not name:
-            return [s for status in self.models() for s in self.ready_versions(status.name)]
+            return [s for status in self.models() for s in self._reported(status.name)]
         if version:
-            return [self.resolve(name, version)]
+            draining = [s for s in self._registry.draining_versions(name) if s.version == version]
+            return draining or [self.resolve(name, version)]
         self.status(name)  # NOT_FOUND for unknown names
-        versions = self.ready_versions(name)
+        versions = self._reported(name)
         if not versions:
             raise ModelNotFound(f"model {name} has no ready version")
         return versions
+
+    def _reported(self, name: str) -> list[ServedVersion]:
+        return sorted([*self.ready_versions(name), *self._registry.draining_versions(name)],
+                      key=lambda s: -s.version)
 
     async def load(self, name: str, rpc: str) -> None:
         """(Re)load a model folder; raises if the mode forbids it or the model did not load."""

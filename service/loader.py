@@ -11,7 +11,7 @@ import asyncio
 import ctypes
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -93,14 +93,18 @@ def release_freed_memory() -> None:
         pass
 
 
+BackendFactory = Callable[[str, ModelConfig, VersionEntry], Backend]
+
+
 async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple[object, ...],
-                       ventry: VersionEntry, limits: ServerLimits,
-                       metrics: Metrics) -> ServedVersion:
-    """Create the engine (in an executor: it blocks), warm it up at the configured batch sizes,
-    and start the version's batcher. Raises if any step fails; nothing is routable before."""
+                       ventry: VersionEntry, limits: ServerLimits, metrics: Metrics,
+                       backend_factory: BackendFactory = create_backend) -> ServedVersion:
+    """Create the engine with ``backend_factory`` (in an executor: it blocks), warm it up at the
+    configured batch sizes, and start the version's batcher. Raises if any step fails; nothing
+    is routable before."""
     start = time.perf_counter()
     loop = asyncio.get_running_loop()
-    backend = await loop.run_in_executor(None, create_backend, name, config, ventry)
+    backend = await loop.run_in_executor(None, backend_factory, name, config, ventry)
     try:
         if len(ventry.labels) not in (0, backend.num_classes):
             log.warning("model %s version %d: labels.txt has %d lines for %d classes; missing "

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from . import repository
+from .backends import create_backend
 from .config import ModelConfig, ServerLimits
 from .errors import ModelFailed, ModelNotFound, ModelUnavailable, VisionServeError
 from .lifecycle import Lifecycle
-from .loader import ServedVersion, load_version
+from .loader import BackendFactory, ServedVersion, load_version
 from .metrics import Metrics
 from .repository import ModelEntry
 from .states import VersionState
@@ -71,12 +73,17 @@ async def _ignore(name: str, ready: bool) -> None:
 
 class ModelRegistry:
     def __init__(self, limits: ServerLimits, metrics: Metrics,
-                 on_readiness: Readiness = _ignore, lifecycle: Lifecycle | None = None) -> None:
+                 on_readiness: Readiness = _ignore, lifecycle: Lifecycle | None = None,
+                 backend_factory: BackendFactory = create_backend) -> None:
         self._lifecycle = lifecycle or Lifecycle()  # read only: "still loading" answers
+        self._backend_factory = backend_factory  # injected: tests drive the registry with fakes
         self._limits = limits
         self._metrics = metrics
         self._on_readiness = on_readiness  # e.g. the gRPC health service, per model name
-        self._served: dict[tuple[str, int], ServedVersion] = {}
+        # the routing table: an immutable snapshot, replaced (never edited) by _swap, so a
+        # reader sees the table before a swap or after it, never half of one
+        self._served: Mapping[tuple[str, int], ServedVersion] = MappingProxyType({})
+        self._draining: dict[tuple[str, int], ServedVersion] = {}  # retiring: no new requests
         self._status: dict[str, ModelStatus] = {}
         self._synced: dict[str, tuple[object, ...]] = {}  # fingerprint last synced, per model
         self._locks: dict[str, asyncio.Lock] = {}
@@ -175,22 +182,25 @@ class ModelRegistry:
             old = {v: s for (n, v), s in self._served.items() if n == name}
             self._swap(name, old, {}, status)
             status.error = ""
-            for number in status.versions:
-                status.versions[number] = VersionStatus(version=number, state=VersionState.UNLOADED,
-                                                        reason="unloaded")
+            for number in list(status.versions):
+                if number in old:  # shown as draining by _retire, then unloaded
+                    del status.versions[number]
+                else:
+                    status.versions[number] = VersionStatus(
+                        version=number, state=VersionState.UNLOADED, reason="unloaded")
             self._synced.pop(name, None)
             if forget:
                 del self._status[name]
             await self._on_readiness(name, False)
-            await self._retire(list(old.values()))
+            await self._retire(list(old.values()), then=VersionState.UNLOADED)
 
     def _swap(self, name: str, old: dict[int, ServedVersion], new: dict[int, ServedVersion],
               status: ModelStatus) -> None:
-        """The atomic step: no await, so no request sees a half-updated table."""
-        for number in old:
-            del self._served[(name, number)]
-        for number, served in new.items():
-            self._served[(name, number)] = served
+        """The atomic step: the model's routes are replaced in one assignment of a new table."""
+        table = {key: s for key, s in self._served.items() if key[0] != name}
+        table.update({(name, number): served for number, served in new.items()})
+        self._served = MappingProxyType(table)
+        for number in new:
             self._metrics.set_model_state(name, str(number), VersionState.READY)
         if new:
             newest = new[max(new)]
@@ -205,7 +215,8 @@ class ModelRegistry:
         self._metrics.set_model_state(status.name, str(number), VersionState.LOADING)
         try:
             served = await load_version(status.name, entry.config, entry.config_fingerprint,
-                                        ventry, self._limits, self._metrics)
+                                        ventry, self._limits, self._metrics,
+                                        self._backend_factory)
         except VisionServeError as exc:
             self._fail(status, number, str(exc))
             return None
@@ -216,8 +227,30 @@ class ModelRegistry:
         status.versions[number] = VersionStatus(version=number, state=VersionState.READY)
         return served
 
-    async def _retire(self, served: list[ServedVersion]) -> None:
-        await asyncio.gather(*(s.retire(self._metrics) for s in served))
+    async def _retire(self, served: list[ServedVersion],
+                      then: VersionState | None = None) -> None:
+        """Drain and release versions no longer routed; while they drain they stay visible
+        (GetModel, ModelStatistics and the state metric say "draining"), then they are
+        dropped from the model's status, or shown as ``then`` (unloaded)."""
+        for s in served:
+            self._draining[(s.name, s.version)] = s
+            status = self._status.get(s.name)
+            if status is not None and s.version not in status.versions:
+                status.versions[s.version] = VersionStatus(version=s.version,
+                                                           state=VersionState.DRAINING)
+        try:
+            await asyncio.gather(*(s.retire(self._metrics) for s in served))
+        finally:
+            for s in served:
+                self._draining.pop((s.name, s.version), None)
+                status = self._status.get(s.name)
+                if status is not None and (v := status.versions.get(s.version)) is not None \
+                        and v.state == VersionState.DRAINING:
+                    if then is None:
+                        del status.versions[s.version]
+                    else:
+                        status.versions[s.version] = VersionStatus(
+                            version=s.version, state=then, reason=then.value)
 
     def _public(self, text: str | None) -> str | None:
         """A reason as clients see it (GetModel, errors): paths relative to the repository,
@@ -282,8 +315,13 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} not found; loaded models: "
                                 f"{', '.join(sorted(self._status)) or 'none'}") from None
 
+    def draining_versions(self, name: str) -> list[ServedVersion]:
+        """Versions of ``name`` no longer routed whose requests are still finishing."""
+        return sorted((s for (n, _), s in self._draining.items() if n == name),
+                      key=lambda s: -s.version)
+
     async def close(self) -> None:
         """Retire everything: in-flight requests finish, then engines are released."""
         served = list(self._served.values())
-        self._served.clear()
+        self._served = MappingProxyType({})
         await self._retire(served)
