@@ -16,6 +16,7 @@ from pathlib import Path
 
 from visionserve.service.config import ModelConfig
 from visionserve.service.repository import CONFIG_FILE, LABELS_FILE, version_numbers
+from visionserve.service.triton_config import model_config_text
 
 
 class PublishError(Exception):
@@ -84,22 +85,8 @@ def ensure_model_files(model_dir: Path, config: ModelConfig, labels: list[str],
 
 def triton_config(name: str, config: ModelConfig, num_classes: int, embedding_dim: int) -> str:
     """Triton's model configuration for the same folder, so the repository runs on Triton
-    (onnxruntime backend) unchanged."""
-    i, b = config.input, config.batching
-    preferred = ", ".join(map(str, b.preferred_batch_sizes))
-    return (f'name: "{name}"\n'
-            'platform: "onnxruntime_onnx"\n'
-            f"max_batch_size: {config.max_batch_size}\n"
-            f'input [{{ name: "{i.name}", data_type: TYPE_FP32, format: FORMAT_NCHW, '
-            f"dims: [{i.channels}, {i.height}, {i.width}] }}]\n"
-            f'output [{{ name: "{config.output.logits}", data_type: TYPE_FP32, '
-            f'dims: [{num_classes}], label_filename: "labels.txt" }},\n'
-            f'        {{ name: "{config.output.embedding}", data_type: TYPE_FP32, '
-            f"dims: [{embedding_dim}] }}]\n"
-            f"dynamic_batching {{ preferred_batch_size: [{preferred}] "
-            f"max_queue_delay_microseconds: {int(b.max_queue_delay_ms * 1000)} }}\n"
-            f"version_policy: {{ latest: {{ num_versions: {config.version_policy.latest} }} }}\n"
-            f"instance_group [{{ kind: KIND_CPU, count: {config.instance_count} }}]\n")
+    unchanged (the one renderer: ``visionserve.service.triton_config``)."""
+    return model_config_text(name, config, num_classes, embedding_dim)
 
 
 def _write_atomic(path: Path, text: str) -> None:

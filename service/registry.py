@@ -94,7 +94,9 @@ class ModelRegistry:
     async def load_repository(self, repo: Path, only: set[str] | None = None) -> None:
         """Initial load: every model of the repository (or those in ``only``)."""
         self.repo = repo
-        for entry in repository.scan(repo):
+        # off the event loop: health answers while a large repository is read
+        entries = await asyncio.get_running_loop().run_in_executor(None, repository.scan, repo)
+        for entry in entries:
             if only is None or entry.name in only:
                 await self.sync(entry)
         for missing in sorted((only or set()) - set(self._status)):

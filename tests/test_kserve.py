@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import subprocess
+import sys
 
 import grpc
 import numpy as np
 import pytest
 
-from conftest import OrtReference, embeddings, encode, photo, softmax, tensor_image
+from conftest import ROOT, OrtReference, embeddings, encode, photo, softmax, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
@@ -89,6 +91,29 @@ def test_every_rpc_is_accounted_probes_and_index_included(server, triton):
     for method in calls:
         expected = 2 if method == "ModelReady" else 1
         assert server.metric(name, method=method, code="OK") - before[method] == expected
+
+
+def test_model_config_is_the_config_pbtxt_export_wrote(triton, exported_repo):
+    """One renderer: what KServe ModelConfig answers is the config.pbtxt beside the model."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    written = text_format.Parse((exported_repo / "lenet5" / "config.pbtxt").read_text(),
+                                model_config_pb2.ModelConfig())
+    assert triton.get_model_config("lenet5").config == written
+    assert written.platform == "onnxruntime_onnx" and written.default_model_filename == \
+        "model.onnx"
+
+
+def test_an_engine_folder_is_described_as_tensorrt_on_gpu():
+    script = ("import dataclasses, pathlib; from visionserve.service.config import ModelConfig; "
+              "from visionserve.service.triton_config import model_config; "
+              "c = ModelConfig.from_toml(pathlib.Path('model_repo/lenet5/config.toml')); "
+              "m = model_config('e', dataclasses.replace(c, backend='tensorrt'), 10, 84); "
+              "print(m.platform, m.backend, m.default_model_filename, m.instance_group[0].kind)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.stdout.split() == ["tensorrt_plan", "tensorrt", "model.plan", "1"], out.stderr
 
 
 def test_infer_fp32_raw_equals_the_in_process_engine(triton, exported_repo):

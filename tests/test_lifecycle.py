@@ -184,12 +184,13 @@ def test_config_changes_reload_and_removed_models_unload(exported_repo, tmp_path
 def test_explicit_mode_changes_nothing_until_asked(exported_repo, tmp_path):
     tc = pytest.importorskip("tritonclient.grpc")
     repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    # a poll interval far below the wait: if explicit mode polled, version 2 would be served
     srv = start_server(repo, tmp_path / "server.log", "--model-control", "explicit",
-                       "--load-model", "lenet5")
+                       "--load-model", "lenet5", "--poll-interval-s", "0.1")
     client = tc.InferenceServerClient(srv.address)
     try:
         publish(repo / "lenet5", 2, repo / "lenet5" / "1")
-        time.sleep(1.5)  # several poll intervals of the other tests: nothing may happen here
+        time.sleep(1.5)  # fifteen poll intervals: nothing may happen here
         assert srv.stub.Classify(LENET).version == 1
         client.load_model("lenet5")
         assert srv.stub.Classify(LENET).version == 2

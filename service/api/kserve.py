@@ -12,7 +12,7 @@ from visionserve.inference import grpc_service_pb2 as kpb
 from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.inference import model_config_pb2 as mc
 
-from ..config import ModelConfig
+from .. import triton_config
 from ..control import ModelControl
 from ..errors import VisionServeError
 from ..inference import InferenceCore
@@ -26,7 +26,6 @@ from .status import grpc_status
 from .streams import answer_stream
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
-PLATFORM = "onnxruntime_onnx"
 # Triton's RepositoryIndex strings for our version states
 _INDEX_STATES = {VersionState.READY: "READY", VersionState.LOADING: "LOADING",
                  VersionState.FAILED: "UNAVAILABLE", VersionState.DRAINING: "UNLOADING",
@@ -89,7 +88,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             batch = -1
             return kpb.ModelMetadataResponse(
                 name=served.name, versions=[str(s.version) for s in versions],
-                platform=PLATFORM,
+                platform=triton_config.PLATFORMS[served.config.backend],
                 inputs=[kpb.ModelMetadataResponse.TensorMetadata(
                     name=spec.name, datatype="FP32", shape=[batch, *spec.shape])],
                 outputs=[kpb.ModelMetadataResponse.TensorMetadata(
@@ -180,36 +179,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
 
 def model_config(served: ServedVersion) -> mc.ModelConfig:
-    c: ModelConfig = served.config
-    policy = c.version_policy
-    if policy.all:
-        vp = mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
-    elif policy.specific:
-        vp = mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(
-            versions=list(policy.specific)))
-    else:
-        vp = mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(
-            num_versions=policy.latest))
-    b = c.batching
-    return mc.ModelConfig(
-        name=served.name, platform=PLATFORM, backend="onnxruntime", version_policy=vp,
-        max_batch_size=c.max_batch_size,
-        input=[mc.ModelInput(name=c.input.name, data_type=mc.TYPE_FP32,
-                             format=mc.ModelInput.FORMAT_NCHW, dims=list(c.input.shape))],
-        output=[mc.ModelOutput(name=c.output.logits, data_type=mc.TYPE_FP32,
-                               dims=[served.backend.num_classes], label_filename="labels.txt"),
-                mc.ModelOutput(name=c.output.embedding, data_type=mc.TYPE_FP32,
-                               dims=[served.backend.embedding_dim])],
-        dynamic_batching=mc.ModelDynamicBatching(
-            preferred_batch_size=list(b.preferred_batch_sizes),
-            max_queue_delay_microseconds=int(b.max_queue_delay_ms * 1000),
-            default_queue_policy=mc.ModelQueuePolicy(
-                max_queue_size=b.max_queue_size,
-                default_timeout_microseconds=int(b.default_timeout_ms * 1000),
-                allow_timeout_override=True)),
-        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU,
-                                              count=c.instance_count)],
-        default_model_filename="model.onnx")
+    return triton_config.model_config(served.name, served.config, served.backend.num_classes,
+                                      served.backend.embedding_dim)
 
 
 def statistics(served: ServedVersion) -> kpb.ModelStatistics:

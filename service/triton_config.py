@@ -1,0 +1,56 @@
+"""Triton's model configuration of a model folder, written once: the export stage writes it as
+``config.pbtxt`` (so the repository runs on Triton unchanged) and KServe ModelConfig answers it.
+The platform, model file and instance kind follow the model's backend: ``onnxruntime_onnx`` on
+CPU (or GPU where a CUDA/TensorRT execution provider comes first), ``tensorrt_plan`` on GPU."""
+
+from __future__ import annotations
+
+from google.protobuf import text_format
+
+from visionserve.inference import model_config_pb2 as mc
+
+from .config import ModelConfig
+from .repository import MODEL_FILES
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def model_config(name: str, c: ModelConfig, num_classes: int,
+                 embedding_dim: int) -> mc.ModelConfig:
+    policy = c.version_policy
+    if policy.all:
+        vp = mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
+    elif policy.specific:
+        vp = mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(
+            versions=list(policy.specific)))
+    else:
+        vp = mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(
+            num_versions=policy.latest))
+    gpu = c.backend == "tensorrt" or c.onnxruntime.providers[:1] in [(p,) for p in GPU_PROVIDERS]
+    b = c.batching
+    return mc.ModelConfig(
+        name=name, platform=PLATFORMS[c.backend], backend=c.backend, version_policy=vp,
+        max_batch_size=c.max_batch_size,
+        input=[mc.ModelInput(name=c.input.name, data_type=mc.TYPE_FP32,
+                             format=mc.ModelInput.FORMAT_NCHW, dims=list(c.input.shape))],
+        output=[mc.ModelOutput(name=c.output.logits, data_type=mc.TYPE_FP32,
+                               dims=[num_classes], label_filename="labels.txt"),
+                mc.ModelOutput(name=c.output.embedding, data_type=mc.TYPE_FP32,
+                               dims=[embedding_dim])],
+        dynamic_batching=mc.ModelDynamicBatching(
+            preferred_batch_size=list(b.preferred_batch_sizes),
+            max_queue_delay_microseconds=int(b.max_queue_delay_ms * 1000),
+            default_queue_policy=mc.ModelQueuePolicy(
+                max_queue_size=b.max_queue_size,
+                default_timeout_microseconds=int(b.default_timeout_ms * 1000),
+                allow_timeout_override=True)),
+        instance_group=[mc.ModelInstanceGroup(
+            kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
+            count=c.instance_count)],
+        default_model_filename=MODEL_FILES[c.backend])
+
+
+def model_config_text(name: str, c: ModelConfig, num_classes: int, embedding_dim: int) -> str:
+    """The same, as Triton's ``config.pbtxt`` (protobuf text format)."""
+    return text_format.MessageToString(model_config(name, c, num_classes, embedding_dim))
