@@ -20,6 +20,8 @@ from torch import nn
 
 from visionserve.service.config import InputSpec
 
+from .errors import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_32 = InputSpec(channels=1, height=32, width=32, color="L", resize=32, mean=(0.5,),
@@ -129,7 +131,7 @@ def get(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        raise SystemExit(f"unknown architecture {name!r}; known: "
+        raise UsageError(f"unknown architecture {name!r}; known: "
                          f"{', '.join(sorted(ARCHITECTURES))}") from None
 
 

@@ -12,11 +12,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from visionserve.service.repository import version_numbers
 
 from . import architectures
-from .pipeline import STEPS, ExportRequest, ParityError, export_model
-from .publish import PublishError
+from .errors import ExportError, ExportErrorCode, UsageError
+from .pipeline import STEPS, ExportRequest, export_model
 from .report import write_report
-from .tensorrt_build import TensorRTError
-from .weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +30,12 @@ def run_export(args: argparse.Namespace) -> int:
     if not names:
         console.print("name an architecture, or --all (--list shows them)")
         return 2
-    for name in names:
-        architectures.get(name)  # unknown names fail before any work
+    try:
+        for name in names:
+            architectures.get(name)  # unknown names fail before any work
+    except UsageError as exc:
+        log.error("%s", exc)
+        return 2
     if args.name and len(names) > 1:
         console.print("--name applies to one architecture at a time")
         return 2
@@ -60,9 +62,11 @@ def run_export(args: argparse.Namespace) -> int:
                     weights=args.weights, seed=args.seed, num_classes=args.num_classes,
                     labels_file=args.labels, precision=args.precision,
                     calibration=args.calibration, format=args.format), on_step=on_step)
-            except (ParityError, PublishError, WeightsError, TensorRTError) as exc:
+            except ExportError as exc:
                 progress.update(task, description=f"{arch}: FAILED")
                 log.error("%s", exc)
+                if exc.code is ExportErrorCode.USAGE:
+                    return 2  # the same flags would fail every architecture
                 failures += 1
             else:
                 done.append((arch, result.path))

@@ -16,6 +16,7 @@ from visionserve.service.repository import LABELS_FILE, MODEL_FILES
 
 from . import architectures
 from .architectures import Architecture, WithEmbedding, reinit_dead_head
+from .errors import ExportError, ExportErrorCode, UsageError
 from .onnx_export import OPSET, export_onnx
 from .parity import ParityReport, check_parity, top_k_agreement
 from .precision import (
@@ -31,7 +32,9 @@ from .weights import load_weights
 log = logging.getLogger(__name__)
 
 
-class ParityError(Exception):
+class ParityError(ExportError):
+    code = ExportErrorCode.PARITY
+
     """The exported model does not compute what PyTorch computes; nothing was published."""
 
     def __init__(self, message: str, report: ParityReport | None) -> None:
@@ -174,7 +177,7 @@ def _labels(arch: Architecture, req: ExportRequest) -> list[str]:
         labels = [line.strip() for line in req.labels_file.read_text().splitlines()
                   if line.strip()]
         if req.num_classes and req.num_classes != len(labels):
-            raise SystemExit(f"--labels {req.labels_file} has {len(labels)} lines but "
+            raise UsageError(f"--labels {req.labels_file} has {len(labels)} lines but "
                              f"--num-classes is {req.num_classes}")
         return labels
     return architectures.default_labels(arch, req.num_classes or arch.num_classes)

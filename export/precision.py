@@ -21,6 +21,8 @@ from torch import nn
 from visionserve.service.config import InputSpec, ServerLimits
 from visionserve.service.preprocess import EncodedImage, Preprocessor
 
+from .errors import UsageError
+
 PRECISIONS = ("fp32", "fp16", "int8")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -116,7 +118,7 @@ def calibration_images(spec: InputSpec, folder: Path | None, count: int,
                 for _ in range(count)], "synthetic (seeded standard-normal noise)"
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise SystemExit(f"--calibration {folder}: no JPEG/PNG/WebP images found")
+        raise UsageError(f"--calibration {folder}: no JPEG/PNG/WebP images found")
     prep = Preprocessor("calibration", 0, spec, ServerLimits())
     return [prep.tensor(i, EncodedImage(p.read_bytes()))[None]
             for i, p in enumerate(files[:count])], f"{min(count, len(files))} images from {folder}"

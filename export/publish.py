@@ -18,8 +18,12 @@ from visionserve.service.config import ModelConfig
 from visionserve.service.repository import CONFIG_FILE, LABELS_FILE, version_numbers
 from visionserve.service.triton_config import model_config_text
 
+from .errors import ExportError, ExportErrorCode
 
-class PublishError(Exception):
+
+class PublishError(ExportError):
+    code = ExportErrorCode.PUBLISH
+
     """The version cannot be published (it exists already, or the repository is not writable)."""
 
 

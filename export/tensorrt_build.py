@@ -14,10 +14,14 @@ import logging
 from pathlib import Path
 from types import ModuleType
 
+from .errors import ExportError, ExportErrorCode
+
 log = logging.getLogger(__name__)
 
 
-class TensorRTError(Exception):
+class TensorRTError(ExportError):
+    code = ExportErrorCode.ENGINE
+
     """The engine could not be built; the message says why."""
 
 

@@ -7,8 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ExportError, ExportErrorCode
 
-class WeightsError(Exception):
+
+class WeightsError(ExportError):
+    code = ExportErrorCode.WEIGHTS
+
     """The weights file does not fit the architecture; the message lists what differs."""
 
 

@@ -112,4 +112,4 @@ def test_list_and_unknown_architecture(tmp_path):
     for name in ("lenet5", "resnet18", "resnet50", "mobilenet_v3_small"):
         assert name in listing.stdout
     out = run_cli("export", "resnet9000", "--repo", str(tmp_path))
-    assert out.returncode != 0 and "unknown architecture 'resnet9000'" in out.stderr
+    assert out.returncode == 2 and "unknown architecture 'resnet9000'" in out.stderr
