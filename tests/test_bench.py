@@ -89,6 +89,7 @@ def test_ratios_are_computed_side_by_side_within_one_run() -> None:
 
 # --- a whole run through the CLI --------------------------------------------------------------
 
+@pytest.mark.slow  # a whole bench run (every target, level and repeat): minutes on 2 cores
 def test_bench_run_writes_json_plot_and_markdown(exported_repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "lenet5.json"
     result = run_cli(
@@ -165,6 +166,6 @@ def test_bench_decode_compares_decoders_with_the_exact_reference(exported_repo: 
     reference = rows["pillow"]
     assert reference["mean_abs_diff"] == 0.0 and reference["top1_agreement"] == 1.0
     assert set(rows) == {"pillow", "pillow-draft", "pillow-reduce", "simplejpeg", "opencv"}
-    for name, row in rows.items():
-        assert "skipped" in row or (row["images_per_s_per_core"] > 0
-                                    and 0.0 <= row["top5_agreement"] <= 1.0), name
+    for name, row in rows.items():  # the dev extras install every decoder: none may skip
+        assert "skipped" not in row, (name, row)
+        assert row["images_per_s_per_core"] > 0 and 0.0 <= row["top5_agreement"] <= 1.0, name
