@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import package_version
 from .terminal import OUTPUT_FORMATS
 
 log = logging.getLogger("visionserve")
@@ -46,15 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("visionserve")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .config import ServerConfig
 
@@ -67,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "variable VISIONSERVE_<FLAG>, e.g. VISIONSERVE_GRPC_PORT=9001. "
                     "Logs and progress go to stderr; results to stdout.",
         epilog=EXIT_CODES)
-    parser.add_argument("--version", action="version", version=f"visionserve {_version()}")
+    parser.add_argument("--version", action="version", version=f"visionserve {package_version()}")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

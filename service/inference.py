@@ -60,7 +60,7 @@ class InferenceCore:
     async def model_infer(self, call: InferCall, deadline: float | None) -> InferResult:
         """KServe v2 ModelInfer: named input tensors in, the requested outputs out."""
         served = self.registry.resolve(call.model, call.version)
-        images = images_from_inputs(call, served, self._limits.max_images_per_request)
+        images = images_from_inputs(call, served)
         requested = check_requested_outputs(call, served)
         outputs = await self.infer(served, images, deadline,
                                    lambda out: output_tensors(requested, served, out))

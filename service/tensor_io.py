@@ -15,14 +15,13 @@ import math
 import numpy as np
 
 from .backends.base import ModelOutputs
-from .errors import InvalidInput, check_image_count
+from .errors import InvalidInput
 from .messages import InferCall, OutputTensor, RequestedOutput
 from .preprocess import EncodedImage, ImageInput, RawTensor
 from .registry import ServedVersion
 
 
-def images_from_inputs(call: InferCall, served: ServedVersion,
-                       max_images: int) -> list[ImageInput]:
+def images_from_inputs(call: InferCall, served: ServedVersion) -> list[ImageInput]:
     spec, where = served.config.input, served.where
     names = [t.name for t in call.inputs]
     if len(call.inputs) != 1:
@@ -44,8 +43,7 @@ def images_from_inputs(call: InferCall, served: ServedVersion,
                            f"FP32 [-1, {spec.channels}, {spec.height}, {spec.width}], UINT8 "
                            f"[-1, {spec.height}, {spec.width}, {spec.channels}] or BYTES "
                            "(encoded images)")
-    n = shape[0]
-    check_image_count(n, max_images, where)
+    n = shape[0]  # its count was checked at the boundary, before any conversion
     per_image = math.prod(shape[1:])  # Python ints: no overflow on absurd shapes
     itemsize, dtype = (4, "float32") if tensor.datatype == "FP32" else (1, "uint8")
     data = tensor.data if tensor.data is not None else b""

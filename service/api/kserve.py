@@ -4,7 +4,6 @@ clients (``tritonclient.grpc``) speak it. ModelInfer meets the same batchers as 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 
@@ -12,7 +11,7 @@ from visionserve.inference import grpc_service_pb2 as kpb
 from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.inference import model_config_pb2 as mc
 
-from .. import triton_config
+from .. import package_version, triton_config
 from ..control import ModelControl
 from ..errors import VisionServeError
 from ..inference import InferenceCore
@@ -69,11 +68,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):
         async def work() -> tuple[kpb.ServerMetadataResponse, int]:
-            try:
-                ours = version("visionserve")
-            except PackageNotFoundError:  # pragma: no cover - running from a source tree
-                ours = "unknown"
-            return kpb.ServerMetadataResponse(name="visionserve", version=ours,
+            return kpb.ServerMetadataResponse(name="visionserve", version=package_version(),
                                               extensions=EXTENSIONS), 0
 
         return await self._calls.handle("ServerMetadata", "", context, work)
