@@ -14,7 +14,8 @@ Rules (DESIGN §5, STYLE §6):
   into consecutive chunks, and its outputs are stitched back in order.
 - The backend's output row count is checked against the batch; every future is finished through
   "if not done" helpers so that none can hang.
-- The loop wakes on events, never polls; time comes from the monotonic clock.
+- The loop wakes on events, never polls; time comes from the monotonic clock (injected: tests
+  pass a fake one and move it by hand).
 
 The batcher knows no gRPC and no Prometheus: it reports through a ``BatchObserver``.
 """
@@ -112,7 +113,7 @@ class Computed:
 class _Work:
     images: list[np.ndarray]
     future: asyncio.Future[Computed]
-    deadline: float | None  # time.monotonic() seconds
+    deadline: float | None  # the batcher's clock, seconds
     enqueued: float
     request_id: str  # for the log line of a failed batch
 
@@ -125,8 +126,10 @@ class DynamicBatcher:
     """Queue + ``instances`` worker tasks. Create, ``start()``, ``submit()`` many, ``close()``."""
 
     def __init__(self, name: str, run: RunBatch, policy: BatchPolicy, executor: Executor,
-                 observer: BatchObserver | None = None, assemble: Assemble = np.stack) -> None:
+                 observer: BatchObserver | None = None, assemble: Assemble = np.stack,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name  # "model M version V", used in every message
+        self._clock = clock  # deadlines, queue waits and the drain-rate estimate use it
         self._run = run
         self._assemble = assemble
         self._policy = policy
@@ -171,7 +174,7 @@ class DynamicBatcher:
             raise QueueFull(f"{self.name}: queue full ({self._queued_images} of {cap} images "
                             "waiting); retry with backoff, add capacity, or raise "
                             "batching.max_queue_size")
-        now = time.monotonic()
+        now = self._clock()
         if deadline is not None and deadline <= now:
             self._observer.expired("deadline", n)
             raise DeadlineExceeded(f"{self.name}: the deadline passed before the request was "
@@ -232,7 +235,7 @@ class DynamicBatcher:
             try:
                 if self._policy.max_queue_delay_ms > 0:
                     await self._wait_for_company()
-                begin = time.monotonic()
+                begin = self._clock()
                 self._take(batch)
                 if not self._queue:
                     self._has_work.clear()
@@ -242,7 +245,7 @@ class DynamicBatcher:
                         ok = await self._compute(batch)
                     finally:
                         self._computing -= 1
-                    end = time.monotonic()
+                    end = self._clock()
                     if ok:
                         self._learn((end - (last_end or begin)) / sum(len(w.images)
                                                                       for w in batch))
@@ -271,9 +274,9 @@ class DynamicBatcher:
         preferred = self._policy.preferred_batch_sizes
         target = max(preferred) if preferred else self._policy.max_batch_size
         window_end = self._queue[0].enqueued + self._policy.max_queue_delay_ms / 1000 \
-            if self._queue else time.monotonic()
+            if self._queue else self._clock()
         while self._queue and self._queued_images < target:
-            remaining = window_end - time.monotonic()
+            remaining = window_end - self._clock()
             if remaining <= 0:
                 return
             self._arrived.clear()
@@ -287,7 +290,7 @@ class DynamicBatcher:
         first. Filled in place: whatever left the queue is the caller's to answer, even if
         something here raises half-way."""
         size = 0
-        now = time.monotonic()
+        now = self._clock()
         while self._queue:
             work = self._queue[0]
             n = len(work.images)
@@ -321,7 +324,7 @@ class DynamicBatcher:
     async def _compute(self, batch: list[_Work]) -> bool:
         """Run one batch and finish its futures; False when it failed."""
         size = sum(len(w.images) for w in batch)
-        started = time.monotonic()
+        started = self._clock()
         waits = [started - w.enqueued for w in batch for _ in w.images]
         loop = asyncio.get_running_loop()
         images = [img for w in batch for img in w.images]

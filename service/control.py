@@ -1,39 +1,41 @@
 """Model control: what every front end may ask about the models, and what it may change.
 
 List, status, resolve (for metadata and config), statistics, load and unload, in one place that
-both servicers (and the planned HTTP one) call; they reach no registry internals. Load and unload
-are honoured in ``--model-control explicit`` mode only, as in Triton.
+both servicers (and the planned HTTP one) call; they reach neither the router nor the repository
+sync directly. Load and unload are honoured in ``--model-control explicit`` mode only, as in Triton.
 """
 
 from __future__ import annotations
 
 from .errors import ModelFailed, ModelNotFound
-from .registry import ModelRegistry, ModelStatus, ServedVersion
+from .repository_sync import RepositorySync
+from .routing import ModelStatus, Router, ServedVersion
 from .states import VersionState
 
 
 class ModelControl:
-    def __init__(self, registry: ModelRegistry, mode: str) -> None:
-        self._registry = registry
+    def __init__(self, router: Router, sync: RepositorySync, mode: str) -> None:
+        self._router = router
+        self._sync = sync
         self._mode = mode  # poll | explicit | none (--model-control)
 
     def is_known(self, name: str) -> bool:
-        return self._registry.is_known(name)
+        return self._router.is_known(name)
 
     def models(self) -> list[ModelStatus]:
-        return self._registry.statuses()
+        return self._router.statuses()
 
     def status(self, name: str) -> ModelStatus:
         """NOT_FOUND for a name the repository does not hold."""
-        return self._registry.status(name)
+        return self._router.status(name)
 
     def resolve(self, name: str, version: int) -> ServedVersion:
         """The served version (0 = the newest ready), or the client-facing reason why not."""
-        return self._registry.resolve(name, version)
+        return self._router.resolve(name, version)
 
     def ready_versions(self, name: str) -> list[ServedVersion]:
         """Routable versions of ``name``, newest first."""
-        return self._registry.ready_versions(name)
+        return self._router.ready_versions(name)
 
     def statistics(self, name: str = "", version: int = 0) -> list[ServedVersion]:
         """The versions whose statistics to report: one (``version``), every ready or draining
@@ -42,7 +44,7 @@ class ModelControl:
         if not name:
             return [s for status in self.models() for s in self._reported(status.name)]
         if version:
-            draining = [s for s in self._registry.draining_versions(name) if s.version == version]
+            draining = [s for s in self._router.draining_versions(name) if s.version == version]
             return draining or [self.resolve(name, version)]
         self.status(name)  # NOT_FOUND for unknown names
         versions = self._reported(name)
@@ -51,20 +53,20 @@ class ModelControl:
         return versions
 
     def _reported(self, name: str) -> list[ServedVersion]:
-        return sorted([*self.ready_versions(name), *self._registry.draining_versions(name)],
+        return sorted([*self.ready_versions(name), *self._router.draining_versions(name)],
                       key=lambda s: -s.version)
 
     async def load(self, name: str, rpc: str) -> None:
         """(Re)load a model folder; raises if the mode forbids it or the model did not load."""
         self._require_explicit(rpc)
-        await self._registry.load_named(name)
-        status = self._registry.status(name)
+        await self._sync.load_named(name)
+        status = self._router.status(name)
         if status.state != VersionState.READY:
             raise ModelFailed(f"model {name} failed to load: {status.reason}")
 
     async def unload(self, name: str, rpc: str) -> None:
         self._require_explicit(rpc)
-        await self._registry.unload_model(name)
+        await self._sync.unload_model(name)
 
     def _require_explicit(self, rpc: str) -> None:
         if self._mode != "explicit":

@@ -24,16 +24,16 @@ from .messages import ClassifyCall, ClassifyResult, EmbedCall, EmbedResult, Infe
 from .metrics import Metrics
 from .postprocess import l2_normalize, top_k
 from .preprocess import ImageInput, RawTensor
-from .registry import ModelRegistry, ServedVersion
+from .routing import Router, ServedVersion
 from .tensor_io import check_requested_outputs, images_from_inputs, output_tensors
 
 T = TypeVar("T")
 
 
 class InferenceCore:
-    def __init__(self, registry: ModelRegistry, preprocess_executor: Executor,
+    def __init__(self, router: Router, preprocess_executor: Executor,
                  limits: ServerLimits, metrics: Metrics) -> None:
-        self.registry = registry
+        self._router = router
         self._executor = preprocess_executor
         self._limits = limits
         self._metrics = metrics
@@ -43,14 +43,14 @@ class InferenceCore:
         return self._limits
 
     async def classify(self, call: ClassifyCall, deadline: float | None) -> ClassifyResult:
-        served = self.registry.resolve(call.model, call.version)
+        served = self._router.resolve(call.model, call.version)
         results = await self.infer(served, call.images, deadline,
                                    lambda out: top_k(out.logits, call.top_k, served.labels))
         return ClassifyResult(model=served.name, version=served.version, results=results,
                               request_id=call.request_id)
 
     async def embed(self, call: EmbedCall, deadline: float | None) -> EmbedResult:
-        served = self.registry.resolve(call.model, call.version)
+        served = self._router.resolve(call.model, call.version)
         vectors = await self.infer(
             served, call.images, deadline,
             lambda out: l2_normalize(out.embedding) if call.normalize else out.embedding)
@@ -59,7 +59,7 @@ class InferenceCore:
 
     async def model_infer(self, call: InferCall, deadline: float | None) -> InferResult:
         """KServe v2 ModelInfer: named input tensors in, the requested outputs out."""
-        served = self.registry.resolve(call.model, call.version)
+        served = self._router.resolve(call.model, call.version)
         images = images_from_inputs(call, served)
         requested = check_requested_outputs(call, served)
         outputs = await self.infer(served, images, deadline,

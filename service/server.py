@@ -1,5 +1,6 @@
-"""Process wiring: metrics HTTP server, gRPC server (our API, health, reflection), models,
-signals, graceful shutdown. Everything is built here from one ``ServerConfig`` and passed down.
+"""Process wiring (``Server``): metrics HTTP server, gRPC server (our API, health, reflection),
+models, signals, graceful shutdown. Everything is built here from one ``ServerConfig`` and passed
+down.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,18 +35,157 @@ from .control import ModelControl
 from .inference import InferenceCore
 from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
-from .registry import ModelRegistry
+from .repository_sync import RepositorySync
+from .routing import Router
 from .security import BearerTokenInterceptor
 from .states import VersionState
 
 log = logging.getLogger(__name__)
 
 
+class Server:
+    """One server process's parts, built from one ``ServerConfig``, in three steps (uvicorn's
+    shape): ``start`` (listening, models loaded, SERVING), ``wait`` (until ``stop``), and
+    ``shutdown`` (readiness off, drain, stop, release). ``serve`` runs the three with signals."""
+
+    def __init__(self, config: ServerConfig, stop: asyncio.Event) -> None:
+        self.config = config
+        self.stop = stop
+        self.lifecycle = Lifecycle()
+        disable_created_metrics()  # the *_created series only double the scrape size
+        self.metrics = Metrics()
+        self.health = health.aio.HealthServicer()
+        self.router = Router(self.lifecycle)
+        self.sync = RepositorySync(self.router, config.limits, self.metrics, self._readiness)
+        threads = config.preprocess_threads or cpu_count()
+        self._preprocess_pool = ThreadPoolExecutor(max_workers=threads,
+                                                   thread_name_prefix="preprocess")
+        self.admission = Admission(self.lifecycle, config.limits.max_inflight_requests)
+        self.grpc = self._build_grpc()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._http_server: WSGIServer | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    def _build_grpc(self) -> grpc.aio.Server:
+        config = self.config
+        limit = config.limits.max_message_bytes
+        interceptors = [BearerTokenInterceptor(config.auth_token, config.auth_open)] \
+            if config.auth_token else []  # none at all without auth: no per-call cost
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs or None, options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 1),
+            ])
+        core = InferenceCore(self.router, self._preprocess_pool, config.limits, self.metrics)
+        control = ModelControl(self.router, self.sync, config.model_control)
+        calls = CallHandler(control, self.metrics, self.admission, AccessLog(config.access_log))
+        add_servicer(pb_grpc.add_VisionServiceServicer_to_server,
+                     VisionServicer(core, control, calls), server)
+        add_servicer(kpb_grpc.add_GRPCInferenceServiceServicer_to_server,
+                     KServeServicer(core, control, calls, self.lifecycle), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,
+             kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        return server
+
+    async def _readiness(self, name: str, ready: bool) -> None:
+        """Per-model gRPC health, set by the repository sync."""
+        await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if ready
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def start(self) -> None:
+        """Listen (NOT_SERVING), load the repository, then go SERVING, unless ``stop`` was
+        set meanwhile: a signal during the initial load never reports SERVING."""
+        config = self.config
+        self._http_server, _ = start_http_server(
+            config.metrics_port, addr=config.metrics_host or config.host,
+            registry=self.metrics.registry)
+        self.metrics_port = self._http_server.server_port
+        address = f"{config.host}:{config.grpc_port}"
+        self.grpc_port = self.grpc.add_secure_port(address, config.tls.credentials()) \
+            if config.tls else self.grpc.add_insecure_port(address)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.start()
+        log.info("gRPC listening on %s:%d (%s; %s; NOT_SERVING until models are loaded)",
+                 config.host, self.grpc_port,
+                 "plaintext" if not config.tls else
+                 "TLS, client certificates required" if config.tls.client_ca else "TLS",
+                 "no auth" if not config.auth_token else
+                 "bearer token required except for " + ", ".join(("health", *config.auth_open)))
+        only = set(config.load_models) if config.model_control == "explicit" else None
+        await self.sync.load_repository(config.repo, only)
+        if self.stop.is_set():
+            return
+        statuses = self.router.statuses()
+        ready = [s.name for s in statuses if s.state == VersionState.READY]
+        failed = [s.name for s in statuses if s.state == VersionState.FAILED]
+        self.lifecycle.advance(Phase.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving gRPC on %s:%d, metrics on http://%s:%d/metrics; models ready: %s%s",
+                 config.host, self.grpc_port, config.metrics_host or config.host,
+                 self.metrics_port, ", ".join(ready) or "none",
+                 f"; failed: {', '.join(failed)}" if failed else "")
+        if config.ready_file:
+            _write_ready_file(config.ready_file, {
+                "grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
+                "pid": os.getpid(), "models_ready": ready, "models_failed": failed})
+        if config.model_control == "poll":
+            self._poller = asyncio.create_task(
+                _poll(self.sync, config.poll_interval_s, self.stop))
+
+    async def wait(self) -> None:
+        await self.stop.wait()
+
+    async def shutdown(self) -> None:
+        """Readiness off first (health NOT_SERVING, ServerReady false), then, after
+        ``--shutdown-delay-s``, new calls are refused UNAVAILABLE while accepted ones finish
+        (up to the grace period); queued batches drain, engines are released."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        log.info("shutting down: readiness off, refusing new requests, finishing in-flight "
+                 "ones (grace %.0f s; a second signal exits at once)", config.shutdown_grace_s)
+        if config.ready_file:
+            config.ready_file.unlink(missing_ok=True)
+        self.lifecycle.advance(Phase.DRAINING)
+        await self.health.enter_graceful_shutdown()  # first: before a scan in progress ends
+        if self._poller is not None:
+            await self._poller
+        if config.shutdown_delay_s > 0:
+            log.info("readiness is off; still serving for %.1f s (--shutdown-delay-s)",
+                     config.shutdown_delay_s)
+            await asyncio.sleep(config.shutdown_delay_s)
+        # our handlers refuse new calls with UNAVAILABLE while accepted ones finish; then gRPC
+        # stops (calls still running after the grace are cancelled)
+        started = loop.time()
+        log.info("now refusing new calls (UNAVAILABLE); finishing the accepted ones")
+        self.lifecycle.advance(Phase.STOPPING)
+        grace = config.shutdown_grace_s
+        if not await self.admission.drain(grace):
+            log.warning("requests still running after the %.0f s grace are cancelled", grace)
+        else:
+            await self.admission.quiet(0.2, grace - (loop.time() - started))
+        await self.grpc.stop(max(0.0, grace - (loop.time() - started)))
+        try:  # what is left is at most the batches computing now
+            await asyncio.wait_for(self.sync.close(), timeout=10)
+        except TimeoutError:
+            log.error("models did not unload within 10 s of the grace period; exiting anyway")
+        self._preprocess_pool.shutdown(wait=True)
+        if self._http_server is not None:
+            self._http_server.shutdown()
+            self._http_server.server_close()
+        self.lifecycle.advance(Phase.STOPPED)
+        log.info("stopped")
+
+
 async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully: health and
-    KServe readiness go NOT_SERVING first, then no new RPCs are accepted (UNAVAILABLE),
-    in-flight ones finish (up to the grace period), queued batches drain, and the process
-    exits. A second signal during the shutdown exits at once."""
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully (see
+    ``Server.shutdown``). A second signal during the shutdown exits at once."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -59,111 +200,10 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-
-    disable_created_metrics()  # the *_created series only double the scrape size
-    metrics = Metrics()
-    http_server, http_thread = start_http_server(
-        config.metrics_port, addr=config.metrics_host or config.host, registry=metrics.registry)
-    metrics_port = http_server.server_port
-
-    health_servicer = health.aio.HealthServicer()
-
-    async def model_readiness(name: str, ready: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ready \
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        await health_servicer.set(name, status)
-
-    lifecycle = Lifecycle()
-    registry = ModelRegistry(config.limits, metrics, model_readiness, lifecycle)
-    threads = config.preprocess_threads or cpu_count()
-    preprocess_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
-    core = InferenceCore(registry, preprocess_pool, config.limits, metrics)
-
-    limit = config.limits.max_message_bytes
-    interceptors = [BearerTokenInterceptor(config.auth_token, config.auth_open)] \
-        if config.auth_token else []  # none at all without auth: no per-call cost
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs or None, options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 1),
-    ])
-    control = ModelControl(registry, config.model_control)
-    admission = Admission(lifecycle, config.limits.max_inflight_requests)
-    calls = CallHandler(control, metrics, admission, AccessLog(config.access_log))
-    kserve = KServeServicer(core, control, calls, lifecycle)
-    add_servicer(pb_grpc.add_VisionServiceServicer_to_server,
-                 VisionServicer(core, control, calls), server)
-    add_servicer(kpb_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,
-         kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    address = f"{config.host}:{config.grpc_port}"
-    grpc_port = server.add_secure_port(address, config.tls.credentials()) if config.tls \
-        else server.add_insecure_port(address)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = Server(config, stop)
     await server.start()
-    log.info("gRPC listening on %s:%d (%s; %s; NOT_SERVING until models are loaded)",
-             config.host, grpc_port,
-             "plaintext" if not config.tls else
-             "TLS, client certificates required" if config.tls.client_ca else "TLS",
-             "no auth" if not config.auth_token else
-             "bearer token required except for " + ", ".join(("health", *config.auth_open)))
-
-    only = set(config.load_models) if config.model_control == "explicit" else None
-    await registry.load_repository(config.repo, only)
-    ready = [s.name for s in registry.statuses() if s.state == VersionState.READY]
-    failed = [s.name for s in registry.statuses() if s.state == VersionState.FAILED]
-    poller = None
-    if not stop.is_set():  # a signal during the initial load: never report SERVING
-        lifecycle.advance(Phase.SERVING)
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving gRPC on %s:%d, metrics on http://%s:%d/metrics; models ready: %s%s",
-                 config.host, grpc_port, config.metrics_host or config.host, metrics_port,
-                 ", ".join(ready) or "none",
-                 f"; failed: {', '.join(failed)}" if failed else "")
-        if config.ready_file:
-            _write_ready_file(config.ready_file, {
-                "grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid(),
-                "models_ready": ready, "models_failed": failed})
-        if config.model_control == "poll":
-            poller = asyncio.create_task(_poll(registry, config.poll_interval_s, stop))
-    await stop.wait()
-    log.info("shutting down: readiness off, refusing new requests, finishing in-flight ones "
-             "(grace %.0f s; a second signal exits at once)", config.shutdown_grace_s)
-    if config.ready_file:
-        config.ready_file.unlink(missing_ok=True)
-    lifecycle.advance(Phase.DRAINING)
-    await health_servicer.enter_graceful_shutdown()  # first: before a scan in progress ends
-    if poller is not None:
-        await poller
-    if config.shutdown_delay_s > 0:
-        log.info("readiness is off; still serving for %.1f s (--shutdown-delay-s)",
-                 config.shutdown_delay_s)
-        await asyncio.sleep(config.shutdown_delay_s)
-    # our handlers refuse new calls with UNAVAILABLE while accepted ones finish; then gRPC
-    # stops (calls still running after the grace are cancelled)
-    started = loop.time()
-    log.info("now refusing new calls (UNAVAILABLE); finishing the accepted ones")
-    lifecycle.advance(Phase.STOPPING)
-    if not await admission.drain(config.shutdown_grace_s):
-        log.warning("requests still running after the %.0f s grace are cancelled",
-                    config.shutdown_grace_s)
-    else:
-        await admission.quiet(0.2, config.shutdown_grace_s - (loop.time() - started))
-    await server.stop(max(0.0, config.shutdown_grace_s - (loop.time() - started)))
-    try:  # what is left is at most the batches computing now
-        await asyncio.wait_for(registry.close(), timeout=10)
-    except TimeoutError:
-        log.error("models did not unload within 10 s of the grace period; exiting anyway")
-    preprocess_pool.shutdown(wait=True)
-    http_server.shutdown()
-    lifecycle.advance(Phase.STOPPED)
-    log.info("stopped")
+    await server.wait()
+    await server.shutdown()
 
 
 def _write_ready_file(path: Path, content: dict[str, object]) -> None:
@@ -178,7 +218,7 @@ def _write_ready_file(path: Path, content: dict[str, object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-async def _poll(registry: ModelRegistry, interval_s: float, stop: asyncio.Event) -> None:
+async def _poll(sync: RepositorySync, interval_s: float, stop: asyncio.Event) -> None:
     """Rescan the repository every ``interval_s`` until ``stop``; a failed scan is logged and
     retried at the next tick, never fatal."""
     while True:
@@ -188,6 +228,6 @@ async def _poll(registry: ModelRegistry, interval_s: float, stop: asyncio.Event)
         except TimeoutError:
             pass
         try:
-            await registry.poll()
+            await sync.poll()
         except Exception:
             log.exception("repository poll failed; retrying in %.1f s", interval_s)

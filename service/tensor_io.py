@@ -16,9 +16,9 @@ import numpy as np
 
 from .backends.base import ModelOutputs
 from .errors import InvalidInput
+from .loader import ServedVersion
 from .messages import InferCall, OutputTensor, RequestedOutput
 from .preprocess import EncodedImage, ImageInput, RawTensor
-from .registry import ServedVersion
 
 
 def images_from_inputs(call: InferCall, served: ServedVersion) -> list[ImageInput]:

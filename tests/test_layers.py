@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-CORE = ("inference", "registry", "loader", "batching", "backends", "backends.base",
-        "backends.onnxruntime", "backends.tensorrt", "preprocess", "postprocess", "repository",
-        "config", "messages", "errors", "tensor_io", "statistics", "metrics", "logs", "states",
-        "control", "lifecycle")
+CORE = ("inference", "routing", "repository_sync", "loader", "batching", "backends",
+        "backends.base", "backends.onnxruntime", "backends.tensorrt", "preprocess", "postprocess",
+        "repository", "config", "messages", "errors", "tensor_io", "statistics", "metrics", "logs",
+        "states", "control", "lifecycle")
 WIRE = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "visionserve.v1",
         "visionserve.inference")
 NEVER_IN_SERVICE = ("visionserve.bench", "visionserve.export", "torch", "matplotlib")

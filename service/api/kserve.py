@@ -16,7 +16,7 @@ from ..control import ModelControl
 from ..errors import VisionServeError
 from ..inference import InferenceCore
 from ..lifecycle import Lifecycle
-from ..registry import ModelStatus, ServedVersion
+from ..routing import ModelStatus, ServedVersion
 from ..states import VersionState
 from ..statistics import Duration
 from .calls import CallHandler, deadline_of, metadata_request_id

@@ -11,7 +11,7 @@ from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
 from ..control import ModelControl
 from ..inference import InferenceCore
-from ..registry import ModelStatus
+from ..routing import ModelStatus
 from ..states import VersionState
 from .calls import CallHandler, deadline_of, metadata_request_id
 from .status import grpc_status

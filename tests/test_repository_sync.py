@@ -1,6 +1,7 @@
-"""The registry driven in-process, with a fake engine injected (no ONNX Runtime, no server
-process, no sleeps): a broken version never replaces a working one, fixing its files retries it,
-and a retired version drains its requests (visible as draining) before its engine is freed."""
+"""Routing and repository sync driven in-process, with a fake engine injected (no ONNX Runtime,
+no server process, no sleeps): a broken version never replaces a working one, fixing its files
+retries it, and a retired version drains its requests (visible as draining) before its engine
+is freed."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from visionserve.service.config import ServerLimits
 from visionserve.service.control import ModelControl
 from visionserve.service.errors import BackendError, ModelNotFound
 from visionserve.service.metrics import Metrics
-from visionserve.service.registry import ModelRegistry
 from visionserve.service.repository import VersionEntry
+from visionserve.service.repository_sync import RepositorySync
+from visionserve.service.routing import Router
 from visionserve.service.states import VersionState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,14 +69,23 @@ def repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
+class Models:
+    """A router and the repository sync that feeds it, on the fake engine."""
+
+    def __init__(self) -> None:
+        self.engines = Engines()
+        self.router = Router()
+        self.sync = RepositorySync(self.router, ServerLimits(), Metrics(),
+                                   backend_factory=self.engines)
+        self.control = ModelControl(self.router, self.sync, "poll")
+
+
 @pytest.fixture
-async def registry(repo: Path):
-    engines = Engines()
-    reg = ModelRegistry(ServerLimits(), Metrics(), backend_factory=engines)
-    reg.engines = engines  # type: ignore[attr-defined]
-    await reg.load_repository(repo)
-    yield reg
-    await reg.close()
+async def models(repo: Path):
+    m = Models()
+    await m.sync.load_repository(repo)
+    yield m
+    await m.sync.close()
 
 
 async def until(condition, what: str) -> None:
@@ -86,62 +97,62 @@ async def until(condition, what: str) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
-async def test_a_broken_new_version_never_replaces_the_working_one(registry, repo):
+async def test_a_broken_new_version_never_replaces_the_working_one(models, repo):
     publish(repo, 2, b"broken")
-    await registry.poll()
-    assert registry.resolve("m", 0).version == 1
-    versions = registry.status("m").versions
+    await models.sync.poll()
+    assert models.router.resolve("m", 0).version == 1
+    versions = models.router.status("m").versions
     assert versions[2].state == VersionState.FAILED and "the engine refused it" in \
         versions[2].reason
     assert versions[1].state == VersionState.READY and "kept serving" in versions[1].reason
-    assert not registry.engines.loaded[1].closed
+    assert not models.engines.loaded[1].closed
 
 
-async def test_fixing_a_failed_versions_files_retries_it(registry, repo):
+async def test_fixing_a_failed_versions_files_retries_it(models, repo):
     publish(repo, 2, b"broken")
-    await registry.poll()
+    await models.sync.poll()
     publish(repo, 2, b"weights, fixed")  # another size: the fingerprint changes
-    await registry.poll()
-    assert registry.resolve("m", 0).version == 2
-    assert registry.status("m").versions[2].state == VersionState.READY
-    assert set(registry.status("m").versions) == {2}  # latest = 1: version 1 retired
-    assert registry.engines.loaded[1].closed
+    await models.sync.poll()
+    assert models.router.resolve("m", 0).version == 2
+    assert models.router.status("m").versions[2].state == VersionState.READY
+    assert set(models.router.status("m").versions) == {2}  # latest = 1: version 1 retired
+    assert models.engines.loaded[1].closed
 
 
-async def test_an_unchanged_repository_loads_nothing_again(registry, repo):
-    first = registry.resolve("m", 0)
-    await registry.poll()
-    assert registry.resolve("m", 0) is first
+async def test_an_unchanged_repository_loads_nothing_again(models, repo):
+    first = models.router.resolve("m", 0)
+    await models.sync.poll()
+    assert models.router.resolve("m", 0) is first
 
 
 async def test_a_retired_version_drains_its_requests_visibly_before_its_engine_is_freed(
-        registry, repo):
-    control = ModelControl(registry, "poll")
-    old = registry.resolve("m", 0)
+        models, repo):
+    control = models.control
+    old = models.router.resolve("m", 0)
     with old.in_use():  # a request still running on version 1
         publish(repo, 2)
-        poll = asyncio.create_task(registry.poll())
-        await until(lambda: 1 in registry.status("m").versions
-                    and registry.status("m").versions[1].state == VersionState.DRAINING,
+        poll = asyncio.create_task(models.sync.poll())
+        await until(lambda: 1 in models.router.status("m").versions
+                    and models.router.status("m").versions[1].state == VersionState.DRAINING,
                     "version 1 to show as draining")
-        assert registry.resolve("m", 0).version == 2  # new requests go to version 2
+        assert models.router.resolve("m", 0).version == 2  # new requests go to version 2
         with pytest.raises(ModelNotFound):
-            registry.resolve("m", 1)  # no new request reaches the draining version
+            models.router.resolve("m", 1)  # no new request reaches the draining version
         assert [s.version for s in control.statistics("m")] == [2, 1]
-        assert not registry.engines.loaded[1].closed and not poll.done()
+        assert not models.engines.loaded[1].closed and not poll.done()
     await poll  # released: the drain ends
-    assert registry.engines.loaded[1].closed
-    assert set(registry.status("m").versions) == {2}
+    assert models.engines.loaded[1].closed
+    assert set(models.router.status("m").versions) == {2}
     assert [s.version for s in control.statistics("m")] == [2]
 
 
-async def test_unload_shows_draining_then_unloaded(registry):
-    old = registry.resolve("m", 0)
+async def test_unload_shows_draining_then_unloaded(models):
+    old = models.router.resolve("m", 0)
     with old.in_use():
-        unload = asyncio.create_task(registry.unload_model("m"))
-        await until(lambda: registry.status("m").versions.get(1) is not None
-                    and registry.status("m").versions[1].state == VersionState.DRAINING,
+        unload = asyncio.create_task(models.sync.unload_model("m"))
+        await until(lambda: models.router.status("m").versions.get(1) is not None
+                    and models.router.status("m").versions[1].state == VersionState.DRAINING,
                     "version 1 to drain")
     await unload
-    assert registry.status("m").versions[1].state == VersionState.UNLOADED
-    assert registry.status("m").state == VersionState.UNLOADED
+    assert models.router.status("m").versions[1].state == VersionState.UNLOADED
+    assert models.router.status("m").state == VersionState.UNLOADED
