@@ -85,7 +85,8 @@ def _bench_decode(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from visionserve.service.config import ModelConfig
-    from visionserve.service.repository import MODEL_FILES, version_numbers
+    from visionserve.service.model_format import CONFIG_FILE, MODEL_FILES
+    from visionserve.service.repository import version_numbers
 
     from .decoders import markdown, run_decode_bench
     from .report import save
@@ -96,7 +97,7 @@ def _bench_decode(args: argparse.Namespace) -> int:
     if not versions:
         console.print(f"no version of {args.model} in {args.repo}; export it first")
         return 2
-    config = ModelConfig.from_toml(model_dir / "config.toml")
+    config = ModelConfig.from_toml(model_dir / CONFIG_FILE)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     with console.status("decoding…") as status:
         results = run_decode_bench(model_dir / str(versions[-1]) / MODEL_FILES["onnxruntime"],

@@ -1,4 +1,4 @@
-"""PyTorch → ONNX with a dynamic batch axis and two named outputs, ``logits`` and ``embedding``."""
+"""PyTorch → ONNX with a dynamic batch axis, one input and two named outputs (``model_format``)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionserve.service import model_format
+
 log = logging.getLogger(__name__)
 
 OPSET = 20
-INPUT_NAME = "input"
-OUTPUT_NAMES = ("logits", "embedding")
+INPUT_NAME = model_format.INPUT
+OUTPUT_NAMES = model_format.OUTPUTS
 
 
 def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, max_batch_size: int,
@@ -38,8 +40,7 @@ def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, max_batch_si
     with _quiet():
         torch.onnx.export(model, (sample,), str(path), dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"},
-                                        "embedding": {0: "batch"}})
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
     return "torchscript"
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
+
 from .precision import TOLERANCES, Tolerance
 
 
@@ -45,7 +47,7 @@ def top_k_agreement(model: nn.Module, onnx_path: Path,
     for x in inputs:
         with torch.no_grad():
             ref = model(torch.from_numpy(x))[0].numpy()
-        got = session.run(["logits"], {"input": x})[0]
+        got = session.run([LOGITS], {INPUT: x})[0]
         for r, g in zip(ref, got, strict=True):
             k = min(5, r.shape[0])
             rs, gs = np.argsort(-r), np.argsort(-g)
@@ -78,7 +80,7 @@ def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int],
         n = x.shape[0]
         with torch.no_grad():
             ref_logits, ref_emb = (t.numpy() for t in model(x))
-        got_logits, got_emb = session.run(["logits", "embedding"], {"input": x.numpy()})
+        got_logits, got_emb = session.run([LOGITS, EMBEDDING], {INPUT: x.numpy()})
         for name, ref, got in (("logits", ref_logits, got_logits),
                                ("embedding", ref_emb, got_emb)):
             finite &= bool(np.isfinite(ref).all() and np.isfinite(got).all())

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from visionserve.service.config import ModelConfig
-from visionserve.service.repository import LABELS_FILE, MODEL_FILES
+from visionserve.service.model_format import EMBEDDING, INPUT, LABELS_FILE, LOGITS, MODEL_FILES
 
 from . import architectures
 from .architectures import Architecture, WithEmbedding, reinit_dead_head
@@ -142,7 +142,7 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             "embedding_dim": embedding_dim,
             "input_shape": list(shape),
             "input": asdict(arch.input),
-            "outputs": {"logits": [-1, num_classes], "embedding": [-1, embedding_dim]},
+            "outputs": {LOGITS: [-1, num_classes], EMBEDDING: [-1, embedding_dim]},
             "parameters": sum(p.numel() for p in wrapped.parameters()),
             "head_reinitialised": head_reinitialised,
             "weights": str(req.weights) if req.weights else None,
@@ -202,7 +202,7 @@ def _build_tensorrt(wrapped: torch.nn.Module, tmp: Path, arch: Architecture, req
 
     fp16 = req.precision == "fp16"
     record = build_engine(tmp / MODEL_FILES["onnxruntime"], tmp / MODEL_FILES["tensorrt"],
-                          input_name="input", input_shape=arch.input.shape,
+                          input_name=INPUT, input_shape=arch.input.shape,
                           max_batch_size=arch.max_batch_size, fp16=fp16)
     backend = TensorRTBackend(name, _default_config(arch, "tensorrt"), VersionEntry(
         version=version, path=tmp, model_file=tmp / MODEL_FILES["tensorrt"], labels=()))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from visionserve.service.config import InputSpec, ServerLimits
+from visionserve.service.model_format import INPUT
 from visionserve.service.preprocess import EncodedImage, Preprocessor
 
 from .errors import UsageError
@@ -101,7 +102,7 @@ def to_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> None:
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self._batches, None)
-            return None if batch is None else {"input": batch}
+            return None if batch is None else {INPUT: batch}
 
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8,

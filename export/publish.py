@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from visionserve.service.config import ModelConfig
-from visionserve.service.repository import CONFIG_FILE, LABELS_FILE, version_numbers
+from visionserve.service.model_format import CONFIG_FILE, LABELS_FILE, TRITON_CONFIG_FILE
+from visionserve.service.repository import version_numbers
 from visionserve.service.triton_config import model_config_text
 
 from .errors import ExportError, ExportErrorCode
@@ -82,7 +83,7 @@ def ensure_model_files(model_dir: Path, config: ModelConfig, labels: list[str],
     model_dir.mkdir(parents=True, exist_ok=True)
     for name, text in ((CONFIG_FILE, config.to_toml()),
                        (LABELS_FILE, "\n".join(labels) + "\n"),
-                       ("config.pbtxt", pbtxt)):
+                       (TRITON_CONFIG_FILE, pbtxt)):
         if not (model_dir / name).exists():
             _write_atomic(model_dir / name, text)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from visionserve.service.config import cpu_count
+from visionserve.service.model_format import INPUT
 
 
 def measure(model_file: Path, shape: tuple[int, ...], batch: int, seconds: float) -> float:
@@ -23,10 +24,10 @@ def measure(model_file: Path, shape: tuple[int, ...], batch: int, seconds: float
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
-    session.run(None, {"input": x})
+    session.run(None, {INPUT: x})
     runs, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds or runs < 2:
-        session.run(None, {"input": x})
+        session.run(None, {INPUT: x})
         runs += 1
     return runs * batch / elapsed
 

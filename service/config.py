@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import model_format
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # security imports grpc; the config does not
@@ -31,7 +32,7 @@ BACKENDS = ("onnxruntime", "tensorrt")
 class InputSpec:
     """What the network takes and how an encoded image becomes that (torchvision semantics)."""
 
-    name: str = "input"
+    name: str = model_format.INPUT
     channels: int = 3
     height: int = 224
     width: int = 224
@@ -50,6 +51,26 @@ class InputSpec:
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
+
+    def forms(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every (datatype, shape) this input accepts on the wire, batch dimension -1, the
+        model's own FP32 first: what ModelMetadata and ModelConfig advertise, errors list."""
+        c, h, w = self.shape
+        forms: list[tuple[str, tuple[int, ...]]] = []
+        if "float32" in self.raw_dtypes:
+            forms.append(("FP32", (-1, c, h, w)))
+        if "uint8" in self.raw_dtypes:
+            forms += [("UINT8", shape) for layout, shape in (("HWC", (-1, h, w, c)),
+                                                             ("CHW", (-1, c, h, w)))
+                      if layout in self.raw_layouts]
+        forms.append(("BYTES", (-1,)))  # encoded images; [-1, 1] is accepted too
+        return forms
+
+    def describe_forms(self) -> str:
+        """``FP32 [-1, 3, 224, 224], UINT8 [-1, 224, 224, 3] or BYTES [-1] (encoded images)``"""
+        parts = [f"{dtype} {list(shape)}" for dtype, shape in self.forms()]
+        head = ", ".join(parts[:-1])
+        return f"{head + ' or ' if head else ''}{parts[-1]} (encoded images)"
 
     def validate(self, where: str) -> None:
         _check(self.channels in (1, 3), where, "input.channels", "must be 1 or 3", self.channels)
@@ -77,8 +98,8 @@ class InputSpec:
 class OutputSpec:
     """Names of the model's two outputs (one forward pass computes both)."""
 
-    logits: str = "logits"
-    embedding: str = "embedding"
+    logits: str = model_format.LOGITS
+    embedding: str = model_format.EMBEDDING
 
 
 @dataclass(frozen=True, kw_only=True)

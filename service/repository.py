@@ -1,6 +1,6 @@
-"""The model repository on disk: ``<repo>/<model>/{config.toml,labels.txt,<version>/model.onnx}``.
+"""The model repository on disk, scanned: the layout of ``model_format`` (Triton-compatible).
 
-Triton-compatible layout. Hidden folders (``.tmp-…`` written by an export in progress) are
+ Hidden folders (``.tmp-…`` written by an export in progress) are
 ignored, so a version appears only once it is published by an atomic rename. Scanning never
 raises for one bad model: its error is kept on its ``ModelEntry`` and the others load.
 """
@@ -13,12 +13,10 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .errors import ConfigError, VisionServeError
+from .model_format import CONFIG_FILE, LABELS_FILE, MODEL_FILES
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
-LABELS_FILE = "labels.txt"
-CONFIG_FILE = "config.toml"
 
 
 @dataclass(frozen=True, kw_only=True)

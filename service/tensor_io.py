@@ -40,9 +40,7 @@ def images_from_inputs(call: InferCall, served: ServedVersion) -> list[ImageInpu
         return [EncodedImage(e) for e in elements]
     if tensor.datatype not in ("FP32", "UINT8"):
         raise InvalidInput(f"{where}: {field} has datatype {tensor.datatype}; this model takes "
-                           f"FP32 [-1, {spec.channels}, {spec.height}, {spec.width}], UINT8 "
-                           f"[-1, {spec.height}, {spec.width}, {spec.channels}] or BYTES "
-                           "(encoded images)")
+                           f"{spec.describe_forms()}")
     n = shape[0]  # its count was checked at the boundary, before any conversion
     per_image = math.prod(shape[1:])  # Python ints: no overflow on absurd shapes
     itemsize, dtype = (4, "float32") if tensor.datatype == "FP32" else (1, "uint8")

@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from visionserve.inference import model_config_pb2 as mc
 
 from .config import ModelConfig
-from .repository import MODEL_FILES
+from .model_format import LABELS_FILE, MODEL_FILES
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -35,7 +35,7 @@ def model_config(name: str, c: ModelConfig, num_classes: int,
         input=[mc.ModelInput(name=c.input.name, data_type=mc.TYPE_FP32,
                              format=mc.ModelInput.FORMAT_NCHW, dims=list(c.input.shape))],
         output=[mc.ModelOutput(name=c.output.logits, data_type=mc.TYPE_FP32,
-                               dims=[num_classes], label_filename="labels.txt"),
+                               dims=[num_classes], label_filename=LABELS_FILE),
                 mc.ModelOutput(name=c.output.embedding, data_type=mc.TYPE_FP32,
                                dims=[embedding_dim])],
         dynamic_batching=mc.ModelDynamicBatching(
@@ -48,7 +48,10 @@ def model_config(name: str, c: ModelConfig, num_classes: int,
         instance_group=[mc.ModelInstanceGroup(
             kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
             count=c.instance_count)],
-        default_model_filename=MODEL_FILES[c.backend])
+        default_model_filename=MODEL_FILES[c.backend],
+        # the input forms visionserve accepts beyond the FP32 tensor (Triton ignores the key)
+        parameters={"visionserve.input_forms": mc.ModelParameter(
+            string_value=c.input.describe_forms())})
 
 
 def model_config_text(name: str, c: ModelConfig, num_classes: int, embedding_dim: int) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, OrtReference, embeddings, encode, photo, softmax, tensor_image
+from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
@@ -33,13 +34,13 @@ def triton(server):
 
 
 def fp32_input(x: np.ndarray) -> tc.InferInput:
-    tensor = tc.InferInput("input", list(x.shape), "FP32")
+    tensor = tc.InferInput(INPUT, list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     return tensor
 
 
 def jpeg_input(*images: bytes) -> tc.InferInput:
-    tensor = tc.InferInput("input", [len(images)], "BYTES")
+    tensor = tc.InferInput(INPUT, [len(images)], "BYTES")
     tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
     return tensor
 
@@ -52,7 +53,7 @@ def refused(call, *args, **kwargs) -> InferenceServerException:
 
 def good_infer(triton) -> None:
     x = np.zeros((1, 1, 32, 32), np.float32)
-    assert triton.infer("lenet5", [fp32_input(x)]).as_numpy("logits").shape == (1, 10)
+    assert triton.infer("lenet5", [fp32_input(x)]).as_numpy(LOGITS).shape == (1, 10)
 
 
 def test_health_metadata_config_and_repository_index(triton):
@@ -64,13 +65,18 @@ def test_health_metadata_config_and_repository_index(triton):
     assert {"classification", "model_repository", "statistics"} <= set(meta.extensions)
     model = triton.get_model_metadata("resnet18")
     assert model.versions == ["1"] and model.platform == "onnxruntime_onnx"
-    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == \
-        [("input", "FP32", [-1, 3, 224, 224])]
+    # every form the one input accepts, the model's own FP32 first
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
+        (INPUT, "FP32", [-1, 3, 224, 224]), (INPUT, "UINT8", [-1, 224, 224, 3]),
+        (INPUT, "UINT8", [-1, 3, 224, 224]), (INPUT, "BYTES", [-1])]
     assert [(t.name, list(t.shape)) for t in model.outputs] == \
-        [("logits", [-1, 1000]), ("embedding", [-1, 512])]
+        [(LOGITS, [-1, 1000]), (EMBEDDING, [-1, 512])]
     config = triton.get_model_config("resnet18").config
     assert config.max_batch_size == 32 and config.input[0].dims == [3, 224, 224]
     assert config.HasField("dynamic_batching")
+    assert config.parameters["visionserve.input_forms"].string_value == (
+        "FP32 [-1, 3, 224, 224], UINT8 [-1, 224, 224, 3], UINT8 [-1, 3, 224, 224] or "
+        "BYTES [-1] (encoded images)")
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 1024
     index = {(m.name, m.version): m.state for m in triton.get_model_repository_index().models}
     assert index[("resnet18", "1")] == "READY" and index[("lenet5", "1")] == "READY"
@@ -121,19 +127,19 @@ def test_infer_fp32_raw_equals_the_in_process_engine(triton, exported_repo):
     x = np.random.default_rng(11).standard_normal((3, 3, 224, 224), dtype=np.float32)
     result = triton.infer("resnet18", [fp32_input(x)], request_id="k1")
     logits, embedding = engine(x)
-    np.testing.assert_allclose(result.as_numpy("logits"), logits, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(result.as_numpy("embedding"), embedding, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result.as_numpy(LOGITS), logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy(EMBEDDING), embedding, rtol=1e-4, atol=1e-6)
     response = result.get_response()
     assert (response.model_name, response.model_version, response.id) == ("resnet18", "1", "k1")
 
 
 def test_infer_with_typed_contents_equals_raw(server, triton):
     x = np.random.default_rng(12).standard_normal((1, 1, 32, 32), dtype=np.float32)
-    raw = triton.infer("lenet5", [fp32_input(x)]).as_numpy("logits")
+    raw = triton.infer("lenet5", [fp32_input(x)]).as_numpy(LOGITS)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(server.channel)
     request = service_pb2.ModelInferRequest(model_name="lenet5", inputs=[
         service_pb2.ModelInferRequest.InferInputTensor(
-            name="input", datatype="FP32", shape=[1, 1, 32, 32],
+            name=INPUT, datatype="FP32", shape=[1, 1, 32, 32],
             contents=service_pb2.InferTensorContents(fp32_contents=x.ravel().tolist()))])
     reply = stub.ModelInfer(request)
     typed = np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(1, 10)
@@ -143,8 +149,8 @@ def test_infer_with_typed_contents_equals_raw(server, triton):
 def test_bytes_input_of_a_real_jpeg_equals_the_classify_path(server, triton):
     data = encode(photo("chelsea"))
     result = triton.infer("resnet18", [jpeg_input(data)], outputs=[
-        tc.InferRequestedOutput("logits", class_count=5), tc.InferRequestedOutput("embedding")])
-    classes = [s.decode().split(":", 2) for s in result.as_numpy("logits")[0]]
+        tc.InferRequestedOutput(LOGITS, class_count=5), tc.InferRequestedOutput(EMBEDDING)])
+    classes = [s.decode().split(":", 2) for s in result.as_numpy(LOGITS)[0]]
     ours = server.stub.Classify(pb.ClassifyRequest(model="resnet18", top_k=5,
                                                    images=[pb.Image(encoded=data)]))
     assert [int(c[1]) for c in classes] == [c.index for c in ours.results[0].classes]
@@ -153,8 +159,8 @@ def test_bytes_input_of_a_real_jpeg_equals_the_classify_path(server, triton):
     values = np.array([float(c[0]) for c in classes])
     embed = embeddings(server.stub.Embed(pb.EmbedRequest(model="resnet18",
                                                          images=[pb.Image(encoded=data)])))
-    np.testing.assert_allclose(result.as_numpy("embedding"), embed, rtol=1e-5, atol=1e-6)
-    full = triton.infer("resnet18", [jpeg_input(data)]).as_numpy("logits")[0]
+    np.testing.assert_allclose(result.as_numpy(EMBEDDING), embed, rtol=1e-5, atol=1e-6)
+    full = triton.infer("resnet18", [jpeg_input(data)]).as_numpy(LOGITS)[0]
     np.testing.assert_allclose(values, np.sort(full)[::-1][:5], atol=1e-6)
     np.testing.assert_allclose(softmax(full)[[int(c[1]) for c in classes]],
                                [c.score for c in ours.results[0].classes], rtol=1e-4)
@@ -162,9 +168,9 @@ def test_bytes_input_of_a_real_jpeg_equals_the_classify_path(server, triton):
 
 def test_uint8_nhwc_input_is_normalized_by_the_server(server, triton):
     pixels = np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
-    tensor = tc.InferInput("input", list(pixels.shape), "UINT8")
+    tensor = tc.InferInput(INPUT, list(pixels.shape), "UINT8")
     tensor.set_data_from_numpy(pixels)
-    got = triton.infer("resnet18", [tensor]).as_numpy("embedding")
+    got = triton.infer("resnet18", [tensor]).as_numpy(EMBEDDING)
     ours = embeddings(server.stub.Embed(pb.EmbedRequest(
         model="resnet18", images=[tensor_image(p) for p in pixels])))
     np.testing.assert_allclose(got, ours, rtol=1e-5, atol=1e-6)
@@ -188,7 +194,7 @@ def test_concurrent_async_infers_and_classify_calls_batch_together(server, expor
                           for x in xs[32:]]
             results = await asyncio.gather(*infers, *classifies)
         await client.close()
-        return [r.as_numpy("logits") for r in results[:32]], list(results[32:])
+        return [r.as_numpy(LOGITS) for r in results[:32]], list(results[32:])
 
     logits, classified = asyncio.run(run())
     for x, got in zip(xs[:32], logits, strict=True):
@@ -257,7 +263,7 @@ def test_a_request_the_model_cannot_answer_is_refused_before_any_compute(triton)
 
     before = executions()
     x = fp32_input(np.zeros((1, 1, 32, 32), np.float32))
-    err = refused(triton.infer, "lenet5", [x], outputs=[tc.InferRequestedOutput("logits"),
+    err = refused(triton.infer, "lenet5", [x], outputs=[tc.InferRequestedOutput(LOGITS),
                                                          tc.InferRequestedOutput("nope")])
     assert err.status() == "StatusCode.INVALID_ARGUMENT" and "unknown output 'nope'" in \
         err.message() and "model lenet5 version 1" in err.message()
@@ -281,7 +287,7 @@ def test_bad_requests_get_a_clear_status_and_the_next_request_succeeds(triton, c
         err = refused(triton.infer, "lenet5", [fp32_input(x)], model_version="latest")
         assert err.status() == "StatusCode.INVALID_ARGUMENT"
     elif case == "datatype":
-        tensor = tc.InferInput("input", [1, 1, 32, 32], "INT32")
+        tensor = tc.InferInput(INPUT, [1, 1, 32, 32], "INT32")
         tensor.set_data_from_numpy(np.zeros((1, 1, 32, 32), np.int32))
         err = refused(triton.infer, "lenet5", [tensor])
         assert err.status() == "StatusCode.INVALID_ARGUMENT"
@@ -331,7 +337,7 @@ def test_explicit_model_control_loads_and_unloads_on_request(server_factory):
         assert refused(client.infer, "resnet18", [fp32_input(x)]).status() == \
             "StatusCode.NOT_FOUND"
         client.load_model("resnet18")
-        assert client.infer("resnet18", [fp32_input(x)]).as_numpy("logits").shape == (1, 1000)
+        assert client.infer("resnet18", [fp32_input(x)]).as_numpy(LOGITS).shape == (1, 1000)
         client.unload_model("resnet18")
         assert not client.is_model_ready("resnet18")
         err = refused(client.infer, "resnet18", [fp32_input(x)])

@@ -24,6 +24,7 @@ from PIL import Image
 
 from conftest import make_repo, start_server, tensor_image
 from visionserve.bench.launch import rss_mb
+from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -126,7 +127,7 @@ def kserve_request(draw: st.DrawFn):
             raw = bytes(right) if 0 < right <= 2_000_000 and draw(st.booleans()) else \
                 draw(st.binary(max_size=64))
         tensor = kpb.ModelInferRequest.InferInputTensor(
-            name=draw(st.sampled_from(["input", "x", ""])), datatype=datatype, shape=shape)
+            name=draw(st.sampled_from([INPUT, "x", ""])), datatype=datatype, shape=shape)
         if draw(st.booleans()):
             raws.append(raw)
         elif datatype == "UINT8":
@@ -134,7 +135,7 @@ def kserve_request(draw: st.DrawFn):
                                                                max_size=8)))
         inputs.append(tensor)
     outputs = [kpb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in draw(
-        st.lists(st.sampled_from(["logits", "embedding", "nope"]), max_size=2))]
+        st.lists(st.sampled_from([LOGITS, EMBEDDING, "nope"]), max_size=2))]
     for out in outputs:
         if draw(st.booleans()):
             out.parameters["classification"].int64_param = draw(st.sampled_from([1, 3, 0, -1,

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import ROOT, make_repo, run_cli, tensor_image
 from visionserve.bench.launch import start_visionserve
 from visionserve.service.client import open_channel
+from visionserve.service.model_format import INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
@@ -280,9 +281,9 @@ def test_a_model_whose_external_data_escapes_its_folder_fails_alone(exported_rep
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
     graph = helper.make_graph(
-        [helper.make_node("Add", ["input", "W"], ["logits"])], "escape",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4])], initializer=[weight])
+        [helper.make_node("Add", [INPUT, "W"], [LOGITS])], "escape",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [4])], initializer=[weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save_model(model, repo / "escape" / "1" / "model.onnx")

@@ -17,6 +17,7 @@ from fakes import tensorrt_fake as fake
 from conftest import make_repo, start_server
 from visionserve.service.config import InputSpec, ModelConfig
 from visionserve.service.errors import ConfigError
+from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
 from visionserve.service.repository import VersionEntry
 from visionserve.v1 import visionserve_pb2 as pb
 
@@ -34,7 +35,7 @@ def build(tmp_path: Path, **kwargs):
 
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"onnx")
-    args = {"input_name": "input", "input_shape": (3, 224, 224), "max_batch_size": 32,
+    args = {"input_name": INPUT, "input_shape": (3, 224, 224), "max_batch_size": 32,
             "fp16": False, "trt": fake, **kwargs}
     return build_engine(onnx, tmp_path / "model.plan", **args)
 
@@ -42,7 +43,7 @@ def build(tmp_path: Path, **kwargs):
 def test_engine_profile_covers_batch_1_to_max_with_the_input_named(tmp_path):
     record = build(tmp_path)
     profiles = [c[1] for c in fake.calls if c[0] == "add_optimization_profile"]
-    assert profiles == [{"input": ((1, 3, 224, 224), (16, 3, 224, 224), (32, 3, 224, 224))}]
+    assert profiles == [{INPUT: ((1, 3, 224, 224), (16, 3, 224, 224), (32, 3, 224, 224))}]
     assert ("create_network", 0) in fake.calls  # explicit batch: TensorRT 10's only mode
     assert (tmp_path / "model.plan").read_bytes() == b"FAKE-PLAN"
     assert record["profile"]["max"] == [32, 3, 224, 224] and record["version"] == fake.__version__
@@ -98,9 +99,9 @@ def test_backend_binds_tensors_by_name_and_returns_each_images_outputs(tmp_path)
     np.testing.assert_allclose(out.logits, sums * np.arange(1, 6), rtol=1e-5)
     np.testing.assert_allclose(out.embedding, x.reshape(3, -1).mean(1, keepdims=True)
                                * np.arange(1, 5), rtol=1e-5)
-    assert ("set_input_shape", "input", (3, 3, 8, 8)) in fake.calls
+    assert ("set_input_shape", INPUT, (3, 3, 8, 8)) in fake.calls
     bound = {c[1] for c in fake.calls if c[0] == "set_tensor_address"}
-    assert bound == {"input", "logits", "embedding"}
+    assert bound == {INPUT, LOGITS, EMBEDDING}
     copies = [c[1:] for c in fake.calls if c[0] == "cudaMemcpyAsync"]
     assert copies == [("cudaMemcpyHostToDevice", 3 * 3 * 8 * 8 * 4),
                       ("cudaMemcpyDeviceToHost", 3 * 5 * 4),

@@ -15,6 +15,7 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from conftest import LOCK, Server, encode, photo
 from visionserve.bench.launch import start_visionserve
+from visionserve.service.model_format import INPUT
 from visionserve.v1 import visionserve_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def answers(srv: Server) -> tuple[pb.ClassifyResponse, kpb.ModelInferResponse]:
     batch = np.random.default_rng(7).standard_normal((2, 3, 224, 224), dtype=np.float32)
     request = kpb.ModelInferRequest(
         model_name="resnet18", id="same",
-        inputs=[kpb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32",
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name=INPUT, datatype="FP32",
                                                        shape=list(batch.shape))],
         raw_input_contents=[batch.tobytes()])
     infer = kpb_grpc.GRPCInferenceServiceStub(srv.channel).ModelInfer(request, timeout=60)

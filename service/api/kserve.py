@@ -84,8 +84,10 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             return kpb.ModelMetadataResponse(
                 name=served.name, versions=[str(s.version) for s in versions],
                 platform=triton_config.PLATFORMS[served.config.backend],
+                # one entry per accepted form, all of the one input; the model's FP32 first
                 inputs=[kpb.ModelMetadataResponse.TensorMetadata(
-                    name=spec.name, datatype="FP32", shape=[batch, *spec.shape])],
+                    name=spec.name, datatype=dtype, shape=list(shape))
+                    for dtype, shape in spec.forms()],
                 outputs=[kpb.ModelMetadataResponse.TensorMetadata(
                     name=out.logits, datatype="FP32",
                     shape=[batch, served.backend.num_classes]),

@@ -16,6 +16,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
+
 __version__ = "10.99.0-fake"
 calls: list[tuple] = []
 
@@ -127,7 +129,7 @@ class OnnxParser:
 
 # --- runtime ---------------------------------------------------------------------------------
 
-ENGINE = {"input": (3, 8, 8), "logits": 5, "embedding": 4, "max_batch": 16}
+ENGINE = {INPUT: (3, 8, 8), LOGITS: 5, EMBEDDING: 4, "max_batch": 16}
 
 
 class Runtime:
@@ -140,7 +142,7 @@ class Runtime:
 
 
 class Engine:
-    names = ["input", "logits", "embedding"]
+    names = [INPUT, LOGITS, EMBEDDING]
 
     @property
     def num_io_tensors(self) -> int:
@@ -150,17 +152,17 @@ class Engine:
         return self.names[i]
 
     def get_tensor_mode(self, name: str) -> TensorIOMode:
-        return TensorIOMode.INPUT if name == "input" else TensorIOMode.OUTPUT
+        return TensorIOMode.INPUT if name == INPUT else TensorIOMode.OUTPUT
 
     def get_tensor_dtype(self, name: str) -> DataType:
         return DataType.FLOAT
 
     def get_tensor_shape(self, name: str) -> tuple:
-        return {"input": (-1, *ENGINE["input"]), "logits": (-1, ENGINE["logits"]),
-                "embedding": (-1, ENGINE["embedding"])}[name]
+        return {INPUT: (-1, *ENGINE[INPUT]), LOGITS: (-1, ENGINE[LOGITS]),
+                EMBEDDING: (-1, ENGINE[EMBEDDING])}[name]
 
     def get_tensor_profile_shape(self, name: str, profile: int) -> tuple:
-        c = ENGINE["input"]
+        c = ENGINE[INPUT]
         return ((1, *c), (ENGINE["max_batch"] // 2, *c), (ENGINE["max_batch"], *c))
 
     def create_execution_context(self) -> Context:
@@ -184,10 +186,10 @@ class Context:
     def execute_async_v3(self, stream: int) -> bool:
         calls.append(("execute_async_v3", stream))
         n = self.shape[0]
-        x = _view(self.addresses["input"], (n, int(np.prod(self.shape[1:]))))
-        k, d = ENGINE["logits"], ENGINE["embedding"]
-        _view(self.addresses["logits"], (n, k))[:] = x.sum(1, keepdims=True) * np.arange(1, k + 1)
-        _view(self.addresses["embedding"], (n, d))[:] = \
+        x = _view(self.addresses[INPUT], (n, int(np.prod(self.shape[1:]))))
+        k, d = ENGINE[LOGITS], ENGINE[EMBEDDING]
+        _view(self.addresses[LOGITS], (n, k))[:] = x.sum(1, keepdims=True) * np.arange(1, k + 1)
+        _view(self.addresses[EMBEDDING], (n, d))[:] = \
             x.mean(1, keepdims=True) * np.arange(1, d + 1)
         return True
 
