@@ -12,11 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -32,6 +34,7 @@ CACHE = ROOT / "tests" / ".cache"
 TEST_MODELS = ("lenet5", "mobilenet_v3_small", "resnet18")
 MAX_MESSAGE = 64 * 1024 * 1024
 
+T = TypeVar("T")
 
 def run_cli(*args: str, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -152,6 +155,18 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         return self.process.wait()
+
+
+def eventually(predicate: Callable[[], T], what: str, timeout: float = 60.0,
+               interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that; fail naming
+    ``what`` after ``timeout`` seconds. The one polling helper of the suite: a bound against a
+    hang, never a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(interval)
+    return value
 
 
 def start_server(repo: Path, log_path: Path, *extra: str, python_args: tuple[str, ...] = (),

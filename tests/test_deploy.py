@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, eventually, run_cli
 from visionserve.service.cli import build_parser
 
 DEPLOY = ROOT / "deploy"
@@ -200,18 +199,19 @@ def test_a_real_prometheus_scrapes_the_server_and_promql_returns_data(server, tm
                 return []
 
         promql = 'sum(visionserve_request_duration_seconds_count{model="lenet5",code="OK"})'
-        deadline = time.monotonic() + 90
-        while not (result := query(promql)):
-            assert time.monotonic() < deadline, "Prometheus never returned our series"
-            time.sleep(1)
+        result = eventually(lambda: query(promql), "Prometheus to return our series",
+                            timeout=90, interval=1)
         assert float(result[0]["value"][1]) >= 5
         # a quantile needs a rate: traffic between two scrapes
         promql = ('histogram_quantile(0.99, sum by (le) (rate('
                   'visionserve_request_duration_seconds_bucket{model="lenet5"}[1m])))')
-        while not ((q := query(promql)) and q[0]["value"][1] != "NaN"):
-            assert time.monotonic() < deadline, "no latency quantile from Prometheus"
+
+        def quantile() -> list[dict]:
             server.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[image]))
-            time.sleep(0.5)
+            q = query(promql)
+            return q if q and q[0]["value"][1] != "NaN" else []
+
+        q = eventually(quantile, "a latency quantile from Prometheus", timeout=90, interval=0.5)
         assert 0 < float(q[0]["value"][1]) < 30
     finally:
         proc.terminate()

@@ -14,19 +14,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import make_repo, run_cli, start_server, tensor_image
+from conftest import eventually, make_repo, run_cli, start_server, tensor_image
 from visionserve.bench.launch import rss_mb
 from visionserve.v1 import visionserve_pb2 as pb
 
 POLL = ("--model-control", "poll", "--poll-interval-s", "0.3")
 LENET = pb.ClassifyRequest(model="lenet5", images=[tensor_image(np.zeros((32, 32, 1), np.uint8))])
-
-
-def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def publish(model_dir: Path, version: int, source: Path) -> None:
@@ -83,17 +76,17 @@ def test_publishing_under_load_swaps_versions_without_a_failed_request(exported_
     srv = start_server(repo, tmp_path / "server.log", *POLL)
     try:
         load = Load(srv, LENET)
-        wait_until(lambda: len(load.replies) > 200, what="steady traffic")
+        eventually(lambda: len(load.replies) > 200, what="steady traffic")
         failures_before = srv.metric("visionserve_model_load_failures_total", model="lenet5")
         exported = run_cli("export", "lenet5", "--repo", str(repo), "--seed", "5")
         assert exported.returncode == 0, exported.stderr
-        wait_until(lambda: 2 in load.versions_seen(), what="version 2 serving")
+        eventually(lambda: 2 in load.versions_seen(), what="version 2 serving")
         time.sleep(1.0)
         # a corrupt version 3 must not take version 2 down
         (tmp_path / "broken").mkdir()
         (tmp_path / "broken" / "model.onnx").write_bytes(b"this is not an onnx model")
         publish(repo / "lenet5", 3, tmp_path / "broken")
-        wait_until(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5")).versions[0]
+        eventually(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5")).versions[0]
                    .state == pb.MODEL_STATE_FAILED, what="version 3 to fail")
         time.sleep(1.0)
         load.stop()
@@ -133,12 +126,12 @@ def test_latest_two_keeps_two_versions_and_a_removed_one_drains_first(exported_r
 
         thread = threading.Thread(target=pinned)
         thread.start()
-        wait_until(lambda: srv.metric("visionserve_queue_depth", model="resnet18",
+        eventually(lambda: srv.metric("visionserve_queue_depth", model="resnet18",
                                       version="1") > 0, what="the pinned request to queue")
         shutil.rmtree(repo / "resnet18" / "1")
         thread.join()
         assert result["reply"].version == 1 and len(result["reply"].results) == 96
-        wait_until(lambda: srv.metric("visionserve_model_state", model="resnet18", version="1",
+        eventually(lambda: srv.metric("visionserve_model_state", model="resnet18", version="1",
                                       state="unloaded") == 1, what="version 1 to unload")
         with pytest.raises(grpc.RpcError) as err:
             srv.stub.Classify(pb.ClassifyRequest(model="resnet18", version=1, images=[image]))
@@ -162,17 +155,17 @@ def test_config_changes_reload_and_removed_models_unload(exported_repo, tmp_path
         config = repo / "lenet5" / "config.toml"
         config.write_text(config.read_text().replace("max_batch_size = 256",
                                                      "max_batch_size = 8"))
-        wait_until(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5"))
+        eventually(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5"))
                    .max_batch_size == 8, what="the config change to apply")
         assert srv.stub.Classify(LENET).version == 1
         shutil.rmtree(repo / "mobilenet_v3_small")
-        wait_until(lambda: [m.name for m in srv.stub.ListModels(pb.ListModelsRequest()).models]
+        eventually(lambda: [m.name for m in srv.stub.ListModels(pb.ListModelsRequest()).models]
                    == ["lenet5"], what="the removed model to unload")
         assert healthy("mobilenet_v3_small") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert healthy("") == health_pb2.HealthCheckResponse.SERVING
         # a broken config.toml leaves the loaded model serving, and says why
         config.write_text("max_batch_size = 'eight'\n")
-        wait_until(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5")).reason != "",
+        eventually(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5")).reason != "",
                    what="the bad config to be reported")
         assert "max_batch_size must be int" in srv.stub.GetModel(
             pb.GetModelRequest(model="lenet5")).reason

@@ -22,7 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import CACHE, ROOT, Server, encode, photo
+from conftest import CACHE, ROOT, Server, encode, eventually, photo
 from visionserve.bench.launch import free_port
 from visionserve.v1 import visionserve_pb2 as pb
 
@@ -160,16 +160,16 @@ def test_the_image_serves_a_mounted_repository_from_a_read_only_root_and_stops_o
     inside = Server(process, log_path, grpc_port, metrics_port)
     try:
         health = health_pb2_grpc.HealthStub(inside.channel)
-        while True:
+
+        def serving() -> bool:
             assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() - started < 120, log_path.read_text()[-3000:]
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    break
+                return health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                    health_pb2.HealthCheckResponse.SERVING
             except grpc.RpcError:
-                pass
-            time.sleep(0.1)
+                return False
+
+        eventually(serving, "the image's server to be SERVING", timeout=120, interval=0.1)
         serving_s = time.monotonic() - started
         # the HEALTHCHECK, as the runtime runs it: the image's command in the image
         check = subprocess.run(in_image(read_only_root, image,

@@ -16,7 +16,16 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import ROOT, encode, make_repo, photo, run_cli, start_server, tensor_image
+from conftest import (
+    ROOT,
+    encode,
+    eventually,
+    make_repo,
+    photo,
+    run_cli,
+    start_server,
+    tensor_image,
+)
 from visionserve.v1 import visionserve_pb2 as pb
 
 
@@ -92,10 +101,8 @@ def test_the_ready_file_appears_once_serving_and_goes_when_shutdown_starts(expor
          "--grpc-port", "0", "--metrics-port", "0", "--ready-file", str(ready_file)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not ready_file.exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        assert eventually(lambda: ready_file.exists() or process.poll() is not None,
+                          "the ready file", timeout=120) and process.poll() is None
         ready = json.loads(ready_file.read_text())
         assert set(ready) == {"grpc_port", "metrics_port", "pid", "models_ready",
                               "models_failed"}
