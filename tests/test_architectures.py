@@ -49,7 +49,10 @@ def build(arch: str):
     return timm.create_model(arch, pretrained=False).eval()
 
 
-@pytest.mark.parametrize("arch", ["mobilenetv1_100", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", [
+    "mobilenetv1_100",
+    pytest.param("efficientnet_b0", marks=pytest.mark.slow),  # ~18 s: `make test` runs it
+])
 def test_exported_architecture_serves_what_pytorch_computes_on_its_own_transform(arch,
                                                                                  tmp_path):
     model = build(arch)

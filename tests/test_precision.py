@@ -15,6 +15,11 @@ from visionserve.v1 import visionserve_pb2 as pb
 pytest.importorskip("torch")
 
 
+# Three ResNet-18 exports at FP16 and INT8 (calibrated) take a minute on 2 cores: `make test`
+# (CI) runs them, the fast suite does not.
+SLOW_EXPORT = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real photos (scikit-image's), and crops of them, as an MLOps calibration folder."""
@@ -66,6 +71,7 @@ def record(repo: Path, precision: str) -> dict:
     return json.loads((repo / f"r18_{precision}" / "1" / "export.json").read_text())
 
 
+@SLOW_EXPORT
 def test_each_precision_is_recorded_with_its_tolerance_and_parity(exports):
     fp32, fp16, int8 = (record(exports, p) for p in ("fp32", "fp16", "int8"))
     assert [r["precision"] for r in (fp32, fp16, int8)] == ["fp32", "fp16", "int8"]
@@ -80,6 +86,7 @@ def test_each_precision_is_recorded_with_its_tolerance_and_parity(exports):
     assert int8["onnx_bytes"] < 0.35 * fp32["onnx_bytes"]
 
 
+@SLOW_EXPORT
 def test_reduced_precision_versions_are_served_with_float32_io(exports, tmp_path):
     srv = start_server(exports, tmp_path / "server.log", "--model-control", "none")
     try:
@@ -96,6 +103,7 @@ def test_reduced_precision_versions_are_served_with_float32_io(exports, tmp_path
         srv.stop()
 
 
+@SLOW_EXPORT
 def test_random_weights_are_recalibrated_before_fp16(tmp_path):
     out = run_cli("export", "resnet18", "--repo", str(tmp_path), "--precision", "fp16")
     assert out.returncode == 0, out.stderr[-3000:]
