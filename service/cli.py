@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference requests in progress at once, server-wide; more are refused "
                         "RESOURCE_EXHAUSTED at once (health and metadata calls still pass). "
                         "About capacity x acceptable latency (docs/security.md); 0 = no limit")
+    p.add_argument("--max-stream-inflight", type=int, default=limits.max_stream_inflight,
+                   help="messages of one stream answered or waiting to be sent at once; at the "
+                        "bound the server stops reading that stream until the client reads "
+                        "its replies (>= 1)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=limits.max_concurrent_rpcs,
                    help="RPCs of any kind at once, refused by gRPC before Python parses them: "
                         "a memory backstop (0 = no limit; it also refuses health probes)")
@@ -310,6 +314,7 @@ def _serve(args: argparse.Namespace) -> int:
                               max_image_pixels=args.max_image_pixels,
                               max_images_per_request=args.max_images_per_request,
                               max_inflight_requests=args.max_inflight_requests,
+                              max_stream_inflight=args.max_stream_inflight,
                               max_concurrent_rpcs=args.max_concurrent_rpcs)
     except ValueError as exc:
         log.error("%s", exc)

@@ -261,11 +261,16 @@ class ServerLimits:
     # more are refused RESOURCE_EXHAUSTED at once, while health and metadata calls still pass.
     # 0 = no limit.
     max_inflight_requests: int = 64
+    # messages of one stream (ClassifyStream, ModelStreamInfer) being answered or waiting to be
+    # sent; at the bound the server stops reading that stream (each also counts above)
+    max_stream_inflight: int = 32
     # RPCs of any kind at once, refused by gRPC itself beyond it (before Python sees them):
     # a backstop for memory. 0 = no limit.
     max_concurrent_rpcs: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_stream_inflight < 1:
+            raise ValueError(f"--max-stream-inflight must be >= 1, got {self.max_stream_inflight}")
         from PIL import Image
 
         pillow = Image.MAX_IMAGE_PIXELS

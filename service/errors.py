@@ -102,7 +102,18 @@ def check_image_count(n: int, limit: int, where: str) -> None:
                             "split the request")
 
 
-MAX_MESSAGE_CHARS = 2000  # status details travel in a header: keep them well under its limit
+# status details travel in a header (grpc-message, percent-encoded: up to 3 bytes per byte),
+# under the client's metadata limit (8 KiB by default): bound them in UTF-8 bytes, not characters
+MAX_MESSAGE_BYTES = 1024
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message`` cut to at most ``limit`` UTF-8 bytes (never inside a character), marked."""
+    data = message.encode("utf-8", errors="replace")
+    if len(data) <= limit:
+        return message
+    suffix = "…(message shortened)"
+    return data[:limit - len(suffix.encode())].decode("utf-8", errors="ignore") + suffix
 
 
 def error_code(exc: BaseException) -> ErrorCode:
@@ -114,9 +125,6 @@ def client_error(exc: BaseException) -> tuple[ErrorCode, str]:
     """Any exception as the (code, message) a client is told; an unexpected one is logged with
     its traceback and answered with a generic message."""
     if isinstance(exc, VisionServeError):
-        message = str(exc)
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = message[:MAX_MESSAGE_CHARS] + "…(message shortened)"
-        return exc.code, message
+        return exc.code, bounded(str(exc))
     log.error("unexpected error while serving a request", exc_info=exc)
     return ErrorCode.INTERNAL, "internal server error (logged on the server); please report it"

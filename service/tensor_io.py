@@ -17,6 +17,7 @@ import numpy as np
 from .backends.base import ModelOutputs
 from .errors import InvalidInput
 from .loader import ServedVersion
+from .logs import printable
 from .messages import InferCall, OutputTensor, RequestedOutput
 from .preprocess import EncodedImage, ImageInput, RawTensor
 
@@ -25,13 +26,14 @@ def images_from_inputs(call: InferCall, served: ServedVersion) -> list[ImageInpu
     spec, where = served.config.input, served.where
     names = [t.name for t in call.inputs]
     if len(call.inputs) != 1:
-        raise InvalidInput(f"{where}: expected exactly one input {spec.name!r}, got {names}")
+        raise InvalidInput(f"{where}: expected exactly one input {spec.name!r}, got "
+                           f"{len(names)}: {printable(', '.join(names[:8]))}")
     tensor = call.inputs[0]
     if tensor.name != spec.name:
-        raise InvalidInput(f"{where}: unknown input {tensor.name!r}; the model's input is "
-                           f"{spec.name!r}")
+        raise InvalidInput(f"{where}: unknown input {printable(tensor.name)!r}; the model's "
+                           f"input is {spec.name!r}")
     shape = list(tensor.shape)
-    field = f"input {tensor.name!r}"
+    field = f"input {printable(tensor.name)!r}"
     if tensor.datatype == "BYTES":
         elements = tensor.elements or []
         if len(elements) != shape[0]:
@@ -57,13 +59,22 @@ def images_from_inputs(call: InferCall, served: ServedVersion) -> list[ImageInpu
 
 def check_requested_outputs(call: InferCall, served: ServedVersion) -> list[RequestedOutput]:
     """The outputs to answer (all of them, raw, when none is named), refused before any work
-    when a name is unknown or a class count is not positive."""
+    when a name is unknown or named twice (each output is answered once: a reply never grows
+    with the request's list), or a class count is not positive."""
     names = (served.config.output.logits, served.config.output.embedding)
     requested = call.outputs or [RequestedOutput(name=n) for n in names]
+    if len(requested) > len(names):
+        raise InvalidInput(f"{served.where}: {len(requested)} outputs requested; the model has "
+                           f"{len(names)} ({', '.join(names)}): name each at most once")
+    seen: set[str] = set()
     for out in requested:
         if out.name not in names:
-            raise InvalidInput(f"{served.where}: unknown output {out.name!r}; outputs are "
-                               f"{sorted(names)}")
+            raise InvalidInput(f"{served.where}: unknown output {printable(out.name)!r}; "
+                               f"outputs are {sorted(names)}")
+        if out.name in seen:
+            raise InvalidInput(f"{served.where}: output {out.name!r} is requested twice; name "
+                               "each output at most once")
+        seen.add(out.name)
         if out.class_count is not None and out.class_count < 1:
             raise InvalidInput(f"{served.where}: output {out.name!r}: classification "
                                f"class_count must be >= 1, got {out.class_count}")

@@ -127,7 +127,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             return kpb.ModelStreamInferResponse(infer_response=reply)
 
         stream_id = metadata_request_id(context)
-        async for reply in answer_stream(requests, answer):
+        async for reply in answer_stream(requests, answer,
+                                         self._core.limits.max_stream_inflight):
             yield reply
 
     async def _infer(self, request: kpb.ModelInferRequest,

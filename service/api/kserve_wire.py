@@ -16,6 +16,7 @@ import numpy as np
 from visionserve.inference import grpc_service_pb2 as kpb
 
 from ..errors import InvalidInput, LimitExceeded, check_image_count
+from ..logs import printable
 from ..messages import InferCall, InferInput, InferResult, RequestedOutput
 
 
@@ -26,8 +27,8 @@ def parse_version(model: str, text: str) -> int:
     try:
         number = int(text)
     except ValueError:
-        raise InvalidInput(f"model {model}: model_version {text!r} is not a version number; "
-                           "leave it empty for the newest") from None
+        raise InvalidInput(f"model {model}: model_version {printable(text)!r} is not a version "
+                           "number; leave it empty for the newest") from None
     if number < 1:
         raise InvalidInput(f"model {model}: model_version must be >= 1 (or empty), got {number}")
     return number
@@ -40,6 +41,12 @@ def infer_call(req: kpb.ModelInferRequest, max_images: int) -> InferCall:
     if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
         raise InvalidInput(f"{where}: {len(req.raw_input_contents)} raw_input_contents for "
                            f"{len(req.inputs)} inputs")
+    if req.raw_input_contents:
+        for tensor in req.inputs:  # the protocol: one or the other, never both (as Triton)
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"{where}: input {printable(tensor.name)!r} has typed "
+                                   "contents while the request uses raw_input_contents; send "
+                                   "every input's data one way, not both")
     inputs = [_input(t, req.raw_input_contents[i] if req.raw_input_contents else None, where,
                      max_images) for i, t in enumerate(req.inputs)]
     outputs = []
@@ -54,7 +61,7 @@ def infer_call(req: kpb.ModelInferRequest, max_images: int) -> InferCall:
 def _input(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None, where: str,
            max_images: int) -> InferInput:
     shape = tuple(tensor.shape)
-    field = f"input {tensor.name!r}"
+    field = f"input {printable(tensor.name)!r}"
     source = "raw_input_contents[0]" if raw is not None else "contents"
     if tensor.datatype == "BYTES":
         if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:

@@ -61,7 +61,8 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
             return pb.ClassifyStreamResponse(request_id=request.request_id, response=reply)
 
         stream_id = metadata_request_id(context)
-        async for reply in answer_stream(requests, answer):
+        async for reply in answer_stream(requests, answer,
+                                         self._core.limits.max_stream_inflight):
             yield reply
 
     async def Embed(self, request: pb.EmbedRequest,

@@ -1,0 +1,152 @@
+"""One request cannot make the server do unbounded work (issue 16), through the public gRPC APIs of
+a real server process: each class of hostile input gets a clear status at once, the server's
+memory stays bounded, and good requests keep their answers."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as kpb
+from tritonclient.grpc import service_pb2_grpc as kpb_grpc
+
+from conftest import encode, eventually, make_repo, photo, run_cli, start_server
+from visionserve.bench.launch import rss_mb
+from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
+
+LENET_X = np.zeros((1, 1, 32, 32), np.float32)
+
+
+@pytest.fixture(scope="module")
+def srv(exported_repo, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("limits")
+    server = start_server(make_repo(exported_repo, tmp / "repo", ("lenet5", "resnet18")),
+                          tmp / "server.log", "--max-stream-inflight", "4")
+    yield server
+    server.stop()
+
+
+def kserve(srv) -> kpb_grpc.GRPCInferenceServiceStub:
+    return kpb_grpc.GRPCInferenceServiceStub(srv.channel)
+
+
+def lenet_request(**fields: object) -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name="lenet5", inputs=[
+        kpb.ModelInferRequest.InferInputTensor(name=INPUT, datatype="FP32", shape=[1, 1, 32, 32])],
+        raw_input_contents=[LENET_X.tobytes()])
+    for key, value in fields.items():
+        getattr(request, key).extend(value)
+    return request
+
+
+def refused(call, request) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(request, timeout=30)
+    return info.value
+
+
+def healthy(srv) -> bool:
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+        health_pb2.HealthCheckResponse.SERVING
+
+
+def test_an_output_named_thousands_of_times_is_refused_before_any_work(srv):
+    request = lenet_request(outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(
+        name=EMBEDDING)] * 5000)
+    rss_before = rss_mb(srv.process.pid)
+    err = refused(kserve(srv).ModelInfer, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model lenet5" in err.details() and "5000 outputs requested" in err.details()
+    assert rss_mb(srv.process.pid) - rss_before < 100
+    assert healthy(srv)
+
+
+def test_an_output_named_twice_is_refused_and_each_output_once_is_answered(srv):
+    twice = lenet_request(outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(
+        name=LOGITS)] * 2)
+    err = refused(kserve(srv).ModelInfer, twice)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"output '{LOGITS}' is requested twice" in err.details()
+    both = lenet_request(outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name=n)
+                                  for n in (LOGITS, EMBEDDING)])
+    reply = kserve(srv).ModelInfer(both, timeout=30)
+    assert [o.name for o in reply.outputs] == [LOGITS, EMBEDDING]
+
+
+def test_raw_and_typed_contents_together_are_refused_as_the_protocol_says(srv):
+    request = lenet_request()
+    request.inputs[0].contents.fp32_contents.extend([0.0] * 1024)
+    err = refused(kserve(srv).ModelInfer, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "typed contents while the request uses raw_input_contents" in err.details()
+    assert f"input '{INPUT}'" in err.details() and "model lenet5" in err.details()
+
+
+@pytest.mark.parametrize("name", ["é" * 20_000, "\U0001F600" * 20_000, "x" * 100_000])
+def test_client_strings_are_never_echoed_unbounded_and_the_status_arrives(srv, name):
+    """A multibyte name must not push the status past the client's metadata limit (the client
+    would see a transport error instead of our INVALID_ARGUMENT)."""
+    request = lenet_request()
+    request.inputs[0].name = name
+    request.outputs.add(name=name)
+    err = refused(kserve(srv).ModelInfer, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model lenet5" in err.details()
+    assert len(err.details().encode()) <= 1024
+
+
+def stream_requests(n: int, image: bytes):
+    for i in range(n):
+        yield kpb.ModelInferRequest(
+            model_name="resnet18", id=str(i),
+            inputs=[kpb.ModelInferRequest.InferInputTensor(name=INPUT, datatype="BYTES",
+                                                           shape=[1])],
+            outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name=EMBEDDING),
+                     kpb.ModelInferRequest.InferRequestedOutputTensor(name=LOGITS)],
+            raw_input_contents=[len(image).to_bytes(4, "little") + image])
+
+
+def answered(srv) -> float:
+    return srv.metric("visionserve_request_duration_seconds_count", method="ModelStreamInfer")
+
+
+def test_a_stream_client_that_never_reads_holds_a_bounded_number_of_replies(srv):
+    """600 requests whose replies (ResNet-18 logits and embedding, 6 KB each) the client does
+    not read: the server stops reading the stream at its bound instead of answering them all
+    into memory; once the client reads, every request is answered exactly once."""
+    image = encode(photo("chelsea")[::8, ::8])
+    n = 600
+    before = answered(srv)
+    # no BDP probing: the client's receive window stays at 64 KB, so what is not yet read is
+    # held by the server, not by this client's transport (the server's memory is what counts)
+    channel = grpc.insecure_channel(srv.address, options=[("grpc.http2.bdp_probe", 0)])
+    replies = kpb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+        stream_requests(n, image), timeout=600)
+    # the server works until its bound and the transport's buffers are full, then stops
+    settled = [answered(srv) - before]
+
+    def stopped_moving() -> bool:
+        time.sleep(1.0)
+        settled.append(answered(srv) - before)
+        return settled[-1] == settled[-2] and settled[-1] > 0
+
+    eventually(stopped_moving, "the stream's work to stop while nobody reads", timeout=120)
+    assert settled[-1] < n / 2, f"the server answered {settled[-1]} of {n} unread requests"
+    assert healthy(srv)
+    ids = []
+    for reply in replies:
+        assert reply.error_message == ""
+        ids.append(reply.infer_response.id)
+        assert [o.name for o in reply.infer_response.outputs] == [EMBEDDING, LOGITS]
+    assert sorted(ids, key=int) == [str(i) for i in range(n)]
+    channel.close()
+
+
+def test_a_stream_bound_below_one_is_refused_at_start(tmp_path):
+    result = run_cli("serve", "--repo", str(tmp_path), "--max-stream-inflight", "0")
+    assert result.returncode == 2
+    assert "--max-stream-inflight must be >= 1, got 0" in result.stderr
