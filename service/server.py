@@ -24,6 +24,7 @@ from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
+from .api import wire_limits
 from .api.access_log import AccessLog
 from .api.admission import Admission
 from .api.calls import CallHandler
@@ -82,10 +83,11 @@ class Server:
         core = InferenceCore(self.router, self._preprocess_pool, config.limits, self.metrics)
         control = ModelControl(self.router, self.sync, config.model_control)
         calls = CallHandler(control, self.metrics, self.admission, AccessLog(config.access_log))
+        wire = wire_limits.schemas(config.limits)  # counts checked before protobuf parses
         add_servicer(pb_grpc.add_VisionServiceServicer_to_server,
-                     VisionServicer(core, control, calls), server)
+                     VisionServicer(core, control, calls), server, wire)
         add_servicer(kpb_grpc.add_GRPCInferenceServiceServicer_to_server,
-                     KServeServicer(core, control, calls, self.lifecycle), server)
+                     KServeServicer(core, control, calls, self.lifecycle), server, wire)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,

@@ -60,9 +60,15 @@ def test_an_output_named_thousands_of_times_is_refused_before_any_work(srv):
     rss_before = rss_mb(srv.process.pid)
     err = refused(kserve(srv).ModelInfer, request)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "model lenet5" in err.details() and "5000 outputs requested" in err.details()
+    assert "model lenet5: outputs: more than 16 entries" in err.details()
     assert rss_mb(srv.process.pid) - rss_before < 100
     assert healthy(srv)
+    # within the wire's bound, the core still refuses more names than the model has outputs
+    three = lenet_request(outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(
+        name=EMBEDDING)] * 3)
+    err = refused(kserve(srv).ModelInfer, three)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model lenet5 version 1: 3 outputs requested; the model has 2" in err.details()
 
 
 def test_an_output_named_twice_is_refused_and_each_output_once_is_answered(srv):
@@ -150,3 +156,37 @@ def test_a_stream_bound_below_one_is_refused_at_start(tmp_path):
     result = run_cli("serve", "--repo", str(tmp_path), "--max-stream-inflight", "0")
     assert result.returncode == 2
     assert "--max-stream-inflight must be >= 1, got 0" in result.stderr
+
+
+def raw_call(srv, method: str):
+    """A unary call that sends bytes as they are (no client-side protobuf)."""
+    channel = grpc.insecure_channel(srv.address, options=[
+        ("grpc.max_send_message_length", 65 * 1024 * 1024)])
+    return channel, channel.unary_unary(method, request_serializer=None,
+                                        response_deserializer=None)
+
+
+@pytest.mark.parametrize(("method", "body", "field"), [
+    # 64 MiB: the model name, then 33.5 million empty images
+    ("/visionserve.v1.VisionService/Classify",
+     b"\n\x08resnet18" + b"\x1a\x00" * (32 * 1024 * 1024 - 8), "images"),
+    # one BYTES input of a million empty elements (2 MB)
+    ("/inference.GRPCInferenceService/ModelInfer",
+     kpb.ModelInferRequest(model_name="resnet18", inputs=[
+         kpb.ModelInferRequest.InferInputTensor(
+             name=INPUT, datatype="BYTES", shape=[1],
+             contents=kpb.InferTensorContents(bytes_contents=[b""] * 1_000_000))])
+     .SerializeToString(), "contents.bytes_contents"),
+])
+def test_a_repeated_field_over_its_limit_is_refused_before_parsing(srv, method, body, field):
+    channel, call = raw_call(srv, method)
+    rss_before = rss_mb(srv.process.pid)
+    with pytest.raises(grpc.RpcError) as info:
+        call(body, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"model resnet18: {field}: more than 256 entries" in info.value.details()
+    assert rss_mb(srv.process.pid) - rss_before < 100
+    channel.close()
+    started = time.monotonic()
+    assert healthy(srv)
+    assert time.monotonic() - started < 5  # a bound against a stalled loop, not a benchmark

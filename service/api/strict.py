@@ -1,5 +1,6 @@
-"""Strict decoding: a request body that is not valid protobuf is answered INVALID_ARGUMENT naming
-its message type, never gRPC's UNKNOWN with a Python class name."""
+"""Strict decoding: a request whose repeated fields exceed their limits is refused before protobuf
+parses it (``wire_limits``), and a request body that is not valid protobuf is answered
+INVALID_ARGUMENT naming its message type, never gRPC's UNKNOWN with a Python class name."""
 
 from __future__ import annotations
 
@@ -7,22 +8,28 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from .status import GRPC_CODES
+from .wire_limits import Schema, check
+
 
 class _Undecodable:
     """What a request body that is not valid protobuf deserializes to (see ``add_servicer``)."""
 
-    __slots__ = ("error",)
+    __slots__ = ("code", "error")
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str,
+                 code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
         self.error = error
+        self.code = code
 
 
 def add_servicer(add_to_server: Callable[[object, object], None], servicer: object,
-                 server: grpc.aio.Server) -> None:
+                 server: grpc.aio.Server, schemas: dict[str, Schema]) -> None:
     """``add_XServicer_to_server(servicer, server)`` (generated code), except that a request
     body which is not valid protobuf is answered INVALID_ARGUMENT naming the message type,
     rather than gRPC's UNKNOWN "Unexpected <class ...DecodeError>". No interceptor: the cost is
-    one try per deserialization and one isinstance per call."""
+    one try per deserialization and one isinstance per call. A request type with a schema in
+    ``schemas`` (by full message name) is checked against it first."""
 
     class Capture:
         def add_generic_rpc_handlers(self, handlers: object) -> None:
@@ -30,7 +37,7 @@ def add_servicer(add_to_server: Callable[[object, object], None], servicer: obje
 
         def add_registered_method_handlers(self, service: str,
                                            handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-            wrapped = {name: _strict(service, name, h) for name, h in handlers.items()}
+            wrapped = {name: _strict(service, name, h, schemas) for name, h in handlers.items()}
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(service, wrapped),))
             server.add_registered_method_handlers(service, wrapped)
@@ -38,11 +45,17 @@ def add_servicer(add_to_server: Callable[[object, object], None], servicer: obje
     add_to_server(servicer, Capture())
 
 
-def _strict(service: str, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _strict(service: str, name: str, handler: grpc.RpcMethodHandler,
+            schemas: dict[str, Schema]) -> grpc.RpcMethodHandler:
     parse = handler.request_deserializer
     message = f"the request body of {service}/{name} is not a valid protobuf message"
+    request_type = getattr(parse, "__self__", None)  # the generated class's FromString
+    descriptor = getattr(request_type, "DESCRIPTOR", None)
+    schema = schemas.get(descriptor.full_name) if descriptor is not None else None
 
     def deserialize(data: bytes) -> object:
+        if schema is not None and (refusal := check(data, schema, name)) is not None:
+            return _Undecodable(refusal.message, GRPC_CODES[refusal.code])
         try:
             return parse(data)
         except Exception as exc:  # noqa: BLE001 - DecodeError and friends
@@ -50,7 +63,7 @@ def _strict(service: str, name: str, handler: grpc.RpcMethodHandler) -> grpc.Rpc
                                 "request of the type in its .proto (use generated stubs)")
 
     async def refuse(context: grpc.aio.ServicerContext, request: object) -> None:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)  # type: ignore[attr-defined]
+        await context.abort(request.code, request.error)  # type: ignore[attr-defined]
 
     if handler.unary_unary:
         inner = handler.unary_unary
