@@ -117,10 +117,6 @@ class Router:
     def find_status(self, name: str) -> ModelStatus | None:
         return self._status.get(name)
 
-    def routed(self) -> list[ServedVersion]:
-        """Every routable version of every model."""
-        return list(self._table.values())
-
     # --- writes: the repository sync controller only -------------------------------------------
 
     def route(self, name: str, versions: Mapping[int, ServedVersion]) -> None:
