@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest decoded image (width x height); checked before decoding")
     p.add_argument("--max-images-per-request", type=int,
                    default=limits.max_images_per_request)
+    p.add_argument("--max-request-pixels", type=int, default=limits.max_request_pixels,
+                   help="decoded pixels of all encoded images of one request, read from their "
+                        "headers before any decodes (RESOURCE_EXHAUSTED above; >= "
+                        "--max-image-pixels)")
+    p.add_argument("--max-decode-queue-pixels", type=int,
+                   default=limits.max_decode_queue_pixels,
+                   help="decoded pixels admitted for decoding and not yet decoded, "
+                        "server-wide; a request that would exceed it is refused "
+                        "RESOURCE_EXHAUSTED at once (>= --max-request-pixels)")
     p.add_argument("--max-inflight-requests", type=int, default=limits.max_inflight_requests,
                    help="inference requests in progress at once, server-wide; more are refused "
                         "RESOURCE_EXHAUSTED at once (health and metadata calls still pass). "
@@ -313,6 +322,8 @@ def _serve(args: argparse.Namespace) -> int:
                               max_encoded_image_bytes=args.max_image_bytes,
                               max_image_pixels=args.max_image_pixels,
                               max_images_per_request=args.max_images_per_request,
+                              max_request_pixels=args.max_request_pixels,
+                              max_decode_queue_pixels=args.max_decode_queue_pixels,
                               max_inflight_requests=args.max_inflight_requests,
                               max_stream_inflight=args.max_stream_inflight,
                               max_concurrent_rpcs=args.max_concurrent_rpcs)

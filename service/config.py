@@ -257,6 +257,11 @@ class ServerLimits:
     max_encoded_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_images_per_request: int = 256
+    # decoded pixels of one request's encoded images, read from their headers before any
+    # decodes (~115 MP/s per core for JPEG: this is about 2 s of one core)
+    max_request_pixels: int = 256_000_000
+    # decoded pixels admitted for decoding and not yet decoded, server-wide
+    max_decode_queue_pixels: int = 1_024_000_000
     # inference requests (Classify, Embed, ModelInfer, stream messages) in progress at once;
     # more are refused RESOURCE_EXHAUSTED at once, while health and metadata calls still pass.
     # 0 = no limit.
@@ -271,6 +276,14 @@ class ServerLimits:
     def __post_init__(self) -> None:
         if self.max_stream_inflight < 1:
             raise ValueError(f"--max-stream-inflight must be >= 1, got {self.max_stream_inflight}")
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(f"--max-request-pixels {self.max_request_pixels} is below "
+                             f"--max-image-pixels {self.max_image_pixels}: one image at its "
+                             "limit would not fit in a request; lower --max-image-pixels too")
+        if self.max_decode_queue_pixels < self.max_request_pixels:
+            raise ValueError(f"--max-decode-queue-pixels {self.max_decode_queue_pixels} is below "
+                             f"--max-request-pixels {self.max_request_pixels}: a request at its "
+                             "budget would never fit; raise it")
         from PIL import Image
 
         pillow = Image.MAX_IMAGE_PIXELS

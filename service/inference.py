@@ -8,22 +8,20 @@ results; encoding them for a wire is the front end's work, outside the timed sta
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import TypeVar
 
 import numpy as np
 
 from .backends.base import ModelOutputs
 from .config import ServerLimits
+from .decode_pool import DecodePool
 from .errors import InvalidInput, check_image_count
 from .messages import ClassifyCall, ClassifyResult, EmbedCall, EmbedResult, InferCall, InferResult
 from .metrics import Metrics
 from .postprocess import l2_normalize, top_k
-from .preprocess import ImageInput, RawTensor
+from .preprocess import EncodedImage, ImageInput, RawTensor
 from .routing import Router, ServedVersion
 from .tensor_io import check_requested_outputs, images_from_inputs, output_tensors
 
@@ -31,10 +29,10 @@ T = TypeVar("T")
 
 
 class InferenceCore:
-    def __init__(self, router: Router, preprocess_executor: Executor,
+    def __init__(self, router: Router, decode_pool: DecodePool,
                  limits: ServerLimits, metrics: Metrics) -> None:
         self._router = router
-        self._executor = preprocess_executor
+        self._pool = decode_pool
         self._limits = limits
         self._metrics = metrics
 
@@ -83,7 +81,7 @@ class InferenceCore:
             check_image_count(len(images), self._limits.max_images_per_request, served.where)
             if deadline is None and served.config.batching.default_timeout_ms > 0:
                 deadline = time.monotonic() + served.config.batching.default_timeout_ms / 1000
-            tensors = await self._preprocess(served, images)
+            tensors = await self._preprocess(served, images, deadline)
             preprocessed = time.perf_counter()
             self._metrics.preprocess_duration.labels(served.name, str(served.version)).observe(
                 preprocessed - start)
@@ -99,22 +97,19 @@ class InferenceCore:
                                   compute_s=computed.compute_s, postprocess_s=end - post_start)
         return result
 
-    async def _preprocess(self, served: ServedVersion,
-                          images: list[ImageInput]) -> list[np.ndarray]:
+    async def _preprocess(self, served: ServedVersion, images: list[ImageInput],
+                          deadline: float | None) -> list[np.ndarray]:
         """Raw tensors only validate (zero-copy views): done inline. Encoded images decode in the
-        preprocessing pool, one image per task, in parallel. Normalization happens later, in
-        the batch (``Preprocessor.assemble``)."""
+        decode pool, within the request's pixel budget. Normalization happens later, in the
+        batch (``Preprocessor.assemble``)."""
         prep = served.preprocessor
-        loop = asyncio.get_running_loop()
-        results: list[np.ndarray | asyncio.Future[np.ndarray]] = []
-        for i, image in enumerate(images):
-            if isinstance(image, RawTensor):
-                results.append(prep.prepare(i, image))
-            else:
-                # in the request's context: a log line from the decoder carries its request id
-                results.append(loop.run_in_executor(self._executor, contextvars.copy_context().run,
-                                                    prep.prepare, i, image))
-        pending = [r for r in results if isinstance(r, asyncio.Future)]
-        if pending:
-            await asyncio.gather(*pending)
-        return [r.result() if isinstance(r, asyncio.Future) else r for r in results]
+        results: list[np.ndarray | None] = [prep.prepare(i, image)
+                                            if isinstance(image, RawTensor) else None
+                                            for i, image in enumerate(images)]
+        encoded = [(i, image.data) for i, image in enumerate(images)
+                   if isinstance(image, EncodedImage)]
+        if encoded:
+            decoded = await self._pool.decode(prep, encoded, served.where, deadline)
+            for (i, _), pixels in zip(encoded, decoded, strict=True):
+                results[i] = pixels
+        return results  # type: ignore[return-value]  # every image prepared

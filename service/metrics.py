@@ -47,6 +47,10 @@ class Metrics:
             "visionserve_queue_depth", "Images waiting in the batching queue.", mv, registry=r)
         self.queue_capacity = Gauge(
             "visionserve_queue_capacity", "Batching queue capacity, in images.", mv, registry=r)
+        self.decode_queue = Gauge(
+            "visionserve_decode_queue_pixels",
+            "Pixels of encoded images admitted for decoding and not yet decoded (bounded by "
+            "--max-decode-queue-pixels).", registry=r)
         self.inflight = Gauge(
             "visionserve_inflight_requests", "RPCs being handled now.", ("method",), registry=r)
         self.expired = Counter(

@@ -8,7 +8,8 @@ float32 operations as ToTensor + Normalize, vectorized over the image.
 
 Two steps: ``prepare`` (per image, when the request arrives) validates raw tensors — zero-copy
 views of the request's bytes, cheap enough for the event loop — or decodes an encoded image to
-uint8 pixels (blocking CPU work that releases the GIL in Pillow: the preprocessing pool runs it).
+uint8 pixels: ``open`` reads and checks its header, ``decode`` its pixels (blocking CPU work that
+releases the GIL in Pillow: the decode pool, ``decode_pool``, runs both).
 ``assemble`` (per batch, in the batcher's thread) writes every image into the batch, normalizing
 uint8 pixels on the way: no per-image thread hop for raw tensors, one pass over the pixels.
 """
@@ -16,6 +17,8 @@ uint8 pixels on the way: no per-image thread hop for raw tensors, one pass over 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +64,19 @@ class RawTensor:
 ImageInput = EncodedImage | RawTensor
 
 
+@dataclass(frozen=True, slots=True)
+class OpenedImage:
+    """An encoded image whose header was read and checked; no pixel decoded yet."""
+
+    index: int  # in the request, for messages
+    image: Image.Image
+
+    @property
+    def pixels(self) -> int:
+        width, height = self.image.size
+        return width * height
+
+
 class Preprocessor:
     """Turns one model version's inputs into float32 CHW arrays. Thread-safe (no mutable state)."""
 
@@ -81,7 +97,7 @@ class Preprocessor:
         the batch, in the batcher's thread. Raw tensors only validate here (cheap: run inline);
         encoded images decode (run in the preprocessing pool)."""
         if isinstance(image, EncodedImage):
-            return _chw(self._decode(index, image.data), "HWC")
+            return self.decode(self.open(index, image.data))
         return self._raw(index, image)
 
     def assemble(self, items: list[np.ndarray]) -> np.ndarray:
@@ -103,24 +119,44 @@ class Preprocessor:
         """One image → normalized float32 [C, H, W] (prepare + assemble, for tools and tests)."""
         return self.assemble([self.prepare(index, image)])[0]
 
-    def _decode(self, index: int, data: bytes) -> np.ndarray:
-        spec, field = self._spec, f"images[{index}]"
+    def open(self, index: int, data: bytes) -> OpenedImage:
+        """Read an encoded image's header only: its byte size, format and pixel count are
+        checked here, before a pixel is decoded (and its pixels count against the request's
+        budget, ``decode_pool``)."""
+        field = f"images[{index}]"
         if len(data) > self._limits.max_encoded_image_bytes:
             raise LimitExceeded(f"{self._where}: {field} is {len(data)} bytes, over the "
                                 f"{self._limits.max_encoded_image_bytes}-byte limit for an "
                                 "encoded image; re-encode it smaller")
-        try:
+        with self._undecodable(field):
             img = Image.open(io.BytesIO(data))  # reads the header only
             if img.format not in ACCEPTED_FORMATS:
                 raise InvalidInput(f"{self._where}: {field} is a {img.format} image; send JPEG, "
                                    "PNG or WebP")
             self._check_size(field, img.size)
+        return OpenedImage(index, img)
+
+    def decode(self, opened: OpenedImage) -> np.ndarray:
+        """An opened image → its uint8 CHW pixels, resized and cropped (blocking CPU work)."""
+        spec, img = self._spec, opened.image
+        with self._undecodable(f"images[{opened.index}]"):
             if spec.decoder == "fast" and img.format in ("JPEG", "MPO"):
                 img.draft(img.mode if img.mode in ("L", "RGB") else None,
                           scaled_decode_size(img.size, spec))
             img.load()  # an animated WebP/MPO: its first frame
             img = ImageOps.exif_transpose(img)
             img = _to_mode(img, "L" if spec.color == "L" else "RGB")
+        img = resize_crop(img, spec)
+        pixels = np.asarray(img)
+        if spec.color == "BGR":
+            pixels = pixels[..., ::-1]
+        return _chw(pixels, "HWC")
+
+    @contextmanager
+    def _undecodable(self, field: str) -> Iterator[None]:
+        """Any failure of Pillow on untrusted bytes, as the client's error."""
+        try:
+            yield
         except VisionServeError:
             raise
         except Image.DecompressionBombError:
@@ -137,11 +173,6 @@ class Preprocessor:
             raise InvalidInput(f"{self._where}: {field} could not be decoded as an image "
                                f"({reason}); send the unmodified bytes of a JPEG, PNG or WebP "
                                "file") from None
-        img = resize_crop(img, spec)
-        pixels = np.asarray(img)
-        if spec.color == "BGR":
-            pixels = pixels[..., ::-1]
-        return pixels
 
     def _check_size(self, field: str, size: tuple[int, int]) -> None:
         """Refuse, from the header alone, images whose pixels (or whose resized pixels: an

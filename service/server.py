@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
@@ -33,6 +32,7 @@ from .api.strict import add_servicer
 from .api.vision import VisionServicer
 from .config import ServerConfig, cpu_count
 from .control import ModelControl
+from .decode_pool import DecodePool
 from .inference import InferenceCore
 from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
@@ -59,8 +59,7 @@ class Server:
         self.router = Router(self.lifecycle)
         self.sync = RepositorySync(self.router, config.limits, self.metrics, self._readiness)
         threads = config.preprocess_threads or cpu_count()
-        self._preprocess_pool = ThreadPoolExecutor(max_workers=threads,
-                                                   thread_name_prefix="preprocess")
+        self._decode_pool = DecodePool(threads, config.limits, self.metrics.decode_queue)
         self.admission = Admission(self.lifecycle, config.limits.max_inflight_requests)
         self.grpc = self._build_grpc()
         self.grpc_port = 0
@@ -80,7 +79,7 @@ class Server:
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 1),
             ])
-        core = InferenceCore(self.router, self._preprocess_pool, config.limits, self.metrics)
+        core = InferenceCore(self.router, self._decode_pool, config.limits, self.metrics)
         control = ModelControl(self.router, self.sync, config.model_control)
         calls = CallHandler(control, self.metrics, self.admission, AccessLog(config.access_log))
         wire = wire_limits.schemas(config.limits)  # counts checked before protobuf parses
@@ -177,7 +176,7 @@ class Server:
             await asyncio.wait_for(self.sync.close(), timeout=10)
         except TimeoutError:
             log.error("models did not unload within 10 s of the grace period; exiting anyway")
-        self._preprocess_pool.shutdown(wait=True)
+        self._decode_pool.shutdown()
         if self._http_server is not None:
             self._http_server.shutdown()
             self._http_server.server_close()

@@ -3,6 +3,7 @@ clients (``tritonclient.grpc``) speak it. ModelInfer meets the same batchers as 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -133,7 +134,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: kpb.ModelInferRequest,
                      context: grpc.aio.ServicerContext) -> tuple[kpb.ModelInferResponse, int]:
-        call = infer_call(request, self._core.limits.max_images_per_request)
+        max_images = self._core.limits.max_images_per_request
+        if any(t.HasField("contents") for t in request.inputs):
+            # typed contents: up to 64 MiB of values to convert, a second of CPU at worst;
+            # in a thread, where numpy releases the GIL, so the loop keeps answering
+            call = await asyncio.to_thread(infer_call, request, max_images)
+        else:
+            call = infer_call(request, max_images)
         result = await self._core.model_infer(call, deadline_of(context))
         return infer_reply(result), result.version
 
