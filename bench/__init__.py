@@ -5,7 +5,7 @@ drive servers), never the other way round, and its third-party needs come with t
 extra (``pip install 'visionserve[bench]'``). The server's CLI dispatches the ``bench*``
 commands here and imports nothing of this package for any other command.
 
-- ``cli``        — the ``bench``, ``bench-overload`` and ``bench-decode`` commands
+- ``cli``        — the ``bench``, ``bench-overload``, ``bench-decode``, ``bench-attacks`` commands
 - ``schedule``   — Poisson arrival schedules and percentile helpers (pure functions)
 - ``loadgen``    — the load generator, run in its own process (grpc.aio, closed or open loop)
 - ``launch``     — starting servers: visionserve (batching on/off variants) and Triton (peer)
@@ -14,6 +14,7 @@ commands here and imports nothing of this package for any other command.
 - ``decoders``   — the preprocessing bench (JPEG decode + resize + normalize, per decoder)
 - ``run``        — the orchestration behind ``visionserve bench``
 - ``overload``   — the orchestration behind ``visionserve bench-overload``
+- ``attacks``    — ``visionserve bench-attacks``: one request per class of hostile input
 """
 
 from __future__ import annotations

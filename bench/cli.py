@@ -28,6 +28,12 @@ DESCRIPTIONS = {
                       "and refused rates, how fast refusals come back, admitted latency "
                       "percentiles, and the server's RSS and queue depth (docs/benchmarks.md, "
                       "Overload).",
+    "bench-attacks": "Starts a server and sends it one request of each class of hostile input "
+                     "(requested outputs, repeated fields, typed contents, decode cost, echoed "
+                     "strings); per request: its status and how fast it came, the server's RSS "
+                     "and threads before, at their peak and after, and the slowest of the "
+                     "health checks sent meanwhile (docs/security.md). Exits 1 if any status "
+                     "differs from the expected one or the server died.",
     "bench-decode": "For photo sizes (640x480, 1920x1080 by default): images/s per core of each "
                     "decoder (Pillow exact = the reference, Pillow draft, Pillow reducing_gap, "
                     "simplejpeg, OpenCV) and its top-1/top-5 agreement with the reference "
@@ -55,6 +61,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         from .overload import add_arguments as add_overload_arguments
 
         add_overload_arguments(p)
+    elif command == "bench-attacks":
+        from .attacks import add_arguments as add_attack_arguments
+
+        add_attack_arguments(p)
     else:
         p.add_argument("--model", default="resnet50",
                        help="model whose input spec and predictions are used (newest version)")
@@ -78,6 +88,10 @@ def main(command: str, argv: list[str]) -> int:
         from .overload import run_overload
 
         return run_overload(args)
+    if command == "bench-attacks":
+        from .attacks import run_attacks
+
+        return run_attacks(args)
     return _bench_decode(args)
 
 

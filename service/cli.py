@@ -28,6 +28,7 @@ BENCH_COMMANDS = {
     "bench": "served throughput/latency beside the in-process engine and a peer",
     "bench-overload": "open-loop load at 2x capacity: shedding, p99, memory, recovery",
     "bench-decode": "JPEG decode+resize+normalize speed and accuracy per decoder",
+    "bench-attacks": "each class of hostile request: status, memory, threads, health latency",
 }
 
 

@@ -116,5 +116,8 @@ class DecodePool:
 
         await asyncio.gather(*(worker() for _ in range(min(self._threads, len(items)))))
         if failure is not None:
-            raise failure
+            try:
+                raise failure
+            finally:  # the traceback holds this frame: no cycle keeping the images alive
+                failure = None
         return results  # type: ignore[return-value]  # every slot filled

@@ -16,7 +16,9 @@ from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from conftest import encode, eventually, make_repo, photo, run_cli, start_server
-from visionserve.bench.launch import rss_mb
+from visionserve.bench.attacks import ATTACKS, send
+from visionserve.bench.launch import Launched, rss_mb
+from visionserve.service.config import InputSpec
 from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 
@@ -284,3 +286,21 @@ def test_pixel_budgets_that_could_never_admit_an_image_are_refused_at_start(tmp_
     result = run_cli("serve", "--repo", str(tmp_path), *flags)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+# --- every class at once, measured -------------------------------------------------------------
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: f"{a.name}: {a.sent}")
+def test_each_class_of_hostile_request_gets_its_status_with_memory_and_health_bounded(srv,
+                                                                                      attack):
+    """The requests of `visionserve bench-attacks` (docs/security.md's table): each gets its
+    status; the server keeps answering health checks meanwhile and holds no memory after."""
+    spec = InputSpec()  # resnet18's input
+    outcome = send(Launched("srv", srv.process, srv.log_path, srv.grpc_port), attack,
+                   "resnet18", spec)
+    assert outcome.code == attack.expected.name, outcome.details
+    assert outcome.health_failures == 0
+    assert outcome.health_max_s < 5  # a bound against a stalled loop, not a benchmark
+    assert outcome.rss_after_mb - outcome.rss_before_mb < 100
+    assert outcome.threads_after <= outcome.threads_before + 2  # decode threads start lazily
+    assert srv.process.poll() is None

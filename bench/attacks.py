@@ -1,0 +1,287 @@
+"""``visionserve bench-attacks``: each class of hostile request against a real server.
+
+One request per class of input that once made the server do unbounded work (issue 16): what is
+sent, the status it gets and how fast, and — sampled from the server process every 20 ms while
+it is being answered — its peak RSS and thread count, and the slowest answer of a health check
+sent every 50 ms on another connection. The tests (``tests/test_request_limits.py``) send the
+same requests and hold them to their bounds; this command prints the table of
+``docs/security.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as kpb  # not visionserve.inference: the same names
+
+from visionserve.service.config import InputSpec, ModelConfig
+from visionserve.service.model_format import CONFIG_FILE, EMBEDDING, INPUT
+from visionserve.v1 import visionserve_pb2 as pb
+
+from . import report
+from .launch import Launched, rss_mb, start_visionserve
+
+CLASSIFY = "/visionserve.v1.VisionService/Classify"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str  # the class of input
+    sent: str  # what the request holds
+    method: str
+    build: Callable[[str, InputSpec], bytes]  # (model, its input spec) -> serialized request
+    expected: grpc.StatusCode
+
+
+def _infer(model: str, **fields: object) -> kpb.ModelInferRequest:
+    return kpb.ModelInferRequest(model_name=model, **fields)  # type: ignore[arg-type]
+
+
+def _bytes_input(images: list[bytes]) -> dict[str, object]:
+    return {"inputs": [kpb.ModelInferRequest.InferInputTensor(name=INPUT, datatype="BYTES",
+                                                              shape=[len(images)])],
+            "raw_input_contents": [b"".join(len(i).to_bytes(4, "little") + i for i in images)]}
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A flat-colour PNG: a few hundred bytes per megapixel, the full pixel count to decode."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 120, 120)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _outputs(model: str, spec: InputSpec) -> bytes:
+    image = flat_png(spec.width, spec.height)
+    return _infer(model, outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(
+        name=EMBEDDING)] * 20_000, **_bytes_input([image])).SerializeToString()
+
+
+def _empty_images(model: str, spec: InputSpec) -> bytes:
+    name = model.encode()
+    head = b"\n" + bytes([len(name)]) + name
+    return head + b"\x1a\x00" * ((64 * MiB - len(head)) // 2)
+
+
+def _bytes_elements(model: str, spec: InputSpec) -> bytes:
+    return _infer(model, inputs=[kpb.ModelInferRequest.InferInputTensor(
+        name=INPUT, datatype="BYTES", shape=[1],
+        contents=kpb.InferTensorContents(bytes_contents=[b""] * 1_000_000))]).SerializeToString()
+
+
+def _typed_fp32(model: str, spec: InputSpec) -> bytes:
+    values = np.zeros(16 * MiB - 64, np.float32)  # the largest that fits in 64 MiB
+    return _infer(model, inputs=[kpb.ModelInferRequest.InferInputTensor(
+        name=INPUT, datatype="FP32", shape=[1, 1, 1, len(values)],
+        contents=kpb.InferTensorContents(fp32_contents=values))]).SerializeToString()
+
+
+def _typed_uint8(model: str, spec: InputSpec) -> bytes:
+    values = np.full(32 * MiB - 64, 200, np.uint32)  # two bytes each on the wire: 64 MiB
+    return _infer(model, inputs=[kpb.ModelInferRequest.InferInputTensor(
+        name=INPUT, datatype="UINT8", shape=[1, 1, 1, len(values)],
+        contents=kpb.InferTensorContents(uint_contents=values))]).SerializeToString()
+
+
+def _decode_cost(model: str, spec: InputSpec) -> bytes:
+    image = flat_png(8000, 5000)  # 40 MP, the per-image limit
+    return pb.ClassifyRequest(model=model, images=[pb.Image(encoded=image)] * 256) \
+        .SerializeToString()
+
+
+def _echo(model: str, spec: InputSpec) -> bytes:
+    name = "é" * 100_000  # 200 KB of UTF-8, echoed in the error if nothing bounded it
+    return _infer(model, inputs=[kpb.ModelInferRequest.InferInputTensor(
+        name=name, datatype="FP32", shape=[1, *spec.shape])],
+        raw_input_contents=[bytes(4 * int(np.prod(spec.shape)))]).SerializeToString()
+
+
+def _one_big_image(model: str, spec: InputSpec) -> bytes:
+    return pb.ClassifyRequest(model=model, images=[pb.Image(encoded=bytes(64 * MiB - 64))]) \
+        .SerializeToString()
+
+
+ATTACKS = (
+    # not an attack: what any 64 MiB message costs in gRPC's transport before our code runs
+    Attack("baseline", "64 MiB Classify of one 64 MiB image (over --max-image-bytes)", CLASSIFY,
+           _one_big_image, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    Attack("requested outputs", "ModelInfer naming `embedding` 20,000 times (one image)",
+           MODEL_INFER, _outputs, grpc.StatusCode.INVALID_ARGUMENT),
+    Attack("repeated fields", "64 MiB Classify of 33.5 M empty images", CLASSIFY,
+           _empty_images, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    Attack("repeated fields", "ModelInfer BYTES with 1 M empty `bytes_contents` (2 MB)",
+           MODEL_INFER, _bytes_elements, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    Attack("typed contents", "64 MiB of FP32 `fp32_contents` (16 M values)", MODEL_INFER,
+           _typed_fp32, grpc.StatusCode.INVALID_ARGUMENT),
+    Attack("typed contents", "64 MiB of UINT8 `uint_contents` (32 M two-byte varints)",
+           MODEL_INFER, _typed_uint8, grpc.StatusCode.INVALID_ARGUMENT),
+    Attack("decode cost", "Classify of 256 flat 40 MP PNGs (30 MB, 10 G pixels)", CLASSIFY,
+           _decode_cost, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    Attack("status messages", "an input named with 100,000 × `é` (200 KB)", MODEL_INFER, _echo,
+           grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+@dataclass
+class Outcome:
+    attack: Attack
+    code: str
+    details: str
+    seconds: float
+    rss_before_mb: float
+    rss_peak_mb: float
+    rss_after_mb: float
+    threads_before: int
+    threads_peak: int
+    threads_after: int
+    health_max_s: float
+    health_failures: int
+
+
+def threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+class Watch:
+    """While a request is answered: the server's RSS and threads every 20 ms, and a health
+    check every 50 ms on its own connection (its slowest answer, and failures)."""
+
+    def __init__(self, pid: int, target: str) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self._pid = pid
+        self._channel = grpc.insecure_channel(target)
+        health = health_pb2_grpc.HealthStub(self._channel)
+        self._check = lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        self._check()  # connected before the attack starts
+        self.rss_peak = rss_mb(pid)
+        self.threads_peak = threads(pid)
+        self.health_max = 0.0
+        self.health_failures = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._sample, daemon=True),
+                         threading.Thread(target=self._probe, daemon=True)]
+
+    def __enter__(self) -> Watch:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self._channel.close()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.rss_peak = max(self.rss_peak, rss_mb(self._pid))
+            self.threads_peak = max(self.threads_peak, threads(self._pid))
+
+    def _probe(self) -> None:
+        while not self._stop.wait(0.05):
+            start = time.monotonic()
+            try:
+                self._check()
+            except grpc.RpcError:
+                self.health_failures += 1
+            self.health_max = max(self.health_max, time.monotonic() - start)
+
+
+def send(server: Launched, attack: Attack, model: str, spec: InputSpec) -> Outcome:
+    """Send one attack's request to ``server`` and measure it."""
+    body = attack.build(model, spec)
+    channel = grpc.insecure_channel(server.target, options=[
+        ("grpc.max_send_message_length", 65 * MiB),
+        ("grpc.max_receive_message_length", 65 * MiB)])
+    call = channel.unary_unary(attack.method, request_serializer=None,
+                               response_deserializer=None)
+    pid = server.process.pid
+    time.sleep(0.5)  # the previous attack's memory, if any, returned
+    rss_before, threads_before = rss_mb(pid), threads(pid)
+    code, details = "OK", ""
+    with Watch(pid, server.target) as watch:
+        start = time.monotonic()
+        try:
+            call(body, timeout=120)
+        except grpc.RpcError as err:
+            code, details = err.code().name, err.details() or ""
+        seconds = time.monotonic() - start
+        time.sleep(0.2)  # what happens right after the answer counts too
+    channel.close()
+    return Outcome(attack, code, details, seconds, rss_before, watch.rss_peak, rss_mb(pid),
+                   threads_before, watch.threads_peak, threads(pid), watch.health_max,
+                   watch.health_failures)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="resnet18", help="model the requests name")
+    p.add_argument("--repo", type=Path, default=Path("model_repo"))
+    p.add_argument("--serve-args", default="", help="extra `visionserve serve` flags")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+
+
+def run_attacks(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 10_000)
+    config = ModelConfig.from_toml(args.repo / args.model / CONFIG_FILE)
+    log = Path(tempfile.mkstemp(prefix="visionserve-attacks-", suffix=".log")[1])
+    server = start_visionserve(args.repo, "--model-control", "none",
+                               *shlex.split(args.serve_args), log_path=log)
+    outcomes = []
+    try:
+        with console.status("attacking…") as status:
+            for i, attack in enumerate(ATTACKS, 1):
+                status.update(f"attack {i}/{len(ATTACKS)}: {attack.sent}")
+                outcomes.append(send(server, attack, args.model, config.input))
+        alive = server.process.poll() is None
+    finally:
+        server.stop()
+    text = markdown(outcomes, "visionserve " + shlex.join(sys.argv[1:]))
+    console.print(text)
+    report.save(args.json, [vars(o) | {"attack": vars(o.attack) | {
+        "build": o.attack.build.__name__, "expected": o.attack.expected.name}}
+        for o in outcomes], args.markdown, text)
+    wrong = [o for o in outcomes if o.code != o.attack.expected.name]
+    for o in wrong:
+        console.print(f"[red]{o.attack.sent}: {o.code}, expected {o.attack.expected.name}: "
+                      f"{o.details}")
+    if not alive:
+        console.print(f"[red]the server died; its log: {log}")
+    return 1 if wrong or not alive else 0
+
+
+def markdown(outcomes: list[Outcome], command: str) -> str:
+    lines = [f"`{command}`", "",
+             "| class | sent | status | answered in | RSS before → peak → after (MB) | "
+             "threads before → peak → after | slowest health check |",
+             "|---|---|---|---|---|---|---|"]
+    for o in outcomes:
+        failures = f", {o.health_failures} failed" if o.health_failures else ""
+        lines.append(
+            f"| {o.attack.name} | {o.attack.sent} | {o.code} | {o.seconds:.2f} s | "
+            f"{o.rss_before_mb:.0f} → {o.rss_peak_mb:.0f} → {o.rss_after_mb:.0f} | "
+            f"{o.threads_before} → {o.threads_peak} → {o.threads_after} | "
+            f"{o.health_max_s * 1000:.0f} ms{failures} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["ATTACKS", "Attack", "Outcome", "run_attacks", "send"]
