@@ -2,7 +2,9 @@
 
 Everything is written into a hidden ``.tmp-<version>-<pid>`` folder inside the model folder (the
 server's scanner ignores hidden folders), then renamed to ``<version>``: on one filesystem the
-rename is atomic, so the server sees either no version or a complete one.
+rename is atomic, so the server sees either no version or a complete one. Every file and folder
+is flushed to disk (fsync) before the rename, and the model folder after it: after a power loss
+the version is either absent or complete, never present with empty or short files.
 """
 
 from __future__ import annotations
@@ -58,10 +60,28 @@ def publish(tmp: Path, model_dir: Path, version: int) -> Path:
         # mkdtemp made it 0700: a server running as another user (the serve image's uid
         # 10001, an export job's) could not read the version. Readable as the files in it are.
         os.chmod(tmp, _readable_dir_mode())
+        _fsync_tree(tmp)
         os.rename(tmp, target)  # atomic; fails if the target appeared meanwhile
+        _fsync(model_dir)  # the rename itself
     except OSError as exc:
         raise PublishError(f"could not publish {target}: {exc}") from exc
     return target
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every folder, deepest first."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _readable_dir_mode() -> int:
@@ -96,5 +116,9 @@ def triton_config(name: str, config: ModelConfig, num_classes: int, embedding_di
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)

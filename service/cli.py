@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "none: load every model once at start")
     p.add_argument("--poll-interval-s", type=float, default=defaults.poll_interval_s,
                    help="seconds between repository scans in poll mode")
+    p.add_argument("--allow-symlinks-outside-repo", action="store_true",
+                   default=defaults.allow_symlinks_outside_repo,
+                   help="follow symbolic links in the repository that lead outside it (refused "
+                        "by default, failing that model or version: docs/security.md); for "
+                        "volume layouts that link models in from elsewhere")
     p.add_argument("--load-model", action="append", default=[], metavar="NAME",
                    help="with --model-control explicit: a model to load at start (repeatable)")
     p.add_argument("--shutdown-grace-s", type=float, default=defaults.shutdown_grace_s,
@@ -336,6 +341,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, preprocess_threads=args.preprocess_threads,
         model_control=args.model_control, poll_interval_s=args.poll_interval_s,
         load_models=tuple(args.load_model),
+        allow_symlinks_outside_repo=args.allow_symlinks_outside_repo,
         shutdown_grace_s=args.shutdown_grace_s, shutdown_delay_s=args.shutdown_delay_s,
         metrics_host=args.metrics_host, tls=tls, ready_file=args.ready_file,
         auth_token=token, auth_open=auth_open, access_log=args.access_log,

@@ -186,6 +186,11 @@ class ModelConfig:
         except FileNotFoundError:
             raise ConfigError(f"{where}: missing; every model folder needs a config.toml "
                               "(see docs/config.md)") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: not UTF-8 text; TOML files are UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot be read ({exc.strerror or exc}); it must be a "
+                              "readable file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{where}: not valid TOML: {exc}") from None
         return cls.from_dict(raw, where)
@@ -206,6 +211,8 @@ class ModelConfig:
                     raise ConfigError(f"{where}: [{key}] must be a table")
                 top[key] = _build(sections[key], value, where, prefix=f"{key}.")
             elif key == "warmup":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}: [warmup] must be a table, got {value!r}")
                 warmup = _build(_Warmup, value, where, "warmup.")
                 top["warmup_batch_sizes"] = list(warmup.batch_sizes)
             else:
@@ -309,6 +316,9 @@ class ServerConfig:
     model_control: str = "poll"
     poll_interval_s: float = 5.0
     load_models: tuple[str, ...] = ()  # explicit mode: models to load at start
+    # follow symbolic links that leave the repository (refused by default: a labels.txt or a
+    # model folder linked to /etc would be read and served)
+    allow_symlinks_outside_repo: bool = False
     shutdown_grace_s: float = 30.0
     # readiness off, still serving, for this long before new calls are refused: time for a
     # load balancer (Kubernetes endpoints, a mesh) to stop sending new work here
@@ -343,11 +353,12 @@ def _build(cls: type, values: dict[str, Any], where: str, prefix: str) -> Any:
             if not isinstance(value, list):
                 raise ConfigError(f"{where}: {prefix}{key} must be a list, got {value!r}")
             value = tuple(value)
-            if default and not all(isinstance(v, type(default[0])) or
-                                   (isinstance(default[0], float) and isinstance(v, int))
-                                   for v in value):
+            item = _ITEM_TYPES[str(known[key].type)]
+            if not all(isinstance(v, item) and not isinstance(v, bool) or
+                       (item is float and isinstance(v, int) and not isinstance(v, bool))
+                       for v in value):
                 raise ConfigError(f"{where}: {prefix}{key} must be a list of "
-                                  f"{type(default[0]).__name__}, got {list(value)!r}")
+                                  f"{item.__name__}, got {list(value)!r}")
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: {prefix}{key} must be true or false, got {value!r}")
@@ -360,6 +371,11 @@ def _build(cls: type, values: dict[str, Any], where: str, prefix: str) -> Any:
                               f"got {value!r}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+# the element type of every tuple field, by its annotation (a string: postponed annotations)
+_ITEM_TYPES: dict[str, type] = {"tuple[int, ...]": int, "tuple[str, ...]": str,
+                                "tuple[float, ...]": float}
 
 
 def _is_nested(f: Any) -> bool:

@@ -7,7 +7,7 @@ sync directly. Load and unload are honoured in ``--model-control explicit`` mode
 
 from __future__ import annotations
 
-from .errors import ModelFailed, ModelNotFound
+from .errors import InvalidInput, ModelFailed, ModelNotFound
 from .repository_sync import RepositorySync
 from .routing import ModelStatus, Router, ServedVersion
 from .states import VersionState
@@ -59,6 +59,7 @@ class ModelControl:
     async def load(self, name: str, rpc: str) -> None:
         """(Re)load a model folder; raises if the mode forbids it or the model did not load."""
         self._require_explicit(rpc)
+        self._require_name(name, rpc)
         await self._sync.load_named(name)
         status = self._router.status(name)
         if status.state != VersionState.READY:
@@ -66,7 +67,14 @@ class ModelControl:
 
     async def unload(self, name: str, rpc: str) -> None:
         self._require_explicit(rpc)
+        self._require_name(name, rpc)
         await self._sync.unload_model(name)
+
+    @staticmethod
+    def _require_name(name: str, rpc: str) -> None:
+        if not name:
+            raise InvalidInput(f"{rpc}: model_name is empty; name the model folder to "
+                               f"{'unload' if 'Unload' in rpc else 'load'}")
 
     def _require_explicit(self, rpc: str) -> None:
         if self._mode != "explicit":

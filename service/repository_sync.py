@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .states import VersionState
 log = logging.getLogger(__name__)
 
 Readiness = Callable[[str, bool], Awaitable[None]]
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"(),;]+")
 
 
 async def _ignore(name: str, ready: bool) -> None:
@@ -36,7 +38,8 @@ async def _ignore(name: str, ready: bool) -> None:
 class RepositorySync:
     def __init__(self, router: Router, limits: ServerLimits, metrics: Metrics,
                  on_readiness: Readiness = _ignore,
-                 backend_factory: BackendFactory = create_backend) -> None:
+                 backend_factory: BackendFactory = create_backend,
+                 allow_outside: bool = False) -> None:
         self._router = router  # the only writer of its table and statuses
         self._backend_factory = backend_factory  # injected: tests drive the sync with fakes
         self._limits = limits
@@ -44,13 +47,15 @@ class RepositorySync:
         self._on_readiness = on_readiness  # e.g. the gRPC health service, per model name
         self._synced: dict[str, tuple[object, ...]] = {}  # fingerprint last synced, per model
         self._locks: dict[str, asyncio.Lock] = {}
+        self._allow_outside = allow_outside  # --allow-symlinks-outside-repo
         self.repo: Path | None = None
 
     async def load_repository(self, repo: Path, only: set[str] | None = None) -> None:
         """Initial load: every model of the repository (or those in ``only``)."""
         self.repo = repo
         # off the event loop: health answers while a large repository is read
-        entries = await asyncio.get_running_loop().run_in_executor(None, repository.scan, repo)
+        entries = await asyncio.get_running_loop().run_in_executor(
+            None, repository.scan, repo, self._allow_outside)
         for entry in entries:
             if only is None or entry.name in only:
                 await self.sync(entry)
@@ -62,7 +67,7 @@ class RepositorySync:
         assert self.repo is not None
         try:
             entries = await asyncio.get_running_loop().run_in_executor(
-                None, repository.scan, self.repo)
+                None, repository.scan, self.repo, self._allow_outside)
         except VisionServeError as exc:
             log.error("repository poll failed: %s", exc)
             return
@@ -79,7 +84,7 @@ class RepositorySync:
             raise ModelNotFound(f"model {name!r}: no folder {name!r} in the repository; "
                                 "export it first")
         entry = await asyncio.get_running_loop().run_in_executor(
-            None, repository.scan_model, self.repo / name)
+            None, repository.scan_model, self.repo / name, self.repo, self._allow_outside)
         await self.sync(entry, force=True)
 
     async def sync(self, entry: ModelEntry, force: bool = False) -> None:
@@ -105,18 +110,29 @@ class RepositorySync:
             else:
                 for number, reason in entry.version_errors.items():
                     self._fail(status, number, reason)
-                for ventry in entry.versions:
+                # the selected versions, then (latest-N policy) older ones in place of those
+                # that fail: the newest versions that load are served
+                for i, ventry in enumerate((*entry.versions, *entry.fallbacks)):
+                    fallback = i >= len(entry.versions)
+                    if fallback and len(final) >= entry.wanted:
+                        break
                     current = old.get(ventry.version)
                     if (current is not None and not force
                             and current.config_fingerprint == entry.config_fingerprint
                             and current.fingerprint == ventry.fingerprint):
-                        final[ventry.version] = current
+                        served: ServedVersion | None = current
                         status.versions[ventry.version] = VersionStatus(
                             version=ventry.version, state=VersionState.READY)
+                    else:
+                        served = await self._try_load(status, entry, ventry)
+                    if served is None:
                         continue
-                    served = await self._try_load(status, entry, ventry)
-                    if served is not None:
-                        final[ventry.version] = served
+                    final[ventry.version] = served
+                    if fallback:
+                        log.warning("model %s: serving version %d in place of a newer version "
+                                    "that failed", name, ventry.version)
+                        status.versions[ventry.version].reason = \
+                            "serving in place of a newer version that failed to load"
             if not final and old:
                 log.error("model %s: nothing new could be loaded; versions %s keep serving",
                           name, sorted(old))
@@ -212,12 +228,14 @@ class RepositorySync:
 
     def _public(self, text: str | None) -> str | None:
         """A reason as clients see it (GetModel, errors): paths relative to the repository,
-        never the server's own directories. Logs keep the full paths."""
+        never the server's own directories (an engine's message may name a resolved path
+        anywhere on the host: it is replaced). Logs keep the full paths."""
         if not text or self.repo is None:
             return text
-        for root in {str(self.repo.resolve()), str(self.repo)} - {".", ""}:
+        for root in {str(self.repo.resolve()), str(self.repo.absolute()), str(self.repo)} \
+                - {".", ""}:
             text = text.replace(root.rstrip("/") + "/", "")
-        return text
+        return _ABSOLUTE_PATH.sub("<a path outside the repository>", text)
 
     def _fail(self, status: ModelStatus, version: int, reason: str) -> None:
         log.error("model %s version %d failed to load: %s", status.name, version, reason)

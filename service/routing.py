@@ -65,7 +65,9 @@ class Router:
     # --- reads ---------------------------------------------------------------------------------
 
     def resolve(self, name: str, version: int) -> ServedVersion:
-        """The version a request goes to (0 = newest ready); raises a client-facing error."""
+        """The version a request goes to (0 = newest ready), or the client-facing error: not
+        ready yet (loading, unloaded) is UNAVAILABLE, which clients retry; FAILED_PRECONDITION
+        only for a version that failed to load; NOT_FOUND only for what is not there."""
         status = self._status.get(name)
         if status is None:
             if self._lifecycle.loading:
@@ -78,9 +80,12 @@ class Router:
             ready = self._routed(table, name)
             if ready:
                 return ready[0]
+            if status.state == VersionState.LOADING:
+                raise ModelUnavailable(f"model {name} is loading and has no ready version yet; "
+                                       "retry shortly")
             if status.state == VersionState.UNLOADED:
-                raise ModelNotFound(f"model {name} is unloaded; load it again (KServe "
-                                    "RepositoryModelLoad) to serve it")
+                raise ModelUnavailable(f"model {name} is unloaded; load it (KServe "
+                                       "RepositoryModelLoad), then retry")
             raise ModelFailed(f"model {name} has no ready version: {status.reason or status.state}")
         served = table.get((name, version))
         if served is not None:
@@ -88,6 +93,8 @@ class Router:
         vstatus = status.versions.get(version)
         if vstatus is not None and vstatus.state == VersionState.FAILED:
             raise ModelFailed(f"model {name} version {version} failed to load: {vstatus.reason}")
+        if vstatus is not None and vstatus.state == VersionState.LOADING:
+            raise ModelUnavailable(f"model {name} version {version} is loading; retry shortly")
         ready_numbers = [s.version for s in self._routed(table, name)]
         raise ModelNotFound(f"model {name} version {version} is not served (ready versions: "
                             f"{ready_numbers or 'none'}); pass version 0 for the newest")

@@ -57,7 +57,8 @@ class Server:
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
         self.router = Router(self.lifecycle)
-        self.sync = RepositorySync(self.router, config.limits, self.metrics, self._readiness)
+        self.sync = RepositorySync(self.router, config.limits, self.metrics, self._readiness,
+                                   allow_outside=config.allow_symlinks_outside_repo)
         threads = config.preprocess_threads or cpu_count()
         self._decode_pool = DecodePool(threads, config.limits, self.metrics.decode_queue)
         self.admission = Admission(self.lifecycle, config.limits.max_inflight_requests)

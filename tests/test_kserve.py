@@ -340,8 +340,8 @@ def test_explicit_model_control_loads_and_unloads_on_request(server_factory):
         assert client.infer("resnet18", [fp32_input(x)]).as_numpy(LOGITS).shape == (1, 1000)
         client.unload_model("resnet18")
         assert not client.is_model_ready("resnet18")
-        err = refused(client.infer, "resnet18", [fp32_input(x)])
-        assert err.status() == "StatusCode.NOT_FOUND" and "unloaded" in err.message()
+        err = refused(client.infer, "resnet18", [fp32_input(x)])  # not ready: retry once loaded
+        assert err.status() == "StatusCode.UNAVAILABLE" and "unloaded" in err.message()
         index = {m.name: m.state for m in client.get_model_repository_index().models}
         assert index == {"lenet5": "READY", "resnet18": "UNAVAILABLE"}
         client.load_model("resnet18")

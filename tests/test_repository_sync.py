@@ -104,8 +104,23 @@ async def test_a_broken_new_version_never_replaces_the_working_one(models, repo)
     versions = models.router.status("m").versions
     assert versions[2].state == VersionState.FAILED and "the engine refused it" in \
         versions[2].reason
-    assert versions[1].state == VersionState.READY and "kept serving" in versions[1].reason
+    assert versions[1].state == VersionState.READY and "in place of a newer version" in \
+        versions[1].reason
     assert not models.engines.loaded[1].closed
+
+
+async def test_a_cold_start_with_a_broken_newest_version_serves_the_one_before(repo):
+    publish(repo, 2, b"weights")
+    publish(repo, 3, b"broken")
+    cold = Models()
+    await cold.sync.load_repository(repo)
+    try:
+        assert cold.router.resolve("m", 0).version == 2  # the newest that loads, not 1
+        versions = cold.router.status("m").versions
+        assert versions[3].state == VersionState.FAILED
+        assert set(cold.engines.loaded) == {2}  # version 1 was never needed
+    finally:
+        await cold.sync.close()
 
 
 async def test_fixing_a_failed_versions_files_retries_it(models, repo):

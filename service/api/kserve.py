@@ -14,9 +14,10 @@ from visionserve.inference import model_config_pb2 as mc
 
 from .. import package_version, triton_config
 from ..control import ModelControl
-from ..errors import VisionServeError
+from ..errors import InvalidInput, VisionServeError
 from ..inference import InferenceCore
 from ..lifecycle import Lifecycle
+from ..logs import printable
 from ..routing import ModelStatus, ServedVersion
 from ..states import VersionState
 from ..statistics import Duration
@@ -165,6 +166,12 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request, context):
         async def work() -> tuple[kpb.RepositoryModelLoadResponse, int]:
+            if request.parameters:  # Triton's config / file: overrides; never ignored silently
+                raise InvalidInput(
+                    f"model {printable(request.model_name)}: RepositoryModelLoad parameters "
+                    f"({printable(', '.join(sorted(request.parameters)))}) are not supported: "
+                    "the repository is the only source of models; publish a new version "
+                    "(`visionserve export`) and load without parameters")
             await self._control.load(request.model_name, "RepositoryModelLoad")
             return kpb.RepositoryModelLoadResponse(), 0
 
