@@ -379,3 +379,63 @@ def test_export_flushes_every_file_and_folder_before_the_rename_that_publishes(t
                    and '/1"' in line)
     assert sum("fsync(" in line for line in calls[:publish]) >= 4, calls  # files and folders
     assert any("fsync(" in line for line in calls[publish + 1:]), calls  # the model folder
+
+
+def test_an_engine_reason_never_names_a_host_path_outside_the_repository(exported_repo,
+                                                                         tmp_path):
+    """ONNX Runtime refuses an initializer stored outside the model's folder, and its message
+    names the resolved path on the host; clients see the reason without it."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    onnx_file = repo / "lenet5" / "1" / "model.onnx"
+    graph = onnx.load(onnx_file)
+    convert_model_to_external_data(graph, all_tensors_to_one_file=True, location="w.bin",
+                                   size_threshold=1024)  # the weights, not shape constants
+    onnx.save(graph, onnx_file)
+    elsewhere = tmp_path / "weights-elsewhere.bin"  # outside the repository
+    (onnx_file.parent / "w.bin").rename(elsewhere)
+    graph = onnx.load(onnx_file, load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../../weights-elsewhere.bin"  # leaves the folder: refused
+    onnx_file.write_bytes(graph.SerializeToString())
+    srv = start_server(repo, tmp_path / "server.log")
+    try:
+        info = model(srv, "lenet5")
+        assert info.state == pb.MODEL_STATE_FAILED, info
+        assert "/tmp" not in info.reason and str(tmp_path) not in info.reason, info.reason
+        assert "<a path outside the repository>" in info.reason, info.reason
+        assert str(tmp_path) in srv.log()  # the operator's log keeps the full path
+    finally:
+        srv.stop()
+
+
+def mutated_configs():
+    """The real exported config, one value replaced by an arbitrary TOML literal."""
+    text = (ROOT / "model_repo" / "lenet5" / "config.toml").read_text()
+    lines = text.splitlines()
+    values = [i for i, line in enumerate(lines) if " = " in line]
+    literals = st.sampled_from(["-1", "0", "1e400", "'x'", "[]", "['a', 1]", "[[1]]", "true",
+                                "{}", "{a = 1}", "1979-05-27", "nan", "inf", "9" * 30, "''",
+                                "[1, 2.5]", '"\\u00e9"'])
+    return st.tuples(st.sampled_from(values), literals).map(
+        lambda change: "\n".join(
+            line if i != change[0] else line.split(" = ")[0] + " = " + change[1]
+            for i, line in enumerate(lines)))
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=mutated_configs())
+def test_mutated_configs_fail_their_model_with_a_reason_of_their_own(exported_repo,
+                                                                    tmp_path_factory, config):
+    repo = tmp_path_factory.mktemp("mutated")
+    shutil.copytree(exported_repo / "lenet5", repo / "m")
+    (repo / "m" / "config.toml").write_text(config)
+    (entry,) = scan(repo)
+    if entry.config is None:
+        assert entry.error.startswith("m/config.toml: "), entry.error
+        assert "its folder could not be read" not in entry.error
