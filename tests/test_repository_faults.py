@@ -363,6 +363,7 @@ def test_random_repository_trees_never_stop_the_scan(exported_repo, tmp_path_fac
             assert str(repo) not in reason and "/tmp" not in reason, reason
 
 
+@pytest.mark.slow  # an export under strace: ~50 s
 def test_export_flushes_every_file_and_folder_before_the_rename_that_publishes(tmp_path):
     strace = shutil.which("strace")
     if strace is None:
