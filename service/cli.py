@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address of the /metrics HTTP server (default: --host), e.g. 127.0.0.1 "
                         "or a cluster-internal address")
     p.add_argument("--grpc-port", type=int, default=defaults.grpc_port,
-                   help="0 = pick a free port, logged")
+                   help="0 = pick a free port, logged. Bound exclusively: a port in use is a "
+                        "start-up error (exit 2)")
+    p.add_argument("--reuse-port", action="store_true", default=defaults.reuse_port,
+                   help="set SO_REUSEPORT on the gRPC port, so that several servers share it "
+                        "and the kernel spreads connections over them (on purpose only: a "
+                        "stale server would silently take a share of the traffic)")
     p.add_argument("--metrics-port", type=int, default=defaults.metrics_port,
                    help="HTTP port of /metrics; 0 = pick a free port, logged")
     p.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
@@ -295,7 +300,7 @@ def env_defaults(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from .config import ServerConfig, ServerLimits
     from .security import BearerTokenInterceptor, TlsConfig, load_token
-    from .server import serve
+    from .server import StartupError, serve
 
     if bool(args.tls_cert) != bool(args.tls_key):
         log.error("--tls-cert and --tls-key go together; give both (or neither)")
@@ -318,7 +323,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError("--auth-open needs a token (--auth-token-file or "
                              "VISIONSERVE_AUTH_TOKEN)")
         if tls:
-            tls.credentials()
+            tls.validate()
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -344,9 +349,14 @@ def _serve(args: argparse.Namespace) -> int:
         allow_symlinks_outside_repo=args.allow_symlinks_outside_repo,
         shutdown_grace_s=args.shutdown_grace_s, shutdown_delay_s=args.shutdown_delay_s,
         metrics_host=args.metrics_host, tls=tls, ready_file=args.ready_file,
+        reuse_port=args.reuse_port,
         auth_token=token, auth_open=auth_open, access_log=args.access_log,
         limits=limits)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 2
     return 0
 
 

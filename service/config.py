@@ -324,6 +324,7 @@ class ServerConfig:
     # load balancer (Kubernetes endpoints, a mesh) to stop sending new work here
     shutdown_delay_s: float = 0.0
     metrics_host: str = ""  # "" = the same address as gRPC
+    reuse_port: bool = False  # SO_REUSEPORT on the gRPC port: several servers share it
     tls: TlsConfig | None = None  # security.TlsConfig
     auth_token: str | None = None  # bearer token; None = no auth
     auth_open: tuple[str, ...] = ()  # access classes open without the token (security.OPENABLE)

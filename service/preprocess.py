@@ -41,7 +41,19 @@ _RESAMPLE = {
 # stays on: Image.open refuses a header that declares over twice Image.MAX_IMAGE_PIXELS
 # (~179 MP), and our flag may not exceed Image.MAX_IMAGE_PIXELS (ServerLimits), so ours always
 # speaks first up to there.
-ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP"})  # MPO: JPEGs from phone cameras
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # MPO: JPEGs from phone cameras
+Image.init()  # registers every plugin; ``formats`` picks the ones that may run
+# the parsers to run (an MPO file is opened by the JPEG parser, which has no MPO entry of its own)
+_OPEN_FORMATS = tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
+# Only the accepted formats' parsers ever see client bytes (``Image.open(formats=…)``): Pillow
+# would otherwise try each of its ~40 plugins' header parsers (EPS, PSD, FITS, ICNS…) in turn.
+# What a refused file is, for the message only, from its first bytes:
+_REFUSED_MAGIC = (
+    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"), (b"8BPS", "PSD"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"SIMPLE  =", "FITS"), (b"icns", "ICNS"), (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x00\x0cjP", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"), (b"DDS ", "DDS"),
+    (b"qoif", "QOI"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +140,12 @@ class Preprocessor:
             raise LimitExceeded(f"{self._where}: {field} is {len(data)} bytes, over the "
                                 f"{self._limits.max_encoded_image_bytes}-byte limit for an "
                                 "encoded image; re-encode it smaller")
+        refused = next((name for magic, name in _REFUSED_MAGIC if data.startswith(magic)), "")
+        if refused:
+            raise InvalidInput(f"{self._where}: {field} is a {refused} image; send JPEG, PNG "
+                               "or WebP")
         with self._undecodable(field):
-            img = Image.open(io.BytesIO(data))  # reads the header only
-            if img.format not in ACCEPTED_FORMATS:
-                raise InvalidInput(f"{self._where}: {field} is a {img.format} image; send JPEG, "
-                                   "PNG or WebP")
+            img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)  # the header only
             self._check_size(field, img.size)
         return OpenedImage(index, img)
 

@@ -46,6 +46,30 @@ class TlsConfig:
     key: Path
     client_ca: Path | None = None  # set: mutual TLS, clients must present a cert it signed
 
+    def validate(self) -> None:
+        """Parse the PEM material now, as the TLS library will: a certificate or key that does
+        not parse, or a key that does not match the certificate, is a usage error naming the
+        flag, not a "Failed to bind" traceback later."""
+        import ssl
+
+        for path, flag in ((self.cert, "--tls-cert"), (self.key, "--tls-key")):
+            _read(path, flag)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except ssl.SSLError as exc:
+            reason = exc.reason or str(exc)
+            raise ValueError(f"--tls-cert {self.cert} / --tls-key {self.key}: not a PEM "
+                             f"certificate chain and its matching private key ({reason}); "
+                             "check both files") from None
+        if self.client_ca is not None:
+            _read(self.client_ca, "--tls-client-ca")
+            try:
+                context.load_verify_locations(cafile=self.client_ca)
+            except (ssl.SSLError, ValueError) as exc:
+                raise ValueError(f"--tls-client-ca {self.client_ca}: not a PEM CA bundle "
+                                 f"({getattr(exc, 'reason', None) or exc})") from None
+
     def credentials(self) -> grpc.ServerCredentials:
         pairs = [(_read(self.key, "--tls-key"), _read(self.cert, "--tls-cert"))]
         if self.client_ca is None:
@@ -55,8 +79,9 @@ class TlsConfig:
 
 
 def load_token(token_file: Path | None) -> str | None:
-    """The bearer token from ``token_file`` (first line) or else $VISIONSERVE_AUTH_TOKEN; None
-    when neither is set (auth off)."""
+    """The bearer token from ``token_file`` (first line) or else $VISIONSERVE_AUTH_TOKEN, both
+    trimmed the same way (surrounding whitespace, a trailing newline from ``echo`` or a
+    Kubernetes secret, is not part of the token); None when neither is set (auth off)."""
     if token_file is not None:
         lines = _read(token_file, "--auth-token-file").decode().splitlines()
         token = lines[0].strip() if lines else ""
@@ -64,7 +89,13 @@ def load_token(token_file: Path | None) -> str | None:
             raise ValueError(f"--auth-token-file {token_file} is empty; put the token on its "
                              "first line")
         return token
-    return os.environ.get(TOKEN_ENV) or None
+    raw = os.environ.get(TOKEN_ENV)
+    if raw is None:
+        return None
+    token = raw.strip()
+    if not token:
+        raise ValueError(f"{TOKEN_ENV} is set but empty; unset it (no auth) or set the token")
+    return token
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -78,7 +78,10 @@ class Server:
             maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs or None, options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 1),
+                # exclusive by default: with SO_REUSEPORT a second server starts on a port in
+                # use and the kernel splits connections between it and the stale one
+                ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+                *TRANSPORT_LIMITS,
             ])
         core = InferenceCore(self.router, self._decode_pool, config.limits, self.metrics)
         control = ModelControl(self.router, self.sync, config.model_control)
@@ -105,13 +108,27 @@ class Server:
         """Listen (NOT_SERVING), load the repository, then go SERVING, unless ``stop`` was
         set meanwhile: a signal during the initial load never reports SERVING."""
         config = self.config
-        self._http_server, _ = start_http_server(
-            config.metrics_port, addr=config.metrics_host or config.host,
-            registry=self.metrics.registry)
+        metrics_host = config.metrics_host or config.host
+        try:
+            self._http_server, _ = start_http_server(config.metrics_port, addr=metrics_host,
+                                                     registry=self.metrics.registry)
+        except OSError as exc:
+            raise StartupError(f"--metrics-port {config.metrics_port}: cannot listen on "
+                               f"{metrics_host}:{config.metrics_port} ({exc.strerror}); is "
+                               "another server using it? Pick another port (0 = any free "
+                               "one)") from None
         self.metrics_port = self._http_server.server_port
         address = f"{config.host}:{config.grpc_port}"
-        self.grpc_port = self.grpc.add_secure_port(address, config.tls.credentials()) \
-            if config.tls else self.grpc.add_insecure_port(address)
+        try:
+            self.grpc_port = self.grpc.add_secure_port(address, config.tls.credentials()) \
+                if config.tls else self.grpc.add_insecure_port(address)
+        except RuntimeError:
+            self._close_http()
+            raise StartupError(
+                f"--grpc-port {config.grpc_port}: cannot listen on {address}: the port is in "
+                "use (another server, perhaps a stale one of ours) or the address is not this "
+                "machine's. Stop the other process or pick another port; --reuse-port shares "
+                "a port with another server on purpose") from None
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
         log.info("gRPC listening on %s:%d (%s; %s; NOT_SERVING until models are loaded)",
@@ -140,6 +157,12 @@ class Server:
         if config.model_control == "poll":
             self._poller = asyncio.create_task(
                 _poll(self.sync, config.poll_interval_s, self.stop))
+
+    def _close_http(self) -> None:
+        if self._http_server is not None:
+            self._http_server.shutdown()
+            self._http_server.server_close()
+            self._http_server = None
 
     async def wait(self) -> None:
         await self.stop.wait()
@@ -178,11 +201,31 @@ class Server:
         except TimeoutError:
             log.error("models did not unload within 10 s of the grace period; exiting anyway")
         self._decode_pool.shutdown()
-        if self._http_server is not None:
-            self._http_server.shutdown()
-            self._http_server.server_close()
+        self._close_http()
         self.lifecycle.advance(Phase.STOPPED)
         log.info("stopped")
+
+
+# HTTP/2 limits per connection (docs/security.md, "gRPC transport"): gRPC's own defaults are
+# unbounded streams per connection and connections kept for ever
+TRANSPORT_LIMITS = (
+    ("grpc.max_concurrent_streams", 256),  # calls in flight on one connection
+    ("grpc.max_connection_idle_ms", 15 * 60 * 1000),  # an idle connection is closed (GOAWAY)
+    # connections are re-established every 30 min (a load balancer gets to spread them again);
+    # calls in flight then have 5 min to finish on the old one
+    ("grpc.max_connection_age_ms", 30 * 60 * 1000),
+    ("grpc.max_connection_age_grace_ms", 5 * 60 * 1000),
+    # keepalive pings: at most one per 5 min without data, and a client that pings more often
+    # twice is disconnected (ENHANCE_YOUR_CALM); pings without calls are not allowed
+    ("grpc.http2.min_ping_interval_without_data_ms", 5 * 60 * 1000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.max_metadata_size", 16 * 1024),  # request headers (metadata) of one call, bytes
+)
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (a port it cannot bind): a usage error."""
 
 
 async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:

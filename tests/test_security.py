@@ -301,3 +301,91 @@ def test_a_model_whose_external_data_escapes_its_folder_fails_alone(exported_rep
                 tensor_image(np.zeros((1, 32, 32), np.float32))]), timeout=30).results
     finally:
         assert launched.stop() == 0
+
+
+# --- exposure (issue 18): what starts, what binds, what parses ---------------------------------
+
+def test_tls_material_that_does_not_parse_or_match_fails_at_start_naming_the_flag(
+        exported_repo, tmp_path, pki):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    _key_and_cert(other, "other", None)
+    for flags, named in (
+            (("--tls-cert", str(garbage), "--tls-key", str(pki.server_key)), "--tls-cert"),
+            (("--tls-cert", str(pki.server_cert), "--tls-key", str(other / "other.key")),
+             "its matching private key"),
+            (("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+              "--tls-client-ca", str(garbage)), "--tls-client-ca")):
+        result = run_cli("serve", "--repo", str(exported_repo), *flags)
+        assert result.returncode == 2, (flags, result.stderr[-2000:])
+        assert named in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_port_in_use_is_a_start_up_error_and_the_first_server_keeps_it(exported_repo,
+                                                                        tmp_path):
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log")
+    try:
+        second = run_cli("serve", "--repo", str(tmp_path / "repo"), "--host", "127.0.0.1",
+                         "--grpc-port", str(srv.grpc_port), "--metrics-port", "0")
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"--grpc-port {srv.grpc_port}: cannot listen on 127.0.0.1:{srv.grpc_port}: the " \
+               "port is in use" in second.stderr
+        assert "--reuse-port" in second.stderr and "Traceback" not in second.stderr
+        metrics = run_cli("serve", "--repo", str(tmp_path / "repo"), "--host", "127.0.0.1",
+                          "--grpc-port", "0", "--metrics-port", str(srv.metrics_port))
+        assert metrics.returncode == 2 and f"--metrics-port {srv.metrics_port}: cannot listen" \
+            in metrics.stderr
+        with grpc.insecure_channel(srv.target) as channel:  # every call still lands here
+            for _ in range(20):
+                assert classify(channel).version == 1
+    finally:
+        srv.stop()
+
+
+def test_a_token_is_trimmed_the_same_way_from_the_environment_and_from_a_file(exported_repo,
+                                                                             tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    token_file = tmp_path / "token"
+    token_file.write_text(f"  {TOKEN}  \n")
+    for args, env in ((("--auth-token-file", str(token_file)), {}),
+                      ((), {"VISIONSERVE_AUTH_TOKEN": f"{TOKEN}\n"})):  # echo's newline
+        srv = serve(repo, tmp_path / "s.log", *args, env=env)
+        try:
+            with grpc.insecure_channel(srv.target) as channel:
+                assert classify(channel, metadata=(("authorization", f"Bearer {TOKEN}"),))
+        finally:
+            srv.stop()
+    empty = run_cli("serve", "--repo", str(repo), env={"VISIONSERVE_AUTH_TOKEN": " \n"})
+    assert empty.returncode == 2 and "VISIONSERVE_AUTH_TOKEN is set but empty" in empty.stderr
+
+
+def test_only_the_accepted_formats_parsers_read_client_bytes(exported_repo, tmp_path):
+    """A PSD header declaring 30000 x 30000 pixels: Pillow's PSD parser would read it and refuse
+    it as a decompression bomb; it never runs, the file is refused as what it is."""
+    import struct
+
+    psd = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, 30000, 30000, 8, 3) + bytes(64)
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log")
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            err = status_of(pb_grpc.VisionServiceStub(channel).Classify, pb.ClassifyRequest(
+                model="lenet5", images=[pb.Image(encoded=psd)]), timeout=30)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "images[0] is a PSD image; send JPEG, PNG or WebP" in err.details()
+        assert "pixels" not in err.details()
+    finally:
+        srv.stop()
+
+
+def test_request_metadata_over_its_limit_is_refused_and_the_server_serves_on(exported_repo,
+                                                                            tmp_path):
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log")
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            err = status_of(classify, channel, metadata=(("x-padding", "x" * 32 * 1024),))
+            assert err.code() != grpc.StatusCode.OK
+            assert classify(channel).version == 1
+    finally:
+        srv.stop()
