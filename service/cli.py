@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="follow symbolic links in the repository that lead outside it (refused "
                         "by default, failing that model or version: docs/security.md); for "
                         "volume layouts that link models in from elsewhere")
+    p.add_argument("--trust-network", action="store_true",
+                   help="with --model-control explicit and no token: accept that anyone who "
+                        "can reach the port may load and unload every model (refused at start "
+                        "otherwise)")
+    p.add_argument("--load-interval-s", type=float, default=defaults.load_interval_s,
+                   help="with --model-control explicit: per model, after a burst of 4, at most "
+                        "one RepositoryModelLoad/Unload per this many seconds (each reloads and "
+                        "warms up the model); more are RESOURCE_EXHAUSTED. 0 = no limit")
     p.add_argument("--load-model", action="append", default=[], metavar="NAME",
                    help="with --model-control explicit: a model to load at start (repeatable)")
     p.add_argument("--shutdown-grace-s", type=float, default=defaults.shutdown_grace_s,
@@ -313,6 +321,13 @@ def _serve(args: argparse.Namespace) -> int:
                   "into a writable volume", args.ready_file)
         return 2
     auth_open = tuple(c for c in args.auth_open.split(",") if c)
+    if args.model_control == "explicit" and not (args.auth_token_file or os.environ.get(
+            "VISIONSERVE_AUTH_TOKEN", "").strip()) and not args.trust_network:
+        log.error("--model-control explicit without a token lets any client that reaches the "
+                  "port unload every model; set a token (--auth-token-file or "
+                  "VISIONSERVE_AUTH_TOKEN: load/unload then need it), or pass --trust-network "
+                  "if only trusted clients can reach the port")
+        return 2
     tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca) \
         if args.tls_cert else None
     try:  # fail at start, with the flag named, rather than at the first call
@@ -347,6 +362,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_control=args.model_control, poll_interval_s=args.poll_interval_s,
         load_models=tuple(args.load_model),
         allow_symlinks_outside_repo=args.allow_symlinks_outside_repo,
+        load_interval_s=args.load_interval_s,
         shutdown_grace_s=args.shutdown_grace_s, shutdown_delay_s=args.shutdown_delay_s,
         metrics_host=args.metrics_host, tls=tls, ready_file=args.ready_file,
         reuse_port=args.reuse_port,

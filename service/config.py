@@ -316,6 +316,7 @@ class ServerConfig:
     model_control: str = "poll"
     poll_interval_s: float = 5.0
     load_models: tuple[str, ...] = ()  # explicit mode: models to load at start
+    load_interval_s: float = 5.0  # explicit mode: per model, one load/unload per this (burst 4)
     # follow symbolic links that leave the repository (refused by default: a labels.txt or a
     # model folder linked to /etc would be read and served)
     allow_symlinks_outside_repo: bool = False

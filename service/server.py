@@ -84,7 +84,9 @@ class Server:
                 *TRANSPORT_LIMITS,
             ])
         core = InferenceCore(self.router, self._decode_pool, config.limits, self.metrics)
-        control = ModelControl(self.router, self.sync, config.model_control)
+        control = ModelControl(self.router, self.sync, config.model_control,
+                               "bearer token" if config.auth_token else "no token",
+                               config.load_interval_s)
         calls = CallHandler(control, self.metrics, self.admission, AccessLog(config.access_log))
         wire = wire_limits.schemas(config.limits)  # counts checked before protobuf parses
         add_servicer(pb_grpc.add_VisionServiceServicer_to_server,

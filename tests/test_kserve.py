@@ -329,6 +329,7 @@ def test_load_and_unload_are_refused_unless_model_control_is_explicit(triton):
 
 def test_explicit_model_control_loads_and_unloads_on_request(server_factory):
     srv = server_factory(("lenet5", "resnet18"), None, "--model-control", "explicit",
+                         "--trust-network",
                          "--load-model", "lenet5")
     client = tc.InferenceServerClient(srv.address)
     try:

@@ -179,6 +179,7 @@ def test_explicit_mode_changes_nothing_until_asked(exported_repo, tmp_path):
     repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
     # a poll interval far below the wait: if explicit mode polled, version 2 would be served
     srv = start_server(repo, tmp_path / "server.log", "--model-control", "explicit",
+                       "--trust-network",
                        "--load-model", "lenet5", "--poll-interval-s", "0.1")
     client = tc.InferenceServerClient(srv.address)
     try:
@@ -200,7 +201,8 @@ def test_fifty_load_unload_cycles_do_not_grow_memory(exported_repo, tmp_path):
     sample once read 60.2 MB over) is not mistaken for growth."""
     tc = pytest.importorskip("tritonclient.grpc")
     repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",))
-    srv = start_server(repo, tmp_path / "server.log", "--model-control", "explicit")
+    srv = start_server(repo, tmp_path / "server.log", "--model-control", "explicit",
+                       "--trust-network", "--load-interval-s", "0")  # 100 loads in a minute
     client = tc.InferenceServerClient(srv.address)
     x = tc.InferInput("input", [1, 3, 224, 224], "FP32")
     x.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))

@@ -231,7 +231,8 @@ def test_model_control_refuses_an_empty_name_and_load_parameters(exported_repo, 
     from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
     repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
-    srv = start_server(repo, tmp_path / "server.log", "--model-control", "explicit")
+    srv = start_server(repo, tmp_path / "server.log", "--model-control", "explicit",
+                       "--trust-network")
     try:
         stub = kpb_grpc.GRPCInferenceServiceStub(srv.channel)
         for call, request in ((stub.RepositoryModelLoad, kpb.RepositoryModelLoadRequest()),

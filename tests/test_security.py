@@ -389,3 +389,39 @@ def test_request_metadata_over_its_limit_is_refused_and_the_server_serves_on(exp
             assert classify(channel).version == 1
     finally:
         srv.stop()
+
+
+def test_explicit_model_control_without_a_token_needs_trust_network_to_start(exported_repo):
+    result = run_cli("serve", "--repo", str(exported_repo), "--model-control", "explicit")
+    assert result.returncode == 2
+    assert "--model-control explicit without a token lets any client that reaches the port " \
+           "unload every model" in result.stderr
+    assert "--trust-network" in result.stderr
+
+
+def test_every_load_and_unload_is_audited_and_rate_limited_per_model(exported_repo, tmp_path):
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5", "resnet18")),
+                tmp_path / "s.log", "--model-control", "explicit", "--load-model", "lenet5",
+                "--load-interval-s", "60", env={"VISIONSERVE_AUTH_TOKEN": TOKEN})
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            kserve = _kserve(channel)
+            load = _kpb().RepositoryModelLoadRequest(model_name="lenet5")
+            for _ in range(4):  # the burst
+                kserve.RepositoryModelLoad(load, metadata=auth, timeout=60)
+            err = status_of(kserve.RepositoryModelLoad, load, metadata=auth, timeout=60)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "model lenet5: RepositoryModelLoad refused: at most 4 loads or unloads" in \
+                err.details() and "--load-interval-s" in err.details()
+            # per model: another one is not held back, and lenet5 still serves
+            kserve.RepositoryModelLoad(_kpb().RepositoryModelLoadRequest(model_name="resnet18"),
+                                       metadata=auth, timeout=60)
+            assert classify(channel, metadata=auth).version == 1
+        audit = [line for line in srv.log_tail(100_000).splitlines() if "visionserve.audit" in line]
+        assert len(audit) == 6, audit
+        assert "RepositoryModelLoad model=lenet5 peer=ipv4:127.0.0.1:" in audit[0]
+        assert "identity=bearer token" in audit[0]
+        assert audit[4].endswith("refused=rate-limited")
+    finally:
+        srv.stop()

@@ -172,7 +172,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                     f"({printable(', '.join(sorted(request.parameters)))}) are not supported: "
                     "the repository is the only source of models; publish a new version "
                     "(`visionserve export`) and load without parameters")
-            await self._control.load(request.model_name, "RepositoryModelLoad")
+            await self._control.load(request.model_name, "RepositoryModelLoad", context.peer())
             return kpb.RepositoryModelLoadResponse(), 0
 
         return await self._calls.handle("RepositoryModelLoad", request.model_name, context,
@@ -180,7 +180,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelUnload(self, request, context):
         async def work() -> tuple[kpb.RepositoryModelUnloadResponse, int]:
-            await self._control.unload(request.model_name, "RepositoryModelUnload")
+            await self._control.unload(request.model_name, "RepositoryModelUnload",
+                                       context.peer())
             return kpb.RepositoryModelUnloadResponse(), 0
 
         return await self._calls.handle("RepositoryModelUnload", request.model_name, context,
