@@ -47,6 +47,11 @@ class Metrics:
             "visionserve_queue_depth", "Images waiting in the batching queue.", mv, registry=r)
         self.queue_capacity = Gauge(
             "visionserve_queue_capacity", "Batching queue capacity, in images.", mv, registry=r)
+        self.refused = Counter(
+            "visionserve_requests_refused",
+            "Calls refused before any handler ran: reason=\"unauthenticated\" (the token check), "
+            "\"undecodable\" (not protobuf) or \"wire_limit\" (a repeated field over its limit).",
+            ("method", "reason"), registry=r)
         self.decode_queue = Gauge(
             "visionserve_decode_queue_pixels",
             "Pixels of encoded images admitted for decoding and not yet decoded (bounded by "

@@ -102,13 +102,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses, with UNAUTHENTICATED, every call of a protected class whose ``authorization``
     metadata is not ``Bearer <token>``. The refused request's body is never deserialized."""
 
-    def __init__(self, token: str, open_classes: tuple[str, ...] = ()) -> None:
+    def __init__(self, token: str, open_classes: tuple[str, ...] = (),
+                 on_refused: Callable[[str, grpc.StatusCode, str], None] | None = None) -> None:
         unknown = set(open_classes) - set(OPENABLE)
         if unknown:
             raise ValueError(f"--auth-open {sorted(unknown)[0]!r} is not allowed; choose from "
                              f"{list(OPENABLE)} (health is always open, repository never)")
         self._expected = token.encode()
         self._open = {"health", *open_classes}
+        self._on_refused = on_refused  # (method, code, reason): counted and logged
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -125,6 +127,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
             return handler
         reason = "no authorization metadata" if presented is None else "the token is not valid"
+        if self._on_refused is not None:
+            self._on_refused(details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED,
+                             "unauthenticated")
         return _refusal(handler, f"{details.method.rsplit('/', 1)[-1]} needs a bearer token "
                                  f"({cls} calls are protected on this server): {reason}; send "
                                  "metadata 'authorization: Bearer <token>'")

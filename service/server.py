@@ -71,7 +71,9 @@ class Server:
     def _build_grpc(self) -> grpc.aio.Server:
         config = self.config
         limit = config.limits.max_message_bytes
-        interceptors = [BearerTokenInterceptor(config.auth_token, config.auth_open)] \
+        self._access_log = AccessLog(config.access_log)
+        interceptors = [BearerTokenInterceptor(config.auth_token, config.auth_open,
+                                               self._refused)] \
             if config.auth_token else []  # none at all without auth: no per-call cost
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -87,12 +89,13 @@ class Server:
         control = ModelControl(self.router, self.sync, config.model_control,
                                "bearer token" if config.auth_token else "no token",
                                config.load_interval_s)
-        calls = CallHandler(control, self.metrics, self.admission, AccessLog(config.access_log))
+        calls = CallHandler(control, self.metrics, self.admission, self._access_log)
         wire = wire_limits.schemas(config.limits)  # counts checked before protobuf parses
         add_servicer(pb_grpc.add_VisionServiceServicer_to_server,
-                     VisionServicer(core, control, calls), server, wire)
+                     VisionServicer(core, control, calls), server, wire, self._refused)
         add_servicer(kpb_grpc.add_GRPCInferenceServiceServicer_to_server,
-                     KServeServicer(core, control, calls, self.lifecycle), server, wire)
+                     KServeServicer(core, control, calls, self.lifecycle), server, wire,
+                     self._refused)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,
@@ -100,6 +103,12 @@ class Server:
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
         return server
+
+    def _refused(self, method: str, code: grpc.StatusCode, reason: str) -> None:
+        """A call refused before any handler ran (token check, strict decoding): counted by
+        reason, and in the access log like any failed call (rate-limited there)."""
+        self.metrics.refused.labels(method, reason).inc()
+        self._access_log.record(method, "", "", f"{code.name} ({reason})", 0.0)
 
     async def _readiness(self, name: str, ready: bool) -> None:
         """Per-model gRPC health, set by the repository sync."""

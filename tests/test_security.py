@@ -425,3 +425,31 @@ def test_every_load_and_unload_is_audited_and_rate_limited_per_model(exported_re
         assert audit[4].endswith("refused=rate-limited")
     finally:
         srv.stop()
+
+
+def test_calls_refused_before_any_handler_are_counted_and_logged(exported_repo, tmp_path):
+    """Refused by the token check, by strict decoding, by a wire limit: no handler runs, but
+    each is counted by reason and has its access-log line."""
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                env={"VISIONSERVE_AUTH_TOKEN": TOKEN})
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            assert status_of(classify, channel).code() == grpc.StatusCode.UNAUTHENTICATED
+            raw = channel.unary_unary("/visionserve.v1.VisionService/Classify",
+                                      request_serializer=None, response_deserializer=None)
+            assert status_of(raw, b"\xff\xff\xff", metadata=auth, timeout=30).code() == \
+                grpc.StatusCode.INVALID_ARGUMENT
+            assert status_of(raw, b"\x1a\x00" * 300, metadata=auth, timeout=30).code() == \
+                grpc.StatusCode.RESOURCE_EXHAUSTED  # 300 images: over 256
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics",
+                                        timeout=10).read().decode()
+        for reason in ("unauthenticated", "undecodable", "wire_limit"):
+            assert f'visionserve_requests_refused_total{{method="Classify",reason="{reason}"}} ' \
+                   "1.0" in scrape, reason
+        log = srv.log_tail(100_000)
+        assert "Classify model= version=- code=UNAUTHENTICATED (unauthenticated)" in log
+        assert "code=INVALID_ARGUMENT (undecodable)" in log
+        assert "code=RESOURCE_EXHAUSTED (wire_limit)" in log
+    finally:
+        srv.stop()

@@ -15,21 +15,31 @@ from .wire_limits import Schema, check
 class _Undecodable:
     """What a request body that is not valid protobuf deserializes to (see ``add_servicer``)."""
 
-    __slots__ = ("code", "error")
+    __slots__ = ("code", "error", "reason")
 
-    def __init__(self, error: str,
-                 code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+    def __init__(self, error: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT,
+                 reason: str = "undecodable") -> None:
         self.error = error
         self.code = code
+        self.reason = reason  # for the refusal count: undecodable | wire_limit
+
+
+Refused = Callable[[str, grpc.StatusCode, str], None]  # (method, code, reason)
+
+
+def _ignore(method: str, code: grpc.StatusCode, reason: str) -> None:
+    pass
 
 
 def add_servicer(add_to_server: Callable[[object, object], None], servicer: object,
-                 server: grpc.aio.Server, schemas: dict[str, Schema]) -> None:
+                 server: grpc.aio.Server, schemas: dict[str, Schema],
+                 on_refused: Refused = _ignore) -> None:
     """``add_XServicer_to_server(servicer, server)`` (generated code), except that a request
     body which is not valid protobuf is answered INVALID_ARGUMENT naming the message type,
     rather than gRPC's UNKNOWN "Unexpected <class ...DecodeError>". No interceptor: the cost is
     one try per deserialization and one isinstance per call. A request type with a schema in
-    ``schemas`` (by full message name) is checked against it first."""
+    ``schemas`` (by full message name) is checked against it first. Each refusal is reported
+    to ``on_refused`` (counted and logged: no handler runs for it)."""
 
     class Capture:
         def add_generic_rpc_handlers(self, handlers: object) -> None:
@@ -37,7 +47,8 @@ def add_servicer(add_to_server: Callable[[object, object], None], servicer: obje
 
         def add_registered_method_handlers(self, service: str,
                                            handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-            wrapped = {name: _strict(service, name, h, schemas) for name, h in handlers.items()}
+            wrapped = {name: _strict(service, name, h, schemas, on_refused)
+                       for name, h in handlers.items()}
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(service, wrapped),))
             server.add_registered_method_handlers(service, wrapped)
@@ -46,7 +57,7 @@ def add_servicer(add_to_server: Callable[[object, object], None], servicer: obje
 
 
 def _strict(service: str, name: str, handler: grpc.RpcMethodHandler,
-            schemas: dict[str, Schema]) -> grpc.RpcMethodHandler:
+            schemas: dict[str, Schema], on_refused: Refused) -> grpc.RpcMethodHandler:
     parse = handler.request_deserializer
     message = f"the request body of {service}/{name} is not a valid protobuf message"
     request_type = getattr(parse, "__self__", None)  # the generated class's FromString
@@ -55,15 +66,16 @@ def _strict(service: str, name: str, handler: grpc.RpcMethodHandler,
 
     def deserialize(data: bytes) -> object:
         if schema is not None and (refusal := check(data, schema, name)) is not None:
-            return _Undecodable(refusal.message, GRPC_CODES[refusal.code])
+            return _Undecodable(refusal.message, GRPC_CODES[refusal.code], "wire_limit")
         try:
             return parse(data)
         except Exception as exc:  # noqa: BLE001 - DecodeError and friends
             return _Undecodable(f"{message} ({type(exc).__name__}); send a serialized "
                                 "request of the type in its .proto (use generated stubs)")
 
-    async def refuse(context: grpc.aio.ServicerContext, request: object) -> None:
-        await context.abort(request.code, request.error)  # type: ignore[attr-defined]
+    async def refuse(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
+        on_refused(name, request.code, request.reason)
+        await context.abort(request.code, request.error)
 
     if handler.unary_unary:
         inner = handler.unary_unary
