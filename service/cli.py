@@ -366,7 +366,8 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace_s, shutdown_delay_s=args.shutdown_delay_s,
         metrics_host=args.metrics_host, tls=tls, ready_file=args.ready_file,
         reuse_port=args.reuse_port,
-        auth_token=token, auth_open=auth_open, access_log=args.access_log,
+        auth_token=token, auth_token_file=args.auth_token_file if token else None,
+        auth_open=auth_open, access_log=args.access_log,
         limits=limits)
     try:
         asyncio.run(serve(config))

@@ -328,6 +328,8 @@ class ServerConfig:
     reuse_port: bool = False  # SO_REUSEPORT on the gRPC port: several servers share it
     tls: TlsConfig | None = None  # security.TlsConfig
     auth_token: str | None = None  # bearer token; None = no auth
+    # where it came from, when a file: reloaded on SIGHUP or when the file changes
+    auth_token_file: Path | None = None
     auth_open: tuple[str, ...] = ()  # access classes open without the token (security.OPENABLE)
     access_log: str = "errors"  # all | errors | off (--access-log)
     # written once SERVING (ports, pid, models), removed when shutdown starts (--ready-file)

@@ -11,12 +11,15 @@ callers itself. Anything not listed (reflection, a future RPC) counts as ``metad
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+log = logging.getLogger(__name__)
 
 TOKEN_ENV = "VISIONSERVE_AUTH_TOKEN"
 OPENABLE = ("inference", "metadata", "statistics")
@@ -108,7 +111,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if unknown:
             raise ValueError(f"--auth-open {sorted(unknown)[0]!r} is not allowed; choose from "
                              f"{list(OPENABLE)} (health is always open, repository never)")
-        self._expected = token.encode()
+        self._expected = token.encode()  # replaced whole by set_token: calls see old or new
         self._open = {"health", *open_classes}
         self._on_refused = on_refused  # (method, code, reason): counted and logged
 
@@ -135,6 +138,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
                                  "metadata 'authorization: Bearer <token>'")
 
 
+    def set_token(self, token: str) -> None:
+        """Rotate the token (the file was reloaded): from now on only the new one is valid."""
+        self._expected = token.encode()
+
     def _valid(self, presented: str | bytes) -> bool:
         """``Bearer <token>`` (the scheme is case-insensitive, RFC 7235), compared in constant
         time."""
@@ -142,6 +149,39 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         scheme, _, token = text.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(),
                                                                    self._expected)
+
+
+class TokenFile:
+    """Watches ``--auth-token-file``: a changed file (a rotated Kubernetes secret, an edit) or a
+    SIGHUP reloads it into the interceptor, without a restart. A file that cannot be read or is
+    empty keeps the token in use (and says so in the log)."""
+
+    def __init__(self, path: Path, interceptor: BearerTokenInterceptor) -> None:
+        self._path = path
+        self._interceptor = interceptor
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int, int]:
+        try:
+            st = self._path.stat()  # follows the symlinks a mounted secret is made of
+        except OSError:
+            return (0, 0, 0)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def check(self, force: bool = False) -> bool:
+        """Reload when the file changed (or ``force``); True when a new token is in use."""
+        stamp = self._stamp()
+        if stamp == self._seen and not force:
+            return False
+        self._seen = stamp
+        try:
+            token = load_token(self._path)
+        except ValueError as exc:
+            log.error("auth token not reloaded, the previous one stays in use: %s", exc)
+            return False
+        self._interceptor.set_token(token or "")
+        log.info("auth token reloaded from %s", self._path)
+        return True
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

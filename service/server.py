@@ -38,7 +38,7 @@ from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
 from .repository_sync import RepositorySync
 from .routing import Router
-from .security import BearerTokenInterceptor
+from .security import BearerTokenInterceptor, TokenFile
 from .states import VersionState
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Server:
         self.metrics_port = 0
         self._http_server: WSGIServer | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._token_watch: asyncio.Task[None] | None = None
 
     def _build_grpc(self) -> grpc.aio.Server:
         config = self.config
@@ -75,6 +76,8 @@ class Server:
         interceptors = [BearerTokenInterceptor(config.auth_token, config.auth_open,
                                                self._refused)] \
             if config.auth_token else []  # none at all without auth: no per-call cost
+        self.token_file = TokenFile(config.auth_token_file, interceptors[0]) \
+            if interceptors and config.auth_token_file else None
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs or None, options=[
@@ -168,6 +171,8 @@ class Server:
         if config.model_control == "poll":
             self._poller = asyncio.create_task(
                 _poll(self.sync, config.poll_interval_s, self.stop))
+        if self.token_file is not None:
+            self._token_watch = asyncio.create_task(_watch_token(self.token_file, self.stop))
 
     def _close_http(self) -> None:
         if self._http_server is not None:
@@ -190,8 +195,9 @@ class Server:
             config.ready_file.unlink(missing_ok=True)
         self.lifecycle.advance(Phase.DRAINING)
         await self.health.enter_graceful_shutdown()  # first: before a scan in progress ends
-        if self._poller is not None:
-            await self._poller
+        for task in (self._poller, self._token_watch):
+            if task is not None:
+                await task
         if config.shutdown_delay_s > 0:
             log.info("readiness is off; still serving for %.1f s (--shutdown-delay-s)",
                      config.shutdown_delay_s)
@@ -257,6 +263,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     server = Server(config, stop)
+    if server.token_file is not None:  # SIGHUP: reload the token file now
+        loop.add_signal_handler(signal.SIGHUP, server.token_file.check, True)
     await server.start()
     await server.wait()
     await server.shutdown()
@@ -272,6 +280,19 @@ def _write_ready_file(path: Path, content: dict[str, object]) -> None:
     except OSError as exc:
         log.error("could not write --ready-file %s: %s (serving anyway)", path, exc)
         tmp.unlink(missing_ok=True)
+
+
+TOKEN_CHECK_S = 2.0  # how often the token file is checked for a change
+
+
+async def _watch_token(token_file: TokenFile, stop: asyncio.Event) -> None:
+    while True:
+        try:
+            await asyncio.wait_for(stop.wait(), TOKEN_CHECK_S)
+            return
+        except TimeoutError:
+            pass
+        await asyncio.get_running_loop().run_in_executor(None, token_file.check)
 
 
 async def _poll(sync: RepositorySync, interval_s: float, stop: asyncio.Event) -> None:

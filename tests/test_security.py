@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import ROOT, make_repo, run_cli, tensor_image
+from conftest import ROOT, eventually, make_repo, run_cli, tensor_image
 from visionserve.bench.launch import start_visionserve
 from visionserve.service.client import open_channel
 from visionserve.service.model_format import INPUT, LOGITS
@@ -451,5 +451,41 @@ def test_calls_refused_before_any_handler_are_counted_and_logged(exported_repo, 
         assert "Classify model= version=- code=UNAUTHENTICATED (unauthenticated)" in log
         assert "code=INVALID_ARGUMENT (undecodable)" in log
         assert "code=RESOURCE_EXHAUSTED (wire_limit)" in log
+    finally:
+        srv.stop()
+
+
+def test_a_rotated_token_file_is_reloaded_without_a_restart(exported_repo, tmp_path):
+    """The file changes (a rotated secret): the new token works and the old one stops working
+    within a few seconds; a SIGHUP reloads at once; an emptied file keeps the token in use."""
+    import signal
+
+    token_file = tmp_path / "token"
+    token_file.write_text("first-token\n")
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--auth-token-file", str(token_file))
+
+    def accepted(token: str) -> bool:
+        try:
+            classify(channel, metadata=(("authorization", f"Bearer {token}"),))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            return False
+        return True
+
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            assert accepted("first-token")
+            token_file.write_text("second-token\n")
+            eventually(lambda: accepted("second-token"), "the rotated token to be accepted")
+            assert not accepted("first-token")
+            token_file.write_text("third-token\n")
+            srv.process.send_signal(signal.SIGHUP)
+            eventually(lambda: accepted("third-token"), "SIGHUP to reload the token", timeout=5)
+            token_file.write_text("")
+            srv.process.send_signal(signal.SIGHUP)
+            eventually(lambda: "auth token not reloaded" in srv.log_tail(), "the refusal logged")
+            assert accepted("third-token")
+        assert srv.process.poll() is None
     finally:
         srv.stop()
