@@ -11,12 +11,11 @@ import logging
 import os
 import signal
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import disable_created_metrics, start_http_server
+from prometheus_client import disable_created_metrics
 
 from visionserve.inference import grpc_service_pb2 as kpb
 from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
@@ -36,6 +35,7 @@ from .decode_pool import DecodePool
 from .inference import InferenceCore
 from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
+from .metrics_http import MetricsHttp
 from .repository_sync import RepositorySync
 from .routing import Router
 from .security import BearerTokenInterceptor, TokenFile
@@ -65,7 +65,7 @@ class Server:
         self.grpc = self._build_grpc()
         self.grpc_port = 0
         self.metrics_port = 0
-        self._http_server: WSGIServer | None = None
+        self._metrics_http: MetricsHttp | None = None
         self._poller: asyncio.Task[None] | None = None
         self._token_watch: asyncio.Task[None] | None = None
 
@@ -124,20 +124,20 @@ class Server:
         config = self.config
         metrics_host = config.metrics_host or config.host
         try:
-            self._http_server, _ = start_http_server(config.metrics_port, addr=metrics_host,
-                                                     registry=self.metrics.registry)
+            self._metrics_http = MetricsHttp(self.metrics.registry, metrics_host,
+                                             config.metrics_port)
+            self.metrics_port = await self._metrics_http.start()
         except OSError as exc:
             raise StartupError(f"--metrics-port {config.metrics_port}: cannot listen on "
                                f"{metrics_host}:{config.metrics_port} ({exc.strerror}); is "
                                "another server using it? Pick another port (0 = any free "
                                "one)") from None
-        self.metrics_port = self._http_server.server_port
         address = f"{config.host}:{config.grpc_port}"
         try:
             self.grpc_port = self.grpc.add_secure_port(address, config.tls.credentials()) \
                 if config.tls else self.grpc.add_insecure_port(address)
         except RuntimeError:
-            self._close_http()
+            await self._close_http()
             raise StartupError(
                 f"--grpc-port {config.grpc_port}: cannot listen on {address}: the port is in "
                 "use (another server, perhaps a stale one of ours) or the address is not this "
@@ -174,11 +174,10 @@ class Server:
         if self.token_file is not None:
             self._token_watch = asyncio.create_task(_watch_token(self.token_file, self.stop))
 
-    def _close_http(self) -> None:
-        if self._http_server is not None:
-            self._http_server.shutdown()
-            self._http_server.server_close()
-            self._http_server = None
+    async def _close_http(self) -> None:
+        if self._metrics_http is not None:
+            await self._metrics_http.close()
+            self._metrics_http = None
 
     async def wait(self) -> None:
         await self.stop.wait()
@@ -218,7 +217,7 @@ class Server:
         except TimeoutError:
             log.error("models did not unload within 10 s of the grace period; exiting anyway")
         self._decode_pool.shutdown()
-        self._close_http()
+        await self._close_http()
         self.lifecycle.advance(Phase.STOPPED)
         log.info("stopped")
 

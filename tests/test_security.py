@@ -489,3 +489,36 @@ def test_a_rotated_token_file_is_reloaded_without_a_restart(exported_repo, tmp_p
         assert srv.process.poll() is None
     finally:
         srv.stop()
+
+
+def test_held_metrics_connections_cost_no_threads_and_are_closed(exported_repo, tmp_path):
+    """200 connections that send half a request head and wait (slowloris): the server's thread
+    count does not move, a scrape still answers, the connections beyond the bound are closed at
+    once and the others once their head is overdue."""
+    import socket
+    import time
+
+    from visionserve.bench.attacks import threads
+
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log")
+    held: list[socket.socket] = []
+    try:
+        before = threads(srv.process.pid)
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", srv.metrics_port), timeout=30)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            held.append(s)
+        time.sleep(0.5)
+        assert threads(srv.process.pid) <= before + 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics",
+                                    timeout=10) as reply:
+            assert b"visionserve_model_state" in reply.read()
+        for s in held:  # every one is closed by the server: at once, or after its deadline
+            try:
+                assert s.recv(1024) == b""
+            except ConnectionResetError:  # closed with our unread bytes: a reset
+                pass
+    finally:
+        for s in held:
+            s.close()
+        srv.stop()
