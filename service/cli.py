@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-rpcs", type=int, default=limits.max_concurrent_rpcs,
                    help="RPCs of any kind at once, refused by gRPC before Python parses them: "
                         "a memory backstop (0 = no limit; it also refuses health probes)")
+    p.add_argument("--max-streams-per-connection", type=int,
+                   default=limits.max_streams_per_connection,
+                   help="calls in flight on one HTTP/2 connection (more wait in the client)")
+    p.add_argument("--connection-idle-s", type=float, default=limits.connection_idle_s,
+                   help="close a connection idle this long (0 = never)")
+    p.add_argument("--connection-age-s", type=float, default=limits.connection_age_s,
+                   help="close every connection at this age, so clients reconnect and a load "
+                        "balancer spreads them again (0 = never)")
+    p.add_argument("--connection-age-grace-s", type=float,
+                   default=limits.connection_age_grace_s,
+                   help="time the calls in flight on a connection closed for its age get to "
+                        "finish")
     p.add_argument("--preprocess-threads", type=int, default=defaults.preprocess_threads,
                    help="0 = one per core")
     p.add_argument("--model-control", choices=["poll", "explicit", "none"],
@@ -352,7 +364,11 @@ def _serve(args: argparse.Namespace) -> int:
                               max_decode_queue_pixels=args.max_decode_queue_pixels,
                               max_inflight_requests=args.max_inflight_requests,
                               max_stream_inflight=args.max_stream_inflight,
-                              max_concurrent_rpcs=args.max_concurrent_rpcs)
+                              max_concurrent_rpcs=args.max_concurrent_rpcs,
+                              max_streams_per_connection=args.max_streams_per_connection,
+                              connection_idle_s=args.connection_idle_s,
+                              connection_age_s=args.connection_age_s,
+                              connection_age_grace_s=args.connection_age_grace_s)
     except ValueError as exc:
         log.error("%s", exc)
         return 2

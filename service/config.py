@@ -279,8 +279,21 @@ class ServerLimits:
     # RPCs of any kind at once, refused by gRPC itself beyond it (before Python sees them):
     # a backstop for memory. 0 = no limit.
     max_concurrent_rpcs: int = 0
+    # HTTP/2, per connection (gRPC's own defaults are unbounded): calls in flight on one
+    # connection; an idle connection is closed; every connection is closed (GOAWAY) at this age,
+    # its calls in flight given connection_age_grace_s to finish. 0 = no idle/age limit.
+    max_streams_per_connection: int = 256
+    connection_idle_s: float = 15 * 60.0
+    connection_age_s: float = 30 * 60.0
+    connection_age_grace_s: float = 5 * 60.0
 
     def __post_init__(self) -> None:
+        if self.max_streams_per_connection < 1:
+            raise ValueError("--max-streams-per-connection must be >= 1, got "
+                             f"{self.max_streams_per_connection}")
+        if min(self.connection_idle_s, self.connection_age_s, self.connection_age_grace_s) < 0:
+            raise ValueError("--connection-idle-s, --connection-age-s and "
+                             "--connection-age-grace-s must be >= 0 (0 = no limit)")
         if self.max_stream_inflight < 1:
             raise ValueError(f"--max-stream-inflight must be >= 1, got {self.max_stream_inflight}")
         if self.max_request_pixels < self.max_image_pixels:

@@ -29,7 +29,7 @@ from .api.calls import CallHandler
 from .api.kserve import KServeServicer
 from .api.strict import add_servicer
 from .api.vision import VisionServicer
-from .config import ServerConfig, cpu_count
+from .config import ServerConfig, ServerLimits, cpu_count
 from .control import ModelControl
 from .decode_pool import DecodePool
 from .inference import InferenceCore
@@ -86,7 +86,7 @@ class Server:
                 # exclusive by default: with SO_REUSEPORT a second server starts on a port in
                 # use and the kernel splits connections between it and the stale one
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
-                *TRANSPORT_LIMITS,
+                *transport_options(config.limits),
             ])
         core = InferenceCore(self.router, self._decode_pool, config.limits, self.metrics)
         control = ModelControl(self.router, self.sync, config.model_control,
@@ -222,22 +222,25 @@ class Server:
         log.info("stopped")
 
 
-# HTTP/2 limits per connection (docs/security.md, "gRPC transport"): gRPC's own defaults are
-# unbounded streams per connection and connections kept for ever
-TRANSPORT_LIMITS = (
-    ("grpc.max_concurrent_streams", 256),  # calls in flight on one connection
-    ("grpc.max_connection_idle_ms", 15 * 60 * 1000),  # an idle connection is closed (GOAWAY)
-    # connections are re-established every 30 min (a load balancer gets to spread them again);
-    # calls in flight then have 5 min to finish on the old one
-    ("grpc.max_connection_age_ms", 30 * 60 * 1000),
-    ("grpc.max_connection_age_grace_ms", 5 * 60 * 1000),
-    # keepalive pings: at most one per 5 min without data, and a client that pings more often
-    # twice is disconnected (ENHANCE_YOUR_CALM); pings without calls are not allowed
-    ("grpc.http2.min_ping_interval_without_data_ms", 5 * 60 * 1000),
-    ("grpc.http2.max_ping_strikes", 2),
-    ("grpc.keepalive_permit_without_calls", 0),
-    ("grpc.max_metadata_size", 16 * 1024),  # request headers (metadata) of one call, bytes
-)
+def transport_options(limits: ServerLimits) -> list[tuple[str, int]]:
+    """HTTP/2 limits per connection (docs/security.md, "gRPC transport"), where gRPC's own
+    defaults are unbounded streams per connection and connections kept for ever."""
+    options = [
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        # keepalive pings: at most one per 5 min without data; a client that pings more often
+        # twice is disconnected (GOAWAY ENHANCE_YOUR_CALM); no pings without calls
+        ("grpc.http2.min_ping_interval_without_data_ms", 5 * 60 * 1000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.max_metadata_size", 16 * 1024),  # request headers (metadata) of a call, bytes
+    ]
+    if limits.connection_idle_s:  # an idle connection is closed (GOAWAY)
+        options.append(("grpc.max_connection_idle_ms", int(limits.connection_idle_s * 1000)))
+    if limits.connection_age_s:  # clients reconnect: a load balancer spreads them again
+        options += [("grpc.max_connection_age_ms", int(limits.connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms",
+                     int(limits.connection_age_grace_s * 1000))]
+    return options
 
 
 class StartupError(Exception):

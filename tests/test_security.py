@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -521,4 +522,103 @@ def test_held_metrics_connections_cost_no_threads_and_are_closed(exported_repo, 
     finally:
         for s in held:
             s.close()
+        srv.stop()
+
+
+# --- HTTP/2 transport limits -----------------------------------------------------------------
+
+def watch_states(channel: grpc.Channel) -> list[grpc.ChannelConnectivity]:
+    seen: list[grpc.ChannelConnectivity] = []
+    channel.subscribe(seen.append, try_to_connect=False)
+    return seen
+
+
+def test_an_idle_connection_is_closed_and_the_client_reconnects(exported_repo, tmp_path):
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--connection-idle-s", "1")
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            states = watch_states(channel)
+            assert classify(channel).version == 1
+            eventually(lambda: grpc.ChannelConnectivity.IDLE in states[states.index(
+                grpc.ChannelConnectivity.READY):], "the server to close the idle connection",
+                timeout=15)
+            assert classify(channel).version == 1  # a new connection, transparently
+    finally:
+        srv.stop()
+
+
+def test_connections_are_recycled_at_their_age_without_failing_calls(exported_repo, tmp_path):
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--connection-age-s", "1", "--connection-age-grace-s", "1")
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            states = watch_states(channel)
+
+            def reconnected() -> bool:
+                assert classify(channel).version == 1  # every call succeeds meanwhile
+                return states.count(grpc.ChannelConnectivity.READY) >= 2
+
+            eventually(reconnected, "a second connection after the first aged out",
+                       timeout=20, interval=0.1)
+    finally:
+        srv.stop()
+
+
+def test_calls_beyond_the_streams_per_connection_wait_for_a_free_stream(exported_repo,
+                                                                       tmp_path):
+    """Two streams may be open on one connection: a third one's request is not answered until
+    one of the first two ends."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--max-streams-per-connection", "2")
+    request = pb.ClassifyRequest(model="lenet5", images=[tensor_image(DIGIT)])
+    try:
+        with grpc.insecure_channel(srv.target) as channel, ThreadPoolExecutor(3) as pool:
+            stub = pb_grpc.VisionServiceStub(channel)
+            inputs = [queue.Queue() for _ in range(3)]
+            streams = []
+            for q in inputs:
+                q.put(request)
+                streams.append(stub.ClassifyStream(iter(q.get, None), timeout=60))
+            first = [pool.submit(next, s) for s in streams]
+            assert first[0].result(timeout=30).response.results
+            assert first[1].result(timeout=30).response.results
+            time.sleep(1.0)  # the third has had time to be answered, were it admitted
+            assert not first[2].done()
+            inputs[0].put(None)  # the first stream ends: its HTTP/2 stream is freed
+            assert list(streams[0]) == []
+            assert first[2].result(timeout=30).response.results
+            for q in inputs[1:]:
+                q.put(None)
+    finally:
+        srv.stop()
+
+
+def test_a_client_that_floods_keepalive_pings_is_disconnected(exported_repo, tmp_path):
+    """Pings every 100 ms on an open call, where the server allows one per 5 min: after two
+    strikes the server closes the connection (GOAWAY too_many_pings) and the call fails; the
+    server serves on."""
+    import queue
+
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log")
+    flood = grpc.insecure_channel(srv.target, options=[
+        ("grpc.keepalive_time_ms", 100), ("grpc.keepalive_timeout_ms", 1000),
+        ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)])
+    try:
+        inputs: queue.Queue = queue.Queue()
+        inputs.put(pb.ClassifyRequest(model="lenet5", images=[tensor_image(DIGIT)]))
+        stream = pb_grpc.VisionServiceStub(flood).ClassifyStream(iter(inputs.get, None),
+                                                                 timeout=60)
+        assert next(stream).response.results
+        with pytest.raises(grpc.RpcError) as err:  # nothing else is sent: only pings
+            next(stream)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "Too many pings" in err.value.details()
+        with grpc.insecure_channel(srv.target) as channel:
+            assert classify(channel).version == 1
+    finally:
+        flood.close()
         srv.stop()
