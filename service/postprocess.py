@@ -23,13 +23,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_k(logits: np.ndarray, k: int, labels: tuple[str, ...]) -> list[list[ClassScore]]:
-    """Best ``k`` classes per row, best first; ties broken by the lower index."""
-    probs = softmax(np.array(logits, dtype=np.float32, copy=True))
-    k = min(k, probs.shape[1])
+    """Best ``k`` classes per row, best first, ranked on the logits (as the engine ranks them:
+    logits too close for float32 probabilities to tell apart keep their order), reported with
+    their softmax probabilities; equal logits go to the lower index."""
+    logits = np.asarray(logits, dtype=np.float32)
+    probs = softmax(np.array(logits, copy=True))
+    k = min(k, logits.shape[1])
     results = []
-    for row in probs:
-        best = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
-        best = best[np.lexsort((best, -row[best]))]
+    for raw, row in zip(logits, probs, strict=True):
+        best = np.argpartition(-raw, k - 1)[:k] if k < raw.shape[0] else np.arange(raw.shape[0])
+        best = best[np.lexsort((best, -raw[best]))]
         results.append([ClassScore(int(i), labels[i] if i < len(labels) else str(i),
                                    float(row[i])) for i in best])
     return results

@@ -157,3 +157,18 @@ def test_top_k_defaults_to_five_and_is_capped_at_the_class_count(server):
     reply = server.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[image], top_k=50))
     assert sorted(c.index for c in reply.results[0].classes) == list(range(10))
     assert sum(c.score for c in reply.results[0].classes) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_top_k_follows_the_engine_when_probabilities_tie_in_float32(server, exported_repo):
+    """Random-weight MobileNet v3 small answers logits of ~2e-9: every softmax probability is
+    0.001 in float32, but the logits differ by 0.1 % and more. Classify ranks on the logits, as
+    the engine does, and reports the (tied) probabilities."""
+    engine = OrtReference(exported_repo / "mobilenet_v3_small" / "1" / "model.onnx")
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    logits, _ = engine(x)
+    reply = server.stub.Classify(pb.ClassifyRequest(
+        model="mobilenet_v3_small", top_k=10, images=[pb.Image(tensor=pb.Tensor(
+            shape=[3, 224, 224], dtype=pb.DTYPE_FLOAT32, data=x[0].tobytes()))]), timeout=60)
+    got = reply.results[0].classes
+    assert [c.index for c in got] == list(np.argsort(-logits[0], kind="stable")[:10])
+    assert len({round(c.score, 6) for c in got}) == 1  # the probabilities do tie
