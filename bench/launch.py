@@ -25,6 +25,8 @@ from visionserve.service.config import ModelConfig
 from visionserve.service.repository import version_numbers
 
 TRITON_PEER = Path(__file__).with_name("triton_peer.py")
+# a repository made by ``single_model_repo`` links into the source repository on purpose
+LINKED_REPO = ("--allow-symlinks-outside-repo",)
 
 
 @dataclass
@@ -100,7 +102,8 @@ def single_model_repo(repo: Path, model: str, dst: Path, *, max_batch_size: int 
     """A repository holding only ``model``'s newest version (linked, not copied), optionally with
     ``max_batch_size`` overridden ("batching off" is the same server with ``max_batch_size = 1``)
     and other config keys (``{"instance_count": "2", "onnxruntime.intra_op_threads": "1"}``,
-    values in TOML syntax), checked like any config.toml.
+    values in TOML syntax), checked like any config.toml. Serve it with ``LINKED_REPO`` among
+    the server's flags: its files are links out of it.
     """
     src = repo / model
     versions = version_numbers(src)

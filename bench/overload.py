@@ -22,7 +22,7 @@ from pathlib import Path
 from visionserve.service.config import ModelConfig
 
 from . import report
-from .launch import rss_mb, single_model_repo, start_visionserve
+from .launch import LINKED_REPO, rss_mb, single_model_repo, start_visionserve
 from .loadgen import ClientProcess, Job
 
 PHASES = (("before", 0.5), ("overload", None), ("after", 0.5))  # None: --factor
@@ -61,7 +61,7 @@ def run_overload(args: argparse.Namespace) -> int:
     job = Job(target="", label="visionserve", model=args.model, api=args.api, input=args.input,
               shape=spec.shape, input_name=spec.name, timeout_s=args.deadline_ms / 1000)
     with console.status("starting the server…"):
-        server = start_visionserve(repo, *shlex.split(args.serve_args),
+        server = start_visionserve(repo, *LINKED_REPO, *shlex.split(args.serve_args),
                                    log_path=workdir / "server.log")
     job = _with(job, target=server.target)
     sampler = Sampler(server.process.pid, server.metrics_port, args.model)

@@ -24,6 +24,7 @@ from visionserve.service.repository import MODEL_FILES, version_numbers
 from . import report
 from .inprocess import InProcessEngine
 from .launch import (
+    LINKED_REPO,
     Launched,
     default_triton_python,
     single_model_repo,
@@ -76,7 +77,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 for batching in batchings:
                     repo = single_model_repo(args.repo, args.model, workdir / f"repo-{batching}",
                                              max_batch_size=None if batching == "on" else 1)
-                    server = start_visionserve(repo, "--model-control", "none",
+                    server = start_visionserve(repo, "--model-control", "none", *LINKED_REPO,
                                                name=f"visionserve-batching-{batching}")
                     launched.append(server)
                     peer_apis = ("kserve",) if peers else ()
@@ -85,7 +86,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 for name, overrides in _variants(args.variant):
                     repo = single_model_repo(args.repo, args.model, workdir / f"repo-{name}",
                                              overrides=overrides)
-                    server = start_visionserve(repo, "--model-control", "none",
+                    server = start_visionserve(repo, "--model-control", "none", *LINKED_REPO,
                                                name=f"visionserve-{name}")
                     launched.append(server)
                     targets.append(Target("visionserve", server.target, "on", apis, inputs,
