@@ -333,13 +333,6 @@ def _serve(args: argparse.Namespace) -> int:
                   "into a writable volume", args.ready_file)
         return 2
     auth_open = tuple(c for c in args.auth_open.split(",") if c)
-    if args.model_control == "explicit" and not (args.auth_token_file or os.environ.get(
-            "VISIONSERVE_AUTH_TOKEN", "").strip()) and not args.trust_network:
-        log.error("--model-control explicit without a token lets any client that reaches the "
-                  "port unload every model; set a token (--auth-token-file or "
-                  "VISIONSERVE_AUTH_TOKEN: load/unload then need it), or pass --trust-network "
-                  "if only trusted clients can reach the port")
-        return 2
     tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca) \
         if args.tls_cert else None
     try:  # fail at start, with the flag named, rather than at the first call
@@ -353,6 +346,12 @@ def _serve(args: argparse.Namespace) -> int:
             tls.validate()
     except ValueError as exc:
         log.error("%s", exc)
+        return 2
+    if args.model_control == "explicit" and not token and not args.trust_network:
+        log.error("--model-control explicit without a token lets any client that reaches the "
+                  "port unload every model; set a token (--auth-token-file or "
+                  "VISIONSERVE_AUTH_TOKEN: load/unload then need it), or pass --trust-network "
+                  "if only trusted clients can reach the port")
         return 2
 
     try:
