@@ -3,7 +3,7 @@ PY      ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 REPO    ?= model_repo
-DEFAULT_MODELS := lenet5 resnet18 resnet50 mobilenet_v3_small
+DEFAULT_MODELS := efficientnet_lite0 lenet5 resnet18 resnet50 mobilenet_v3_small
 STAMP   := $(VENV)/.installed
 LOCK    := deploy/requirements/serve.txt
 

@@ -2,7 +2,11 @@
 
 A name is torchvision's builder name where torchvision has the model, timm's model name where
 timm has it (Inception v4, Inception-ResNet-v2, MobileNet v1, DeiT, PVT v2), and our own
-(``lenet5``, ``zfnet``) otherwise. ``head`` is the dotted path of the final classification
+(``lenet5``, ``zfnet``) otherwise. EfficientNet-Lite keeps the name of the weights' source
+(``efficientnet_lite0``) and is built as timm's ``tf_efficientnet_lite0``. ``weights`` names where
+an architecture's default weights come from when the user gives none (``export/provided.py``:
+real ImageNet weights from a package, or LeNet-5 trained on scikit-learn's digits); all others
+start from seeded random init, made alive (see ``export/precision.recalibrate_batchnorm``). ``head`` is the dotted path of the final classification
 layer: the embedding is its input (4096-d after fc7 for AlexNet/ZFNet/VGG, the CLS token after
 the final norm for ViT/DeiT, pooled features elsewhere), and ``WithEmbedding`` returns both from
 one forward pass. Preprocessing comes from the source's own metadata (torchvision's default
@@ -39,6 +43,8 @@ class Architecture:
     max_batch_size: int = 32
     builder_kwargs: dict[str, object] = field(default_factory=dict)
     fixed_input: InputSpec | None = None  # for our own models
+    builder: str = ""  # the source's name for it, where that differs from ``name``
+    weights: str = ""  # default weights (export/provided.py): "" = seeded random init
 
     def build(self, num_classes: int) -> nn.Module:
         """A randomly initialised model (seed it first) with ``num_classes`` outputs."""
@@ -50,7 +56,8 @@ class Architecture:
         if self.source == "timm":
             import timm
 
-            return timm.create_model(self.name, pretrained=False, num_classes=num_classes)
+            return timm.create_model(self.builder or self.name, pretrained=False,
+                                     num_classes=num_classes)
         from . import own_models
 
         return getattr(own_models, _OWN[self.name])(num_classes)
@@ -62,7 +69,7 @@ class Architecture:
 
     @property
     def input(self) -> InputSpec:
-        return self.fixed_input or _input_spec(self.source, self.name)
+        return self.fixed_input or _input_spec(self.source, self.builder or self.name)
 
 
 _OWN = {"lenet5": "LeNet5", "zfnet": "ZFNet"}
@@ -95,13 +102,15 @@ def _tv(name: str, family: str, head: str, max_batch_size: int = 32,
                         max_batch_size=max_batch_size, builder_kwargs=kwargs)
 
 
-def _timm(name: str, family: str, max_batch_size: int = 32) -> Architecture:
-    return Architecture(name=name, family=family, source="timm", max_batch_size=max_batch_size)
+def _timm(name: str, family: str, max_batch_size: int = 32, **kwargs: object) -> Architecture:
+    return Architecture(name=name, family=family, source="timm", max_batch_size=max_batch_size,
+                        **kwargs)
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture(name="lenet5", family="LeNet", source="visionserve", head="classifier.5",
-                 num_classes=10, labels="digits", max_batch_size=256, fixed_input=GRAY_32),
+                 num_classes=10, labels="digits", max_batch_size=256, fixed_input=GRAY_32,
+                 weights="digits"),
     _tv("alexnet", "AlexNet", "classifier.6"),
     Architecture(name="zfnet", family="ZFNet", source="visionserve", head="classifier.7",
                  fixed_input=InputSpec()),
@@ -118,13 +127,15 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     *(_tv(f"densenet{n}", "DenseNet", "classifier") for n in (121, 169, 201)),
     *(_tv(f"efficientnet_b{i}", "EfficientNet", "classifier.1", 32 if i < 4 else 8)
       for i in range(8)),
+    *(_timm(f"efficientnet_lite{i}", "EfficientNet-Lite", 32, builder=f"tf_efficientnet_lite{i}",
+            weights=f"efficientnet_lite{i}_package") for i in range(3)),
     _tv("vit_b_16", "ViT", "heads.head", 16),
     _timm("deit_small_patch16_224", "DeiT"),
     _tv("swin_t", "Swin", "head"),
     _timm("pvt_v2_b2", "PVT", 16),
 ]}
 
-DEFAULT_MODELS = ("lenet5", "resnet18", "resnet50", "mobilenet_v3_small")
+DEFAULT_MODELS = ("lenet5", "efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_small")
 
 
 def get(name: str) -> Architecture:

@@ -59,7 +59,8 @@ def run_export(args: argparse.Namespace) -> int:
             try:
                 result = export_model(ExportRequest(
                     arch=arch, repo=args.repo, name=args.name, version=args.version,
-                    weights=args.weights, seed=args.seed, num_classes=args.num_classes,
+                    weights=args.weights, random_weights=args.random_weights, seed=args.seed,
+                    num_classes=args.num_classes,
                     labels_file=args.labels, precision=args.precision,
                     calibration=args.calibration, format=args.format), on_step=on_step)
             except ExportError as exc:
@@ -110,3 +111,23 @@ def _print_list(output: str) -> None:
                 [(r["name"], r["family"], r["source"], "x".join(map(str, r["input"])),
                   f"{r['resize']} {r['interpolation']}", f"{r['params'] / 1e6:.1f}",
                   r["embedding_dim"] or "?", r["head"]) for r in rows])
+
+
+def run_train_digits(args: argparse.Namespace) -> int:
+    import torch
+
+    from .digits import train_lenet5
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} epochs"), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("lenet5 on digits", total=args.epochs)
+        trained = train_lenet5(seed=args.seed, epochs=args.epochs,
+                               on_epoch=lambda: progress.advance(task))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(trained.state_dict, args.out)
+    log.info("wrote %s: held-out accuracy %.4f on %d digits (PyTorch), trained on %d in %.1f s",
+             args.out, trained.held_out_accuracy, trained.held_out_images,
+             trained.train_images, trained.seconds)
+    return 0

@@ -12,7 +12,7 @@ from torch import nn
 
 from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
 
-from .precision import TOLERANCES, Tolerance
+from .precision import MIN_REFERENCE_SCALE, MIN_REFERENCE_SPREAD, TOLERANCES, Tolerance
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +25,8 @@ class ParityReport:
     embedding_max_rel_diff: float
     top1_agreement: float
     top5_agreement: float
+    reference_spread: float  # how much the reference's logits vary across the inputs (relative)
+    reference_scale: float  # the reference's largest |logit|
     tolerance_rel: float
     min_top1_agreement: float
     min_top5_agreement: float
@@ -35,6 +37,15 @@ class ParityReport:
         """JSON-safe: an infinite tolerance (not checked) is written as null."""
         return {k: (None if isinstance(v, float) and math.isinf(v) else v)
                 for k, v in asdict(self).items()}
+
+
+def reference_spread(logits: np.ndarray) -> tuple[float, float]:
+    """(spread, scale) of logits [N, classes]: the largest change of any one logit across the N
+    inputs relative to the largest magnitude, and that magnitude."""
+    scale = float(np.abs(logits).max()) if logits.size else 0.0
+    if not scale or not np.isfinite(scale):
+        return 0.0, scale
+    return float((logits.max(axis=0) - logits.min(axis=0)).max() / scale), scale
 
 
 def top_k_agreement(model: nn.Module, onnx_path: Path,
@@ -74,12 +85,14 @@ def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int],
     diffs: dict[str, list[tuple[float, float]]] = {"logits": [], "embedding": []}
     top1 = top5 = total = 0
     finite = True
+    references: list[np.ndarray] = []
     batches = [torch.from_numpy(x) for x in inputs] if inputs else \
         [torch.randn((n, *shape), generator=gen) for n in batch_sizes]
     for x in batches:
         n = x.shape[0]
         with torch.no_grad():
             ref_logits, ref_emb = (t.numpy() for t in model(x))
+        references.append(ref_logits)
         got_logits, got_emb = session.run([LOGITS, EMBEDDING], {INPUT: x.numpy()})
         for name, ref, got in (("logits", ref_logits, got_logits),
                                ("embedding", ref_emb, got_emb)):
@@ -96,9 +109,19 @@ def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int],
     logits_abs, logits_rel = (max(v) for v in zip(*diffs["logits"], strict=True))
     emb_abs, emb_rel = (max(v) for v in zip(*diffs["embedding"], strict=True))
     top5_rate = top5 / total
+    spread, scale = reference_spread(np.concatenate(references))
     reasons = []
     if not finite:
         reasons.append("non-finite values (NaN/Inf) in the outputs: check the weights")
+    elif total > 1 and spread < MIN_REFERENCE_SPREAD:
+        reasons.append(f"the PyTorch reference hardly depends on its input: its logits vary by "
+                       f"{spread:.1e} of their largest magnitude across the {total} check "
+                       f"inputs (at least {MIN_REFERENCE_SPREAD:.0e} is needed): a degenerate "
+                       "network, which parity cannot check; check the weights")
+    elif scale < MIN_REFERENCE_SCALE:
+        reasons.append(f"the PyTorch reference's logits are at most {scale:.1e} (at least "
+                       f"{MIN_REFERENCE_SCALE:.0e} is needed): every softmax probability would be "
+                       "1/classes and the top-k float noise; check the weights")
     if max(logits_rel, emb_rel) > tolerance.max_rel_diff:
         reasons.append(f"relative difference {max(logits_rel, emb_rel):.2e} is over the "
                        f"tolerance {tolerance.max_rel_diff:.0e}")
@@ -113,6 +136,7 @@ def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int],
         logits_max_abs_diff=logits_abs, logits_max_rel_diff=logits_rel,
         embedding_max_abs_diff=emb_abs, embedding_max_rel_diff=emb_rel,
         top1_agreement=top1 / total, top5_agreement=top5_rate,
+        reference_spread=spread, reference_scale=scale,
         tolerance_rel=tolerance.max_rel_diff, min_top1_agreement=tolerance.min_top1_agreement,
         min_top5_agreement=tolerance.min_top5_agreement,
         passed=not reasons, reason="; ".join(reasons),

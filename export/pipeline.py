@@ -27,6 +27,7 @@ from .precision import (
     to_int8,
 )
 from .publish import ensure_model_files, next_version, publish, staging, triton_config
+from .provided import load_default
 from .weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ExportRequest:
     version: int | None = None
     weights: Path | None = None
     seed: int = 0
+    random_weights: bool = False  # seeded random init even where the registry has weights
     num_classes: int | None = None
     labels_file: Path | None = None
     precision: str = "fp32"  # fp32 | fp16 | int8
@@ -82,13 +84,24 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     on_step("build")
     torch.manual_seed(req.seed)
     model = arch.build(num_classes)
-    weights_sha = load_weights(model, req.weights) if req.weights else None
+    random_init = not req.weights and (req.random_weights or not arch.weights)
+    weights_record: dict[str, object]
+    if req.weights:
+        weights_record = {"source": f"file {req.weights.name}",
+                          "sha256": load_weights(model, req.weights)}
+    elif not random_init:
+        provided = load_default(arch.weights, model, req.seed)
+        weights_record = {"source": provided.source, "sha256": provided.sha256,
+                          **provided.details}
+    else:
+        weights_record = {"source": f"seeded random init (seed {req.seed})"}
     wrapped = WithEmbedding(model, arch.head_path(model)).eval()
-    head_reinitialised = not req.weights and reinit_dead_head(wrapped.head)
+    head_reinitialised = random_init and reinit_dead_head(wrapped.head)
     shape = arch.input.shape
-    # random weights have wild activation scales: fix them before reduced precision
-    bn_recalibrated = (not req.weights and req.precision != "fp32"
-                       and recalibrate_batchnorm(wrapped, shape, req.seed))
+    # random init is degenerate (tiny, huge or input-independent outputs): make it alive
+    bn_recalibrated = random_init and recalibrate_batchnorm(wrapped, shape, req.seed)
+    if bn_recalibrated:
+        weights_record["source"] += ", BatchNorm statistics re-estimated on seeded noise"
     param_bytes = sum(p.numel() * p.element_size() for p in wrapped.parameters())
 
     if req.format == "tensorrt" and req.precision == "int8":
@@ -123,7 +136,7 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
         report = check_parity(wrapped, model_path, shape, seed=req.seed,
                               tolerance=TOLERANCES[onnx_precision], inputs=parity_inputs)
         if not report.passed:
-            raise ParityError(f"{name} version {version}: parity check failed "
+            raise ParityError(f"{name} ({arch.name}) version {version}: parity check failed "
                               f"({onnx_precision}): {report.reason}; nothing was published",
                               report)
         tensorrt_record = None
@@ -146,8 +159,9 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             "parameters": sum(p.numel() for p in wrapped.parameters()),
             "head_reinitialised": head_reinitialised,
             "weights": str(req.weights) if req.weights else None,
-            "weights_sha256": weights_sha,
-            "seed": None if req.weights else req.seed,
+            "weights_sha256": weights_record.get("sha256"),
+            "weights_source": weights_record,
+            "seed": req.seed if random_init else None,
             "exporter": exporter,
             "opset": OPSET,
             "precision": req.precision,

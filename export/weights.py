@@ -20,8 +20,11 @@ def load_weights(model: nn.Module, path: Path) -> str:
     """Load ``path`` into ``model`` strictly; return the file's sha256.
 
     Accepts a bare state_dict or a checkpoint nesting it under ``state_dict`` or ``model``, with
-    or without the ``module.`` prefix DataParallel/DDP adds.
+    or without the ``module.`` prefix DataParallel/DDP adds; an ``efficientnet_pytorch``
+    checkpoint (``_conv_stem.weight``…) is renamed onto timm's EfficientNet layers.
     """
+    from .provided import from_efficientnet_pytorch, looks_like_efficientnet_pytorch
+
     import hashlib
 
     try:
@@ -39,6 +42,8 @@ def load_weights(model: nn.Module, path: Path) -> str:
                            f"{type(obj).__name__}")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     expected = model.state_dict()
+    if looks_like_efficientnet_pytorch(state) and not any(k in expected for k in state):
+        state = from_efficientnet_pytorch(state, expected, str(path))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"

@@ -179,16 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="export a PyTorch architecture to a new ONNX version",
-                       description="Build ARCH (random init with --seed, or --weights), export "
-                                   "it to ONNX with outputs logits and embedding, check parity "
-                                   "against PyTorch, and publish it atomically as a new "
-                                   "version in the repository. Needs the 'export' extra.")
+                       description="Build ARCH with its weights, export it to ONNX with "
+                                   "outputs logits and embedding, check parity against "
+                                   "PyTorch, and publish it atomically as a new version in the "
+                                   "repository. Weights: --weights PATH; else the "
+                                   "architecture's default where it has one (real ImageNet "
+                                   "weights for efficientnet_lite0/1/2, LeNet-5 trained on "
+                                   "scikit-learn's digits); else seeded random init with its "
+                                   "BatchNorm statistics re-estimated so that the outputs "
+                                   "depend on the input. Needs the 'export' extra.")
     p.add_argument("arch", nargs="*", help="architecture name(s), e.g. resnet50")
     p.add_argument("--repo", type=Path, default=Path("model_repo"))
     p.add_argument("--name", help="model name in the repository (default: the architecture's)")
     p.add_argument("--version", type=int, help="version number (default: next free)")
-    p.add_argument("--weights", type=Path, help="local state_dict / checkpoint (.pt/.pth)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random init and checks")
+    p.add_argument("--weights", type=Path,
+                   help="local state_dict / checkpoint (.pt/.pth); efficientnet_pytorch "
+                        "checkpoints of EfficientNet-Lite are converted")
+    p.add_argument("--random-weights", action="store_true",
+                   help="seeded random init even for architectures with default weights")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random init, of LeNet-5's training and of the checks")
     p.add_argument("--num-classes", type=int, help="classes of a fine-tuned head")
     p.add_argument("--labels", type=Path, help="labels file, one class name per line")
     p.add_argument("--if-missing", action="store_true",
@@ -211,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after exporting, write a markdown table of every exported "
                         "architecture (parity, size, ORT CPU speed), e.g. docs/models.md")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("train-digits", help="train LeNet-5 on scikit-learn's digits (seconds)",
+                       description="Train LeNet-5 on scikit-learn's labelled digits (1,797 "
+                                   "8x8 images as 32x32 PNGs; split test_size=0.25, stratified, "
+                                   "random_state=0), seeded, and save its state_dict for "
+                                   "`visionserve export lenet5 --weights PATH`. The default "
+                                   "lenet5 export runs the same training. Needs the 'export' "
+                                   "extra.")
+    p.add_argument("--out", type=Path, required=True, help="where to write the .pt state_dict")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init and of the batches")
+    p.add_argument("--epochs", type=int, default=15)
+    p.set_defaults(func=_train_digits)
 
     p = sub.add_parser("classify", help="classify image files with a running server")
     p.add_argument("images", nargs="+", type=Path, help="JPEG/PNG/WebP files")
@@ -400,6 +422,16 @@ def _export(args: argparse.Namespace) -> int:
                   "'visionserve[export]' (%s)", exc)
         return 2
     return run_export(args)
+
+
+def _train_digits(args: argparse.Namespace) -> int:
+    try:
+        from visionserve.export.cli import run_train_digits
+    except ImportError as exc:
+        log.error("train-digits needs the 'export' extra (PyTorch, scikit-learn): pip install "
+                  "'visionserve[export]' (%s)", exc)
+        return 2
+    return run_train_digits(args)
 
 
 def _bench(command: str, argv: list[str]) -> int:

@@ -46,7 +46,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
 
 @pytest.fixture(scope="session")
 def weights_dir() -> Path:
-    """State dicts made with torchvision directly (seeded), independent of our export code."""
+    """State dicts made with torchvision directly (seeded), independent of our export code.
+    ResNet-18's seeded init is alive as it is; MobileNet v3's is degenerate (logits ~1e-9), which
+    export refuses (tests/test_real_answers.py)."""
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
     out = CACHE / "weights"
@@ -68,9 +70,8 @@ def exported_repo(weights_dir: Path) -> Path:
         if (repo / name / "1" / "model.onnx").exists():
             continue
         args = ["export", name, "--repo", str(repo), "--version", "1"]
-        weights = weights_dir / f"{name}.pt"
-        if weights.exists():
-            args += ["--weights", str(weights)]
+        if name == "resnet18":  # test_classify compares it with torchvision directly
+            args += ["--weights", str(weights_dir / f"{name}.pt")]
         result = run_cli(*args)
         assert result.returncode == 0, result.stderr[-3000:]
     return repo

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import OrtReference, encode, photo, softmax, tensor_image
+from conftest import OrtReference, encode, photo, softmax, start_server, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
@@ -159,16 +159,50 @@ def test_top_k_defaults_to_five_and_is_capped_at_the_class_count(server):
     assert sum(c.score for c in reply.results[0].classes) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_top_k_follows_the_engine_when_probabilities_tie_in_float32(server, exported_repo):
-    """Random-weight MobileNet v3 small answers logits of ~2e-9: every softmax probability is
-    0.001 in float32, but the logits differ by 0.1 % and more. Classify ranks on the logits, as
-    the engine does, and reports the (tied) probabilities."""
-    engine = OrtReference(exported_repo / "mobilenet_v3_small" / "1" / "model.onnx")
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    logits, _ = engine(x)
-    reply = server.stub.Classify(pb.ClassifyRequest(
-        model="mobilenet_v3_small", top_k=10, images=[pb.Image(tensor=pb.Tensor(
-            shape=[3, 224, 224], dtype=pb.DTYPE_FLOAT32, data=x[0].tobytes()))]), timeout=60)
+def tiny_logits_model(path: Path, classes: int = 10, seed: int = 0) -> None:
+    """A hand-made ONNX model on LeNet-5's input whose logits are ~1e-9: in float32, every
+    softmax probability is 1/classes, while the logits still differ by percents."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((1024, classes)) * 1e-10)
+                                .astype(np.float32), "w")
+    e = numpy_helper.from_array(rng.standard_normal((1024, 84)).astype(np.float32), "e")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+         helper.make_node("MatMul", ["flat", "e"], ["embedding"])],
+        "tiny_logits",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 84])],
+        initializer=[w, e])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_top_k_follows_the_engine_when_probabilities_tie_in_float32(exported_repo, tmp_path):
+    """A hand-made version (LeNet-5's config and labels, a model whose logits are ~1e-9):
+    Classify ranks on the logits, as the engine does, and reports the (tied) probabilities."""
+    import shutil
+
+    made = tmp_path / "made"
+    shutil.copytree(exported_repo / "lenet5", made / "tiny_logits")
+    version = made / "tiny_logits" / "1"
+    (version / "export.json").unlink()
+    tiny_logits_model(version / "model.onnx")
+    x = np.random.default_rng(1).standard_normal((1, 1, 32, 32)).astype(np.float32)
+    logits, _ = OrtReference(version / "model.onnx")(x)
+    srv = start_server(made, tmp_path / "server.log")
+    try:
+        reply = srv.stub.Classify(pb.ClassifyRequest(
+            model="tiny_logits", top_k=10, images=[pb.Image(tensor=pb.Tensor(
+                shape=[1, 32, 32], dtype=pb.DTYPE_FLOAT32, data=x[0].tobytes()))]), timeout=60)
+    finally:
+        srv.stop()
     got = reply.results[0].classes
+    assert np.abs(logits).max() < 1e-6
     assert [c.index for c in got] == list(np.argsort(-logits[0], kind="stable")[:10])
     assert len({round(c.score, 6) for c in got}) == 1  # the probabilities do tie
