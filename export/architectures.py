@@ -6,11 +6,12 @@ timm has it (Inception v4, Inception-ResNet-v2, MobileNet v1, DeiT, PVT v2), and
 (``efficientnet_lite0``) and is built as timm's ``tf_efficientnet_lite0``. ``weights`` names where
 an architecture's default weights come from when the user gives none (``export/provided.py``:
 real ImageNet weights from a package, or LeNet-5 trained on scikit-learn's digits); all others
-start from seeded random init, made alive (see ``export/precision.recalibrate_batchnorm``). ``head`` is the dotted path of the final classification
-layer: the embedding is its input (4096-d after fc7 for AlexNet/ZFNet/VGG, the CLS token after
-the final norm for ViT/DeiT, pooled features elsewhere), and ``WithEmbedding`` returns both from
-one forward pass. Preprocessing comes from the source's own metadata (torchvision's default
-weights transforms, timm's pretrained config), read without any download.
+start from seeded random init, made alive (see ``export/precision.recalibrate_batchnorm``).
+``head`` is the dotted path of the final classification layer: the embedding is its input
+(4096-d after fc7 for AlexNet/ZFNet/VGG, the CLS token after the final norm for ViT/DeiT,
+pooled features elsewhere), and ``WithEmbedding`` returns both from one forward pass.
+Preprocessing comes from the source's own metadata (torchvision's default weights transforms,
+timm's pretrained config), read without any download.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ from .precision import (
     to_fp16,
     to_int8,
 )
-from .publish import ensure_model_files, next_version, publish, staging, triton_config
 from .provided import load_default
+from .publish import ensure_model_files, next_version, publish, staging, triton_config
 from .weights import load_weights
 
 log = logging.getLogger(__name__)

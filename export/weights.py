@@ -23,9 +23,9 @@ def load_weights(model: nn.Module, path: Path) -> str:
     or without the ``module.`` prefix DataParallel/DDP adds; an ``efficientnet_pytorch``
     checkpoint (``_conv_stem.weight``…) is renamed onto timm's EfficientNet layers.
     """
-    from .provided import from_efficientnet_pytorch, looks_like_efficientnet_pytorch
-
     import hashlib
+
+    from .provided import from_efficientnet_pytorch, looks_like_efficientnet_pytorch
 
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
