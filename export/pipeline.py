@@ -124,12 +124,12 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             batches, source = calibration_images(arch.input, req.calibration, 48, req.seed)
             calibrate, held_out = batches[: max(1, len(batches) * 2 // 3)], \
                 batches[max(1, len(batches) * 2 // 3):]
-            to_int8(fp32_path, model_path, calibrate)
+            kept_float = to_int8(fp32_path, model_path, calibrate)
             parity_inputs = held_out or calibrate
             top1, top5 = top_k_agreement(wrapped, model_path, parity_inputs)
             precision_record.update(calibration=source, calibration_inputs=len(calibrate),
                                     held_out_inputs=len(held_out), held_out_top1=top1,
-                                    held_out_top5=top5)
+                                    held_out_top5=top5, kept_float=kept_float)
         for leftover in tmp.glob("fp32.onnx*"):
             leftover.unlink()
         on_step("parity")

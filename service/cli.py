@@ -29,6 +29,7 @@ BENCH_COMMANDS = {
     "bench-overload": "open-loop load at 2x capacity: shedding, p99, memory, recovery",
     "bench-decode": "JPEG decode+resize+normalize speed and accuracy per decoder",
     "bench-attacks": "each class of hostile request: status, memory, threads, health latency",
+    "bench-int8": "INT8 vs FP32 top-1/top-5 agreement of a real-weights model on real photos",
 }
 
 
