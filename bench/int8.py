@@ -133,7 +133,7 @@ def run_int8(args: argparse.Namespace) -> int:
         "kept_float": kept_float,
         "export_gate_min_top1": TOLERANCES["int8"].min_top1_agreement,
     }
-    print(f"{args.model}: INT8 vs FP32 on {len(evaluation)} crops/flips of "
+    sys.stdout.write(f"{args.model}: INT8 vs FP32 on {len(evaluation)} crops/flips of "
           f"{len(evaluation_photos)} photos (calibrated on {calibration_count} crops/flips of "
           f"{len(calibration_photos)} others): top-1 agreement {top1:.3f}, top-5 set agreement "
           f"{top5:.3f}, FP32 top-1 within INT8 top-5 {in_top5:.3f}; the export gate asks top-1 "

@@ -101,10 +101,10 @@ def to_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> list[str]:
     """Static QDQ quantization: per-channel INT8 weights, UINT8 activations with ranges from the
     calibration batches (min-max). The first convolution stays in float (returned: the nodes
     kept): measured on EfficientNet-Lite0's real weights (the photo split of
-    ``visionserve bench-int8``, 60 held-out crops), quantizing it costs most of the agreement — top-1 0.53 with it, 0.70 without it
-    (excluding the depthwise convolutions instead: 0.45; the classifier too: 0.70)."""
+    ``visionserve bench-int8``, 60 held-out crops), quantizing it costs most of the agreement:
+    top-1 0.53 with it, 0.70 without it (excluding the depthwise convolutions instead: 0.45;
+    the classifier too: 0.70)."""
     import onnx
-
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
