@@ -84,7 +84,9 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     on_step("build")
     torch.manual_seed(req.seed)
     model = arch.build(num_classes)
-    random_init = not req.weights and (req.random_weights or not arch.weights)
+    # default weights have the architecture's own head: another class count starts random
+    random_init = not req.weights and (req.random_weights or not arch.weights
+                                       or num_classes != arch.num_classes)
     weights_record: dict[str, object]
     if req.weights:
         weights_record = {"source": f"file {req.weights.name}",
@@ -161,7 +163,7 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             "weights": str(req.weights) if req.weights else None,
             "weights_sha256": weights_record.get("sha256"),
             "weights_source": weights_record,
-            "seed": req.seed if random_init else None,
+            "seed": None if req.weights else req.seed,  # of the init, or of the training
             "exporter": exporter,
             "opset": OPSET,
             "precision": req.precision,
