@@ -39,7 +39,12 @@ class Tolerance:
 
 
 TOLERANCES = {
-    "fp32": Tolerance(1e-3, 0.99, 0.99, "same arithmetic; only kernel rounding differs"),
+    "fp32": Tolerance(3e-3, 0.99, 0.99, "same arithmetic; only kernel rounding differs, "
+                                        "amplified through depth: the deepest alive random "
+                                        "networks differ by up to 1.4e-3 of their embedding's "
+                                        "scale (measured: Inception v4 1.36e-3, ResNet-152 "
+                                        "1.05e-3); the others by under 3e-4 (ResNet-101 "
+                                        "2.7e-4; docs/models.md)"),
     "fp16": Tolerance(3e-2, 0.8, 0.8, "11-bit mantissa: ~1e-3 relative error per layer, "
                                       "compounding over depth; near-ties may swap"),
     "int8": Tolerance(math.inf, 0.5, 0.0, "8-bit weights and activations move values by "
