@@ -50,6 +50,10 @@ def build(arch: str):
         import timm
 
         model = timm.create_model(arch, pretrained=False)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
     model.train()
     with torch.no_grad():
         for _ in range(2):
