@@ -17,6 +17,7 @@ from visionserve.service.model_format import EMBEDDING, INPUT, LABELS_FILE, LOGI
 from . import architectures
 from .architectures import Architecture, WithEmbedding, reinit_dead_head
 from .errors import ExportError, ExportErrorCode, UsageError
+from .golden import write_golden
 from .onnx_export import OPSET, export_onnx
 from .parity import ParityReport, check_parity, top_k_agreement
 from .precision import (
@@ -141,6 +142,8 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             raise ParityError(f"{name} ({arch.name}) version {version}: parity check failed "
                               f"({onnx_precision}): {report.reason}; nothing was published",
                               report)
+        golden_record = write_golden(tmp, wrapped, arch.input, labels, req.seed, req.precision,
+                                     model_path)
         tensorrt_record = None
         if req.format == "tensorrt":
             tensorrt_record = _build_tensorrt(wrapped, tmp, arch, req, name, version)
@@ -174,6 +177,7 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
                          "onnxruntime": _version("onnxruntime"),
                          "python": platform.python_version()},
             "parity": report.to_dict(),
+            "golden": golden_record,
             "export_seconds": round(seconds, 2),
             "onnx_bytes": sum(p.stat().st_size for p in files),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

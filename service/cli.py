@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ServerConfig
+    from .config import GoldenMode, ServerConfig
 
     defaults = ServerConfig()  # the one place the server's defaults live
     limits = defaults.limits
@@ -142,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="follow symbolic links in the repository that lead outside it (refused "
                         "by default, failing that model or version: docs/security.md); for "
                         "volume layouts that link models in from elsewhere")
+    p.add_argument("--golden-check", choices=[m.value for m in GoldenMode],
+                   default=defaults.golden_check.value,
+                   help="before a version serves, run its golden set (exported with it: real "
+                        "photos and seeded tensors with PyTorch's outputs, the labels and "
+                        "preprocessing it was made with) through the server's own path. "
+                        "enforce (default): a version that is off beyond its tolerance does not "
+                        "serve (state failed, the reason says how far off; the previous version "
+                        "keeps serving); warn: it serves anyway, logged as an error; off: no "
+                        "check (docs/lifecycle.md)")
     p.add_argument("--trust-network", action="store_true",
                    help="with --model-control explicit and no token: accept that anyone who "
                         "can reach the port may load and unload every model (refused at start "
@@ -341,7 +350,7 @@ def env_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import ServerConfig, ServerLimits
+    from .config import GoldenMode, ServerConfig, ServerLimits
     from .security import BearerTokenInterceptor, TlsConfig, load_token
     from .server import StartupError, serve
 
@@ -400,6 +409,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_control=args.model_control, poll_interval_s=args.poll_interval_s,
         load_models=tuple(args.load_model),
         allow_symlinks_outside_repo=args.allow_symlinks_outside_repo,
+        golden_check=GoldenMode(args.golden_check),
         load_interval_s=args.load_interval_s,
         shutdown_grace_s=args.shutdown_grace_s, shutdown_delay_s=args.shutdown_delay_s,
         metrics_host=args.metrics_host, tls=tls, ready_file=args.ready_file,

@@ -8,6 +8,7 @@ server reads); the keys are documented in docs/config.md.
 
 from __future__ import annotations
 
+import enum
 import os
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -26,6 +27,14 @@ COLORS = ("RGB", "BGR", "L")
 RAW_DTYPES = ("float32", "uint8")
 RAW_LAYOUTS = ("CHW", "HWC")
 BACKENDS = ("onnxruntime", "tensorrt")
+
+
+class GoldenMode(enum.StrEnum):
+    """``--golden-check``: what a version whose golden check fails does (service/golden.py)."""
+
+    ENFORCE = "enforce"  # it does not serve (state failed, with the reason)
+    WARN = "warn"  # it serves anyway, the reason logged as an error and shown in GetModel
+    OFF = "off"  # no check
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -333,6 +342,9 @@ class ServerConfig:
     # follow symbolic links that leave the repository (refused by default: a labels.txt or a
     # model folder linked to /etc would be read and served)
     allow_symlinks_outside_repo: bool = False
+    # every version loaded first computes its golden set (service/golden.py): enforce (a miss
+    # keeps it out of routing) | warn (it serves anyway, loudly) | off
+    golden_check: GoldenMode = GoldenMode.ENFORCE
     shutdown_grace_s: float = 30.0
     # readiness off, still serving, for this long before new calls are refused: time for a
     # load balancer (Kubernetes endpoints, a mesh) to stop sending new work here

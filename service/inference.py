@@ -66,14 +66,24 @@ class InferenceCore:
                            request_id=call.request_id)
 
     async def infer(self, served: ServedVersion, images: list[ImageInput],
-                    deadline: float | None, postprocess: Callable[[ModelOutputs], T]) -> T:
+                    deadline: float | None, postprocess: Callable[[ModelOutputs], T],
+                    counted: bool = True) -> T:
         """Preprocess ``images``, run them through the version's batcher (in order), and
-        ``postprocess`` the outputs; the request is counted in the version's statistics."""
+        ``postprocess`` the outputs; the request is counted in the version's statistics and
+        metrics unless not ``counted`` (the golden check's own requests)."""
         with served.in_use():  # entered before the first await: no swap can retire it now
-            return await self._infer(served, images, deadline, postprocess)
+            return await self._infer(served, images, deadline, postprocess, counted)
+
+    async def outputs(self, served: ServedVersion, image: ImageInput) -> ModelOutputs:
+        """One image's raw outputs through the whole path, uncounted: the golden check."""
+        return await self.infer(served, [image], None, lambda out: out, counted=False)
 
     async def _infer(self, served: ServedVersion, images: list[ImageInput],
-                     deadline: float | None, postprocess: Callable[[ModelOutputs], T]) -> T:
+                     deadline: float | None, postprocess: Callable[[ModelOutputs], T],
+                     counted: bool) -> T:
+        if not counted:
+            tensors = await self._preprocess(served, images, deadline)
+            return postprocess((await served.batcher.submit(tensors, deadline)).outputs)
         start = time.perf_counter()
         try:
             if not images:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import Backend, create_backend
-from .batching import BatchPolicy, DynamicBatcher, FanOut
+from .batching import BatchObserver, BatchPolicy, DynamicBatcher, FanOut
 from .config import ModelConfig, ServerLimits
 from .metrics import Metrics
 from .preprocess import Preprocessor
@@ -45,6 +45,8 @@ class ServedVersion:
     preprocessor: Preprocessor
     executor: ThreadPoolExecutor
     stats: VersionStatistics
+    observer: Gate
+    note: str = ""  # what GetModel shows beside "ready" (e.g. the golden check's warning)
     _inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -72,10 +74,20 @@ class ServedVersion:
         """Wait for the requests using this version, stop its batcher, free its engine."""
         metrics.set_model_state(self.name, str(self.version), VersionState.DRAINING)
         await self._idle.wait()
-        await self.batcher.close()
-        await asyncio.get_running_loop().run_in_executor(None, self._free)
+        await self.discard()
         metrics.set_model_state(self.name, str(self.version), VersionState.UNLOADED)
         log.info("unloaded %s", self.where)
+
+    async def discard(self) -> None:
+        """Stop the batcher and free the engine of a version that never served (or no longer
+        does and has no request left)."""
+        await self.batcher.close()
+        await asyncio.get_running_loop().run_in_executor(None, self._free)
+
+    def observe(self) -> None:
+        """From now on its batches count in the metrics and statistics (not the golden check's:
+        a version's figures are its clients' requests only)."""
+        self.observer.enabled = True
 
     def _free(self) -> None:
         self.executor.shutdown(wait=True)
@@ -128,7 +140,7 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
     )
     where = f"model {name} version {ventry.version}"
     stats = VersionStatistics()
-    observer = FanOut(metrics.observer(name, ventry.version, policy.max_queue_size), stats)
+    observer = Gate(FanOut(metrics.observer(name, ventry.version, policy.max_queue_size), stats))
     preprocessor = Preprocessor(name, ventry.version, config.input, limits)
     batcher = DynamicBatcher(where, backend.run, policy, executor, observer,
                              assemble=preprocessor.assemble)
@@ -140,5 +152,29 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
     return ServedVersion(name=name, version=ventry.version, config=config,
                          config_fingerprint=config_fingerprint, fingerprint=ventry.fingerprint,
                          labels=ventry.labels, backend=backend, batcher=batcher,
-                         preprocessor=preprocessor,
-                         executor=executor, stats=stats)
+                         preprocessor=preprocessor, executor=executor, stats=stats,
+                         observer=observer)
+
+
+class Gate:
+    """A batch observer that forwards only once ``enabled`` (``ServedVersion.observe``)."""
+
+    def __init__(self, inner: BatchObserver) -> None:
+        self.inner = inner
+        self.enabled = False
+
+    def queue_depth(self, images: int) -> None:
+        if self.enabled:
+            self.inner.queue_depth(images)
+
+    def expired(self, reason: str, images: int) -> None:
+        if self.enabled:
+            self.inner.expired(reason, images)
+
+    def rejected(self, reason: str, images: int) -> None:
+        if self.enabled:
+            self.inner.rejected(reason, images)
+
+    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
+        if self.enabled:
+            self.inner.batch_done(size, queue_waits_s, compute_s)

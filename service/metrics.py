@@ -78,6 +78,15 @@ class Metrics:
             "visionserve_model_load_failures",
             "Model versions (or whole models, version=\"\") that failed to load.", mv,
             registry=r)
+        self.golden_checks = Counter(
+            "visionserve_golden_checks",
+            "Golden checks of loaded versions (docs/lifecycle.md), by result: passed, failed "
+            "(kept out of routing, or served anyway with --golden-check warn), missing (the "
+            "version has no golden set).", (*mv, "result"), registry=r)
+        self.golden_check_seconds = Histogram(
+            "visionserve_golden_check_seconds",
+            "Time the golden check of a version took at load (its part of the load time).",
+            mv, buckets=DURATION_BUCKETS, registry=r)
 
     def set_model_state(self, model: str, version: str, state: str) -> None:
         for s in MODEL_STATES:

@@ -19,6 +19,7 @@ from . import repository
 from .backends import create_backend
 from .config import ServerLimits
 from .errors import ModelNotFound, VisionServeError
+from .golden import GoldenCheck, Verdict
 from .loader import BackendFactory, ServedVersion, load_version
 from .metrics import Metrics
 from .repository import ModelEntry
@@ -39,7 +40,7 @@ class RepositorySync:
     def __init__(self, router: Router, limits: ServerLimits, metrics: Metrics,
                  on_readiness: Readiness = _ignore,
                  backend_factory: BackendFactory = create_backend,
-                 allow_outside: bool = False) -> None:
+                 allow_outside: bool = False, golden: GoldenCheck | None = None) -> None:
         self._router = router  # the only writer of its table and statuses
         self._backend_factory = backend_factory  # injected: tests drive the sync with fakes
         self._limits = limits
@@ -48,6 +49,7 @@ class RepositorySync:
         self._synced: dict[str, tuple[object, ...]] = {}  # fingerprint last synced, per model
         self._locks: dict[str, asyncio.Lock] = {}
         self._allow_outside = allow_outside  # --allow-symlinks-outside-repo
+        self._golden = golden  # run on every version loaded, before it is routed
         self.repo: Path | None = None
 
     async def load_repository(self, repo: Path, only: set[str] | None = None) -> None:
@@ -122,7 +124,8 @@ class RepositorySync:
                             and current.fingerprint == ventry.fingerprint):
                         served: ServedVersion | None = current
                         status.versions[ventry.version] = VersionStatus(
-                            version=ventry.version, state=VersionState.READY)
+                            version=ventry.version, state=VersionState.READY,
+                            reason=current.note)
                     else:
                         served = await self._try_load(status, entry, ventry)
                     if served is None:
@@ -138,9 +141,12 @@ class RepositorySync:
                           name, sorted(old))
                 final = dict(old)
                 for number in old:
+                    failed = status.versions.get(number)
+                    why = f" ({failed.reason})" if failed is not None and failed.reason \
+                        and failed.state == VersionState.FAILED else ""
                     status.versions[number] = VersionStatus(
                         version=number, state=VersionState.READY,
-                        reason="kept serving: its replacement failed to load")
+                        reason=f"kept serving: its replacement failed to load{why}")
             for number in set(old) - set(final):
                 if status.versions[number].state == VersionState.READY:  # retired, not failed
                     del status.versions[number]
@@ -198,7 +204,26 @@ class RepositorySync:
             log.exception("model %s version %d failed to load", status.name, number)
             self._fail(status, number, f"{type(exc).__name__}: {exc}")
             return None
-        status.versions[number] = VersionStatus(version=number, state=VersionState.READY)
+        verdict = Verdict(serve=True, reason="")
+        try:
+            if self._golden is not None:
+                verdict = await self._golden.verify(served, ventry.path)
+        except Exception as exc:
+            log.exception("model %s version %d: the golden check could not run",
+                          status.name, number)
+            verdict = Verdict(serve=False, reason=f"the golden check could not run "
+                                                  f"({type(exc).__name__}: {exc})")
+        except BaseException:  # cancelled (shutdown): release the engine, then stop
+            await served.discard()
+            raise
+        if not verdict.serve:
+            await served.discard()
+            self._fail(status, number, verdict.reason)
+            return None
+        served.observe()
+        served.note = self._public(verdict.reason) or ""
+        status.versions[number] = VersionStatus(version=number, state=VersionState.READY,
+                                                reason=served.note)
         return served
 
     async def _retire(self, served: list[ServedVersion],

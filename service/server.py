@@ -32,6 +32,7 @@ from .api.vision import VisionServicer
 from .config import ServerConfig, ServerLimits, cpu_count
 from .control import ModelControl
 from .decode_pool import DecodePool
+from .golden import GoldenCheck
 from .inference import InferenceCore
 from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
@@ -57,10 +58,13 @@ class Server:
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
         self.router = Router(self.lifecycle)
-        self.sync = RepositorySync(self.router, config.limits, self.metrics, self._readiness,
-                                   allow_outside=config.allow_symlinks_outside_repo)
         threads = config.preprocess_threads or cpu_count()
         self._decode_pool = DecodePool(threads, config.limits, self.metrics.decode_queue)
+        self.core = InferenceCore(self.router, self._decode_pool, config.limits, self.metrics)
+        self.sync = RepositorySync(self.router, config.limits, self.metrics, self._readiness,
+                                   allow_outside=config.allow_symlinks_outside_repo,
+                                   golden=GoldenCheck(config.golden_check, self.core.outputs,
+                                                      self.metrics))
         self.admission = Admission(self.lifecycle, config.limits.max_inflight_requests)
         self.grpc = self._build_grpc()
         self.grpc_port = 0
@@ -88,7 +92,7 @@ class Server:
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
                 *transport_options(config.limits),
             ])
-        core = InferenceCore(self.router, self._decode_pool, config.limits, self.metrics)
+        core = self.core
         control = ModelControl(self.router, self.sync, config.model_control,
                                "bearer token" if config.auth_token else "no token",
                                config.load_interval_s)

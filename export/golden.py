@@ -1,0 +1,184 @@
+"""The golden set every export writes into the version it publishes (``<N>/golden/``), which
+the server runs through its own path before the version serves (``service/golden.py`` reads it;
+the format is documented there and in docs/lifecycle.md).
+
+What it holds: three real photos as encoded files (bundled in ``golden_images/``: a JPEG under
+twice the resize target, a JPEG above it, where ``decoder = "fast"`` decodes at a reduced DCT
+scale, and a PNG), a seeded uint8 HWC image and a seeded float32 CHW tensor; for each, FP32
+PyTorch's logits and embedding, the photos' once per decoder. The photos' reference tensors come
+from ``torchvision.transforms`` (Resize, CenterCrop, ToTensor, Normalize on a PIL image), not
+from the server's preprocessing, so a drift of either shows. Also recorded: the labels (a copy and
+their sha256) and the ``[input]`` values the numbers depend on.
+
+The tolerance is the precision's parity tolerance (FP32 3e-3, FP16 3e-2 of the output's scale),
+and export refuses to publish a version that misses its own golden set. INT8 has no tolerance
+against PyTorch (with random weights it differs by up to its whole logit scale): its expected
+outputs are the version's own under ONNX Runtime (CPU) at export, held to ``INT8_TOLERANCE``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from visionserve.service.config import DECODERS, InputSpec
+from visionserve.service.golden import (
+    FORMAT,
+    GOLDEN_DIR,
+    MANIFEST,
+    labels_sha256,
+    preprocessing_record,
+    rel_diff,
+)
+from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
+from visionserve.service.preprocess import scaled_decode_size
+
+from .errors import ExportError, ExportErrorCode
+from .precision import TOLERANCES
+
+PHOTOS = ("chelsea.jpg", "astronaut.jpg", "coffee.png")  # scikit-image's data: CC0 / NASA PD
+# INT8 is held to its own outputs at export: other INT8 kernels round differently (ONNX
+# Runtime's unfused QDQ path: 2.3e-2 of the scale on ResNet-18, its thread counts: 0)
+INT8_TOLERANCE = 0.1
+
+
+class GoldenError(ExportError):
+    code = ExportErrorCode.PARITY
+
+    """The exported version misses its own golden set; nothing was published."""
+
+
+@dataclass(frozen=True)
+class _Case:
+    name: str
+    input_file: str
+    decoder: str  # "" for tensors
+    tensor: torch.Tensor  # what the network takes, [C, H, W]
+
+
+def photo_bytes(name: str) -> bytes:
+    return resources.files("visionserve.export").joinpath("golden_images", name).read_bytes()
+
+
+def reference_tensor(data: bytes, spec: InputSpec, decoder: str) -> torch.Tensor:
+    """An encoded image as torchvision's eval transform makes it (``decoder = "fast"``: after the
+    JPEG decoder's DCT scaling to the size the server decodes at)."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    img = Image.open(io.BytesIO(data))
+    if decoder == "fast" and img.format == "JPEG":
+        mode = img.mode if img.mode in ("L", "RGB") else None
+        img.draft(mode, scaled_decode_size(img.size, spec))
+    img = img.convert("L" if spec.color == "L" else "RGB")
+    steps: list[object] = []
+    if spec.resize:
+        steps.append(transforms.Resize(spec.resize,
+                                       interpolation=InterpolationMode[spec.interpolation.upper()]))
+    steps += [transforms.CenterCrop((spec.height, spec.width)), transforms.ToTensor()]
+    tensor = transforms.Compose(steps)(img)
+    if spec.color == "BGR":
+        tensor = tensor.flip(0)
+    return transforms.Normalize(spec.mean, spec.std)(tensor)
+
+
+def _cases(spec: InputSpec, seed: int) -> tuple[list[_Case], dict[str, bytes | np.ndarray]]:
+    cases, files = [], {}
+    for photo in PHOTOS:
+        files[photo] = data = photo_bytes(photo)
+        stem = photo.rsplit(".", 1)[0]
+        for decoder in DECODERS:
+            cases.append(_Case(f"{stem} ({decoder})", photo, decoder,
+                               reference_tensor(data, spec, decoder)))
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (spec.height, spec.width, spec.channels), dtype=np.uint8)
+    files["noise-uint8.npy"] = pixels
+    mean = torch.tensor(spec.mean)[:, None, None]
+    std = torch.tensor(spec.std)[:, None, None]
+    as_float = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)
+    cases.append(_Case("noise uint8 HWC", "noise-uint8.npy", "", (as_float - mean) / std))
+    noise = rng.standard_normal(spec.shape, dtype=np.float32)
+    files["noise-float32.npy"] = noise
+    cases.append(_Case("noise float32 CHW", "noise-float32.npy", "", torch.from_numpy(noise)))
+    return cases, files
+
+
+def write_golden(version_dir: Path, model: nn.Module, spec: InputSpec, labels: list[str],
+                 seed: int, precision: str, onnx_path: Path) -> dict[str, object]:
+    """Write ``version_dir/golden/``; return what export.json records of it. Raises GoldenError
+    when the exported model at ``onnx_path`` misses the set (FP32/FP16)."""
+    cases, files = _cases(spec, seed)
+    batch = torch.stack([c.tensor for c in cases])
+    with torch.no_grad():
+        reference = tuple(t.numpy() for t in model(batch))
+    engine = _engine_outputs(onnx_path, batch.numpy())
+    measured = max(rel_diff(r[i], e[i]) for r, e in zip(reference, engine, strict=True)
+                   for i in range(len(cases)))
+    if math.isinf(TOLERANCES[precision].max_rel_diff):
+        # INT8 differs from PyTorch by up to its whole scale on near-tie (random) networks: a
+        # check against PyTorch would pass anything. It holds the version to its own outputs.
+        expected, tolerance = engine, INT8_TOLERANCE
+        why = (f"{precision}: against this version's own outputs under ONNX Runtime (CPU) at "
+               f"export, which differ from FP32 PyTorch by {measured:.1e}; ONNX Runtime's "
+               "unfused INT8 path differs from its fused kernels by 2.3e-2 (ResNet-18)")
+        source = "this version under ONNX Runtime (CPU), at export"
+    else:
+        expected, tolerance = reference, TOLERANCES[precision].max_rel_diff
+        why = f"{precision} parity tolerance"
+        source = f"FP32 PyTorch {torch.__version__}"
+        if measured > tolerance:
+            raise GoldenError(f"the exported model differs from PyTorch on its golden set by "
+                              f"{measured:.1e} of the output's scale, over the {precision} "
+                              f"tolerance {tolerance:.0e}; nothing was published")
+    folder = version_dir / GOLDEN_DIR
+    folder.mkdir()
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            np.save(folder / name, content, allow_pickle=False)
+    (folder / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    entries = []
+    for i, case in enumerate(cases):
+        stem = case.name.replace(" ", "-").replace("(", "").replace(")", "")
+        entry: dict[str, object] = {"name": case.name, "input": case.input_file}
+        if case.decoder:
+            entry["decoder"] = case.decoder
+        for output, values in zip(("logits", "embedding"), expected, strict=True):
+            np.save(folder / f"{stem}.{output}.npy", values[i], allow_pickle=False)
+            entry[output] = f"{stem}.{output}.npy"
+        entries.append(entry)
+    manifest = {
+        "format": FORMAT,
+        "expected_from": source,
+        "tolerance": {"max_rel_diff": tolerance, "why": why},
+        "engine_vs_pytorch_at_export": measured,
+        "labels_sha256": labels_sha256(labels),
+        "labels": "labels.txt",
+        "preprocessing": preprocessing_record(spec),
+        "cases": entries,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return {"cases": len(entries), "expected_from": source, "max_rel_diff": tolerance,
+            "engine_vs_pytorch": measured}
+
+
+def _engine_outputs(onnx_path: Path, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exported model's outputs on the set (ONNX Runtime, CPU), case by case."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    rows = [session.run([LOGITS, EMBEDDING], {INPUT: batch[i:i + 1]})
+            for i in range(batch.shape[0])]
+    return (np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]))
