@@ -252,7 +252,8 @@ async def check(golden: GoldenSet, version: int, labels: Sequence[str], spec: In
             if diff > worst or not worst_at:
                 worst, worst_at = diff, f"{name} of golden case {case.name!r}"
     if worst > golden.max_rel_diff:
-        problems.append(f"the {worst_at} are off by {worst:.1e} of their scale (tolerance "
+        verb = "are" if worst_at.startswith("logits") else "is"
+        problems.append(f"the {worst_at} {verb} off by {worst:.1e} of their scale (tolerance "
                         f"{golden.max_rel_diff:.1e})")
     if not cases:
         problems.append(f"no golden case applies: its images were made for another decoder "
@@ -288,8 +289,8 @@ def _preprocessing_problem(golden: GoldenSet, version: int, spec: InputSpec) -> 
                if key in recorded and _show(now.get(key)) != _show(recorded.get(key))]
     if not changed:
         return ""
-    return (f"config.toml [input] {'; '.join(changed)}: version {version}'s numbers were made "
-            "with the recorded values; a preprocessing change is a new export")
+    return (f"config.toml [input] {', '.join(changed)}: version {version} was exported with "
+            "other preprocessing; a preprocessing change is a new export")
 
 
 def _show(value: object) -> str:
@@ -331,7 +332,7 @@ class GoldenCheck:
                              lambda image: self._outputs(served, image))
         self._metrics.golden_check_seconds.labels(*labels).observe(report.seconds)
         if not report.passed:
-            return self._failed(served, f"{'; '.join(report.problems)} ({report.summary()})")
+            return self._failed(served, "; ".join(report.problems))
         self._metrics.golden_checks.labels(*labels, "passed").inc()
         log.info("%s passed its golden check: %s", served.where, report.summary())
         return Verdict(serve=True, reason="")
@@ -342,5 +343,6 @@ class GoldenCheck:
             reason = (f"golden check failed, serving anyway (--golden-check warn): {problems}")
             log.error("%s: %s", served.where, reason)
             return Verdict(serve=True, reason=reason)
-        return Verdict(serve=False, reason=f"golden check failed: {problems}; the version does "
-                                           "not serve (--golden-check warn would serve it)")
+        return Verdict(serve=False, reason=f"golden check failed: {problems}. It does not serve: "
+                                           "fix the version or export it again "
+                                           "(--golden-check warn would serve it)")

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.request
@@ -205,6 +206,58 @@ def server_factory(exported_repo: Path, tmp_path: Path) -> Iterator:
     yield start
     for srv in started:
         srv.stop()
+
+
+# --- the repository under load ---------------------------------------------------------
+
+def publish(model_dir: Path, version: int, source: Path) -> None:
+    """Publish a version by hand the way export does: a hidden folder, then one rename."""
+    tmp = model_dir / f".tmp-{version}"
+    shutil.copytree(source, tmp)
+    os.rename(tmp, model_dir / str(version))
+
+
+class Load:
+    """``clients`` threads calling Classify in a loop; records (client, version, error)."""
+
+    def __init__(self, server, request: pb.ClassifyRequest, clients: int = 16) -> None:
+        self.replies: list[tuple[int, int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(server, request, i))
+                         for i in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, server, request: pb.ClassifyRequest, client: int) -> None:
+        while not self._stop.is_set():
+            try:
+                reply = server.stub.Classify(request, timeout=30)
+                self.replies.append((client, reply.version, ""))
+            except grpc.RpcError as err:
+                self.replies.append((client, 0, f"{err.code().name}: {err.details()}"))
+
+    def versions_seen(self) -> set[int]:
+        return {v for _, v, _ in list(self.replies)}
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def errors(self) -> list[str]:
+        return [e for _, _, e in self.replies if e]
+
+    def monotonic_per_client(self) -> bool:
+        """Once a client got an answer from the new version, it never gets the old one."""
+        last: dict[int, int] = {}
+        for client, version, error in self.replies:
+            if error:
+                continue
+            if version < last.get(client, 0):
+                return False
+            last[client] = version
+        return True
+
 
 
 # --- images -------------------------------------------------------------------------------

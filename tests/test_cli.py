@@ -48,7 +48,11 @@ def test_usage_errors_exit_2_and_failed_calls_exit_1(server):
 
 
 def test_an_interrupted_command_exits_130():
-    """Ctrl-C while `health` waits on a server that accepted the connection but never answers."""
+    """Ctrl-C while `health` waits on a server that accepted the connection but never answers.
+
+    The command runs as from an interactive shell: SIGINT at its default. A suite started in the
+    background (`make test &`, a CI runner's job) inherits SIGINT ignored, as POSIX shells give
+    background jobs, and a process that starts with SIGINT ignored rightly keeps ignoring it."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -56,7 +60,8 @@ def test_an_interrupted_command_exits_130():
         process = subprocess.Popen(
             [sys.executable, "-m", "visionserve.service.cli", "health", "--server",
              f"127.0.0.1:{silent.getsockname()[1]}", "--timeout-s", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         connection, _ = silent.accept()  # the client is inside its call now
         with connection:
             process.send_signal(signal.SIGINT)

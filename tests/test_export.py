@@ -34,8 +34,14 @@ def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path)
     first = run_cli("export", "lenet5", "--repo", str(repo), "--seed", "11")
     assert first.returncode == 0, first.stderr
     version = repo / "lenet5" / "1"
-    assert {p.name for p in version.iterdir()} == {"model.onnx", "labels.txt", "export.json"}
+    assert {p.name for p in version.iterdir()} == {"model.onnx", "labels.txt", "export.json",
+                                                   "golden"}
     record = json.loads((version / "export.json").read_text())
+    assert record["golden"]["cases"] == 8 and record["golden"]["max_rel_diff"] == 3e-3
+    golden = json.loads((version / "golden" / "golden.json").read_text())
+    assert golden["labels"] == "labels.txt" and golden["preprocessing"]["mean"] == [0.5]
+    assert {c["input"] for c in golden["cases"]} == {
+        "chelsea.jpg", "astronaut.jpg", "coffee.png", "noise-uint8.npy", "noise-float32.npy"}
     assert record["architecture"] == "lenet5" and record["seed"] == 11
     assert record["opset"] >= 17 and record["exporter"] in ("dynamo", "torchscript")
     assert record["parity"]["passed"] and record["parity"]["top5_agreement"] == 1.0

@@ -158,6 +158,7 @@ def test_only_the_newest_version_is_served_by_default(exported_repo, tmp_path):
     shutil.copytree(repo / "lenet5" / "1", repo / "lenet5" / "2")
     (repo / "lenet5" / "2" / "labels.txt").write_text(
         "\n".join(f"digit-{i}" for i in range(10)) + "\n")
+    shutil.rmtree(repo / "lenet5" / "2" / "golden")  # hand-made: labels of its own
     srv = start_server(repo, tmp_path / "server.log")
     try:
         reply = srv.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[
