@@ -47,12 +47,18 @@ def test_usage_errors_exit_2_and_failed_calls_exit_1(server):
     assert "NOT_FOUND" in unknown.stderr and "nope" in unknown.stderr
 
 
+def _interactive() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_an_interrupted_command_exits_130():
     """Ctrl-C while `health` waits on a server that accepted the connection but never answers.
 
-    The command runs as from an interactive shell: SIGINT at its default. A suite started in the
-    background (`make test &`, a CI runner's job) inherits SIGINT ignored, as POSIX shells give
-    background jobs, and a process that starts with SIGINT ignored rightly keeps ignoring it."""
+    The command runs as from an interactive shell: SIGINT at its default and not blocked. A child
+    inherits both its parent's ignored signals (POSIX shells ignore SIGINT in background jobs)
+    and the forking thread's signal mask, and a process that starts with SIGINT ignored or
+    blocked rightly never sees Ctrl-C: that was the test's environment, not the command."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -61,7 +67,7 @@ def test_an_interrupted_command_exits_130():
             [sys.executable, "-m", "visionserve.service.cli", "health", "--server",
              f"127.0.0.1:{silent.getsockname()[1]}", "--timeout-s", "60"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            preexec_fn=_interactive)
         connection, _ = silent.accept()  # the client is inside its call now
         with connection:
             process.send_signal(signal.SIGINT)
