@@ -49,6 +49,9 @@ PHOTOS = ("chelsea.jpg", "astronaut.jpg", "coffee.png")  # scikit-image's data: 
 # INT8 is held to its own outputs at export: other INT8 kernels round differently (ONNX
 # Runtime's unfused QDQ path: 2.3e-2 of the scale on ResNet-18, its thread counts: 0)
 INT8_TOLERANCE = 0.1
+# a case is kept when PyTorch's batch-1 and batched results agree to this (a quarter of FP32's
+# tolerance: what is left is the engine's)
+REPRODUCIBLE = 7.5e-4
 
 
 class GoldenError(ExportError):
@@ -117,9 +120,10 @@ def write_golden(version_dir: Path, model: nn.Module, spec: InputSpec, labels: l
     """Write ``version_dir/golden/``; return what export.json records of it. Raises GoldenError
     when the exported model at ``onnx_path`` misses the set (FP32/FP16)."""
     cases, files = _cases(spec, seed)
+    cases, reference, dropped = _reproducible(model, cases)
+    files = {name: content for name, content in files.items()
+             if any(c.input_file == name for c in cases)}
     batch = torch.stack([c.tensor for c in cases])
-    with torch.no_grad():
-        reference = tuple(t.numpy() for t in model(batch))
     engine = _engine_outputs(onnx_path, batch.numpy())
     measured = max(rel_diff(r[i], e[i]) for r, e in zip(reference, engine, strict=True)
                    for i in range(len(cases)))
@@ -166,10 +170,40 @@ def write_golden(version_dir: Path, model: nn.Module, spec: InputSpec, labels: l
         "labels": "labels.txt",
         "preprocessing": preprocessing_record(spec),
         "cases": entries,
+        "dropped": dropped,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return {"cases": len(entries), "expected_from": source, "max_rel_diff": tolerance,
-            "engine_vs_pytorch": measured}
+    return {"cases": len(entries), "dropped": [d["name"] for d in dropped],
+            "expected_from": source, "max_rel_diff": tolerance, "engine_vs_pytorch": measured}
+
+
+def _reproducible(model: nn.Module, cases: list[_Case]
+                  ) -> tuple[list[_Case], tuple[np.ndarray, np.ndarray], list[dict[str, object]]]:
+    """The cases on which FP32 PyTorch agrees with itself, at batch 1 and in one batch of all,
+    within ``REPRODUCIBLE``, with their batch-1 outputs; and the others, with how far PyTorch
+    moved. No engine can be held closer to a reference than the reference is to itself: random
+    weights with BatchNorm re-estimated on Gaussian noise are ill-conditioned on some real
+    inputs (EfficientNet-B1: logits of 2500 on the astronaut, 0.4 on noise; PyTorch's own
+    batch-1 and batch-8 results 3.7e-2 apart). Real weights keep every case."""
+    batch = torch.stack([c.tensor for c in cases])
+    with torch.no_grad():
+        together = [t.numpy() for t in model(batch)]
+        alone = [model(batch[i:i + 1]) for i in range(len(cases))]
+    kept, rows, dropped = [], [], []
+    for i, case in enumerate(cases):
+        single = [t.numpy()[0] for t in alone[i]]
+        moved = max(rel_diff(together[k][i], single[k]) for k in range(2))
+        if moved <= REPRODUCIBLE:
+            kept.append(case)
+            rows.append(single)
+        else:
+            dropped.append({"name": case.name, "pytorch_batch_1_vs_batch_n": moved})
+    if not kept:
+        raise GoldenError(f"FP32 PyTorch does not reproduce its own outputs on any golden input "
+                          f"(batch 1 against batch {len(cases)} differ by more than "
+                          f"{REPRODUCIBLE:.0e}): the weights are too ill-conditioned to check; "
+                          "nothing was published")
+    return kept, (np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])), dropped
 
 
 def _engine_outputs(onnx_path: Path, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

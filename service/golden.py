@@ -221,7 +221,8 @@ class GoldenReport:
 
     def summary(self) -> str:
         others = f" (and {self.skipped} for another decoder)" if self.skipped else ""
-        return (f"{self.cases} cases{others}, worst difference {self.worst_rel_diff:.1e} "
+        cases = f"{self.cases} case" + ("" if self.cases == 1 else "s")
+        return (f"{cases}{others}, worst difference {self.worst_rel_diff:.1e} "
                 f"(tolerance {self.max_rel_diff:.1e}), {self.seconds:.2f} s")
 
 
@@ -252,8 +253,8 @@ async def check(golden: GoldenSet, version: int, labels: Sequence[str], spec: In
             if diff > worst or not worst_at:
                 worst, worst_at = diff, f"{name} of golden case {case.name!r}"
     if worst > golden.max_rel_diff:
-        verb = "are" if worst_at.startswith("logits") else "is"
-        problems.append(f"the {worst_at} {verb} off by {worst:.1e} of their scale (tolerance "
+        verb, whose = ("are", "their") if worst_at.startswith("logits") else ("is", "its")
+        problems.append(f"the {worst_at} {verb} off by {worst:.1e} of {whose} scale (tolerance "
                         f"{golden.max_rel_diff:.1e})")
     if not cases:
         problems.append(f"no golden case applies: its images were made for another decoder "

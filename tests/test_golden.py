@@ -34,7 +34,7 @@ def failed_with(srv, model: str, version: int) -> str:
 
 def off_by(reason: str) -> float:
     """The distance a reason reports ("… are off by 2.0e-02 of their scale …")."""
-    match = re.search(r"off by (\S+) of their scale \(tolerance (\S+)\)", reason)
+    match = re.search(r"off by (\S+) of (?:its|their) scale \(tolerance (\S+)\)", reason)
     assert match, reason
     return float(match.group(1))
 
