@@ -5,7 +5,8 @@ BIN     := $(VENV)/bin
 REPO    ?= model_repo
 DEFAULT_MODELS := efficientnet_lite0 lenet5 resnet18 resnet50 mobilenet_v3_small
 STAMP   := $(VENV)/.installed
-LOCK    := deploy/requirements/serve.txt
+# the serve image's lock with OpenVINO's packages added (the openvino extra; serve.txt otherwise)
+LOCK    := deploy/requirements/openvino.txt
 
 .PHONY: setup serve models test test-fast lint lock proto bench peer-triton clean
 
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	sed -e '/--hash=/d' -e 's/ \\$$//' $(LOCK) > $(VENV)/serve-constraints.txt
-	$(BIN)/pip install --quiet -c $(VENV)/serve-constraints.txt -e '.[export,dev]'
+	$(BIN)/pip install --quiet -c $(VENV)/serve-constraints.txt -e '.[export,dev,openvino]'
 	touch $(STAMP)
 
 setup: $(STAMP)

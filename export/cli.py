@@ -62,7 +62,8 @@ def run_export(args: argparse.Namespace) -> int:
                     weights=args.weights, random_weights=args.random_weights, seed=args.seed,
                     num_classes=args.num_classes,
                     labels_file=args.labels, precision=args.precision,
-                    calibration=args.calibration, format=args.format), on_step=on_step)
+                    calibration=args.calibration, format=args.format,
+                    backend=args.backend), on_step=on_step)
             except ExportError as exc:
                 progress.update(task, description=f"{arch}: FAILED")
                 log.error("%s", exc)

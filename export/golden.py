@@ -10,10 +10,12 @@ from ``torchvision.transforms`` (Resize, CenterCrop, ToTensor, Normalize on a PI
 from the server's preprocessing, so a drift of either shows. Also recorded: the labels (a copy and
 their sha256) and the ``[input]`` values the numbers depend on.
 
-The tolerance is the precision's parity tolerance (FP32 3e-3, FP16 3e-2 of the output's scale),
-and export refuses to publish a version that misses its own golden set. INT8 has no tolerance
-against PyTorch (with random weights it differs by up to its whole logit scale): its expected
-outputs are the version's own under ONNX Runtime (CPU) at export, held to ``INT8_TOLERANCE``.
+The tolerance is the precision's parity tolerance (FP32 3e-3, FP16 3e-2, BF16 1.5e-2 of the
+output's scale), and export refuses to publish a version that misses its own golden set on the
+engine it is configured for. INT8 has no tolerance against PyTorch (with random weights it
+differs by up to its whole logit scale): its expected outputs are the version's own on that
+engine at export, held to ``INT8_TOLERANCE``: so an INT8 set is engine-specific (ONNX Runtime and
+OpenVINO differ by 0.15–0.4 of the scale on the same random-weight ResNet-50 QDQ file).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from visionserve.service.backends import Backend
 from visionserve.service.config import DECODERS, InputSpec
 from visionserve.service.golden import (
     FORMAT,
@@ -39,7 +42,6 @@ from visionserve.service.golden import (
     preprocessing_record,
     rel_diff,
 )
-from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
 from visionserve.service.preprocess import scaled_decode_size
 
 from .errors import ExportError, ExportErrorCode
@@ -116,33 +118,35 @@ def _cases(spec: InputSpec, seed: int) -> tuple[list[_Case], dict[str, bytes | n
 
 
 def write_golden(version_dir: Path, model: nn.Module, spec: InputSpec, labels: list[str],
-                 seed: int, precision: str, onnx_path: Path) -> dict[str, object]:
+                 seed: int, precision: str, engine: Backend,
+                 engine_name: str) -> dict[str, object]:
     """Write ``version_dir/golden/``; return what export.json records of it. Raises GoldenError
-    when the exported model at ``onnx_path`` misses the set (FP32/FP16)."""
+    when the exported model on ``engine`` (the one it will serve on, ``engine_name``) misses
+    the set (FP32/FP16/BF16)."""
     cases, files = _cases(spec, seed)
     cases, reference, dropped = _reproducible(model, cases)
     files = {name: content for name, content in files.items()
              if any(c.input_file == name for c in cases)}
     batch = torch.stack([c.tensor for c in cases])
-    engine = _engine_outputs(onnx_path, batch.numpy())
-    measured = max(rel_diff(r[i], e[i]) for r, e in zip(reference, engine, strict=True)
+    got = _engine_outputs(engine, batch.numpy())
+    measured = max(rel_diff(r[i], e[i]) for r, e in zip(reference, got, strict=True)
                    for i in range(len(cases)))
     if math.isinf(TOLERANCES[precision].max_rel_diff):
         # INT8 differs from PyTorch by up to its whole scale on near-tie (random) networks: a
         # check against PyTorch would pass anything. It holds the version to its own outputs.
-        expected, tolerance = engine, INT8_TOLERANCE
-        why = (f"{precision}: against this version's own outputs under ONNX Runtime (CPU) at "
+        expected, tolerance = got, INT8_TOLERANCE
+        why = (f"{precision}: against this version's own outputs on {engine_name} at "
                f"export, which differ from FP32 PyTorch by {measured:.1e}; ONNX Runtime's "
                "unfused INT8 path differs from its fused kernels by 2.3e-2 (ResNet-18)")
-        source = "this version under ONNX Runtime (CPU), at export"
+        source = f"this version on {engine_name}, at export"
     else:
         expected, tolerance = reference, TOLERANCES[precision].max_rel_diff
         why = f"{precision} parity tolerance"
         source = f"FP32 PyTorch {torch.__version__}"
         if measured > tolerance:
-            raise GoldenError(f"the exported model differs from PyTorch on its golden set by "
-                              f"{measured:.1e} of the output's scale, over the {precision} "
-                              f"tolerance {tolerance:.0e}; nothing was published")
+            raise GoldenError(f"the exported model on {engine_name} differs from PyTorch on its "
+                              f"golden set by {measured:.1e} of the output's scale, over the "
+                              f"{precision} tolerance {tolerance:.0e}; nothing was published")
     folder = version_dir / GOLDEN_DIR
     folder.mkdir()
     for name, content in files.items():
@@ -206,13 +210,8 @@ def _reproducible(model: nn.Module, cases: list[_Case]
     return kept, (np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])), dropped
 
 
-def _engine_outputs(onnx_path: Path, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The exported model's outputs on the set (ONNX Runtime, CPU), case by case."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    rows = [session.run([LOGITS, EMBEDDING], {INPUT: batch[i:i + 1]})
-            for i in range(batch.shape[0])]
-    return (np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]))
+def _engine_outputs(engine: Backend, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exported model's outputs on the set, case by case (batch 1, as the server checks)."""
+    rows = [engine.run(batch[i:i + 1]) for i in range(batch.shape[0])]
+    return (np.concatenate([r.logits for r in rows]),
+            np.concatenate([r.embedding for r in rows]))

@@ -1,16 +1,17 @@
-"""Numerical parity of an exported model against PyTorch, on seeded inputs at batch 1 and >1."""
+"""Numerical parity of an exported model against PyTorch, on seeded inputs at batch 1 and >1.
+The exported model runs on the server's own backend for its config (``engines.open_engine``):
+parity holds the engine, precision and settings that will serve it."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
+from visionserve.service.backends import Backend
 
 from .precision import MIN_REFERENCE_SCALE, MIN_REFERENCE_SPREAD, TOLERANCES, Tolerance
 
@@ -48,17 +49,14 @@ def reference_spread(logits: np.ndarray) -> tuple[float, float]:
     return float((logits.max(axis=0) - logits.min(axis=0)).max() / scale), scale
 
 
-def top_k_agreement(model: nn.Module, onnx_path: Path,
+def top_k_agreement(model: nn.Module, engine: Backend,
                     inputs: list[np.ndarray]) -> tuple[float, float]:
     """Top-1 and top-5 agreement of the exported model with FP32 PyTorch on ``inputs``."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     top1 = top5 = 0
     for x in inputs:
         with torch.no_grad():
             ref = model(torch.from_numpy(x))[0].numpy()
-        got = session.run([LOGITS], {INPUT: x})[0]
+        got = engine.run(x).logits
         for r, g in zip(ref, got, strict=True):
             k = min(5, r.shape[0])
             rs, gs = np.argsort(-r), np.argsort(-g)
@@ -68,19 +66,14 @@ def top_k_agreement(model: nn.Module, onnx_path: Path,
     return top1 / n, top5 / n
 
 
-def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int], seed: int,
+def check_parity(model: nn.Module, engine: Backend, shape: tuple[int, int, int], seed: int,
                  batch_sizes: tuple[int, ...] = (1, 4),
                  tolerance: Tolerance = TOLERANCES["fp32"],
                  inputs: list[np.ndarray] | None = None) -> ParityReport:
-    """Run FP32 PyTorch and ONNX Runtime (CPU) on the same inputs — seeded noise at
-    ``batch_sizes``, or ``inputs`` (e.g. held-out calibration images, for INT8, whose ranges
+    """Run FP32 PyTorch and the exported model's ``engine`` on the same inputs — seeded noise
+    at ``batch_sizes``, or ``inputs`` (e.g. held-out calibration images, for INT8, whose ranges
     were fitted to them) — and compare both outputs against ``tolerance`` (relative to each
     output's scale)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(seed)
     diffs: dict[str, list[tuple[float, float]]] = {"logits": [], "embedding": []}
     top1 = top5 = total = 0
@@ -93,7 +86,8 @@ def check_parity(model: nn.Module, onnx_path: Path, shape: tuple[int, int, int],
         with torch.no_grad():
             ref_logits, ref_emb = (t.numpy() for t in model(x))
         references.append(ref_logits)
-        got_logits, got_emb = session.run([LOGITS, EMBEDDING], {INPUT: x.numpy()})
+        got = engine.run(x.numpy())
+        got_logits, got_emb = got.logits, got.embedding
         for name, ref, got in (("logits", ref_logits, got_logits),
                                ("embedding", ref_emb, got_emb)):
             finite &= bool(np.isfinite(ref).all() and np.isfinite(got).all())

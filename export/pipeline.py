@@ -6,16 +6,26 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from visionserve.service.config import ModelConfig
-from visionserve.service.model_format import EMBEDDING, INPUT, LABELS_FILE, LOGITS, MODEL_FILES
+from visionserve.service.backends.openvino import cpu_capabilities
+from visionserve.service.config import ModelConfig, OpenVinoConfig
+from visionserve.service.errors import ConfigError
+from visionserve.service.model_format import (
+    CONFIG_FILE,
+    EMBEDDING,
+    INPUT,
+    LABELS_FILE,
+    LOGITS,
+    MODEL_FILES,
+)
 
 from . import architectures
 from .architectures import Architecture, WithEmbedding, reinit_dead_head
+from .engines import describe, open_engine
 from .errors import ExportError, ExportErrorCode, UsageError
 from .golden import write_golden
 from .onnx_export import OPSET, export_onnx
@@ -55,8 +65,11 @@ class ExportRequest:
     random_weights: bool = False  # seeded random init even where the registry has weights
     num_classes: int | None = None
     labels_file: Path | None = None
-    precision: str = "fp32"  # fp32 | fp16 | int8
+    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8
     format: str = "onnx"  # onnx | tensorrt (an engine built from the FP32 ONNX model)
+    # the engine of the model folder's config: onnxruntime | openvino; None = onnxruntime,
+    # or openvino for bf16
+    backend: str | None = None
     calibration: Path | None = None  # int8: a folder of images; None = seeded noise
 
 
@@ -79,6 +92,8 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     arch = architectures.get(req.arch)
     name = req.name or arch.name
     model_dir = req.repo / name
+    config = _default_config(arch, req)  # refuses a combination no engine serves
+    _check_folder(model_dir, config)
     labels = _labels(arch, req)
     num_classes = len(labels)
 
@@ -107,10 +122,14 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
         weights_record["source"] += ", BatchNorm statistics re-estimated on seeded noise"
     param_bytes = sum(p.numel() * p.element_size() for p in wrapped.parameters())
 
-    if req.format == "tensorrt" and req.precision == "int8":
-        raise ParityError("--format tensorrt with --precision int8 needs a TensorRT INT8 "
-                          "calibrator, which is not supported; use fp32 or fp16", None)
-    onnx_precision = "fp32" if req.format == "tensorrt" else req.precision
+    # the file's own precision: bf16 is OpenVINO's compute precision on the FP32 file
+    onnx_precision = "fp32" if req.format == "tensorrt" or req.precision == "bf16" \
+        else req.precision
+    # what the ONNX file is checked on: the engine its config names (TensorRT: its FP32 source
+    # file on ONNX Runtime first, then the engine itself)
+    check_config = _default_config(arch, replace(req, format="onnx")) \
+        if req.format == "tensorrt" else config
+    engine_name = describe(check_config)
     version = req.version or next_version(model_dir)
     with staging(model_dir, version) as tmp:
         on_step("export")
@@ -129,21 +148,25 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
                 batches[max(1, len(batches) * 2 // 3):]
             kept_float = to_int8(fp32_path, model_path, calibrate)
             parity_inputs = held_out or calibrate
-            top1, top5 = top_k_agreement(wrapped, model_path, parity_inputs)
+            with open_engine(name, version, check_config, model_path) as engine:
+                top1, top5 = top_k_agreement(wrapped, engine, parity_inputs)
             precision_record.update(calibration=source, calibration_inputs=len(calibrate),
                                     held_out_inputs=len(held_out), held_out_top1=top1,
                                     held_out_top5=top5, kept_float=kept_float)
         for leftover in tmp.glob("fp32.onnx*"):
             leftover.unlink()
         on_step("parity")
-        report = check_parity(wrapped, model_path, shape, seed=req.seed,
-                              tolerance=TOLERANCES[onnx_precision], inputs=parity_inputs)
-        if not report.passed:
-            raise ParityError(f"{name} ({arch.name}) version {version}: parity check failed "
-                              f"({onnx_precision}): {report.reason}; nothing was published",
-                              report)
-        golden_record = write_golden(tmp, wrapped, arch.input, labels, req.seed, req.precision,
-                                     model_path)
+        checked_precision = "bf16" if req.precision == "bf16" else onnx_precision
+        with open_engine(name, version, check_config, model_path) as engine:
+            report = check_parity(wrapped, engine, shape, seed=req.seed,
+                                  tolerance=TOLERANCES[checked_precision], inputs=parity_inputs)
+            if not report.passed:
+                raise ParityError(f"{name} ({arch.name}) version {version}: parity check "
+                                  f"failed ({checked_precision} on {engine_name}): "
+                                  f"{report.reason}; nothing was published", report)
+            golden_record = write_golden(tmp, wrapped, arch.input, labels, req.seed,
+                                         checked_precision, engine, engine_name)
+        precision_record["engine"] = engine_name
         tensorrt_record = None
         if req.format == "tensorrt":
             tensorrt_record = _build_tensorrt(wrapped, tmp, arch, req, name, version)
@@ -173,8 +196,12 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             "precision_details": precision_record,
             "format": req.format,
             "tensorrt": tensorrt_record,
+            "backend": config.backend,
+            "engine": engine_name,
             "versions": {"torch": torch.__version__, "onnx": _version("onnx"),
                          "onnxruntime": _version("onnxruntime"),
+                         **({"openvino": _version("openvino")}
+                            if config.backend == "openvino" else {}),
                          "python": platform.python_version()},
             "parity": report.to_dict(),
             "golden": golden_record,
@@ -184,7 +211,6 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
         }
         (tmp / "export.json").write_text(json.dumps(provenance, indent=2) + "\n",
                                          encoding="utf-8")
-        config = _default_config(arch, req.format)
         ensure_model_files(model_dir, config, labels,
                            triton_config(name, config, num_classes, embedding_dim))
         path = publish(tmp, model_dir, version)
@@ -203,10 +229,52 @@ def _labels(arch: Architecture, req: ExportRequest) -> list[str]:
     return architectures.default_labels(arch, req.num_classes or arch.num_classes)
 
 
-def _default_config(arch: Architecture, fmt: str = "onnx") -> ModelConfig:
-    return ModelConfig(backend="tensorrt" if fmt == "tensorrt" else "onnxruntime",
-                       max_batch_size=arch.max_batch_size, input=arch.input,
+def _default_config(arch: Architecture, req: ExportRequest) -> ModelConfig:
+    """The config.toml a new model folder gets: the engine and precision the export is for."""
+    backend = req.backend or ("openvino" if req.precision == "bf16" else "onnxruntime")
+    if req.format == "tensorrt":
+        if req.precision not in ("fp32", "fp16"):
+            raise UsageError(f"--format tensorrt with --precision {req.precision}: TensorRT "
+                             "engines are built in fp32 or fp16 here (INT8 needs a TensorRT "
+                             "calibrator, which is not supported)")
+        if req.backend:
+            raise UsageError("--format tensorrt names its engine itself: leave --backend out")
+        backend = "tensorrt"
+    elif req.precision == "bf16" and backend != "openvino":
+        raise UsageError("--precision bf16 is OpenVINO's (its BF16 inference precision on the "
+                         "FP32 file): use --backend openvino, or leave --backend out")
+    elif req.precision == "fp16" and backend == "openvino":
+        raise UsageError("--precision fp16 with --backend openvino: OpenVINO's CPU plugin "
+                         "computes FP16 weights in FP32 or BF16; export fp32 or bf16 for it "
+                         "(fp16 is for GPU providers of ONNX Runtime and TensorRT)")
+    if req.precision == "bf16" and "BF16" not in cpu_capabilities():
+        raise UsageError(f"--precision bf16 is checked on OpenVINO's BF16 engine, and this CPU "
+                         f"does not compute BF16 natively (OpenVINO: {cpu_capabilities()}; "
+                         "AVX512_BF16 or AMX is needed: Intel Sapphire Rapids or later, AMD Zen "
+                         "4 or later): export it on such a machine, or export fp32/int8 here")
+    openvino = OpenVinoConfig(precision="bf16" if req.precision == "bf16" else "fp32")
+    return ModelConfig(backend=backend, max_batch_size=arch.max_batch_size, input=arch.input,
+                       openvino=openvino,
                        description=f"{arch.name} ({arch.family}), exported by visionserve")
+
+
+def _check_folder(model_dir: Path, config: ModelConfig) -> None:
+    """One model name per engine and precision: a version must serve on what it was checked on
+    (an INT8 golden set is the engine's own outputs)."""
+    path = model_dir / CONFIG_FILE
+    if not path.exists():
+        return
+    try:
+        existing = ModelConfig.from_toml(path)
+    except ConfigError as exc:
+        raise UsageError(f"{exc}; fix it or export under another --name") from None
+    theirs, ours = describe(existing), describe(config)
+    if existing.backend != config.backend or (
+            config.backend == "openvino"
+            and existing.openvino.precision != config.openvino.precision):
+        raise UsageError(f"{model_dir.name} is served by {theirs} ({path}); this export is for "
+                         f"{ours}: export it under another --name (one model name per engine "
+                         "and precision), or match --backend/--precision to the folder")
 
 
 def _build_tensorrt(wrapped: torch.nn.Module, tmp: Path, arch: Architecture, req: ExportRequest,
@@ -224,7 +292,7 @@ def _build_tensorrt(wrapped: torch.nn.Module, tmp: Path, arch: Architecture, req
     record = build_engine(tmp / MODEL_FILES["onnxruntime"], tmp / MODEL_FILES["tensorrt"],
                           input_name=INPUT, input_shape=arch.input.shape,
                           max_batch_size=arch.max_batch_size, fp16=fp16)
-    backend = TensorRTBackend(name, _default_config(arch, "tensorrt"), VersionEntry(
+    backend = TensorRTBackend(name, _default_config(arch, req), VersionEntry(
         version=version, path=tmp, model_file=tmp / MODEL_FILES["tensorrt"], labels=()))
     tolerance = TOLERANCES["fp16" if fp16 else "fp32"]
     gen = torch.Generator().manual_seed(req.seed)

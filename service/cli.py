@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from . import package_version
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "serve (state failed, the reason says how far off; the previous version "
                         "keeps serving); warn: it serves anyway, logged as an error; off: no "
                         "check (docs/lifecycle.md)")
+    p.add_argument("--openvino-cache-dir", type=Path, default=defaults.openvino_cache_dir,
+                   metavar="DIR",
+                   help="models with backend = \"openvino\": keep their compiled form in DIR "
+                        "(created if missing; it must be writable: the repository may be "
+                        "read-only) and import it on reloads and restarts instead of compiling "
+                        "again (docs/config.md). Default: compile at every load")
     p.add_argument("--trust-network", action="store_true",
                    help="with --model-control explicit and no token: accept that anyone who "
                         "can reach the port may load and unload every model (refused at start "
@@ -216,10 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the known architectures")
     _output_flag(p, "of --list")
     p.add_argument("--all", action="store_true", help="export every known architecture")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
                    help="fp16: FP16 weights and compute (for GPU providers; I/O stays FP32); "
-                        "int8: static QDQ quantization calibrated on --calibration images "
-                        "(fastest on CPU)")
+                        "bf16: the FP32 file, served by OpenVINO in BF16 (implies --backend "
+                        "openvino; needs a CPU with AVX512_BF16 or AMX, here and where it "
+                        "serves); int8: static QDQ quantization calibrated on --calibration "
+                        "images (fastest on CPU). Each is parity-checked on the engine that "
+                        "will serve it (README: which to pick)")
+    p.add_argument("--backend", choices=["onnxruntime", "openvino"], default=None,
+                   help="the engine the model folder's config.toml names, on which parity and "
+                        "the golden set are computed (default: onnxruntime; openvino for "
+                        "--precision bf16). One model name per backend: exporting into a "
+                        "folder configured for another engine is refused")
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx",
                    help="tensorrt: also build a TensorRT engine (model.plan, needs a GPU and "
                         "visionserve[gpu]) from the checked ONNX model; with --precision fp16 "
@@ -403,6 +418,17 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    cache_dir = args.openvino_cache_dir
+    if cache_dir is not None:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".probe-")
+            probe.close()
+        except OSError as exc:
+            log.error("--openvino-cache-dir %s is not a writable directory (%s); give one this "
+                      "user may write, or leave the flag out to compile at every load",
+                      cache_dir, exc.strerror or exc)
+            return 2
     config = ServerConfig(
         repo=args.repo, host=args.host, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, preprocess_threads=args.preprocess_threads,
@@ -410,6 +436,7 @@ def _serve(args: argparse.Namespace) -> int:
         load_models=tuple(args.load_model),
         allow_symlinks_outside_repo=args.allow_symlinks_outside_repo,
         golden_check=GoldenMode(args.golden_check),
+        openvino_cache_dir=cache_dir,
         load_interval_s=args.load_interval_s,
         shutdown_grace_s=args.shutdown_grace_s, shutdown_delay_s=args.shutdown_delay_s,
         metrics_host=args.metrics_host, tls=tls, ready_file=args.ready_file,

@@ -26,7 +26,8 @@ DECODERS = ("exact", "fast")
 COLORS = ("RGB", "BGR", "L")
 RAW_DTYPES = ("float32", "uint8")
 RAW_LAYOUTS = ("CHW", "HWC")
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+OPENVINO_PRECISIONS = ("fp32", "bf16")
 
 
 class GoldenMode(enum.StrEnum):
@@ -155,6 +156,32 @@ class OnnxRuntimeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OpenVinoConfig:
+    """OpenVINO's CPU plugin (``backend = "openvino"``; docs/config.md).
+
+    ``precision`` is the inference precision of the float layers, always passed explicitly:
+    OpenVINO's own default is BF16 wherever the CPU has it, which would silently break FP32
+    parity. ``streams`` are OpenVINO's CPU streams, each running one batch at a time with
+    ``threads / streams`` threads; 0 = one per instance (``instance_count``). 0 threads = one per
+    core of this machine."""
+
+    precision: str = "fp32"  # fp32 | bf16 (needs a CPU with AVX512_BF16 or AMX)
+    threads: int = 0
+    streams: int = 0
+    # pinning threads to cores helps a machine that runs nothing else; a server shares its
+    # cores with gRPC, decoding and preprocessing threads
+    cpu_pinning: bool = False
+
+    def validate(self, where: str) -> None:
+        _check(self.precision in OPENVINO_PRECISIONS, where, "openvino.precision",
+               f"must be one of {OPENVINO_PRECISIONS}", self.precision)
+        _check(self.threads >= 0, where, "openvino.threads", "must be >= 0 (0 = one per core)",
+               self.threads)
+        _check(self.streams >= 0, where, "openvino.streams",
+               "must be >= 0 (0 = one per instance)", self.streams)
+
+
+@dataclass(frozen=True, kw_only=True)
 class VersionPolicy:
     """Which versions on disk are served: the newest ``latest``, a ``specific`` list, or ``all``."""
 
@@ -183,6 +210,7 @@ class ModelConfig:
     output: OutputSpec = field(default_factory=OutputSpec)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
+    openvino: OpenVinoConfig = field(default_factory=OpenVinoConfig)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     warmup_batch_sizes: tuple[int, ...] = (1,)
     description: str = ""
@@ -211,6 +239,7 @@ class ModelConfig:
             "output": OutputSpec,
             "batching": BatchingConfig,
             "onnxruntime": OnnxRuntimeConfig,
+            "openvino": OpenVinoConfig,
             "version_policy": VersionPolicy,
         }
         top: dict[str, Any] = {}
@@ -244,10 +273,16 @@ class ModelConfig:
                self.version_policy.latest)
         self.input.validate(where)
         self.batching.validate(where, self.max_batch_size)
+        self.openvino.validate(where)
 
     def to_toml(self) -> str:
         """Serialize (used by the export stage when it creates a model folder)."""
         data = asdict(self)
+        # each engine's section only where it is the model's: an [openvino] table under an
+        # ONNX Runtime model would read as if it applied
+        for backend in ("onnxruntime", "openvino"):
+            if self.backend != backend and getattr(self, backend) == type(getattr(self, backend))():
+                del data[backend]
         data["warmup"] = {"batch_sizes": list(data.pop("warmup_batch_sizes"))}
         lines = ["# visionserve model config; keys are documented in docs/config.md"]
         scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
@@ -345,6 +380,9 @@ class ServerConfig:
     # every version loaded first computes its golden set (service/golden.py): enforce (a miss
     # keeps it out of routing) | warn (it serves anyway, loudly) | off
     golden_check: GoldenMode = GoldenMode.ENFORCE
+    # OpenVINO's compiled models are kept here and imported on reload/restart (None: compiled
+    # at every load); a writable directory of its own: the repository may be read-only
+    openvino_cache_dir: Path | None = None
     shutdown_grace_s: float = 30.0
     # readiness off, still serving, for this long before new calls are refused: time for a
     # load balancer (Kubernetes endpoints, a mesh) to stop sending new work here

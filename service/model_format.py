@@ -3,7 +3,8 @@
     <repo>/<model>/config.toml      this model's config (schema: ``config.ModelConfig``)
     <repo>/<model>/labels.txt       class names, one per line (a version's own file wins)
     <repo>/<model>/config.pbtxt     Triton's config of the same folder (``triton_config``)
-    <repo>/<model>/<N>/model.onnx   or model.plan (TensorRT); N = 1, 2, … (published by rename)
+    <repo>/<model>/<N>/model.onnx   (ONNX Runtime, OpenVINO) or model.plan (TensorRT);
+                                    N = 1, 2, … (published by rename)
 
 Every model takes one input tensor and computes two outputs in one forward pass. Their default
 names are these; a model's ``config.toml`` may rename them (``[input] name``, ``[output]``).
@@ -19,4 +20,5 @@ OUTPUTS = (LOGITS, EMBEDDING)
 CONFIG_FILE = "config.toml"
 LABELS_FILE = "labels.txt"
 TRITON_CONFIG_FILE = "config.pbtxt"
-MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+# OpenVINO reads the same ONNX file (FP32, or INT8 QDQ) and compiles it itself
+MODEL_FILES = {"onnxruntime": "model.onnx", "openvino": "model.onnx", "tensorrt": "model.plan"}

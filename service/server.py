@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -29,6 +30,7 @@ from .api.calls import CallHandler
 from .api.kserve import KServeServicer
 from .api.strict import add_servicer
 from .api.vision import VisionServicer
+from .backends import EngineOptions, create_backend
 from .config import ServerConfig, ServerLimits, cpu_count
 from .control import ModelControl
 from .decode_pool import DecodePool
@@ -61,8 +63,10 @@ class Server:
         threads = config.preprocess_threads or cpu_count()
         self._decode_pool = DecodePool(threads, config.limits, self.metrics.decode_queue)
         self.core = InferenceCore(self.router, self._decode_pool, config.limits, self.metrics)
+        engines = EngineOptions(openvino_cache_dir=config.openvino_cache_dir)
         self.sync = RepositorySync(self.router, config.limits, self.metrics, self._readiness,
                                    allow_outside=config.allow_symlinks_outside_repo,
+                                   backend_factory=partial(create_backend, options=engines),
                                    golden=GoldenCheck(config.golden_check, self.core.outputs,
                                                       self.metrics))
         self.admission = Admission(self.lifecycle, config.limits.max_inflight_requests)

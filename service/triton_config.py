@@ -1,7 +1,9 @@
 """Triton's model configuration of a model folder, written once: the export stage writes it as
 ``config.pbtxt`` (so the repository runs on Triton unchanged) and KServe ModelConfig answers it.
 The platform, model file and instance kind follow the model's backend: ``onnxruntime_onnx`` on
-CPU (or GPU where a CUDA/TensorRT execution provider comes first), ``tensorrt_plan`` on GPU."""
+CPU (or GPU where a CUDA/TensorRT execution provider comes first), ``tensorrt_plan`` on GPU, and
+Triton's ``openvino`` backend (no platform; it reads the same ``model.onnx``), with the
+precision, threads and streams as OpenVINO property parameters."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from visionserve.inference import model_config_pb2 as mc
 from .config import ModelConfig
 from .model_format import LABELS_FILE, MODEL_FILES
 
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan"}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
@@ -29,8 +31,24 @@ def model_config(name: str, c: ModelConfig, num_classes: int,
             num_versions=policy.latest))
     gpu = c.backend == "tensorrt" or c.onnxruntime.providers[:1] in [(p,) for p in GPU_PROVIDERS]
     b = c.batching
+    # the input forms visionserve accepts beyond the FP32 tensor (Triton ignores the key)
+    parameters = {"visionserve.input_forms": mc.ModelParameter(
+        string_value=c.input.describe_forms())}
+    if c.backend == "openvino":
+        from .backends.openvino import PRECISION_HINTS
+
+        ov = c.openvino
+        parameters.update({
+            "INFERENCE_PRECISION_HINT": PRECISION_HINTS[ov.precision],
+            "NUM_STREAMS": str(ov.streams or c.instance_count),
+            **({"INFERENCE_NUM_THREADS": str(ov.threads)} if ov.threads else {}),
+        })
+        parameters = {k: v if isinstance(v, mc.ModelParameter) else
+                      mc.ModelParameter(string_value=v) for k, v in parameters.items()}
     return mc.ModelConfig(
-        name=name, platform=PLATFORMS[c.backend], backend=c.backend, version_policy=vp,
+        # Triton names OpenVINO by its backend only (it has no platform string)
+        name=name, platform="" if c.backend == "openvino" else PLATFORMS[c.backend],
+        backend=c.backend, version_policy=vp,
         max_batch_size=c.max_batch_size,
         input=[mc.ModelInput(name=c.input.name, data_type=mc.TYPE_FP32,
                              format=mc.ModelInput.FORMAT_NCHW, dims=list(c.input.shape))],
@@ -48,10 +66,7 @@ def model_config(name: str, c: ModelConfig, num_classes: int,
         instance_group=[mc.ModelInstanceGroup(
             kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
             count=c.instance_count)],
-        default_model_filename=MODEL_FILES[c.backend],
-        # the input forms visionserve accepts beyond the FP32 tensor (Triton ignores the key)
-        parameters={"visionserve.input_forms": mc.ModelParameter(
-            string_value=c.input.describe_forms())})
+        default_model_filename=MODEL_FILES[c.backend], parameters=parameters)
 
 
 def model_config_text(name: str, c: ModelConfig, num_classes: int, embedding_dim: int) -> str:

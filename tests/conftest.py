@@ -85,13 +85,18 @@ def make_repo(src: Path, dst: Path, models: tuple[str, ...] = TEST_MODELS,
     for name in models:
         shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
         if overrides and name in overrides:
-            path = dst / name / "config.toml"
-            data = tomllib.loads(path.read_text())
-            for key, value in overrides[name].items():
-                section, _, leaf = key.rpartition(".")
-                (data.setdefault(section, {}) if section else data)[leaf] = value
-            path.write_text(_to_toml(data))
+            edit_config(dst / name, overrides[name])
     return dst
+
+
+def edit_config(model_dir: Path, values: dict[str, object]) -> None:
+    """Set keys of a model's config.toml (``"batching.max_queue_delay_ms": 2.0``), in place."""
+    path = model_dir / "config.toml"
+    data = tomllib.loads(path.read_text())
+    for key, value in values.items():
+        section, _, leaf = key.rpartition(".")
+        (data.setdefault(section, {}) if section else data)[leaf] = value
+    path.write_text(_to_toml(data))
 
 
 def _to_toml(data: dict[str, object]) -> str:

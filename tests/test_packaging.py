@@ -89,10 +89,12 @@ def test_serving_imports_no_benchmark_export_stage_or_plotting(exported_repo, tm
 
 def test_the_serve_lock_pins_every_serving_dependency_inside_its_declared_range():
     declared = [Requirement(d) for d in PYPROJECT["project"]["dependencies"]]
-    for lock, swap in ((LOCK, {}), (LOCK.with_name("gpu.txt"),
-                                    {"onnxruntime": "onnxruntime-gpu"})):
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    for lock, swap, extra in ((LOCK, {}, []),
+                              (LOCK.with_name("gpu.txt"), {"onnxruntime": "onnxruntime-gpu"}, []),
+                              (LOCK.with_name("openvino.txt"), {}, extras["openvino"])):
         pins = locked_versions(lock)
-        for req in declared:
+        for req in declared + [Requirement(d) for d in extra]:
             name = canonicalize_name(swap.get(req.name, req.name))
             assert name in pins, f"{lock.name} lacks {name} (run `make lock`)"
             assert req.specifier.contains(pins[name], prereleases=True), \
@@ -103,12 +105,21 @@ def test_the_serve_lock_pins_every_serving_dependency_inside_its_declared_range(
             f"{lock.name}: every pin carries its hashes"
 
 
+def test_the_openvino_lock_is_the_serve_lock_plus_openvino():
+    """The image built with --build-arg LOCK=openvino.txt runs every serving package at the
+    default image's version, with OpenVINO's packages added."""
+    plain, openvino = locked_versions(LOCK), locked_versions(LOCK.with_name("openvino.txt"))
+    assert {k: v for k, v in openvino.items() if not k.startswith("openvino")} == plain
+    assert {k for k in openvino if k.startswith("openvino")} == {"openvino",
+                                                                 "openvino-telemetry"}
+
+
 def test_the_dev_environment_runs_the_locked_serving_versions():
     """`make setup` installs with the lock as constraints: the versions the tests exercise are
-    the ones the image ships."""
+    the ones the image ships (the OpenVINO image's lock: the default one's plus OpenVINO)."""
     from importlib.metadata import distribution
 
-    for name, pinned in locked_versions().items():
+    for name, pinned in locked_versions(LOCK.with_name("openvino.txt")).items():
         assert distribution(name).version == pinned, (
             f"{name} {distribution(name).version} here, {pinned} in {LOCK.name}: run make setup")
 

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..repository import VersionEntry
 from .base import Backend, ModelOutputs
 
 
-def create_backend(name: str, config: ModelConfig, version: VersionEntry) -> Backend:
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """What the server, not the model's config, decides for its engines (``serve`` flags)."""
+
+    openvino_cache_dir: Path | None = None  # --openvino-cache-dir: compiled models, reused
+
+
+def create_backend(name: str, config: ModelConfig, version: VersionEntry,
+                   options: EngineOptions = EngineOptions()) -> Backend:
     """Load ``version`` with the engine its config names. Blocking: call from an executor."""
     if config.backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(name, config, version)
+    if config.backend == "openvino":
+        from .openvino import OpenVinoBackend
+
+        return OpenVinoBackend(name, config, version, cache_dir=options.openvino_cache_dir)
     if config.backend == "tensorrt":
         from .tensorrt import TensorRTBackend
 
@@ -21,4 +36,4 @@ def create_backend(name: str, config: ModelConfig, version: VersionEntry) -> Bac
     raise ConfigError(f"model {name}: unknown backend {config.backend!r}")
 
 
-__all__ = ["Backend", "ModelOutputs", "create_backend"]
+__all__ = ["Backend", "EngineOptions", "ModelOutputs", "create_backend"]
