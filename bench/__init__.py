@@ -15,6 +15,8 @@ commands here and imports nothing of this package for any other command.
 - ``run``        — the orchestration behind ``visionserve bench``
 - ``overload``   — the orchestration behind ``visionserve bench-overload``
 - ``attacks``    — ``visionserve bench-attacks``: one request per class of hostile input
+- ``ladder``     — ``visionserve bench-ladder``: the CPU precision ladder (ORT/OpenVINO FP32,
+                   BF16, INT8), served and in-process, with agreement
 """
 
 from __future__ import annotations

@@ -39,12 +39,22 @@ DESCRIPTIONS = {
                   "matplotlib's wheels, and reports top-1 and top-5 agreement of INT8 with "
                   "FP32 on ≥ 100 crops and flips of the other half (never calibrated on). Needs "
                   "the 'export' extra too.",
+    "bench-ladder": "For each of --models: ONNX Runtime FP32, OpenVINO FP32, OpenVINO BF16 "
+                    "(where the CPU has it), ONNX Runtime INT8 and OpenVINO INT8, exported into "
+                    "--repo where missing and served side by side by one server; one load "
+                    "generator drives each rung at each --concurrency, interleaved and repeated "
+                    "(median reported), beside each rung's in-process engine (the server's own "
+                    "backend, same config); plus each rung's top-1/top-5 agreement with ONNX "
+                    "Runtime FP32 on crops and flips of real photos. Needs the 'export' and "
+                    "'openvino' extras too.",
     "bench-decode": "For photo sizes (640x480, 1920x1080 by default): images/s per core of each "
                     "decoder (Pillow exact = the reference, Pillow draft, Pillow reducing_gap, "
                     "simplejpeg, OpenCV) and its top-1/top-5 agreement with the reference "
                     "through --model, on real sample photos.",
 }
 EXAMPLES = {
+    "bench-ladder": "example:\n  visionserve bench-ladder --models resnet50,mobilenet_v3_small "
+                    "--concurrency 1,8 --json docs/bench/ladder.json\n\n",
     "bench": "example:\n  visionserve bench --model resnet50 --concurrency 1,4,16,64 --peer "
              "triton --json bench/results/resnet50.json --plot docs/img/resnet50.png\n\n",
 }
@@ -74,6 +84,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         from .int8 import add_arguments as add_int8_arguments
 
         add_int8_arguments(p)
+    elif command == "bench-ladder":
+        from .ladder import add_arguments as add_ladder_arguments
+
+        add_ladder_arguments(p)
     else:
         p.add_argument("--model", default="resnet50",
                        help="model whose input spec and predictions are used (newest version)")
@@ -105,6 +119,10 @@ def main(command: str, argv: list[str]) -> int:
         from .int8 import run_int8
 
         return run_int8(args)
+    if command == "bench-ladder":
+        from .ladder import run_ladder
+
+        return run_ladder(args)
     return _bench_decode(args)
 
 

@@ -31,6 +31,8 @@ BENCH_COMMANDS = {
     "bench-decode": "JPEG decode+resize+normalize speed and accuracy per decoder",
     "bench-attacks": "each class of hostile request: status, memory, threads, health latency",
     "bench-int8": "INT8 vs FP32 top-1/top-5 agreement of a real-weights model on real photos",
+    "bench-ladder": "the CPU precision ladder (ORT/OpenVINO FP32, BF16, INT8) served and "
+                    "in-process, with agreement",
 }
 
 

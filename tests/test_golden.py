@@ -212,7 +212,7 @@ def test_reduced_precision_versions_pass_with_their_own_tolerances(tmp_path):
                for v in (1, 2, 3)}
     assert [records[v]["max_rel_diff"] for v in (1, 2, 3)] == [3e-3, 3e-2, 0.1]
     assert records[1]["expected_from"].startswith("FP32 PyTorch")
-    assert records[3]["expected_from"].startswith("this version under ONNX Runtime")
+    assert records[3]["expected_from"].startswith("this version on ONNX Runtime")
     config = repo / "lenet5" / "config.toml"
     config.write_text(config.read_text().replace("all = false", "all = true")
                       .replace('decoder = "exact"', 'decoder = "fast"'))
