@@ -4,6 +4,9 @@
 #   docker build --target serve  --build-arg LOCK=gpu.txt -t visionserve:0.1.0-gpu .
 #                                     ONNX Runtime's CUDA build (CUDA EP; CUDA and cuDNN as pip wheels,
 #                                     the driver from the host). TensorRT's libraries are not in it
+#   docker build --target serve  --build-arg LOCK=openvino.txt -t visionserve:0.1.0-openvino .
+#                                     the default image plus OpenVINO (backend = "openvino": FP32,
+#                                     BF16 on CPUs with it, INT8 QDQ; docs/config.md)
 #   docker build --target export -t visionserve-export:0.1.0 .   PyTorch (CPU wheels) + the export stage
 # The serve stage installs exactly deploy/requirements/$LOCK (versions and hashes, `make lock`),
 # then our wheel without resolving anything. Settings are environment variables

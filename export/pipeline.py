@@ -38,7 +38,14 @@ from .precision import (
     to_int8,
 )
 from .provided import load_default
-from .publish import ensure_model_files, next_version, publish, staging, triton_config
+from .publish import (
+    PublishError,
+    ensure_model_files,
+    next_version,
+    publish,
+    staging,
+    triton_config,
+)
 from .weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -92,8 +99,8 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     arch = architectures.get(req.arch)
     name = req.name or arch.name
     model_dir = req.repo / name
-    config = _default_config(arch, req)  # refuses a combination no engine serves
-    _check_folder(model_dir, config)
+    # refuses a combination no engine serves; an existing folder's own config is what serves
+    config = _check_folder(model_dir, _default_config(arch, req))
     labels = _labels(arch, req)
     num_classes = len(labels)
 
@@ -127,8 +134,8 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
         else req.precision
     # what the ONNX file is checked on: the engine its config names (TensorRT: its FP32 source
     # file on ONNX Runtime first, then the engine itself)
-    check_config = _default_config(arch, replace(req, format="onnx")) \
-        if req.format == "tensorrt" else config
+    check_config = replace(config, backend="onnxruntime") if req.format == "tensorrt" \
+        else config
     engine_name = describe(check_config)
     version = req.version or next_version(model_dir)
     with staging(model_dir, version) as tmp:
@@ -164,8 +171,10 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
                 raise ParityError(f"{name} ({arch.name}) version {version}: parity check "
                                   f"failed ({checked_precision} on {engine_name}): "
                                   f"{report.reason}; nothing was published", report)
+            # TensorRT: the engine is built in req.precision from this checked FP32 file
+            golden_precision = req.precision if req.format == "tensorrt" else checked_precision
             golden_record = write_golden(tmp, wrapped, arch.input, labels, req.seed,
-                                         checked_precision, engine, engine_name)
+                                         golden_precision, engine, engine_name)
         precision_record["engine"] = engine_name
         tensorrt_record = None
         if req.format == "tensorrt":
@@ -247,6 +256,11 @@ def _default_config(arch: Architecture, req: ExportRequest) -> ModelConfig:
         raise UsageError("--precision fp16 with --backend openvino: OpenVINO's CPU plugin "
                          "computes FP16 weights in FP32 or BF16; export fp32 or bf16 for it "
                          "(fp16 is for GPU providers of ONNX Runtime and TensorRT)")
+    if backend == "openvino" and not cpu_capabilities():
+        implied = "" if req.backend else " (implied by --precision bf16)"
+        raise UsageError(f"--backend openvino{implied}: the export is checked on OpenVINO, "
+                         "which is not installed here: "
+                         "pip install 'visionserve[openvino]' (make setup installs it)")
     if req.precision == "bf16" and "BF16" not in cpu_capabilities():
         raise UsageError(f"--precision bf16 is checked on OpenVINO's BF16 engine, and this CPU "
                          f"does not compute BF16 natively (OpenVINO: {cpu_capabilities()}; "
@@ -258,23 +272,27 @@ def _default_config(arch: Architecture, req: ExportRequest) -> ModelConfig:
                        description=f"{arch.name} ({arch.family}), exported by visionserve")
 
 
-def _check_folder(model_dir: Path, config: ModelConfig) -> None:
-    """One model name per engine and precision: a version must serve on what it was checked on
-    (an INT8 golden set is the engine's own outputs)."""
+def _check_folder(model_dir: Path, config: ModelConfig) -> ModelConfig:
+    """The config the version will serve with: the folder's own when it exists (the operator's
+    providers, threads, streams), else ``config``. One model name per engine and OpenVINO
+    precision: a version must serve on what it was checked on (an INT8 golden set is the
+    engine's own outputs). Refusals fail this model only (``--all`` goes on)."""
     path = model_dir / CONFIG_FILE
     if not path.exists():
-        return
+        return config
     try:
         existing = ModelConfig.from_toml(path)
     except ConfigError as exc:
-        raise UsageError(f"{exc}; fix it or export under another --name") from None
+        raise PublishError(f"{exc}; fix it or export under another --name") from None
     theirs, ours = describe(existing), describe(config)
     if existing.backend != config.backend or (
             config.backend == "openvino"
             and existing.openvino.precision != config.openvino.precision):
-        raise UsageError(f"{model_dir.name} is served by {theirs} ({path}); this export is for "
-                         f"{ours}: export it under another --name (one model name per engine "
-                         "and precision), or match --backend/--precision to the folder")
+        raise PublishError(f"{model_dir.name} is served by {theirs} ({path}); this export is "
+                           f"for {ours}: export it under another --name (one model name per "
+                           "engine and OpenVINO precision), or match --backend/--precision to "
+                           "the folder")
+    return existing
 
 
 def _build_tensorrt(wrapped: torch.nn.Module, tmp: Path, arch: Architecture, req: ExportRequest,

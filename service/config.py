@@ -172,13 +172,18 @@ class OpenVinoConfig:
     # cores with gRPC, decoding and preprocessing threads
     cpu_pinning: bool = False
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str, instance_count: int) -> None:
         _check(self.precision in OPENVINO_PRECISIONS, where, "openvino.precision",
                f"must be one of {OPENVINO_PRECISIONS}", self.precision)
         _check(self.threads >= 0, where, "openvino.threads", "must be >= 0 (0 = one per core)",
                self.threads)
-        _check(self.streams >= 0, where, "openvino.streams",
-               "must be >= 0 (0 = one per instance)", self.streams)
+        # the batcher runs instance_count batches at once: a stream more would never compute
+        _check(0 <= self.streams <= instance_count, where, "openvino.streams",
+               f"must lie in 0..instance_count ({instance_count}; 0 = one per instance): only "
+               "instance_count batches run at once, so raise instance_count instead",
+               self.streams)
+        _check(not self.threads or self.threads >= (self.streams or instance_count), where,
+               "openvino.threads", "must be 0 or at least one per stream", self.threads)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,7 +278,7 @@ class ModelConfig:
                self.version_policy.latest)
         self.input.validate(where)
         self.batching.validate(where, self.max_batch_size)
-        self.openvino.validate(where)
+        self.openvino.validate(where, self.instance_count)
 
     def to_toml(self) -> str:
         """Serialize (used by the export stage when it creates a model folder)."""

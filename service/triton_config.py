@@ -2,8 +2,10 @@
 ``config.pbtxt`` (so the repository runs on Triton unchanged) and KServe ModelConfig answers it.
 The platform, model file and instance kind follow the model's backend: ``onnxruntime_onnx`` on
 CPU (or GPU where a CUDA/TensorRT execution provider comes first), ``tensorrt_plan`` on GPU, and
-Triton's ``openvino`` backend (no platform; it reads the same ``model.onnx``), with the
-precision, threads and streams as OpenVINO property parameters."""
+Triton's ``openvino`` backend (no platform; it reads the same ``model.onnx``) with the parameters
+that backend reads: ``NUM_STREAMS``, ``INFERENCE_NUM_THREADS``, ``PERFORMANCE_HINT`` and
+``HINT_BF16: YES`` for bf16. Triton's backend has no FP32 switch: on a CPU with BF16 it computes
+an ``fp32`` model in OpenVINO's default precision, BF16 (docs/config.md)."""
 
 from __future__ import annotations
 
@@ -29,19 +31,19 @@ def model_config(name: str, c: ModelConfig, num_classes: int,
     else:
         vp = mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(
             num_versions=policy.latest))
-    gpu = c.backend == "tensorrt" or c.onnxruntime.providers[:1] in [(p,) for p in GPU_PROVIDERS]
+    gpu = c.backend == "tensorrt" or (c.backend == "onnxruntime" and c.onnxruntime.providers[:1]
+                                      in [(p,) for p in GPU_PROVIDERS])
     b = c.batching
     # the input forms visionserve accepts beyond the FP32 tensor (Triton ignores the key)
     parameters = {"visionserve.input_forms": mc.ModelParameter(
         string_value=c.input.describe_forms())}
-    if c.backend == "openvino":
-        from .backends.openvino import PRECISION_HINTS
-
+    if c.backend == "openvino":  # the keys Triton's openvino_backend reads for the CPU
         ov = c.openvino
         parameters.update({
-            "INFERENCE_PRECISION_HINT": PRECISION_HINTS[ov.precision],
             "NUM_STREAMS": str(ov.streams or c.instance_count),
+            "PERFORMANCE_HINT": "LATENCY",
             **({"INFERENCE_NUM_THREADS": str(ov.threads)} if ov.threads else {}),
+            **({"HINT_BF16": "YES"} if ov.precision == "bf16" else {}),
         })
         parameters = {k: v if isinstance(v, mc.ModelParameter) else
                       mc.ModelParameter(string_value=v) for k, v in parameters.items()}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from visionserve.service.config import ModelConfig, VersionPolicy
+from visionserve.service.config import ModelConfig, OpenVinoConfig, VersionPolicy
 from visionserve.service.errors import ConfigError
 
 
@@ -26,6 +26,11 @@ def test_what_export_writes_reads_back_identically(tmp_path):
     original = ModelConfig(max_batch_size=8, description='say "hi"',
                            version_policy=VersionPolicy(specific=(1, 3)))
     assert load(tmp_path, original.to_toml()) == original
+    openvino = ModelConfig(backend="openvino", instance_count=2,
+                           openvino=OpenVinoConfig(precision="bf16", threads=4, streams=2))
+    assert load(tmp_path, openvino.to_toml()) == openvino
+    # each engine's section only under its own backend
+    assert "[onnxruntime]" not in openvino.to_toml() and "[openvino]" not in original.to_toml()
 
 
 @pytest.mark.parametrize("text, message", [
@@ -39,6 +44,10 @@ def test_what_export_writes_reads_back_identically(tmp_path):
     ("backend = 'tflite'", "backend must be one of"),
     ("[input]\ndecoder = 'turbo'", "input.decoder must be one of ('exact', 'fast')"),
     ("max_batch_size = [", "not valid TOML"),
+    ("backend = 'openvino'\n[openvino]\nprecision = 'fp16'", "openvino.precision must be one of"),
+    ("backend = 'openvino'\n[openvino]\nstreams = 2",
+     "openvino.streams must lie in 0..instance_count (1"),
+    ("instance_count = 2\n[openvino]\nthreads = 1", "must be 0 or at least one per stream"),
 ])
 def test_a_bad_value_names_the_file_and_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:

@@ -123,3 +123,34 @@ def test_the_bench_extra_brings_the_bench_command(built_wheel, tmp_path):
     assert "usage: visionserve bench" in bench.stdout and "--concurrency" in bench.stdout
     decode = run(venv, "bench-decode", "--help")
     assert decode.returncode == 0 and "--sizes" in decode.stdout
+
+
+def test_the_openvino_image_lock_serves_openvino_models(built_wheel, exported_repo, tmp_path):
+    """What `--build-arg LOCK=openvino.txt` installs (hash-checked, then the wheel): a model
+    configured for OpenVINO loads, passes its golden check there and answers; telemetry off."""
+    from conftest import edit_config, make_repo
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip(venv, "--require-hashes", "--only-binary=:all:", "-r",
+        str(LOCK.with_name("openvino.txt")))
+    pip(venv, "--no-deps", str(built_wheel))
+    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",))
+    edit_config(repo / "resnet18", {"backend": "openvino"})
+    home = tmp_path / "home"
+    home.mkdir()
+    launched = start_visionserve(repo, name="openvino image lock",
+                                 command=(str(venv / "bin" / "visionserve"),),
+                                 env={"HOME": str(home)}, log_path=tmp_path / "ov.log",
+                                 cwd=tmp_path)
+    installed = Server(launched.process, launched.log_path, launched.grpc_port,
+                       launched.metrics_port)
+    try:
+        info = installed.stub.GetModel(pb.GetModelRequest(model="resnet18"))
+        assert (info.backend, info.state) == ("openvino", pb.MODEL_STATE_READY), info.reason
+        classify, _ = answers(installed)
+        assert len(classify.results[0].classes) == 5
+        assert "passed its golden check" in installed.log()
+    finally:
+        assert installed.stop() == 0
+    assert not (home / "intel").exists()

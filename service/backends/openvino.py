@@ -6,7 +6,7 @@ One compiled model per version with a dynamic batch dimension (the ONNX export's
 batcher run their batches concurrently. Dynamic shapes rather than one model reshaped per batch
 size: measured on ResNet-50 (2 threads), 15.5 / 15.1 images/s (dynamic, batch 1 / 8) against
 15.4 / 14.8 (static, one compiled model per size) in the same run, and one compilation (0.16 s)
-instead of one per size (0.44 s each) — docs/benchmarks.md, "OpenVINO".
+instead of one per size (0.44 s each) — docs/benchmarks.md, "The CPU precision ladder".
 
 With ``--openvino-cache-dir`` the compiled model is kept there (OpenVINO's ``CACHE_DIR``): a
 reload or a restart imports it instead of compiling. The directory is the operator's (the
@@ -69,8 +69,13 @@ class OpenVinoBackend(Backend):
         where = f"model {name} version {version.version}"
         ov = _import_openvino(where)
         cfg = config.openvino
-        core = ov.Core()
-        capabilities = [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+        try:
+            core = ov.Core()
+            capabilities = [str(c) for c in core.get_property("CPU",
+                                                              "OPTIMIZATION_CAPABILITIES")]
+        except Exception as exc:  # OpenVINO raises RuntimeError with its own text
+            raise BackendError(f"{where}: OpenVINO's CPU plugin is not usable here: "
+                               f"{exc}") from exc
         if CAPABILITIES[cfg.precision] not in capabilities:
             raise ConfigError(f"{where}: openvino.precision = \"{cfg.precision}\" needs a CPU "
                               f"that computes {CAPABILITIES[cfg.precision]} natively (AVX512_BF16 "
@@ -102,10 +107,13 @@ class OpenVinoBackend(Backend):
         self._input = config.input.name
         self._outputs = [self._compiled.output(n) for n in (config.output.logits,
                                                             config.output.embedding)]
-        # one infer request per concurrent batch (an infer request runs one batch at a time)
+        # one infer request per concurrent batch (an infer request runs one batch at a time);
+        # the batcher runs at most instance_count batches at once
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(max(streams, config.instance_count)):
+        for _ in range(config.instance_count):
             self._requests.put(self._compiled.create_infer_request())
+        self._where = where
+        self._closed = False
         self.providers = [f"OpenVINO {ov.__version__} CPU {cfg.precision.upper()}"]
 
     def _check_signature(self, where: str, config: ModelConfig, model: object) -> None:
@@ -136,6 +144,8 @@ class OpenVinoBackend(Backend):
         self.num_classes, self.embedding_dim = sizes
 
     def run(self, batch: np.ndarray) -> ModelOutputs:
+        if self._closed:
+            raise BackendError(f"{self._where}: the OpenVINO engine was released")
         request = self._requests.get()
         try:
             result = request.infer({self._input: batch})  # copies the outputs out
@@ -145,6 +155,10 @@ class OpenVinoBackend(Backend):
         return ModelOutputs(logits, embedding)
 
     def close(self) -> None:
+        """Release the compiled model. The batcher's executor has finished every batch first."""
+        if self._closed:
+            return
+        self._closed = True
         while not self._requests.empty():
             self._requests.get()
         del self._compiled
