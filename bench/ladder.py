@@ -56,7 +56,6 @@ RUNGS = (
 )
 EXPORTS = {"": {}, "_bf16": {"precision": "bf16"}, "_int8": {"precision": "int8"},
            "_int8_ov": {"precision": "int8", "backend": "openvino"}}
-IN_PROCESS_BATCHES = (1, 8)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,21 +119,24 @@ def run_ladder(args: argparse.Namespace) -> int:
             configs[name] = (ModelConfig.from_toml(served / name / CONFIG_FILE),
                              src / str(version_numbers(src)[-1]) / MODEL_FILES["onnxruntime"])
     rows: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-    in_process: dict[str, dict[int, list[float]]] = {n: {b: [] for b in IN_PROCESS_BATCHES}
+    # the ceiling at each level: the engine alone at the batch that many clients can fill
+    batches = {n: sorted({min(c, cfg.max_batch_size) for c in concurrencies})
+               for n, (cfg, _) in configs.items()}
+    in_process: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches[n]}
                                                      for n in configs}
     with console.status("starting the server (every rung a model: compile + golden checks)…"):
         server = start_visionserve(served, "--model-control", "none", *LINKED_REPO,
                                    name="visionserve-ladder", ready_timeout_s=900)
     try:
         with Progress(console=console, transient=True) as progress, ClientProcess() as client:
-            total = args.repeats * len(configs) * (len(concurrencies) + len(IN_PROCESS_BATCHES))
+            total = args.repeats * sum(len(concurrencies) + len(b) for b in batches.values())
             task = progress.add_task("ladder", total=total)
             for repeat in range(args.repeats):
                 for name, (config, model_file) in configs.items():
                     progress.update(task, description=f"[{repeat + 1}/{args.repeats}] "
                                                       f"in-process {name}")
                     with _engine(name, config, model_file) as engine:
-                        for b in IN_PROCESS_BATCHES:
+                        for b in batches[name]:
                             in_process[name][b].append(_images_per_s(engine, config, b,
                                                                      args.in_process_s))
                             progress.advance(task)
@@ -280,9 +282,10 @@ def _results(args, archs, rungs, skipped, concurrencies, rows, in_process,
             }
         ref = model.get("ort-fp32")
         for data in model.values():
-            best = max(data["in_process"].values())
+            ceiling = data["in_process"]
             for c, s in data["served"].items():
-                s["served_over_in_process"] = round(s["images_per_s"] / best, 3) if best else None
+                alone = ceiling[min(c, max(ceiling))]
+                s["served_over_in_process"] = round(s["images_per_s"] / alone, 3) if alone else None
                 if ref:
                     base = ref["served"][c]["images_per_s"]
                     s["over_ort_fp32"] = round(s["images_per_s"] / base, 3) if base else None
@@ -300,22 +303,22 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"Not measured: {rung}: {why}.", ""]
     for arch, model in results["models"].items():
         levels = list(next(iter(model.values()))["served"])
-        lines += [f"**{arch}** (images/s; × = ÷ served ONNX Runtime FP32 at the same "
-                  "concurrency; served ÷ in-process = ÷ the best in-process batch of the same "
-                  "rung)", "",
-                  "| rung | in-process b1 / b8 | " + " | ".join(f"served c={c}" for c in levels)
-                  + " | served ÷ in-process (c=" + str(levels[-1]) + ") | top-1 / top-5 vs "
-                  "ORT FP32 |",
-                  "|---|---|" + "---|" * len(levels) + "---|---|"]
+        batch_sizes = list(next(iter(model.values()))["in_process"])
+        lines += [f"**{arch}**: images/s served at each concurrency (÷ served ONNX Runtime FP32 "
+                  "at that concurrency; ÷ the same rung in-process at the batch that many "
+                  "clients fill), and in-process alone", "",
+                  "| rung | " + " | ".join(f"served c={c}" for c in levels) + " | in-process "
+                  + " / ".join(f"b{b}" for b in batch_sizes) + " | top-1 / top-5 vs ORT FP32 |",
+                  "|---|" + "---|" * len(levels) + "---|---|"]
         for rung, data in model.items():
             ip = data["in_process"]
-            cells = [f"{data['served'][c]['images_per_s']:.1f} "
-                     f"({data['served'][c].get('over_ort_fp32', 0):.2f}×)" for c in levels]
+            cells = [f"{s['images_per_s']:.1f} ({s.get('over_ort_fp32', 0):.2f}×; "
+                     f"{s['served_over_in_process']:.2f})"
+                     for s in (data["served"][c] for c in levels)]
             a = data["agreement"]
             agree = f"{a['top1']:.3f} / {a['top5_set']:.3f} ({a['inputs']} crops)" if a else "–"
-            lines.append(f"| {rung} | {ip[1]:.1f} / {ip[8]:.1f} | " + " | ".join(cells) +
-                         f" | {data['served'][levels[-1]]['served_over_in_process']:.2f} | "
-                         f"{agree} |")
+            lines.append(f"| {rung} | " + " | ".join(cells) + " | " +
+                         " / ".join(f"{ip[b]:.1f}" for b in batch_sizes) + f" | {agree} |")
         lines.append("")
     return "\n".join(lines)
 
