@@ -55,10 +55,10 @@ peer-triton:
 	test -x $(ANCHORS_DIR)/venv-triton/bin/python || $(PY) -m venv $(ANCHORS_DIR)/venv-triton
 	$(ANCHORS_DIR)/venv-triton/bin/pip install --quiet nvidia-pytriton onnxruntime numpy
 
-# Every figure of docs/benchmarks.md (~35 min on 2 cores; run on an otherwise idle machine).
+# Every figure of docs/benchmarks.md (~60 min on 2 cores, the precision ladder ~25 of them; run on an otherwise idle machine).
 bench: models peer-triton
 	$(BIN)/pip install --quiet -c $(VENV)/serve-constraints.txt -e '.[bench]'
-	VS=$(BIN)/visionserve MODELS="lenet5 resnet18 resnet50 mobilenet_v3_small decode" \
+	VS=$(BIN)/visionserve MODELS="lenet5 resnet18 resnet50 mobilenet_v3_small decode ladder" \
 		bash bench/scripts/run_all.sh
 
 clean:

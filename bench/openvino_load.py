@@ -1,11 +1,14 @@
-"""Two design measurements of the OpenVINO backend, in one run (docs/benchmarks.md):
+"""Design measurements of the OpenVINO backend, in one run (docs/benchmarks.md):
 
 1. Dynamic batch vs one static model per batch size: compile time, and images/s at batch 1 and 8
    (repeats interleaved, median), same threads and precision.
 2. Load time of ``OpenVinoBackend`` (what the server runs per version load) without a cache,
    with a cold ``--openvino-cache-dir`` (compile + write) and with a warm one (import).
+3. The kernels OpenVINO's CPU plugin picks for the convolutions and matmuls of each model file
+   (its runtime model): whether INT8 runs on VNNI/AMX kernels or on AVX2 emulation.
 
-    python -m visionserve.bench.openvino_load --model-file model_repo/resnet50/1/model.onnx
+    python -m visionserve.bench.openvino_load --model-file model_repo/resnet50/1/model.onnx \
+        --kernels model_repo/resnet50_int8_ov/1/model.onnx
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-file", type=Path, required=True, help="an exported model.onnx")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0, help="per batch size and repeat")
+    p.add_argument("--kernels", type=Path, nargs="*", default=[],
+                   help="more model files whose kernels to list (e.g. an INT8 export)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     ov = _import_openvino("bench")
@@ -84,11 +89,25 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_s": {k: {b: round(statistics.median(v), 1) for b, v in per.items()}
                          for k, per in speed.items()},
         "load_s_median": {k: round(statistics.median(v), 3) for k, v in load_s.items()},
+        "kernels": {str(f): _kernels(core, f) for f in [args.model_file, *args.kernels]},
     }
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _kernels(core, model_file: Path) -> dict[str, int]:
+    """``{"Convolution u8 jit_avx2_1x1_I8": 36, …}``: layer type, runtime precision and the
+    primitive OpenVINO chose, counted over the compiled model's convolutions and matmuls."""
+    compiled = core.compile_model(str(model_file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = {k: v.astype(str) for k, v in op.get_rt_info().items()}
+        if info.get("layerType") in ("Convolution", "FullyConnected", "MatMul"):
+            key = f"{info['layerType']} {info['runtimePrecision']} {info['primitiveType']}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _input(shape: list[int]):

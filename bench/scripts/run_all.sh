@@ -22,5 +22,9 @@ for m in $models; do
     mobilenet_v3_small) run mobilenet_v3_small --input uint8,jpeg --concurrency 1,4,16,32,64;;
     decode) "$VS" bench-decode --model resnet50 --json docs/bench/decode.json \
               --markdown docs/bench/decode.md;;
+    # the CPU precision ladder (exports its INT8/BF16 variants into model_repo where missing;
+    # needs the openvino extra: make setup installs it)
+    ladder) "$VS" bench-ladder --models resnet50,resnet18,mobilenet_v3_small,efficientnet_lite0 \
+              --concurrency 1,8,16 --json docs/bench/ladder.json --markdown docs/bench/ladder.md;;
   esac
 done
