@@ -5,7 +5,9 @@
 2. Load time of ``OpenVinoBackend`` (what the server runs per version load) without a cache,
    with a cold ``--openvino-cache-dir`` (compile + write) and with a warm one (import).
 3. The kernels OpenVINO's CPU plugin picks for the convolutions and matmuls of each model file
-   (its runtime model): whether INT8 runs on VNNI/AMX kernels or on AVX2 emulation.
+   (its runtime model): whether INT8 runs on VNNI/AMX kernels or on AVX2 emulation; and how far
+   OpenVINO's outputs are from ONNX Runtime's on the same file (max |Δ| over the largest |logit|,
+   seeded inputs at batch 1 and 8): why an INT8 golden set is engine-specific.
 
     python -m visionserve.bench.openvino_load --model-file model_repo/resnet50/1/model.onnx \
         --kernels model_repo/resnet50_int8_ov/1/model.onnx
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                          for k, per in speed.items()},
         "load_s_median": {k: round(statistics.median(v), 3) for k, v in load_s.items()},
         "kernels": {str(f): _kernels(core, f) for f in [args.model_file, *args.kernels]},
+        "openvino_vs_onnxruntime": {str(f): _vs_onnxruntime(core, f, x)
+                                    for f in [args.model_file, *args.kernels]},
     }
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     if args.json:
@@ -108,6 +112,19 @@ def _kernels(core, model_file: Path) -> dict[str, int]:
             key = f"{info['layerType']} {info['runtimePrecision']} {info['primitiveType']}"
             counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _vs_onnxruntime(core, model_file: Path, x: dict[int, np.ndarray]) -> dict[int, float]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    compiled = core.compile_model(str(model_file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = {}
+    for b, batch in x.items():
+        ref = session.run(["logits"], {"input": batch})[0]
+        got = compiled.create_infer_request().infer({0: batch})[compiled.output("logits")]
+        out[b] = float(np.abs(ref - got).max() / (np.abs(ref).max() or 1.0))
+    return out
 
 
 def _input(shape: list[int]):

@@ -15,7 +15,8 @@ output's scale), and export refuses to publish a version that misses its own gol
 engine it is configured for. INT8 has no tolerance against PyTorch (with random weights it
 differs by up to its whole logit scale): its expected outputs are the version's own on that
 engine at export, held to ``INT8_TOLERANCE``: so an INT8 set is engine-specific (ONNX Runtime and
-OpenVINO differ by 0.15–0.4 of the scale on the same random-weight ResNet-50 QDQ file).
+OpenVINO differ by 0.33–0.50 of the scale on the same random-weight ResNet-50 QDQ file:
+``python -m visionserve.bench.openvino_load``).
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tritonclient.grpc import service_pb2 as kpb  # never our KServe stubs (tests/test_kserve.py)
+from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from conftest import CACHE, edit_config, eventually, make_repo, run_cli, start_server
-from visionserve.inference import grpc_service_pb2 as kpb
-from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.v1 import visionserve_pb2 as pb
 
 pytest.importorskip("openvino", reason="backend = \"openvino\" needs the openvino extra "

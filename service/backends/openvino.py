@@ -4,15 +4,15 @@ in FP32 or BF16 (``[openvino] precision``).
 One compiled model per version with a dynamic batch dimension (the ONNX export's own), run by
 ``streams`` CPU streams; ``run`` borrows one infer request per call, so the instances of the
 batcher run their batches concurrently. Dynamic shapes rather than one model reshaped per batch
-size: on ResNet-50 (2 threads) 15.3 / 15.1 images/s at batch 1 / 8, against 15.8 / 15.4 for one
-static model per size, in the same run; one compilation (0.65 s) instead of one per batch size
-(0.53 s each, up to max_batch_size of them) — docs/benchmarks.md, "The CPU precision ladder".
+size: on ResNet-50 (2 threads) 14.9 / 15.8 images/s at batch 1 / 8, against 15.6 / 15.4 for one
+static model per size, in the same run; one compilation (0.39 s) instead of one per batch size
+(0.30–0.50 s each, up to max_batch_size of them) — docs/benchmarks.md, "The CPU precision ladder".
 
 With ``--openvino-cache-dir`` the compiled model is kept there (OpenVINO's ``CACHE_DIR``): a
 reload or a restart imports it instead of compiling. The directory is the operator's (the
 repository may be read-only); entries are keyed by OpenVINO on the model and its settings.
-Measured on ResNet-50: a load takes 0.51 s without the cache, 0.84 s the first time with it (the
-compiled blob is written: 47 MB for ResNet-18) and 0.32 s from it.
+Measured on ResNet-50: a load takes 0.43 s without the cache, 0.50 s the first time with it (the
+compiled blob is written: 47 MB for ResNet-18) and 0.30 s from it.
 """
 
 from __future__ import annotations
