@@ -36,6 +36,7 @@ from visionserve.service.repository import version_numbers
 
 from .launch import LINKED_REPO, single_model_repo, start_visionserve
 from .loadgen import ClientProcess, Job
+from .run import _machine, _median
 from .schedule import median_run
 
 
@@ -253,17 +254,14 @@ def _agreement(arch: str, rungs: dict[str, tuple[ModelConfig, Path]],
 
 def _results(args, archs, rungs, skipped, concurrencies, rows, in_process,
              agreement) -> dict[str, Any]:
-    import platform
+    from visionserve.service.backends.openvino import _import_openvino
 
-    import onnxruntime
-    import openvino
-
+    openvino = _import_openvino("bench-ladder")  # telemetry kept off, as in the server
     out: dict[str, Any] = {
         "command": "visionserve " + shlex.join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpu": _cpu(), "cores": len(__import__("os").sched_getaffinity(0)),
-                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-                    "openvino": openvino.__version__},
+        # the same machine record as `visionserve bench`, plus OpenVINO
+        "machine": {**_machine(()), "openvino": openvino.__version__},
         "duration_s": args.duration_s, "repeats": args.repeats,
         "skipped": skipped, "models": {}}
     for arch in archs:
@@ -321,20 +319,3 @@ def markdown(results: dict[str, Any]) -> str:
                          " / ".join(f"{ip[b]:.1f}" for b in batch_sizes) + f" | {agree} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return round(ordered[(len(ordered) - 1) // 2], 2)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
