@@ -175,6 +175,11 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             golden_precision = req.precision if req.format == "tensorrt" else checked_precision
             golden_record = write_golden(tmp, wrapped, arch.input, labels, req.seed,
                                          golden_precision, engine, engine_name)
+            if golden_record["dropped"]:
+                log.warning("%s version %d: golden cases left out, FP32 PyTorch does not "
+                            "reproduce itself on them (ill-conditioned weights): %s; %d kept",
+                            name, version, ", ".join(golden_record["dropped"]),
+                            golden_record["cases"])
         precision_record["engine"] = engine_name
         tensorrt_record = None
         if req.format == "tensorrt":
