@@ -39,6 +39,7 @@ class Launched:
     grpc_port: int
     metrics_port: int = 0
     ready_file: Path | None = None  # visionserve's --ready-file
+    http_port: int = 0  # its HTTP (REST) port; 0 = none
 
     @property
     def target(self) -> str:
@@ -77,7 +78,8 @@ def start_visionserve(repo: Path, *extra_args: str, name: str = "visionserve",
     with open(log_path, "wb") as out:
         process = subprocess.Popen(
             [*launcher, "serve", "--repo", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",
-             "--metrics-port", "0", "--ready-file", str(ready_file), *extra_args],
+             "--http-port", "0", "--metrics-port", "0", "--ready-file", str(ready_file),
+             *extra_args],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
@@ -87,7 +89,7 @@ def start_visionserve(repo: Path, *extra_args: str, name: str = "visionserve",
                 raise RuntimeError(f"{ready_file} was written by process {ready['pid']}, not by "
                                    f"{name} ({process.pid})")
             return Launched(name, process, log_path, ready["grpc_port"], ready["metrics_port"],
-                            ready_file)
+                            ready_file, http_port=ready.get("http_port") or 0)
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with status {process.returncode} before "
                                f"serving; its log ({log_path}) ends:\n"

@@ -69,14 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="serve every model of a repository over gRPC",
+    p = sub.add_parser("serve", help="serve every model of a repository over gRPC and HTTP",
                        description="Load every model/version of the repository (ONNX Runtime on "
-                                   "CPU by default) and serve Classify/Embed over gRPC with "
-                                   "dynamic batching; Prometheus metrics over HTTP. Stops "
-                                   "gracefully on SIGTERM/SIGINT.")
+                                   "CPU by default) and serve Classify/Embed and KServe v2 over "
+                                   "gRPC and HTTP/REST with dynamic batching; Prometheus "
+                                   "metrics over HTTP. Stops gracefully on SIGTERM/SIGINT.")
     p.add_argument("--repo", type=Path, default=defaults.repo, help="model repository")
-    p.add_argument("--host", default=defaults.host, help="address to bind (gRPC, and metrics "
-                                                      "unless --metrics-host)")
+    p.add_argument("--host", default=defaults.host, help="address to bind (gRPC, HTTP, and "
+                                                      "metrics unless --metrics-host)")
     p.add_argument("--metrics-host", default=defaults.metrics_host,
                    help="address of the /metrics HTTP server (default: --host), e.g. 127.0.0.1 "
                         "or a cluster-internal address")
@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set SO_REUSEPORT on the gRPC port, so that several servers share it "
                         "and the kernel spreads connections over them (on purpose only: a "
                         "stale server would silently take a share of the traffic)")
+    p.add_argument("--http-port", type=int, default=defaults.http_port,
+                   help="HTTP port of the KServe v2 REST API (tritonclient.http, curl: "
+                        "docs/rest.md) and the image endpoints (POST /v2/models/<m>/classify "
+                        "with the file as the body); 0 = pick a free port, logged. Same TLS, "
+                        "token, limits and batchers as gRPC")
+    p.add_argument("--no-http", action="store_true",
+                   help="serve no HTTP API (gRPC only; /metrics stays)")
     p.add_argument("--metrics-port", type=int, default=defaults.metrics_port,
                    help="HTTP port of /metrics; 0 = pick a free port, logged")
     p.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
@@ -191,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one log line per request (request id, method, model, version, code, "
                         "duration): for every request, only for failed ones, or none")
     p.add_argument("--ready-file", type=Path, metavar="PATH",
-                   help="once SERVING, write {\"grpc_port\", \"metrics_port\", \"pid\", "
+                   help="once SERVING, write {\"grpc_port\", \"http_port\", \"metrics_port\", "
+                        "\"pid\", "
                         "\"models_ready\", \"models_failed\"} as JSON to PATH (atomically; "
                         "removed when shutdown starts): how scripts learn the ports of "
                         "--grpc-port 0 and when the server is ready")
@@ -433,6 +441,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     config = ServerConfig(
         repo=args.repo, host=args.host, grpc_port=args.grpc_port,
+        http_port=None if args.no_http else args.http_port,
         metrics_port=args.metrics_port, preprocess_threads=args.preprocess_threads,
         model_control=args.model_control, poll_interval_s=args.poll_interval_s,
         load_models=tuple(args.load_model),

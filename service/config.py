@@ -369,6 +369,8 @@ class ServerConfig:
     repo: Path = Path("model_repo")
     host: str = "0.0.0.0"
     grpc_port: int = 8001
+    # the KServe v2 REST API and image endpoints (api/rest.py), as Triton's 8000; None = off
+    http_port: int | None = 8000
     metrics_port: int = 8002
     limits: ServerLimits = field(default_factory=ServerLimits)
     preprocess_threads: int = 0  # 0 = one per core

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .errors import InvalidInput, LimitExceeded, ModelFailed, ModelNotFound
+from .errors import InvalidInput, ModelFailed, ModelNotFound, RateLimited
 from .repository_sync import RepositorySync
 from .routing import ModelStatus, Router, ServedVersion
 from .states import VersionState
@@ -101,7 +101,7 @@ class ModelControl:
                    " refused=rate-limited" if refused else "")
         if refused:
             self._buckets[name] = (tokens, now)
-            raise LimitExceeded(
+            raise RateLimited(
                 f"model {name}: {rpc} refused: at most {CONTROL_BURST} loads or unloads of a "
                 f"model at once, then one per {self._interval_s:g} s (each reloads and warms "
                 f"up the model; the server's --load-interval-s); retry in "

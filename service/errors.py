@@ -58,6 +58,12 @@ class ServerBusy(VisionServeError):
     code = ErrorCode.RESOURCE_EXHAUSTED
 
 
+class RateLimited(VisionServeError):
+    """Too many requests of a kind (model loads and unloads): retry after the time it names."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
 class LimitExceeded(VisionServeError):
     """A configured size limit (bytes, images per request) was exceeded."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,6 @@ class TlsConfig:
         """Parse the PEM material now, as the TLS library will: a certificate or key that does
         not parse, or a key that does not match the certificate, is a usage error naming the
         flag, not a "Failed to bind" traceback later."""
-        import ssl
-
         for path, flag in ((self.cert, "--tls-cert"), (self.key, "--tls-key")):
             _read(path, flag)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -72,6 +71,17 @@ class TlsConfig:
             except (ssl.SSLError, ValueError) as exc:
                 raise ValueError(f"--tls-client-ca {self.client_ca}: not a PEM CA bundle "
                                  f"({getattr(exc, 'reason', None) or exc})") from None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same material for the HTTP port (TLS 1.2 or later; client certificates
+        required when ``client_ca`` is set)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca is not None:
+            context.load_verify_locations(cafile=self.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
     def credentials(self) -> grpc.ServerCredentials:
         pairs = [(_read(self.key, "--tls-key"), _read(self.cert, "--tls-cert"))]
@@ -124,7 +134,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         presented = next((v for k, v in details.invocation_metadata or ()
                           if k == "authorization"), None)
-        if presented is not None and self._valid(presented):
+        if presented is not None and self.valid(presented):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
@@ -142,7 +152,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         """Rotate the token (the file was reloaded): from now on only the new one is valid."""
         self._expected = token.encode()
 
-    def _valid(self, presented: str | bytes) -> bool:
+    def is_open(self, access: str) -> bool:
+        """Whether calls of this access class pass without the token."""
+        return access in self._open
+
+    def valid(self, presented: str | bytes) -> bool:
         """``Bearer <token>`` (the scheme is case-insensitive, RFC 7235), compared in constant
         time."""
         text = presented.encode() if isinstance(presented, str) else presented

@@ -28,6 +28,8 @@ from .api.access_log import AccessLog
 from .api.admission import Admission
 from .api.calls import CallHandler
 from .api.kserve import KServeServicer
+from .api.rest import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
+from .api.rest import RestApi
 from .api.strict import add_servicer
 from .api.vision import VisionServicer
 from .backends import EngineOptions, create_backend
@@ -35,6 +37,7 @@ from .config import ServerConfig, ServerLimits, cpu_count
 from .control import ModelControl
 from .decode_pool import DecodePool
 from .golden import GoldenCheck
+from .http_listener import HttpListener
 from .inference import InferenceCore
 from .lifecycle import Lifecycle, Phase
 from .metrics import Metrics
@@ -70,9 +73,11 @@ class Server:
                                    golden=GoldenCheck(config.golden_check, self.core.outputs,
                                                       self.metrics))
         self.admission = Admission(self.lifecycle, config.limits.max_inflight_requests)
+        self._http: HttpListener | None = None  # built with the gRPC server's parts
         self.grpc = self._build_grpc()
         self.grpc_port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self._metrics_http: MetricsHttp | None = None
         self._poller: asyncio.Task[None] | None = None
         self._token_watch: asyncio.Task[None] | None = None
@@ -108,6 +113,14 @@ class Server:
                      KServeServicer(core, control, calls, self.lifecycle), server, wire,
                      self._refused)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if config.http_port is not None:  # the REST API: same core, control, accounting, auth
+            rest = RestApi(core, control, calls, self.lifecycle,
+                           interceptors[0] if interceptors else None, self._refused)
+            self._http = HttpListener(
+                rest.app(), config.host, config.http_port, HTTP_MAX_CONNECTIONS,
+                config.tls.ssl_context() if config.tls else None,
+                auto_decompress=False,  # api/rest.py decompresses, within the body limit
+                lingering_time=2.0)  # after an early 413, unread body bytes are not awaited long
         reflection.enable_server_reflection(
             (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,
              kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -151,6 +164,17 @@ class Server:
                 "use (another server, perhaps a stale one of ours) or the address is not this "
                 "machine's. Stop the other process or pick another port; --reuse-port shares "
                 "a port with another server on purpose") from None
+        if self._http is not None:
+            try:
+                self.http_port = await self._http.start()
+            except OSError as exc:
+                await self._close_http()
+                raise StartupError(f"--http-port {config.http_port}: cannot listen on "
+                                   f"{config.host}:{config.http_port} ({exc.strerror}); is "
+                                   "another server using it? Pick another port (0 = any free "
+                                   "one), or --no-http") from None
+            log.info("HTTP (KServe v2 REST) listening on %s:%d (%s)", config.host,
+                     self.http_port, "TLS" if config.tls else "plaintext")
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
         log.info("gRPC listening on %s:%d (%s; %s; NOT_SERVING until models are loaded)",
@@ -168,13 +192,16 @@ class Server:
         failed = [s.name for s in statuses if s.state == VersionState.FAILED]
         self.lifecycle.advance(Phase.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving gRPC on %s:%d, metrics on http://%s:%d/metrics; models ready: %s%s",
-                 config.host, self.grpc_port, config.metrics_host or config.host,
-                 self.metrics_port, ", ".join(ready) or "none",
+        log.info("serving gRPC on %s:%d%s, metrics on http://%s:%d/metrics; models ready: %s%s",
+                 config.host, self.grpc_port,
+                 f", HTTP on {config.host}:{self.http_port}" if self.http_port else "",
+                 config.metrics_host or config.host, self.metrics_port,
+                 ", ".join(ready) or "none",
                  f"; failed: {', '.join(failed)}" if failed else "")
         if config.ready_file:
             _write_ready_file(config.ready_file, {
                 "grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
+                "http_port": self.http_port or None,
                 "pid": os.getpid(), "models_ready": ready, "models_failed": failed})
         if config.model_control == "poll":
             self._poller = asyncio.create_task(
@@ -183,6 +210,9 @@ class Server:
             self._token_watch = asyncio.create_task(_watch_token(self.token_file, self.stop))
 
     async def _close_http(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
         if self._metrics_http is not None:
             await self._metrics_http.close()
             self._metrics_http = None
@@ -219,6 +249,8 @@ class Server:
             log.warning("requests still running after the %.0f s grace are cancelled", grace)
         else:
             await self.admission.quiet(0.2, grace - (loop.time() - started))
+        if self._http is not None:
+            await self._http.stop_listening()
         await self.grpc.stop(max(0.0, grace - (loop.time() - started)))
         try:  # what is left is at most the batches computing now
             await asyncio.wait_for(self.sync.close(), timeout=10)

@@ -125,6 +125,7 @@ class Server:
     log_path: Path
     grpc_port: int
     metrics_port: int
+    http_port: int = 0  # the REST API's port (0: served without it)
     channel: grpc.Channel = field(init=False)
 
     def __post_init__(self) -> None:
@@ -181,7 +182,8 @@ def start_server(repo: Path, log_path: Path, *extra: str, python_args: tuple[str
     """`visionserve serve` on loopback (free ports), ready and SERVING before it is returned."""
     launched = start_visionserve(repo, *extra, env=env, log_path=log_path,
                                  python_args=python_args, cwd=ROOT, ready_timeout_s=timeout)
-    server = Server(launched.process, log_path, launched.grpc_port, launched.metrics_port)
+    server = Server(launched.process, log_path, launched.grpc_port, launched.metrics_port,
+                    launched.http_port)
     health = health_pb2_grpc.HealthStub(server.channel)
     status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING

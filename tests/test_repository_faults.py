@@ -266,7 +266,8 @@ def test_start_up_answers_only_what_clients_retry(exported_repo, tmp_path):
     log = open(tmp_path / "server.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "visionserve.service.cli", "serve", "--repo", str(repo),
-         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0"],
+         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
+         "--http-port", "0"],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     codes: Counter[str] = Counter()
 

@@ -329,13 +329,15 @@ def test_a_port_in_use_is_a_start_up_error_and_the_first_server_keeps_it(exporte
     srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log")
     try:
         second = run_cli("serve", "--repo", str(tmp_path / "repo"), "--host", "127.0.0.1",
-                         "--grpc-port", str(srv.grpc_port), "--metrics-port", "0")
+                         "--grpc-port", str(srv.grpc_port), "--metrics-port", "0",
+                         "--http-port", "0")
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"--grpc-port {srv.grpc_port}: cannot listen on 127.0.0.1:{srv.grpc_port}: the " \
                "port is in use" in second.stderr
         assert "--reuse-port" in second.stderr and "Traceback" not in second.stderr
         metrics = run_cli("serve", "--repo", str(tmp_path / "repo"), "--host", "127.0.0.1",
-                          "--grpc-port", "0", "--metrics-port", str(srv.metrics_port))
+                          "--grpc-port", "0", "--metrics-port", str(srv.metrics_port),
+                          "--http-port", "0")
         assert metrics.returncode == 2 and f"--metrics-port {srv.metrics_port}: cannot listen" \
             in metrics.stderr
         with grpc.insecure_channel(srv.target) as channel:  # every call still lands here

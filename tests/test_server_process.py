@@ -98,15 +98,15 @@ def test_the_ready_file_appears_once_serving_and_goes_when_shutdown_starts(expor
     process = subprocess.Popen(
         [sys.executable, "-m", "visionserve.service.cli", "serve", "--repo",
          str(make_repo(exported_repo, tmp_path / "repo", ("lenet5",))), "--host", "127.0.0.1",
-         "--grpc-port", "0", "--metrics-port", "0", "--ready-file", str(ready_file)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0", "--ready-file",
+         str(ready_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert eventually(lambda: ready_file.exists() or process.poll() is not None,
                           "the ready file", timeout=120) and process.poll() is None
         ready = json.loads(ready_file.read_text())
-        assert set(ready) == {"grpc_port", "metrics_port", "pid", "models_ready",
+        assert set(ready) == {"grpc_port", "http_port", "metrics_port", "pid", "models_ready",
                               "models_failed"}
-        assert ready["pid"] == process.pid and ready["grpc_port"] > 0
+        assert ready["pid"] == process.pid and ready["grpc_port"] > 0 and ready["http_port"] > 0
         assert (ready["models_ready"], ready["models_failed"]) == (["lenet5"], [])
         with grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}") as channel:
             assert health_pb2_grpc.HealthStub(channel).Check(

@@ -18,8 +18,9 @@ from ..lifecycle import Lifecycle
 from ..logs import printable
 
 MAX_MODEL_NAME = 256
-INFERENCE_METHODS = frozenset({"Classify", "ClassifyStream", "Embed", "ModelInfer",
-                               "ModelStreamInfer"})
+_INFERENCE = ("Classify", "ClassifyStream", "Embed", "ModelInfer", "ModelStreamInfer")
+# gRPC methods, and the REST API's (named "http.<method>" in metrics and the access log)
+INFERENCE_METHODS = frozenset({*_INFERENCE, *(f"http.{m}" for m in _INFERENCE)})
 
 
 class Admission:

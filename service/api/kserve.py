@@ -77,25 +77,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async def work() -> tuple[kpb.ModelMetadataResponse, int]:
-            served = self._resolve(request.name, request.version)
-            versions = [served] if request.version else self._control.ready_versions(
-                request.name)
-            spec = served.config.input
-            out = served.config.output
-            batch = -1
-            return kpb.ModelMetadataResponse(
-                name=served.name, versions=[str(s.version) for s in versions],
-                platform=triton_config.PLATFORMS[served.config.backend],
-                # one entry per accepted form, all of the one input; the model's FP32 first
-                inputs=[kpb.ModelMetadataResponse.TensorMetadata(
-                    name=spec.name, datatype=dtype, shape=list(shape))
-                    for dtype, shape in spec.forms()],
-                outputs=[kpb.ModelMetadataResponse.TensorMetadata(
-                    name=out.logits, datatype="FP32",
-                    shape=[batch, served.backend.num_classes]),
-                    kpb.ModelMetadataResponse.TensorMetadata(
-                    name=out.embedding, datatype="FP32",
-                    shape=[batch, served.backend.embedding_dim])]), served.version
+            return model_metadata(self._control, request.name, request.version)
 
         return await self._calls.handle("ModelMetadata", request.name, context, work)
 
@@ -157,10 +139,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request, context):
         async def work() -> tuple[kpb.RepositoryIndexResponse, int]:
-            models = [entry for status in self._control.models()
-                      for entry in _index_entries(status)
-                      if not request.ready or entry.state == "READY"]
-            return kpb.RepositoryIndexResponse(models=models), 0
+            return repository_index(self._control, request.ready), 0
 
         return await self._calls.handle("RepositoryIndex", "", context, work)
 
@@ -189,6 +168,33 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     def _resolve(self, name: str, version_text: str) -> ServedVersion:
         return self._control.resolve(name, parse_version(name, version_text))
+
+
+def model_metadata(control: ModelControl, name: str,
+                   version_text: str) -> tuple[kpb.ModelMetadataResponse, int]:
+    """ModelMetadata (gRPC and REST): one entry per accepted input form, the FP32 one first."""
+    served = control.resolve(name, parse_version(name, version_text))
+    versions = [served] if version_text else control.ready_versions(name)
+    spec = served.config.input
+    out = served.config.output
+    batch = -1
+    return kpb.ModelMetadataResponse(
+        name=served.name, versions=[str(s.version) for s in versions],
+        platform=triton_config.PLATFORMS[served.config.backend],
+        inputs=[kpb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=dtype,
+                                                         shape=list(shape))
+                for dtype, shape in spec.forms()],
+        outputs=[kpb.ModelMetadataResponse.TensorMetadata(
+            name=out.logits, datatype="FP32", shape=[batch, served.backend.num_classes]),
+            kpb.ModelMetadataResponse.TensorMetadata(
+            name=out.embedding, datatype="FP32", shape=[batch, served.backend.embedding_dim])]
+    ), served.version
+
+
+def repository_index(control: ModelControl, ready_only: bool) -> kpb.RepositoryIndexResponse:
+    return kpb.RepositoryIndexResponse(models=[
+        entry for status in control.models() for entry in _index_entries(status)
+        if not ready_only or entry.state == "READY"])
 
 
 def model_config(served: ServedVersion) -> mc.ModelConfig:

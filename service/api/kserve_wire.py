@@ -35,7 +35,10 @@ def parse_version(model: str, text: str) -> int:
     return number
 
 
-def infer_call(req: kpb.ModelInferRequest, max_images: int) -> InferCall:
+def infer_call(req: kpb.ModelInferRequest, max_images: int,
+               sources: list[str] | None = None) -> InferCall:
+    """``sources`` name where each input's raw bytes came from, for messages (REST: "data" or
+    "binary data"); by default ``raw_input_contents[i]`` or ``contents``."""
     where = f"model {req.model_name}" + (f" version {req.model_version}"
                                          if req.model_version else "")
     version = parse_version(req.model_name, req.model_version)
@@ -49,7 +52,9 @@ def infer_call(req: kpb.ModelInferRequest, max_images: int) -> InferCall:
                                    "contents while the request uses raw_input_contents; send "
                                    "every input's data one way, not both")
     inputs = [_input(t, req.raw_input_contents[i] if req.raw_input_contents else None, where,
-                     max_images) for i, t in enumerate(req.inputs)]
+                     max_images, sources[i] if sources else
+                     f"raw_input_contents[{i}]" if req.raw_input_contents else "contents")
+              for i, t in enumerate(req.inputs)]
     outputs = []
     for out in req.outputs:
         param = out.parameters.get("classification")
@@ -60,10 +65,9 @@ def infer_call(req: kpb.ModelInferRequest, max_images: int) -> InferCall:
 
 
 def _input(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None, where: str,
-           max_images: int) -> InferInput:
+           max_images: int, source: str) -> InferInput:
     shape = tuple(tensor.shape)
     field = f"input {printable(tensor.name)!r}"
-    source = "raw_input_contents[0]" if raw is not None else "contents"
     if tensor.datatype == "BYTES":
         if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
             raise InvalidInput(f"{where}: {field} is BYTES with shape {list(shape)}; expected "
