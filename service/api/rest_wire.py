@@ -112,7 +112,8 @@ def infer_request(header: Any, binary: memoryview, model: str, version: str,
                 raise InvalidInput(f"{at} ({printable(name)!r}): field 'data' is missing (or "
                                    "give parameters.binary_data_size and send the values as "
                                    "binary data after the JSON header)")
-            request.raw_input_contents.append(_json_data(tensor["data"], datatype, at, name))
+            request.raw_input_contents.append(_json_data(tensor["data"], datatype, shape, at,
+                                                         name))
     if offset != len(binary):
         raise InvalidInput(f"{where}: {len(binary)} bytes of binary data follow the JSON header, "
                            f"but the inputs' binary_data_size add up to {offset}; check "
@@ -143,7 +144,7 @@ def infer_request(header: Any, binary: memoryview, model: str, version: str,
                      timeout_us=timeout)
 
 
-def _json_data(data: Any, datatype: str, at: str, name: str) -> bytes:
+def _json_data(data: Any, datatype: str, shape: list[int], at: str, name: str) -> bytes:
     """JSON ``data`` (flat or nested, row-major) as the raw bytes a binary client would send."""
     field = f"{at} ({printable(name)!r}) data"
     if datatype == "BYTES":
@@ -166,6 +167,9 @@ def _json_data(data: Any, datatype: str, at: str, name: str) -> bytes:
     if datatype == "UINT8" and values.size and (
             values.dtype.kind == "f" or values.min() < 0 or values.max() > 255):
         raise InvalidInput(f"{field}: UINT8 values must be integers in 0..255")
+    if values.size != math.prod(shape):
+        raise InvalidInput(f"{field} holds {values.size} values, but shape {shape} needs "
+                           f"{math.prod(shape)}")
     if datatype == "FP32" and values.dtype.kind == "f" and not np.isfinite(values).all():
         raise InvalidInput(f"{field}: FP32 values must be finite")
     return np.ascontiguousarray(values.reshape(-1), _NUMERIC[datatype]).tobytes()
