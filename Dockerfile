@@ -28,6 +28,7 @@ ARG LOCK=serve.txt
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     VISIONSERVE_REPO=/models \
+    VISIONSERVE_HTTP_PORT=8000 \
     VISIONSERVE_GRPC_PORT=8001 \
     VISIONSERVE_METRICS_PORT=8002 \
     VISIONSERVE_SHUTDOWN_GRACE_S=30
@@ -44,7 +45,7 @@ RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r /tmp/requ
     && install -d -m 0755 /models
 USER 10001
 VOLUME ["/models"]
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # SIGTERM: health goes NOT_SERVING, in-flight requests finish within VISIONSERVE_SHUTDOWN_GRACE_S.
 # Nothing is written at run time: the root filesystem may be read-only (docs/deploy.md).
 STOPSIGNAL SIGTERM

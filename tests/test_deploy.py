@@ -65,11 +65,13 @@ def test_the_manifests_use_the_servers_real_ports_probes_and_flags():
     args = build_parser().parse_args(container["args"])  # the flags parse
     assert args.command == "serve"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(env["VISIONSERVE_GRPC_PORT"]),
+    assert ports == {"http": int(env["VISIONSERVE_HTTP_PORT"]),
+                     "grpc": int(env["VISIONSERVE_GRPC_PORT"]),
                      "metrics": int(env["VISIONSERVE_METRICS_PORT"])}
-    for probe in ("startupProbe", "readinessProbe"):
-        assert container[probe]["grpc"]["port"] == ports["grpc"]
-    assert container["livenessProbe"] != container["readinessProbe"]
+    assert container["startupProbe"]["grpc"]["port"] == ports["grpc"]
+    # readiness and liveness are the REST API's own health routes, on its port
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
     prestop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     # preStop + drain + unloading the models (at most 10 s, docs/security.md) fit the grace
@@ -117,7 +119,8 @@ def test_kserve_objects_use_only_known_crd_fields_and_our_real_flags():
     assert container["name"] == "kserve-container"  # the name KServe looks for
     args = build_parser().parse_args(container["args"])
     assert args.repo == Path("/mnt/models")  # where KServe's storage initializer writes
-    assert container["ports"][0]["containerPort"] == args.grpc_port
+    assert [p["containerPort"] for p in container["ports"]] == [args.grpc_port, args.http_port]
+    assert [p["name"] for p in container["ports"]] == ["h2c", "http1"]  # KServe's port names
     assert container["readinessProbe"]["grpc"]["port"] == args.grpc_port
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(args.metrics_port)
     assert {e["name"] for e in container.get("env", [])} <= server_env_names()
@@ -248,7 +251,8 @@ def test_dockerfile_entrypoint_env_and_ports_are_the_servers():
     env = dict(re.findall(r"(VISIONSERVE_\w+)=(\S+)", serve))
     assert set(env) <= server_env_names()
     exposed = set(re.search(r"^EXPOSE (.*)$", serve, re.M)[1].split())
-    assert exposed == {env["VISIONSERVE_GRPC_PORT"], env["VISIONSERVE_METRICS_PORT"]}
+    assert exposed == {env["VISIONSERVE_HTTP_PORT"], env["VISIONSERVE_GRPC_PORT"],
+                       env["VISIONSERVE_METRICS_PORT"]}
 
 
 def test_health_command_reports_server_and_model_readiness(server):

@@ -14,11 +14,13 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -148,9 +150,9 @@ def test_the_image_runs_as_non_root_keeps_its_healthcheck_and_has_no_torch(image
 
 def test_the_image_serves_a_mounted_repository_from_a_read_only_root_and_stops_on_sigterm(
         image, read_only_root, server, tmp_path):
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     env = {"VISIONSERVE_GRPC_PORT": str(grpc_port), "VISIONSERVE_METRICS_PORT": str(metrics_port),
-           "VISIONSERVE_HOST": "127.0.0.1"}
+           "VISIONSERVE_HTTP_PORT": str(http_port), "VISIONSERVE_HOST": "127.0.0.1"}
     log_path = tmp_path / "image.log"
     started = time.monotonic()
     with open(log_path, "wb") as log:
@@ -178,8 +180,16 @@ def test_the_image_serves_a_mounted_repository_from_a_read_only_root_and_stops_o
         assert check.returncode == 0 and "SERVING" in check.stdout, check.stderr
         request = pb.ClassifyRequest(model="resnet18", images=[pb.Image(
             encoded=encode(photo("chelsea")))], top_k=5, request_id="same")
-        assert inside.stub.Classify(request, timeout=60) == server.stub.Classify(request,
-                                                                                 timeout=60)
+        want = server.stub.Classify(request, timeout=60)
+        assert inside.stub.Classify(request, timeout=60) == want
+        # the REST API of the image: the same photo as the body, the same answer
+        post = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v2/models/resnet18/classify?top_k=5",
+            data=request.images[0].encoded, method="POST")
+        with urllib.request.urlopen(post, timeout=60) as reply:
+            classes = json.loads(reply.read())["results"][0]["classes"]
+        assert [(c["index"], np.float32(c["score"])) for c in classes] == \
+            [(c.index, np.float32(c.score)) for c in want.results[0].classes]
         process.send_signal(15)  # what `docker stop` sends (STOPSIGNAL SIGTERM)
         assert process.wait(timeout=60) == 0
         assert "stopped" in log_path.read_text()
