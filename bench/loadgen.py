@@ -34,7 +34,10 @@ class Job:
     target: str  # HOST:PORT
     label: str  # "visionserve" | "triton" (reported as-is)
     model: str
-    api: str  # "classify" (our Classify, top-5) | "kserve" (ModelInfer, logits) | "health"
+    # "classify" (our Classify, top-5) | "kserve" (ModelInfer, logits) | "rest" (the same over
+    # HTTP, binary tensor data) | "rest-json" (JSON tensors) | "rest-classify" (the image as the
+    # body of POST /v2/models/<m>/classify, top-5; jpeg input) | "health"
+    api: str
     input: str  # "float32" | "uint8" | "jpeg"
     shape: tuple[int, int, int]  # C, H, W of the model input
     input_name: str = "input"
@@ -46,6 +49,7 @@ class Job:
     jpegs: tuple[bytes, ...] = field(default=(), repr=False)
     seed: int = 0
     timeout_s: float = 0.0  # the deadline each call carries; 0 = CALL_TIMEOUT_S
+    http_target: str = ""  # HOST:PORT of the REST API (the rest* apis)
 
 
 def run_job(job: Job) -> dict[str, object]:
@@ -160,6 +164,61 @@ def _kserve(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Excepti
     return call, client.close, InferenceServerException
 
 
+def _rest(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Exception]]:
+    """KServe v2 REST through tritonclient.http.aio: binary tensor data, or JSON (rest-json)."""
+    import tritonclient.http.aio as ahc
+    from tritonclient.utils import InferenceServerException
+
+    if not job.http_target:
+        raise ValueError(f"api {job.api} needs the server's HTTP address")
+    binary = job.api == "rest"
+    client = ahc.InferenceServerClient(job.http_target, conn_limit=max(job.concurrency, 100),
+                                       conn_timeout=job.timeout_s or CALL_TIMEOUT_S)
+    if job.input == "jpeg":
+        if not binary:
+            raise ValueError("JSON cannot carry image files: use --api rest or rest-classify")
+        batch = np.array(_jpegs(job), dtype=np.object_)
+        tensor = ahc.InferInput(job.input_name, [len(batch)], "BYTES")
+    else:
+        batch = np.stack(_arrays(job))
+        tensor = ahc.InferInput(job.input_name, list(batch.shape),
+                                "UINT8" if batch.dtype == np.uint8 else "FP32")
+    tensor.set_data_from_numpy(batch, binary_data=binary)
+    outputs = [ahc.InferRequestedOutput("logits", binary_data=binary)]
+
+    def call() -> Awaitable[object]:
+        return client.infer(job.model, [tensor], outputs=outputs)
+
+    return call, client.close, InferenceServerException
+
+
+def _rest_classify(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Exception]]:
+    """The plain-HTTP image endpoint: one JPEG as the body, top-5 as JSON."""
+    import aiohttp
+
+    if not job.http_target or job.input != "jpeg" or job.images_per_request != 1:
+        raise ValueError("rest-classify takes one jpeg per request and the HTTP address")
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max(job.concurrency, 100)),
+        timeout=aiohttp.ClientTimeout(total=job.timeout_s or CALL_TIMEOUT_S))
+    url = f"http://{job.http_target}/v2/models/{job.model}/classify?top_k=5"
+    body = _jpegs(job)[0]
+
+    async def call() -> object:
+        async with session.post(url, data=body) as reply:
+            if reply.status != 200:
+                raise _HttpStatus(reply.status)
+            return await reply.json()
+
+    return call, session.close, Exception
+
+
+class _HttpStatus(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status_text = f"HTTP_{status}"
+
+
 def _health(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Exception]]:
     """A round trip through the server's gRPC stack with no model: the floor of any call."""
     import grpc
@@ -176,6 +235,8 @@ def _health(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Excepti
 
 
 def _error_name(exc: Exception) -> str:
+    if isinstance(exc, _HttpStatus):
+        return exc.status_text
     code = getattr(exc, "code", None)
     if callable(code):  # grpc.aio.AioRpcError
         return str(code().name)
@@ -188,7 +249,9 @@ def _error_name(exc: Exception) -> str:
 # --------------------------------------------------------------------------- the loops
 
 async def _run(job: Job) -> dict[str, object]:
-    call, close, error_type = {"kserve": _kserve, "health": _health}.get(job.api, _classify)(job)
+    call, close, error_type = {"kserve": _kserve, "health": _health, "rest": _rest,
+                               "rest-json": _rest, "rest-classify": _rest_classify
+                               }.get(job.api, _classify)(job)
     try:
         await _closed(call, error_type, max(1, job.concurrency or 4), job.warmup_s)  # warm-up
         cpu0, busy0, start = _cpu_s(), _machine_busy(), time.perf_counter()

@@ -72,6 +72,11 @@ def compute_ratios(runs: list[Row], in_process: dict[str, float],
         if peer and peer["images_per_s"] > 0:
             ratios[f"{key}_vs_triton"] = r["images_per_s"] / peer["images_per_s"]
             ratios[f"{key}_p99_triton_over_ours"] = peer["p99_ms"] / r["p99_ms"]
+        if r["api"].startswith("rest"):  # REST beside the same call over gRPC
+            grpc_api = "classify" if r["api"] == "rest-classify" else "kserve"
+            same = _find(ours, api=grpc_api, input=r["input"], batching="on", **_level_match(r))
+            if same and same["images_per_s"] > 0:
+                ratios[f"{key}_vs_grpc_{grpc_api}"] = r["images_per_s"] / same["images_per_s"]
         if "concurrency" not in r:  # open loop: throughput is the offered rate
             continue
         ratios[f"{key}_vs_in_process_best"] = r["images_per_s"] / best

@@ -43,6 +43,7 @@ class Target:
     apis: tuple[str, ...]
     inputs: tuple[str, ...]
     variant: str = ""  # a named config variant of visionserve (--variant)
+    http_address: str = ""  # its REST API (HOST:PORT), for the rest* apis
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -72,7 +73,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         with console.status("starting servers…"):
             if args.server:
-                targets.append(Target("visionserve", args.server, "on", apis, inputs))
+                targets.append(Target("visionserve", args.server, "on", apis, inputs,
+                                      http_address=args.http_server or ""))
             else:
                 for batching in batchings:
                     repo = single_model_repo(args.repo, args.model, workdir / f"repo-{batching}",
@@ -82,7 +84,8 @@ def run_bench(args: argparse.Namespace) -> int:
                     launched.append(server)
                     peer_apis = ("kserve",) if peers else ()
                     targets.append(Target("visionserve", server.target, batching,
-                                          tuple(dict.fromkeys(apis + peer_apis)), inputs))
+                                          tuple(dict.fromkeys(apis + peer_apis)), inputs,
+                                          http_address=f"127.0.0.1:{server.http_port}"))
                 for name, overrides in _variants(args.variant):
                     repo = single_model_repo(args.repo, args.model, workdir / f"repo-{name}",
                                              overrides=overrides)
@@ -90,7 +93,8 @@ def run_bench(args: argparse.Namespace) -> int:
                                                name=f"visionserve-{name}")
                     launched.append(server)
                     targets.append(Target("visionserve", server.target, "on", apis, inputs,
-                                          variant=name))
+                                          variant=name,
+                                          http_address=f"127.0.0.1:{server.http_port}"))
             if "triton" in peers:
                 python = args.triton_python or default_triton_python()
                 for batching in batchings:
@@ -108,7 +112,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raw: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         in_process: dict[str, list[float]] = {str(b): [] for b in engine.batch_sizes}
         round_trip: list[dict[str, Any]] = []
-        combos = [(t, api, inp) for t in targets for api in t.apis for inp in t.inputs]
+        combos = [(t, api, inp) for t in targets for api in t.apis for inp in t.inputs
+                  if _possible(api, inp)]
         levels = [("concurrency", c) for c in concurrencies] + [("rate", r) for r in rates]
         total = args.repeats * (len(engine.batch_sizes) + len(levels) * len(combos))
         with Progress(console=console, transient=True) as progress, ClientProcess() as client:
@@ -135,7 +140,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                   rate=float(value) if kind == "rate" else 0.0,
                                   duration_s=args.duration_s, warmup_s=args.warmup_s,
                                   images_per_request=args.images_per_request, jpegs=jpegs,
-                                  seed=repeat)
+                                  seed=repeat, http_target=target.http_address)
                         row = client.run(job)
                         row["batching"] = target.batching
                         if target.variant:
@@ -167,6 +172,12 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _possible(api: str, inp: str) -> bool:
+    """rest-json carries no image files; rest-classify carries nothing else."""
+    return not (api == "rest-json" and inp == "jpeg") and \
+        not (api == "rest-classify" and inp != "jpeg")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name in the repository")
     p.add_argument("--repo", type=Path, default=Path("model_repo"))
@@ -178,8 +189,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: float32 and/or uint8 raw tensors (one 224² image "
                         "each), jpeg (640×480 photos, decoded server-side)")
     p.add_argument("--api", default="classify",
-                   help="comma-separated: classify (our Classify, top-5) and/or kserve "
-                        "(KServe v2 ModelInfer through tritonclient, logits)")
+                   help="comma-separated: classify (our Classify, top-5), kserve (KServe v2 "
+                        "ModelInfer through tritonclient.grpc, logits), rest (the same over "
+                        "HTTP through tritonclient.http, binary tensor data), rest-json (JSON "
+                        "tensors), rest-classify (a JPEG as the body of POST "
+                        "/v2/models/<m>/classify; jpeg input)")
+    p.add_argument("--http-server", metavar="HOST:PORT",
+                   help="with --server: the running server's HTTP port, for the rest apis")
     p.add_argument("--concurrency", default="1,4,8,16,32,64",
                    help="closed-loop levels: requests kept in flight")
     p.add_argument("--rate", default="",
