@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf.message import Message
 
 from .. import package_version
@@ -36,13 +37,14 @@ from ..errors import (
 )
 from ..inference import InferenceCore
 from ..lifecycle import Lifecycle
-from ..logs import REQUEST_ID, printable
+from ..logs import REQUEST_ID, printable, request_id
 from ..messages import DEFAULT_TOP_K, ClassifyCall, EmbedCall
 from ..preprocess import EncodedImage
 from ..security import BearerTokenInterceptor
 from .calls import CallHandler
 from .kserve import EXTENSIONS, model_config, model_metadata, repository_index, statistics
 from .kserve_wire import parse_version
+from .openapi import openapi_document
 from .rest_wire import (
     classify_response,
     embed_response,
@@ -95,6 +97,7 @@ class RestApi:
         add("GET", "/v2", "metadata", "ServerMetadata", self._server_metadata)
         add("GET", "/v2/health/live", "health", "ServerLive", self._live)
         add("GET", "/v2/health/ready", "health", "ServerReady", self._ready)
+        add("GET", "/v2/openapi.json", "metadata", "OpenAPI", self._openapi)
         add("GET", "/v2/models/stats", "statistics", "ModelStatistics", self._stats)
         add("POST", "/v2/repository/index", "repository", "RepositoryIndex", self._index)
         add("POST", "/v2/repository/models/{model}/load", "repository", "RepositoryModelLoad",
@@ -131,7 +134,7 @@ class RestApi:
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         access, method = self._method_of(request)
         request["rpc"] = method
-        client_id = request.headers.get(REQUEST_ID_HEADER, "")[:256]
+        client_id = _client_id(request)
         try:
             if self._auth is not None and not self._auth.is_open(access):
                 presented = request.headers.get("Authorization")
@@ -233,6 +236,12 @@ class RestApi:
 
         return _json(await self._run(request, model, work))
 
+    async def _openapi(self, request: web.Request) -> web.Response:
+        async def work() -> tuple[dict[str, Any], int]:
+            return openapi_document(), 0
+
+        return _json(await self._run(request, "", work))
+
     async def _server_metadata(self, request: web.Request) -> web.Response:
         async def work() -> tuple[dict[str, Any], int]:
             return {"name": "visionserve", "version": package_version(),
@@ -270,13 +279,13 @@ class RestApi:
     # --- repository --------------------------------------------------------------------------
 
     async def _index(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        options = parse_json(body, "RepositoryIndex") if body.strip() else {}
-        ready = options.get("ready", False) if isinstance(options, dict) else None
-        if not isinstance(ready, bool):
-            raise InvalidInput("RepositoryIndex: the body must be {} or {\"ready\": true|false}")
-
         async def work() -> tuple[list[dict[str, Any]], int]:
+            body = await self._body(request)
+            options = parse_json(body, "RepositoryIndex") if body.strip() else {}
+            ready = options.get("ready", False) if isinstance(options, dict) else None
+            if not isinstance(ready, bool):
+                raise InvalidInput("RepositoryIndex: the body must be {} or "
+                                   "{\"ready\": true|false}")
             return [proto_json(m) for m in repository_index(self._control, ready).models], 0
 
         return _json(await self._run(request, "", work))
@@ -290,99 +299,95 @@ class RestApi:
     async def _control_call(self, request: web.Request, load: bool) -> web.Response:
         model = request.match_info["model"]
         rpc = "RepositoryModelLoad" if load else "RepositoryModelUnload"
-        body = await self._body(request)
-        options = parse_json(body, f"model {printable(model)}: {rpc}") if body.strip() else {}
-        if not isinstance(options, dict):
-            raise InvalidInput(f"model {printable(model)}: {rpc}: the body must be a JSON "
-                               "object (or empty)")
-        parameters = options.get("parameters") or {}
-        if parameters:  # Triton's config / file: overrides; never ignored silently
-            keys = ", ".join(sorted(parameters)) if isinstance(parameters, dict) else "?"
-            raise InvalidInput(
-                f"model {printable(model)}: {rpc} parameters ({printable(keys)}) are not "
-                "supported: the repository is the only source of models; publish a new "
-                "version (`visionserve export`) and load without parameters")
-        peer = request.remote or ""
 
         async def work() -> tuple[dict[str, Any], int]:
+            body = await self._body(request)
+            where = f"model {printable(model)}: {rpc}"
+            options = parse_json(body, where) if body.strip() else {}
+            if not isinstance(options, dict):
+                raise InvalidInput(f"{where}: the body must be a JSON object (or empty)")
+            parameters = options.get("parameters") or {}
+            if parameters:  # Triton's config / file: overrides; never ignored silently
+                keys = ", ".join(sorted(parameters)) if isinstance(parameters, dict) else "?"
+                raise InvalidInput(
+                    f"{where}: parameters ({printable(keys)}) are not supported: the "
+                    "repository is the only source of models; publish a new version "
+                    "(`visionserve export`) and load without parameters")
             if load:
-                await self._control.load(model, rpc, peer)
+                await self._control.load(model, rpc, request.remote or "")
             else:
-                await self._control.unload(model, rpc, peer)
+                await self._control.unload(model, rpc, request.remote or "")
             return {}, 0
 
         return _json(await self._run(request, model, work))
 
     # --- inference ---------------------------------------------------------------------------
+    # The body is read inside the call's accounting: an upload counts against the in-flight
+    # limit, and a refusal of it is counted and logged like any failed call.
 
     async def _infer(self, request: web.Request) -> web.Response:
         model, version = _names(request)
-        body = await self._body(request)
-        length = request.headers.get(HEADER_LENGTH)
         where = f"model {printable(model)}" + (f" version {printable(version)}"
                                                if version else "")
-        if length is not None:
-            if not length.isdigit() or int(length) > len(body):
-                raise InvalidInput(f"{where}: {HEADER_LENGTH} {printable(length)!r} is not a "
-                                   f"length within the body ({len(body)} bytes)")
-            split = int(length)
-        else:
-            split = len(body)
-        view = memoryview(body)
-        header = parse_json(view[:split], where, "the JSON header")
-        parsed = await asyncio.to_thread(infer_request, header, view[split:], model, version,
-                                         self._limits.max_images_per_request) \
-            if len(body) > 1 << 20 else \
-            infer_request(header, view[split:], model, version,
-                          self._limits.max_images_per_request)
-        deadline = self._deadline(request, parsed.timeout_us)
+        sent: list[tuple[bytes, dict[str, str]]] = []
 
         async def work() -> tuple[Any, int]:
-            result = await self._core.model_infer(parsed.call, deadline)
-            return result, result.version
+            body = await self._body(request)
+            length = request.headers.get(HEADER_LENGTH)
+            if length is not None and (not length.isdigit() or int(length) > len(body)):
+                raise InvalidInput(f"{where}: {HEADER_LENGTH} {printable(length)!r} is not a "
+                                   f"length within the body ({len(body)} bytes)")
+            split = len(body) if length is None else int(length)
+            view = memoryview(body)
+            header = parse_json(view[:split], where, "the JSON header")
+            args = (header, view[split:], model, version, self._limits.max_images_per_request)
+            # a large JSON body is seconds of numpy conversion: off the event loop
+            parsed = await asyncio.to_thread(infer_request, *args) if len(body) > 1 << 20 \
+                else infer_request(*args)
+            if parsed.call.request_id and REQUEST_ID_HEADER not in request.headers:
+                REQUEST_ID.set(request_id(parsed.call.request_id))
+            result = await self._core.model_infer(parsed.call,
+                                                  self._deadline(request, parsed.timeout_us))
+            reply, buffers = infer_response(result, parsed.binary_outputs)
+            text = json.dumps(reply, separators=(",", ":")).encode()
+            sent.append((b"".join([text, *buffers]),
+                         {HEADER_LENGTH: str(len(text))} if buffers else {}))
+            return None, result.version
 
-        result = await self._run(request, model, work, parsed.call.request_id)
-        reply, buffers = infer_response(result, parsed.binary_outputs)
-        text = json.dumps(reply, separators=(",", ":")).encode()
-        if not buffers:
-            return web.Response(body=text, content_type=_JSON)
-        return web.Response(body=b"".join([text, *buffers]),
-                            content_type="application/octet-stream",
-                            headers={HEADER_LENGTH: str(len(text))})
+        await self._run(request, model, work)
+        body, headers = sent[0]
+        return web.Response(body=body, headers=headers,
+                            content_type="application/octet-stream" if headers else _JSON)
 
     async def _classify(self, request: web.Request) -> web.Response:
         model, version = _names(request)
-        top_k = _query_int(request, "top_k", model)
-        images = await self._images(request, model)
-        deadline = self._deadline(request)
-        client_id = request.headers.get(REQUEST_ID_HEADER, "")[:256]
 
         async def work() -> tuple[Any, int]:
+            top_k = _query_int(request, "top_k", model)
             call = ClassifyCall(model=model, version=parse_version(model, version),
-                                images=images, top_k=top_k or DEFAULT_TOP_K,
-                                request_id=client_id)
-            result = await self._core.classify(call, deadline)
-            return result, result.version
+                                images=await self._images(request, model),
+                                top_k=top_k or DEFAULT_TOP_K, request_id=_client_id(request))
+            result = await self._core.classify(call, self._deadline(request))
+            return classify_response(result), result.version
 
-        return _json(classify_response(await self._run(request, model, work)))
+        return _json(await self._run(request, model, work))
 
     async def _embed(self, request: web.Request) -> web.Response:
         model, version = _names(request)
-        normalize = request.query.get("normalize", "false").lower()
-        if normalize not in ("true", "false", "1", "0"):
-            raise InvalidInput(f"model {printable(model)}: query parameter normalize must be "
-                               f"true or false, got {printable(normalize)!r}")
-        images = await self._images(request, model)
-        deadline = self._deadline(request)
-        client_id = request.headers.get(REQUEST_ID_HEADER, "")[:256]
 
         async def work() -> tuple[Any, int]:
-            call = EmbedCall(model=model, version=parse_version(model, version), images=images,
-                             normalize=normalize in ("true", "1"), request_id=client_id)
-            result = await self._core.embed(call, deadline)
-            return result, result.version
+            normalize = request.query.get("normalize", "false").lower()
+            if normalize not in ("true", "false", "1", "0"):
+                raise InvalidInput(f"model {printable(model)}: query parameter normalize must "
+                                   f"be true or false, got {printable(normalize)!r}")
+            call = EmbedCall(model=model, version=parse_version(model, version),
+                             images=await self._images(request, model),
+                             normalize=normalize in ("true", "1"),
+                             request_id=_client_id(request))
+            result = await self._core.embed(call, self._deadline(request))
+            return embed_response(result), result.version
 
-        return _json(embed_response(await self._run(request, model, work)))
+        return _json(await self._run(request, model, work))
 
     async def _images(self, request: web.Request, model: str) -> list[EncodedImage]:
         """The image files of a classify/embed request: the body itself (recognised by its
@@ -423,7 +428,7 @@ class RestApi:
                                             f"of {limit} bytes (--max-message-bytes)")
                     chunks.append(chunk)
                 images.append(EncodedImage(b"".join(chunks)))
-        except (ValueError, AssertionError) as exc:  # aiohttp's parser on a malformed body
+        except (ValueError, AssertionError, HttpProcessingError) as exc:  # a malformed body
             raise InvalidInput(f"{where}: malformed multipart/form-data body ({exc}); send one "
                                "part per image file") from None
         if not images:
@@ -479,6 +484,10 @@ def _decompress(raw: bytes, encoding: str, limit: int) -> bytes:
                                "compressed stream")
         return out
     raise AssertionError("unreachable")
+
+
+def _client_id(request: web.Request) -> str:
+    return request.headers.get(REQUEST_ID_HEADER, "")[:256]
 
 
 def _names(request: web.Request) -> tuple[str, str]:

@@ -30,6 +30,8 @@ from ..messages import ClassifyResult, EmbedResult, InferCall, InferResult
 from .kserve_wire import infer_call, serialize_bytes
 
 _NUMERIC = {"FP32": "<f4", "UINT8": "u1"}
+MAX_DIMS = 8  # the protocol's shapes are int64; ours have at most 4 dimensions
+MAX_DIM = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -88,9 +90,12 @@ def infer_request(header: Any, binary: memoryview, model: str, version: str,
             raise InvalidInput(f"{at} must be an object with name, shape, datatype and data")
         name = _field(tensor, "name", str, at)
         shape = _field(tensor, "shape", list, at)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise InvalidInput(f"{at} ({printable(name)!r}): shape must be an array of "
-                               f"integers >= 0, got {printable(json.dumps(shape)[:60])}")
+        if len(shape) > MAX_DIMS or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM
+                for d in shape):
+            raise InvalidInput(f"{at} ({printable(name)!r}): shape must be an array of at most "
+                               f"{MAX_DIMS} integers in 0..{MAX_DIM}, got "
+                               f"{printable(json.dumps(shape)[:60])}")
         datatype = _field(tensor, "datatype", str, at)
         size = _parameters(tensor, at).get("binary_data_size")
         request.inputs.add(name=name, datatype=datatype, shape=shape)
