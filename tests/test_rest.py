@@ -341,3 +341,48 @@ def test_no_http_serves_grpc_only(exported_repo, tmp_path):
         assert "HTTP (KServe v2 REST) listening" not in srv.log()
     finally:
         srv.stop()
+
+
+def test_readiness_stays_200_while_a_new_version_loads_and_swaps_in(exported_repo, tmp_path):
+    from conftest import make_repo, publish
+
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    srv = start_server(repo, tmp_path / "server.log", "--model-control", "poll",
+                       "--poll-interval-s", "0.3")
+    try:
+        publish(repo / "lenet5", 2, repo / "lenet5" / "1")
+        answers = []
+
+        def version_2_served() -> bool:
+            answers.append(call(srv, "GET", "/v2/health/ready")[0])
+            status, _, body = call(srv, "GET", "/v2/models/lenet5")
+            return status == 200 and "2" in json.loads(body)["versions"]
+
+        from conftest import eventually
+
+        eventually(version_2_served, "version 2 to be served", interval=0.02)
+        assert set(answers) == {200}, answers
+    finally:
+        srv.stop()
+
+
+def test_a_70mb_body_without_a_declared_length_is_cut_at_the_limit_and_memory_stays_bounded(
+        server):
+    from visionserve.bench.launch import rss_mb
+
+    before = rss_mb(server.process.pid)
+    chunk = b"[" * (1 << 20)
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as sock:
+        sock.sendall(b"POST /v2/models/lenet5/infer HTTP/1.1\r\nHost: x\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(70):
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused at the limit and closed: what we want
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    # what it held is at most the 64 MiB limit, and released
+    assert rss_mb(server.process.pid) - before < 150
+    still_serving(server)
