@@ -386,3 +386,32 @@ def test_a_70mb_body_without_a_declared_length_is_cut_at_the_limit_and_memory_st
     # what it held is at most the 64 MiB limit, and released
     assert rss_mb(server.process.pid) - before < 150
     still_serving(server)
+
+
+def test_tritonclient_http_loads_and_unloads_in_explicit_mode(exported_repo, tmp_path):
+    from conftest import make_repo
+
+    srv = start_server(make_repo(exported_repo, tmp_path / "repo", ("lenet5", "resnet18")),
+                       tmp_path / "server.log", "--model-control", "explicit",
+                       "--trust-network", "--load-model", "lenet5")
+    client = th.InferenceServerClient(f"127.0.0.1:{srv.http_port}")
+    try:
+        assert client.is_model_ready("lenet5") and not client.is_model_ready("resnet18")
+        client.load_model("resnet18")
+        assert client.is_model_ready("resnet18")
+        client.unload_model("lenet5")
+        assert not client.is_model_ready("lenet5")
+        states = {m["name"]: m.get("state") for m in client.get_model_repository_index()}
+        assert states["resnet18"] == "READY" and states["lenet5"] != "READY"
+        with pytest.raises(InferenceServerException) as err:
+            client.load_model("lenet5", config='{"max_batch_size": 4}')
+        assert err.value.status() == "400" and "not supported" in err.value.message()
+    finally:
+        client.close()
+        srv.stop()
+
+
+def test_oversized_headers_are_refused_and_the_server_serves_on(server):
+    status, _, _ = call(server, "GET", "/v2/health/ready", headers={"X-Big": "a" * 9000})
+    assert status in (400, 431)
+    still_serving(server)

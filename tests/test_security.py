@@ -4,7 +4,9 @@ reaches clients and logs (docs/security.md). Certificates are generated at run t
 from __future__ import annotations
 
 import datetime
+import http.client
 import ipaddress
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -93,6 +95,15 @@ def status_of(call, *args: object, **kwargs: object) -> grpc.RpcError:
     return info.value
 
 
+def https_ready(port: int, context: ssl.SSLContext) -> int:
+    conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+    try:
+        conn.request("GET", "/v2/health/ready")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 def test_tls_serves_tls_clients_and_refuses_plaintext(exported_repo, tmp_path, pki):
     srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
                 "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
@@ -105,6 +116,12 @@ def test_tls_serves_tls_clients_and_refuses_plaintext(exported_repo, tmp_path, p
         probe = run_cli("health", "--server", target, "--tls-ca", str(pki.ca))
         assert probe.returncode == 0, probe.stderr
         assert "(TLS; no auth;" in srv.log_tail()
+        # the HTTP port: the same certificate; plaintext HTTP gets no answer
+        assert https_ready(srv.http_port, ssl.create_default_context(cafile=pki.ca)) == 200
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plain = http.client.HTTPConnection("localhost", srv.http_port, timeout=10)
+            plain.request("GET", "/v2/health/ready")
+            plain.getresponse()
     finally:
         srv.stop()
 
@@ -126,6 +143,12 @@ def test_mutual_tls_needs_a_client_certificate_from_the_configured_ca(exported_r
                          "--tls-client-cert", str(pki.client_cert),
                          "--tls-client-key", str(pki.client_key))
         assert models.returncode == 0 and "lenet5" in models.stdout, models.stderr
+        # HTTPS too needs a client certificate from the CA
+        mutual = ssl.create_default_context(cafile=pki.ca)
+        mutual.load_cert_chain(pki.client_cert, pki.client_key)
+        assert https_ready(srv.http_port, mutual) == 200
+        with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
+            https_ready(srv.http_port, ssl.create_default_context(cafile=pki.ca))
     finally:
         srv.stop()
 

@@ -138,6 +138,10 @@ def _model_paths() -> dict[str, Any]:
 def openapi_document() -> dict[str, Any]:
     control = {"content": {"application/json": {"schema": {
         "type": "object", "properties": {"parameters": {"type": "object", "maxProperties": 0}}}}}}
+    unload = {"content": {"application/json": {"schema": {
+        "type": "object", "properties": {"parameters": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"unload_dependents": {"type": "boolean"}}}}}}}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "visionserve HTTP API", "version": package_version(),
@@ -160,7 +164,7 @@ def openapi_document() -> dict[str, Any]:
                 "load a model (--model-control explicit)", _json(_OBJECT), body=control,
                 params=("model",))},
             "/v2/repository/models/{model}/unload": {"post": _operation(
-                "unload a model (--model-control explicit)", _json(_OBJECT), body=control,
+                "unload a model (--model-control explicit)", _json(_OBJECT), body=unload,
                 params=("model",))},
             **_model_paths(),
         },

@@ -307,6 +307,9 @@ class RestApi:
             if not isinstance(options, dict):
                 raise InvalidInput(f"{where}: the body must be a JSON object (or empty)")
             parameters = options.get("parameters") or {}
+            if not load and isinstance(parameters, dict):
+                # tritonclient.http always sends it; no model here has dependents (ensembles)
+                parameters = {k: v for k, v in parameters.items() if k != "unload_dependents"}
             if parameters:  # Triton's config / file: overrides; never ignored silently
                 keys = ", ".join(sorted(parameters)) if isinstance(parameters, dict) else "?"
                 raise InvalidInput(
