@@ -458,8 +458,8 @@ class RestApi:
         return time.monotonic() + min(limits) if limits else None
 
 
-class _HttpError(Exception):
-    """An HTTP-only refusal (415): no gRPC code says it."""
+class _HttpError(InvalidInput):
+    """An HTTP-only refusal (415): its own status here, INVALID_ARGUMENT in metrics."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
