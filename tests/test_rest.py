@@ -187,6 +187,15 @@ def test_several_photos_as_multipart_and_embed_as_grpc_does(server, cat):
     assert np.array(got["embeddings"], np.float32).tobytes() == vectors.tobytes()
     status, _, reply = call(server, "POST", "/v2/models/resnet18/classify", body, headers)
     assert status == 200 and len(json.loads(reply)["results"]) == 2
+    # the same embeddings as binary data after the JSON reply
+    status, reply_headers, reply = call(
+        server, "POST", "/v2/models/resnet18/embed?normalize=true&binary_data=true", body,
+        headers)
+    split = int(reply_headers["Inference-Header-Content-Length"])
+    header = json.loads(reply[:split])
+    assert status == 200 and header["shape"] == [2, 512] and "embeddings" not in header
+    assert header["parameters"]["binary_data_size"] == len(reply) - split
+    assert reply[split:] == vectors.astype("<f4").tobytes()
 
 
 # --- what clients get wrong -------------------------------------------------------------------

@@ -60,7 +60,7 @@ _CLASSIFY_RESPONSE = {"type": "object", "required": ["model", "version", "result
                                           "index": {"type": "integer"},
                                           "label": {"type": "string"},
                                           "score": {"type": "number", "nullable": True}}}}}}}}}
-_EMBED_RESPONSE = {"type": "object", "required": ["model", "version", "shape", "embeddings"],
+_EMBED_RESPONSE = {"type": "object", "required": ["model", "version", "shape"],
                    "properties": {
                        "model": {"type": "string"}, "version": {"type": "integer"},
                        "request_id": {"type": "string"}, "non_finite": {"type": "boolean"},
@@ -107,6 +107,9 @@ def _model_paths() -> dict[str, Any]:
              "schema": {"type": "integer", "minimum": 0}, "description": "0 = 5"}
     normalize = {"name": "normalize", "in": "query", "required": False,
                  "schema": {"type": "string", "enum": ["true", "false", "1", "0"]}}
+    binary = {"name": "binary_data", "in": "query", "required": False,
+              "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+              "description": "the embeddings as binary data after the JSON reply"}
     for base, params in (("/v2/models/{model}", ("model",)),
                          ("/v2/models/{model}/versions/{version}", ("model", "version"))):
         paths[base] = {"get": _operation("model metadata", _json(_OBJECT), params=params)}
@@ -128,8 +131,12 @@ def _model_paths() -> dict[str, Any]:
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
             params=params, query=(timeout,))}
         for name, schema, query in (("classify", _CLASSIFY_RESPONSE, (top_k, timeout)),
-                                    ("embed", _EMBED_RESPONSE, (normalize, timeout))):
-            operation = _operation(f"{name} image files", _json(schema), body=_IMAGE_BODY,
+                                    ("embed", _EMBED_RESPONSE, (normalize, binary, timeout))):
+            ok = _json(schema)
+            if name == "embed":
+                ok["content"]["application/octet-stream"] = {
+                    "schema": {"type": "string", "format": "binary"}}
+            operation = _operation(f"{name} image files", ok, body=_IMAGE_BODY,
                                    params=params, query=query)
             paths[f"{base}/{name}"] = {"post": operation, "put": operation}
     return paths

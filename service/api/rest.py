@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf.message import Message
@@ -376,21 +377,31 @@ class RestApi:
         return _json(await self._run(request, model, work))
 
     async def _embed(self, request: web.Request) -> web.Response:
+        """Embeddings as JSON arrays, or (``?binary_data=true``) as the binary tensor data
+        extension does: the JSON reply without them, then [N, D] little-endian float32."""
         model, version = _names(request)
+        sent: list[web.Response] = []
 
         async def work() -> tuple[Any, int]:
-            normalize = request.query.get("normalize", "false").lower()
-            if normalize not in ("true", "false", "1", "0"):
-                raise InvalidInput(f"model {printable(model)}: query parameter normalize must "
-                                   f"be true or false, got {printable(normalize)!r}")
+            normalize, binary = (_query_bool(request, key, model)
+                                 for key in ("normalize", "binary_data"))
             call = EmbedCall(model=model, version=parse_version(model, version),
-                             images=await self._images(request, model),
-                             normalize=normalize in ("true", "1"),
+                             images=await self._images(request, model), normalize=normalize,
                              request_id=_client_id(request))
             result = await self._core.embed(call, self._deadline(request))
-            return embed_response(result), result.version
+            if not binary:
+                sent.append(_json(embed_response(result)))
+                return None, result.version
+            data = np.ascontiguousarray(result.embeddings, "<f4").tobytes()
+            reply = {**embed_response(result, values=False),
+                     "parameters": {"binary_data_size": len(data)}}
+            text = json.dumps(reply, separators=(",", ":")).encode()
+            sent.append(web.Response(body=text + data, content_type="application/octet-stream",
+                                     headers={HEADER_LENGTH: str(len(text))}))
+            return None, result.version
 
-        return _json(await self._run(request, model, work))
+        await self._run(request, model, work)
+        return sent[0]
 
     async def _images(self, request: web.Request, model: str) -> list[EncodedImage]:
         """The image files of a classify/embed request: the body itself (recognised by its
@@ -495,6 +506,14 @@ def _client_id(request: web.Request) -> str:
 
 def _names(request: web.Request) -> tuple[str, str]:
     return request.match_info.get("model", ""), request.match_info.get("version", "")
+
+
+def _query_bool(request: web.Request, key: str, model: str) -> bool:
+    text = request.query.get(key, "false").lower()
+    if text not in ("true", "false", "1", "0"):
+        raise InvalidInput(f"model {printable(model)}: query parameter {key} must be true or "
+                           f"false, got {printable(text)!r}")
+    return text in ("true", "1")
 
 
 def _query_int(request: web.Request, key: str, model: str) -> int:

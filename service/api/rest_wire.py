@@ -133,15 +133,16 @@ def infer_request(header: Any, binary: memoryview, model: str, version: str,
         requested = request.outputs.add(name=name)
         count = out_params.get("classification")
         if count is not None:
-            if isinstance(count, bool) or not isinstance(count, int):
+            if isinstance(count, bool) or not isinstance(count, int) or \
+                    not 0 <= count <= MAX_DIM:
                 raise InvalidInput(f"{at} ({printable(name)!r}): parameters.classification "
-                                   "must be an integer (the number of classes)")
+                                   f"must be an integer in 0..{MAX_DIM} (the number of classes)")
             requested.parameters["classification"].int64_param = count
         if out_params.get("binary_data") is True:
             binary_outputs.add(name)
     timeout = params.get("timeout", 0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
-        raise InvalidInput(f"{where}: parameters.timeout must be an integer >= 0 "
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout < 2**63:
+        raise InvalidInput(f"{where}: parameters.timeout must be an integer in 0..2^63-1 "
                            "(microseconds; 0 = none)")
     sources = ["binary data" if "binary_data_size" in _parameters(t, "") else "data"
                for t in inputs]
@@ -249,15 +250,17 @@ def classify_response(result: ClassifyResult) -> dict[str, Any]:
     return reply
 
 
-def embed_response(result: EmbedResult) -> dict[str, Any]:
-    """The gRPC EmbedResponse's fields, as JSON: embeddings as one array per image."""
+def embed_response(result: EmbedResult, values: bool = True) -> dict[str, Any]:
+    """The gRPC EmbedResponse's fields, as JSON: embeddings as one array per image (left out
+    when not ``values``: they travel as binary data)."""
     e = np.asarray(result.embeddings, np.float32)
-    values, finite = json_floats(e)
-    dim = e.shape[1] if e.ndim == 2 else 0
-    rows = [values[i * dim:(i + 1) * dim] for i in range(e.shape[0])]
     reply: dict[str, Any] = {"model": result.model, "version": result.version,
-                             "request_id": result.request_id, "shape": list(e.shape),
-                             "embeddings": rows}
+                             "request_id": result.request_id, "shape": list(e.shape)}
+    if not values:
+        return reply
+    flat, finite = json_floats(e)
+    dim = e.shape[1] if e.ndim == 2 else 0
+    reply["embeddings"] = [flat[i * dim:(i + 1) * dim] for i in range(e.shape[0])]
     if not finite:
         reply["non_finite"] = True
     return reply
