@@ -424,3 +424,43 @@ def test_oversized_headers_are_refused_and_the_server_serves_on(server):
     status, _, _ = call(server, "GET", "/v2/health/ready", headers={"X-Big": "a" * 9000})
     assert status in (400, 431)
     still_serving(server)
+
+
+def test_readiness_is_503_while_models_load_then_200(exported_repo, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT, eventually, make_repo
+    from visionserve.bench.launch import free_port
+
+    repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",))
+    for i in range(4):  # several models: loading (and their golden checks) takes a while
+        shutil.copytree(repo / "resnet18", repo / f"resnet18_{i}", symlinks=True)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "visionserve.service.cli", "serve", "--repo", str(repo),
+         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port",
+         str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    answers: list[tuple[int, bytes]] = []
+
+    def ready() -> bool:
+        assert process.poll() is None
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v2/health/ready")
+            reply = conn.getresponse()
+            answers.append((reply.status, reply.read()))
+            conn.close()
+        except OSError:
+            return False  # not listening yet
+        return answers[-1][0] == 200
+
+    try:
+        eventually(ready, "the server to be ready", timeout=120, interval=0.02)
+        # listening while it loads, saying so: 503 until every model is loaded, then 200
+        assert answers[0] == (503, b'{"ready":false}'), answers[:3]
+        assert all(status == 503 for status, _ in answers[:-1]), answers
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
