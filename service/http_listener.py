@@ -35,9 +35,12 @@ class HttpListener:
         self._max_connections = max_connections
         self._ssl = ssl_context
         app.middlewares.insert(0, self._mark)
+        # shutdown: the server has drained its requests before it closes this; what is still
+        # open then gets a second, not aiohttp's default minute
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_S,
                                      max_line_size=MAX_HEAD_BYTES, max_field_size=MAX_HEAD_BYTES,
-                                     handle_signals=False, **server_options)
+                                     handle_signals=False, shutdown_timeout=1.0,
+                                     **server_options)
         self._server: asyncio.Server | None = None
         # connections now, oldest first
         self._open: dict[asyncio.BaseProtocol, asyncio.BaseTransport] = {}
@@ -50,7 +53,7 @@ class HttpListener:
         assert factory is not None
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _Bounded(factory(), self), self._host, self._port, reuse_address=True,
-            ssl=self._ssl)
+            ssl=self._ssl, ssl_handshake_timeout=HEAD_TIMEOUT_S if self._ssl else None)
         return int(self._server.sockets[0].getsockname()[1])
 
     def admit(self, handler: asyncio.BaseProtocol, transport: asyncio.BaseTransport) -> bool:

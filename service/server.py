@@ -252,6 +252,9 @@ class Server:
         if self._http is not None:
             await self._http.stop_listening()
         await self.grpc.stop(max(0.0, grace - (loop.time() - started)))
+        if self._http is not None:  # before the models go: nothing may reach them after this
+            await self._http.close()
+            self._http = None
         try:  # what is left is at most the batches computing now
             await asyncio.wait_for(self.sync.close(), timeout=10)
         except TimeoutError:

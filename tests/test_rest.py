@@ -217,6 +217,14 @@ def test_malformed_infer_requests_are_4xx_naming_the_field(server):
         (json.dumps({"inputs": [good]}).encode(), "'data' is missing"),
         (json.dumps({"inputs": [{**good, "datatype": 7, "data": []}]}).encode(),
          "'datatype' must be a string"),
+        (b'{"inputs": [{"name": "\\ud800", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+         "unpaired surrogate"),
+        (b'{"id": ' + b"9" * 5000 + b"}", "a number too long"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (json.dumps({"inputs": [{**good, "data": [1e39] * 1024}]}).encode(), "finite"),
+        (json.dumps({"inputs": [{**good, "data": [0.0] * 1024}],
+                     "outputs": [{"name": LOGITS, "parameters": {"classification": 2**63}}]}
+                    ).encode(), "parameters.classification"),
     ]
     for body, words in cases:
         status, message = error_of(call(server, "POST", path, body))
@@ -253,8 +261,17 @@ def test_unknown_models_routes_and_methods(server, cat):
     assert status == 405 and "POST" in headers["Allow"]
     status, message = error_of(call(server, "POST", "/v2/models/resnet18/classify", b"GIF89a.."))
     assert status == 400 and "not a JPEG, PNG or WebP" in message
-    status, message = error_of(call(server, "POST", "/v2/models/resnet18/classify?top_k=-1", cat))
-    assert status == 400 and "top_k" in message
+    for top_k in ("-1", "%C2%B2", "9" * 5000):  # "²".isdigit() is true in Python
+        status, message = error_of(call(server, "POST",
+                                        f"/v2/models/resnet18/classify?top_k={top_k}", cat))
+        assert status == 400 and "top_k" in message
+    status, message = error_of(call(server, "POST", "/v2/models/lenet5/infer", b"{}",
+                                    {"Inference-Header-Content-Length": "\u00b2"}))
+    assert status == 400 and "Inference-Header-Content-Length" in message
+    nested = (b"--b\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x--\r\n--b--\r\n")
+    status, message = error_of(call(server, "POST", "/v2/models/resnet18/classify", nested,
+                                    {"Content-Type": "multipart/form-data; boundary=b"}))
+    assert status == 400 and "itself multipart" in message
     status, message = error_of(call(server, "POST", "/v2/repository/models/resnet18/unload"))
     assert status == 409 and "--model-control" in message  # the poll mode refuses it
 
@@ -285,6 +302,9 @@ def test_gzip_bombs_and_bad_encodings_are_refused_and_the_server_is_unharmed(ser
     status, message = error_of(call(server, "POST", "/v2/models/lenet5/infer", bomb[:5000],
                                     {"Content-Encoding": "gzip"}))
     assert status == 400 and "truncated" in message
+    status, message = error_of(call(server, "POST", "/v2/models/lenet5/infer",
+                                    gzip.compress(b"{}") + b"junk", {"Content-Encoding": "gzip"}))
+    assert status == 400 and "after its compressed stream" in message
     status, message = error_of(call(server, "POST", "/v2/models/lenet5/infer", b"xx",
                                     {"Content-Encoding": "br"}))
     assert status == 415 and "gzip, deflate" in message
@@ -336,6 +356,11 @@ def test_the_token_guards_http_as_it_guards_grpc_and_probes_stay_open(exported_r
                     {"Authorization": "Bearer s3cret"})[0] == 200
         assert srv.metric("visionserve_requests_refused_total", method="http.Classify",
                           reason="unauthenticated") == 2
+        # no "100 Continue" for a client without the token: it is refused before its upload
+        with socket.create_connection(("127.0.0.1", srv.http_port), timeout=30) as sock:
+            sock.sendall(b"POST /v2/models/resnet18/classify HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 401")
     finally:
         srv.stop()
 

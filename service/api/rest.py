@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf.message import Message
 
@@ -47,6 +47,7 @@ from .kserve import EXTENSIONS, model_config, model_metadata, repository_index, 
 from .kserve_wire import parse_version
 from .openapi import openapi_document
 from .rest_wire import (
+    RestInfer,
     classify_response,
     embed_response,
     infer_request,
@@ -64,6 +65,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data
 TIMEOUT_HEADER = "X-Timeout-Ms"  # the request's deadline, milliseconds from its arrival
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_CONNECTIONS = 1024  # open at once on the HTTP port
+BODY_TIMEOUT_S = 60.0  # a request body must have arrived by then (a slow upload holds a slot)
 # file signatures of the formats the server decodes (a raw image body is recognised by them:
 # ``curl --data-binary`` labels it application/x-www-form-urlencoded)
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
@@ -166,7 +168,7 @@ class RestApi:
             status = 413 if isinstance(exc, LimitExceeded) else HTTP_STATUS[code]
             return _error(status, message, REQUEST_ID.get() or client_id)
         response.headers[REQUEST_ID_HEADER] = REQUEST_ID.get() or client_id
-        accept = request.headers.get("Accept-Encoding", "")
+        accept = request.headers.get("Accept-Encoding", "").lower()
         if isinstance(response, web.Response) and len(response.body or b"") > 1024 \
                 and ("gzip" in accept or "deflate" in accept):
             response.enable_compression()
@@ -175,6 +177,10 @@ class RestApi:
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``: a body declared over the limit is refused before it is
         sent; otherwise the client is told to go on."""
+        access, _ = self._method_of(request)
+        if self._auth is not None and not self._auth.is_open(access) and \
+                not self._auth.valid(request.headers.get("Authorization", "")):
+            return None  # no 100 Continue: the middleware answers 401 without the body
         if request.content_length is not None and \
                 request.content_length > self._limits.max_message_bytes:
             return _error(413, self._too_large(request.content_length),
@@ -182,6 +188,11 @@ class RestApi:
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
+
+    @staticmethod
+    def _slow_body() -> _HttpError:
+        return _HttpError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s; "
+                               "send it at once, or smaller")
 
     def _too_large(self, size: int) -> str:
         return (f"the request body of {size} bytes is over the limit of "
@@ -201,10 +212,15 @@ class RestApi:
         if request.content_length is not None and request.content_length > limit:
             raise LimitExceeded(self._too_large(request.content_length))
         try:
-            raw = await request.read()
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise LimitExceeded(f"the request body is over the limit of {limit} bytes "
                                 "(--max-message-bytes); split the request") from None
+        except TimeoutError:
+            raise self._slow_body() from None
+        except ConnectionError:
+            raise ClientGone("the client closed the connection during the upload") from None
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding in ("", "identity"):
             return raw
@@ -338,16 +354,15 @@ class RestApi:
         async def work() -> tuple[Any, int]:
             body = await self._body(request)
             length = request.headers.get(HEADER_LENGTH)
-            if length is not None and (not length.isdigit() or int(length) > len(body)):
+            if length is not None and (not _digits(length) or int(length) > len(body)):
                 raise InvalidInput(f"{where}: {HEADER_LENGTH} {printable(length)!r} is not a "
                                    f"length within the body ({len(body)} bytes)")
             split = len(body) if length is None else int(length)
-            view = memoryview(body)
-            header = parse_json(view[:split], where, "the JSON header")
-            args = (header, view[split:], model, version, self._limits.max_images_per_request)
-            # a large JSON body is seconds of numpy conversion: off the event loop
-            parsed = await asyncio.to_thread(infer_request, *args) if len(body) > 1 << 20 \
-                else infer_request(*args)
+            args = (memoryview(body), split, where, model, version,
+                    self._limits.max_images_per_request)
+            # a large JSON body is up to seconds of parsing and numpy conversion: off the loop
+            parsed = await asyncio.to_thread(_parse_infer, *args) if len(body) > 1 << 20 \
+                else _parse_infer(*args)
             if parsed.call.request_id and REQUEST_ID_HEADER not in request.headers:
                 REQUEST_ID.set(request_id(parsed.call.request_id))
             result = await self._core.model_infer(parsed.call,
@@ -427,24 +442,32 @@ class RestApi:
             raise _HttpError(415, f"{where}: a multipart body is read as sent: drop "
                                   "Content-Encoding (image files are compressed already)")
         try:
-            reader = await request.multipart()
-            images: list[EncodedImage] = []
-            total = 0
-            while (part := await reader.next()) is not None:
-                if len(images) == max_images:
-                    raise LimitExceeded(f"{where}: more than {max_images} parts, over the "
-                                        "images-per-request limit; split the request")
-                chunks = []
-                while chunk := await part.read_chunk(1 << 16):  # type: ignore[union-attr]
-                    total += len(chunk)
-                    if total > limit:
-                        raise LimitExceeded(f"{where}: the multipart body is over the limit "
-                                            f"of {limit} bytes (--max-message-bytes)")
-                    chunks.append(chunk)
-                images.append(EncodedImage(b"".join(chunks)))
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                reader = await request.multipart()
+                images: list[EncodedImage] = []
+                total = 0
+                while (part := await reader.next()) is not None:
+                    if not isinstance(part, BodyPartReader):
+                        raise InvalidInput(f"{where}: a multipart part is itself multipart; "
+                                           "send one part per image file")
+                    if len(images) == max_images:
+                        raise LimitExceeded(f"{where}: more than {max_images} parts, over the "
+                                            "images-per-request limit; split the request")
+                    chunks = []
+                    while chunk := await part.read_chunk(1 << 16):
+                        total += len(chunk)
+                        if total > limit:
+                            raise LimitExceeded(f"{where}: the multipart body is over the "
+                                                f"limit of {limit} bytes (--max-message-bytes)")
+                        chunks.append(chunk)
+                    images.append(EncodedImage(b"".join(chunks)))
         except (ValueError, AssertionError, HttpProcessingError) as exc:  # a malformed body
             raise InvalidInput(f"{where}: malformed multipart/form-data body ({exc}); send one "
                                "part per image file") from None
+        except TimeoutError:
+            raise self._slow_body() from None
+        except ConnectionError:
+            raise ClientGone("the client closed the connection during the upload") from None
         if not images:
             raise InvalidInput(f"{where}: the multipart body has no parts; send one part per "
                                "image file")
@@ -469,12 +492,23 @@ class RestApi:
         return time.monotonic() + min(limits) if limits else None
 
 
+class ClientGone(InvalidInput):
+    """The client disconnected before its request was read: nobody to answer, nothing to log
+    as a server error."""
+
+
 class _HttpError(InvalidInput):
     """An HTTP-only refusal (415): its own status here, INVALID_ARGUMENT in metrics."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _parse_infer(body: memoryview, split: int, where: str, model: str, version: str,
+                 max_images: int) -> RestInfer:
+    header = parse_json(body[:split], where, "the JSON header")
+    return infer_request(header, body[split:], model, version, max_images)
 
 
 def _decompress(raw: bytes, encoding: str, limit: int) -> bytes:
@@ -496,6 +530,9 @@ def _decompress(raw: bytes, encoding: str, limit: int) -> bytes:
         if not inflater.eof:
             raise InvalidInput(f"the {encoding} request body is truncated; send the whole "
                                "compressed stream")
+        if inflater.unused_data:
+            raise InvalidInput(f"the {encoding} request body has {len(inflater.unused_data)} "
+                               "bytes after its compressed stream; send one stream")
         return out
     raise AssertionError("unreachable")
 
@@ -508,6 +545,11 @@ def _names(request: web.Request) -> tuple[str, str]:
     return request.match_info.get("model", ""), request.match_info.get("version", "")
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits of an int64 (``"²".isdigit()`` is true too)."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def _query_bool(request: web.Request, key: str, model: str) -> bool:
     text = request.query.get(key, "false").lower()
     if text not in ("true", "false", "1", "0"):
@@ -518,7 +560,7 @@ def _query_bool(request: web.Request, key: str, model: str) -> bool:
 
 def _query_int(request: web.Request, key: str, model: str) -> int:
     text = request.query.get(key, "0")
-    if not text.isdigit():
+    if not _digits(text):
         raise InvalidInput(f"model {printable(model)}: query parameter {key} must be an "
                            f"integer >= 0, got {printable(text)!r}")
     return int(text)

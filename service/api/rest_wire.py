@@ -47,9 +47,21 @@ def parse_json(body: bytes | memoryview, where: str, what: str = "the request bo
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
         pos = f" at byte {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise InvalidInput(f"{where}: {what} is not JSON ({detail}{pos}); send a KServe v2 "
-                           "inference request: {\"inputs\": [{\"name\", \"shape\", "
-                           "\"datatype\", \"data\"}]}") from None
+    except (ValueError, RecursionError) as exc:  # an integer of 4,300+ digits; deep nesting
+        detail, pos = ("nested too deeply" if isinstance(exc, RecursionError)
+                       else "a number too long"), ""
+    raise InvalidInput(f"{where}: {what} is not JSON we can read ({detail}{pos}); send a "
+                       "KServe v2 inference request: {\"inputs\": [{\"name\", \"shape\", "
+                       "\"datatype\", \"data\"}]}")
+
+
+def utf8(text: str, where: str) -> bytes:
+    """``text`` as UTF-8; a JSON string holding a lone surrogate (``"\\ud800"``) is refused."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{where}: holds an unpaired surrogate escape (\\ud800-\\udfff); "
+                           "send valid Unicode") from None
 
 
 _KINDS = {str: "a string", int: "an integer", dict: "an object", list: "an array"}
@@ -65,6 +77,8 @@ def _field(obj: dict[str, Any], key: str, kind: type, where: str, required: bool
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidInput(f"{where}: field {key!r} must be {_KINDS[kind]}, got "
                            f"{type(value).__name__} {printable(json.dumps(value)[:60])}")
+    if kind is str:
+        utf8(value, f"{where}: field {key!r}")
     return value
 
 
@@ -159,7 +173,7 @@ def _json_data(data: Any, datatype: str, shape: list[int], at: str, name: str) -
             raise InvalidInput(f"{field}: BYTES values in JSON are strings; send image files "
                                "as binary data (binary_data_size) or POST them to "
                                "/v2/models/<model>/classify")
-        return serialize_bytes([x.encode("utf-8") for x in items])
+        return serialize_bytes([utf8(x, field) for x in items])
     if datatype not in _NUMERIC:  # the core names what the model takes
         return b""
     try:
@@ -176,9 +190,12 @@ def _json_data(data: Any, datatype: str, shape: list[int], at: str, name: str) -
     if values.size != math.prod(shape):
         raise InvalidInput(f"{field} holds {values.size} values, but shape {shape} needs "
                            f"{math.prod(shape)}")
-    if datatype == "FP32" and values.dtype.kind == "f" and not np.isfinite(values).all():
-        raise InvalidInput(f"{field}: FP32 values must be finite")
-    return np.ascontiguousarray(values.reshape(-1), _NUMERIC[datatype]).tobytes()
+    with np.errstate(over="ignore"):
+        converted = np.ascontiguousarray(values.reshape(-1), _NUMERIC[datatype])
+    if datatype == "FP32" and not np.isfinite(converted).all():
+        raise InvalidInput(f"{field}: FP32 values must be finite numbers within float32's "
+                           "range (±3.4e38)")
+    return converted.tobytes()
 
 
 def _flat(data: Any) -> list[Any]:
