@@ -152,11 +152,13 @@ def test_explicit_mode_changes_nothing_until_asked(exported_repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_fifty_load_unload_cycles_do_not_grow_memory(exported_repo, tmp_path):
-    """Bound: after 10 warm-up cycles, 35 more may add at most 60 MB of RSS (measured: see
-    docs/lifecycle.md); one ResNet-18 session is ~50 MB, so a leak of one session per cycle
-    would add ~1.7 GB. Each side is the lowest of 5 samples, so one allocator peak (a single
-    sample once read 60.2 MB over) is not mistaken for growth."""
+def test_sixty_load_unload_cycles_do_not_grow_memory(exported_repo, tmp_path):
+    """Bound: the lowest RSS of cycles 40-59 is at most 60 MB above the lowest of cycles 10-29
+    (measured: see docs/lifecycle.md); one ResNet-18 session is ~50 MB, so a leak of one
+    session per cycle would add ~1.5 GB. RSS does not rise, it swings: 120 cycles sampled every
+    10 read 147, 182, 240, 175, 218, 167, 211, 159, 203, 254, 194, 236 MB (glibc's heap, a
+    period of 30-40 cycles), so each side is the lowest of 20 samples, a whole swing (with 5
+    samples a side, the test once failed on a swing: 138 → 200 MB)."""
     tc = pytest.importorskip("tritonclient.grpc")
     repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",))
     srv = start_server(repo, tmp_path / "server.log", "--model-control", "explicit",
@@ -167,13 +169,13 @@ def test_fifty_load_unload_cycles_do_not_grow_memory(exported_repo, tmp_path):
     early: list[float] = []
     late: list[float] = []
     try:
-        for cycle in range(50):
+        for cycle in range(60):
             client.load_model("resnet18")
             client.infer("resnet18", [x])
             client.unload_model("resnet18")
-            if 10 <= cycle < 15:
+            if 10 <= cycle < 30:
                 early.append(rss_mb(srv.process.pid))
-            elif cycle >= 45:
+            elif cycle >= 40:
                 late.append(rss_mb(srv.process.pid))
     finally:
         client.close()
