@@ -14,11 +14,12 @@ JSON ``{"error": "…"}`` with the gRPC message. docs/rest.md is the reference.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -189,10 +190,21 @@ class RestApi:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
 
-    @staticmethod
-    def _slow_body() -> _HttpError:
-        return _HttpError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s; "
-                               "send it at once, or smaller")
+    @contextlib.asynccontextmanager
+    async def _upload(self, request: web.Request) -> AsyncIterator[None]:
+        """Reading a body: 413 from its declared length first; then within BODY_TIMEOUT_S
+        (408), and a client gone mid-upload is not a server error."""
+        if request.content_length is not None and \
+                request.content_length > self._limits.max_message_bytes:
+            raise LimitExceeded(self._too_large(request.content_length))
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                yield
+        except TimeoutError:
+            raise _HttpError(408, f"the request body did not arrive within "
+                                  f"{BODY_TIMEOUT_S:.0f} s; send it at once, or smaller") from None
+        except ConnectionError:
+            raise ClientGone("the client closed the connection during the upload") from None
 
     def _too_large(self, size: int) -> str:
         return (f"the request body of {size} bytes is over the limit of "
@@ -209,18 +221,12 @@ class RestApi:
         """The body within the limit, decompressed (gzip/deflate) with the limit applied to
         what it decompresses to: 413 from the declared length before reading anything."""
         limit = self._limits.max_message_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise LimitExceeded(self._too_large(request.content_length))
         try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
+            async with self._upload(request):
                 raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise LimitExceeded(f"the request body is over the limit of {limit} bytes "
                                 "(--max-message-bytes); split the request") from None
-        except TimeoutError:
-            raise self._slow_body() from None
-        except ConnectionError:
-            raise ClientGone("the client closed the connection during the upload") from None
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding in ("", "identity"):
             return raw
@@ -436,13 +442,11 @@ class RestApi:
 
     async def _parts(self, request: web.Request, where: str) -> list[EncodedImage]:
         limit, max_images = self._limits.max_message_bytes, self._limits.max_images_per_request
-        if request.content_length is not None and request.content_length > limit:
-            raise LimitExceeded(self._too_large(request.content_length))
         if request.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
             raise _HttpError(415, f"{where}: a multipart body is read as sent: drop "
                                   "Content-Encoding (image files are compressed already)")
         try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
+            async with self._upload(request):
                 reader = await request.multipart()
                 images: list[EncodedImage] = []
                 total = 0
@@ -464,10 +468,6 @@ class RestApi:
         except (ValueError, AssertionError, HttpProcessingError) as exc:  # a malformed body
             raise InvalidInput(f"{where}: malformed multipart/form-data body ({exc}); send one "
                                "part per image file") from None
-        except TimeoutError:
-            raise self._slow_body() from None
-        except ConnectionError:
-            raise ClientGone("the client closed the connection during the upload") from None
         if not images:
             raise InvalidInput(f"{where}: the multipart body has no parts; send one part per "
                                "image file")
