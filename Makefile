@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # the serve image's lock with OpenVINO's packages added (the openvino extra; serve.txt otherwise)
 LOCK    := deploy/requirements/openvino.txt
 
-.PHONY: setup serve models test test-fast lint lock proto bench peer-triton clean
+.PHONY: setup serve models test test-fast test-heavy lint lock proto bench peer-triton clean
 
 # The serving dependencies at exactly the versions of the serve image's lock (its hashes
 # stripped: pip cannot hash-check an editable install), the extras resolved around them.
@@ -28,10 +28,14 @@ serve: models
 	$(BIN)/visionserve serve --repo $(REPO)
 
 test: setup
-	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not heavy" $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
+
+# The architectures marked heavy (ViT-H/14), exported and served: ~15 min, ~16 GB of memory.
+test-heavy: setup
+	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check service export tests bench

