@@ -72,8 +72,9 @@ def write_report(path: Path, rows: list[tuple[str, Path]], seconds: float = 3.0)
         "proves nothing), and that magnitude (refused under 1e-4: softmax would give every "
         "class 1/classes). Weights: what the model was made from, and for trained weights the "
         "held-out accuracy PyTorch measured. Peak GB: the export process's peak resident memory "
-        "during that model's export (build, ONNX export, parity, golden set); heavy: left out "
-        "by `export --all --skip-heavy` and the CI sweep.",
+        "during that model's export (build, ONNX export, parity, golden set; PyTorch and ONNX "
+        "Runtime loaded count too: 0.9 GB for LeNet-5); heavy: left out by `export --all "
+        "--skip-heavy` and the CI sweep.",
         "",
         "| architecture | family | input | params (M) | embedding | exporter | export s | "
         "peak GB | "

@@ -181,6 +181,8 @@ def _check_exported_and_served(repo: Path, names: list[str], logs: Path) -> None
         # alive: the logits depend on the input, at a scale softmax can rank
         assert record["parity"]["reference_spread"] >= 1e-3, (name, record["parity"])
         assert record["parity"]["reference_scale"] >= 1e-4, (name, record["parity"])
+        # the export's own peak memory is recorded, and held at least the FP32 weights
+        assert record["export_peak_rss_bytes"] > 4 * record["parameters"], name
     srv = start_server(repo, logs / "server.log", "--model-control", "none", timeout=1800)
     try:
         image = pb.Image(encoded=encode(photo("chelsea")))
