@@ -81,7 +81,7 @@ def test_piped_architecture_list_is_never_cut():
     assert listing.returncode == 0, listing.stderr
     document = run_cli("export", "--list", "-o", "json")
     names = [a["name"] for a in json.loads(document.stdout)]
-    assert len(names) == 38 and "mobilenet_v3_small" in names and "inception_resnet_v2" in names
+    assert len(names) == 42 and "mobilenet_v3_small" in names and "inception_resnet_v2" in names
     rows = {line.split("│")[1].strip() for line in listing.stdout.splitlines()
             if line.startswith("│")}
     assert rows == set(names)  # every name whole: no "mobile…"
