@@ -234,6 +234,29 @@ def _health(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Excepti
     return call, channel.close, grpc.RpcError
 
 
+class Errors:
+    """Failed calls by status name, and the first message seen for each (which says why)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def add(self, exc: Exception) -> None:
+        name = _error_name(exc)
+        self.counts[name] += 1
+        self.examples.setdefault(name, _error_message(exc)[:500])
+
+
+def _error_message(exc: Exception) -> str:
+    details = getattr(exc, "details", None)  # grpc.aio.AioRpcError
+    if callable(details):
+        return str(details())
+    message = getattr(exc, "message", None)  # tritonclient's InferenceServerException
+    if callable(message):
+        return str(message())
+    return str(exc)
+
+
 def _error_name(exc: Exception) -> str:
     if isinstance(exc, _HttpStatus):
         return exc.status_text
@@ -273,7 +296,8 @@ async def _run(job: Job) -> dict[str, object]:
         "requests": len(latencies), "requests_per_s": len(latencies) / elapsed,
         "images_per_s": len(latencies) * job.images_per_request / elapsed,
         **latency_summary(latencies),
-        "errors": sum(errors.values()), "error_codes": dict(errors),
+        "errors": sum(errors.counts.values()), "error_codes": dict(errors.counts),
+        "error_examples": errors.examples,  # the first message of each code
         "client_cpu": cpu / elapsed,
         "machine_cpu": _busy_fraction(busy0, busy),
     }
@@ -288,9 +312,9 @@ async def _run(job: Job) -> dict[str, object]:
 
 
 async def _closed(call: Call, error_type: type[Exception], concurrency: int,
-                  duration_s: float) -> tuple[list[float], Counter[str], float]:
+                  duration_s: float) -> tuple[list[float], Errors, float]:
     latencies: list[float] = []
-    errors: Counter[str] = Counter()
+    errors = Errors()
     stop_at = time.perf_counter() + duration_s
     last = [time.perf_counter()]
 
@@ -300,7 +324,7 @@ async def _closed(call: Call, error_type: type[Exception], concurrency: int,
             try:
                 await call()
             except error_type as exc:
-                errors[_error_name(exc)] += 1
+                errors.add(exc)
                 continue
             last[0] = time.perf_counter()
             latencies.append(last[0] - t0)
@@ -311,11 +335,11 @@ async def _closed(call: Call, error_type: type[Exception], concurrency: int,
 
 async def _open(call: Call, error_type: type[Exception], rate: float, duration_s: float,
                 seed: int, failed: list[float] | None = None
-                ) -> tuple[list[float], Counter[str], float]:
+                ) -> tuple[list[float], Errors, float]:
     """Poisson arrivals; each latency counts from the intended send time (that of each failed
     call goes to ``failed``)."""
     latencies: list[float] = []
-    errors: Counter[str] = Counter()
+    errors = Errors()
     offsets = poisson_offsets(rate, duration_s, seed)
     start = time.perf_counter() + 0.01
     last = [start]
@@ -324,7 +348,7 @@ async def _open(call: Call, error_type: type[Exception], rate: float, duration_s
         try:
             await call()
         except error_type as exc:
-            errors[_error_name(exc)] += 1
+            errors.add(exc)
             if failed is not None:
                 failed.append(time.perf_counter() - intended)
             return

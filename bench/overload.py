@@ -114,6 +114,13 @@ def markdown(result: dict[str, object]) -> str:
             f"{refused:.0f} ({codes}) | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} | "
             f"{err['p50_ms']:.1f} / {err['p99_ms']:.1f} | {p['max_queue_images']:.0f} | "
             f"{p['rss_min_mb']:.0f}-{p['rss_max_mb']:.0f} | {p['client_cpu']:.2f} |")
+    examples: dict[str, str] = {}
+    for p in result["phases"]:  # type: ignore[attr-defined]
+        for code, text in dict(p.get("error_examples") or {}).items():
+            examples.setdefault(code, text)
+    if examples:
+        lines += ["", "The first refusal of each code said:", ""]
+        lines += [f"- {code}: {text}" for code, text in sorted(examples.items())]
     return "\n".join(lines) + "\n"
 
 

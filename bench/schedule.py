@@ -41,8 +41,12 @@ def median_run(runs: list[dict[str, object]], key: str = "images_per_s") -> dict
     chosen[f"{key}_repeats"] = [round(float(r[key]), 3) for r in runs]  # type: ignore[arg-type]
     chosen["errors"] = sum(int(r["errors"]) for r in runs)  # type: ignore[call-overload]
     codes: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for r in runs:
         for code, n in dict(r.get("error_codes") or {}).items():  # type: ignore[call-overload]
             codes[code] = codes.get(code, 0) + int(n)
+        for code, text in dict(r.get("error_examples") or {}).items():  # type: ignore[call-overload]
+            examples.setdefault(code, str(text))
     chosen["error_codes"] = codes  # of every repeat, like "errors"
+    chosen["error_examples"] = examples
     return chosen

@@ -276,6 +276,11 @@ def transport_options(limits: ServerLimits) -> list[tuple[str, int]]:
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.max_metadata_size", 16 * 1024),  # request headers (metadata) of a call, bytes
+        # streams count against max_concurrent_streams while HTTP/2 has them open, not until
+        # Python frees them: gRPC's "overload protection" (on by default) counts the latter and
+        # resets the surplus (REFUSED_STREAM: UNAVAILABLE "Stream removed", which says nothing);
+        # overload is refused by our admission instead, RESOURCE_EXHAUSTED with a reason
+        ("grpc.http.overload_protection", 0),
     ]
     if limits.connection_idle_s:  # an idle connection is closed (GOAWAY)
         options.append(("grpc.max_connection_idle_ms", int(limits.connection_idle_s * 1000)))

@@ -625,6 +625,36 @@ def test_calls_beyond_the_streams_per_connection_wait_for_a_free_stream(exported
         srv.stop()
 
 
+def test_a_burst_past_the_streams_per_connection_is_answered_by_the_server_not_reset(
+        exported_repo, tmp_path):
+    """300 calls at once on one connection that may hold 4 streams, to a server that admits one
+    inference at a time: each call ends OK or RESOURCE_EXHAUSTED with the server's own message.
+    None is reset by the transport (UNAVAILABLE "Stream removed", REFUSED_STREAM), which gRPC's
+    overload protection does when it still counts streams the server has answered but not yet
+    freed (seen in CI under overload)."""
+    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
+                "--max-streams-per-connection", "4", "--max-inflight-requests", "1")
+    request = pb.ClassifyRequest(model="lenet5", images=[tensor_image(DIGIT)])
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.VisionServiceStub(channel)
+            stub.Classify(request, timeout=30)  # connected, settings exchanged
+            calls = [stub.Classify.future(request, timeout=120) for _ in range(300)]
+            outcomes: dict[str, int] = {}
+            messages = set()
+            for call in calls:
+                code = call.code()
+                outcomes[code.name] = outcomes.get(code.name, 0) + 1
+                if code != grpc.StatusCode.OK:
+                    messages.add(call.details())
+        assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, (outcomes, messages)
+        assert outcomes.get("OK", 0) > 0
+        assert all(m.startswith("server busy: 1 inference requests are in progress")
+                   for m in messages), messages
+    finally:
+        srv.stop()
+
+
 def test_a_client_that_floods_keepalive_pings_is_disconnected(exported_repo, tmp_path):
     """Pings every 100 ms on an open call, where the server allows one per 5 min: after two
     strikes the server closes the connection (GOAWAY too_many_pings) and the call fails; the
