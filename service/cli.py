@@ -16,9 +16,13 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import package_version
 from .terminal import OUTPUT_FORMATS
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
 
 log = logging.getLogger("visionserve")
 
@@ -378,21 +382,40 @@ def env_defaults(parser: argparse.ArgumentParser) -> None:
             action.help = key_help.strip()
 
 
+class UsageError(ValueError):
+    """A serve flag, or a combination of them, that cannot work: exit 2 with the message."""
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from .config import GoldenMode, ServerConfig, ServerLimits
-    from .security import BearerTokenInterceptor, TlsConfig, load_token
     from .server import StartupError, serve
 
+    try:
+        config = server_config(args)
+    except UsageError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ``ServerConfig`` that ``serve``'s parsed flags describe, with the cross-flag rules
+    checked; a usage error (``UsageError``) names the flag. The tests' in-process servers are
+    built through here too, so a flag means the same in a test as on the command line."""
+    from .config import GoldenMode, ServerConfig, ServerLimits
+    from .security import BearerTokenInterceptor, TlsConfig, load_token
+
     if bool(args.tls_cert) != bool(args.tls_key):
-        log.error("--tls-cert and --tls-key go together; give both (or neither)")
-        return 2
+        raise UsageError("--tls-cert and --tls-key go together; give both (or neither)")
     if args.tls_client_ca and not args.tls_cert:
-        log.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        return 2
+        raise UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     if args.ready_file and not os.access(args.ready_file.parent, os.W_OK):
-        log.error("--ready-file %s: its folder does not exist or is not writable; point it "
-                  "into a writable volume", args.ready_file)
-        return 2
+        raise UsageError(f"--ready-file {args.ready_file}: its folder does not exist or is not "
+                         "writable; point it into a writable volume")
     auth_open = tuple(c for c in args.auth_open.split(",") if c)
     tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca) \
         if args.tls_cert else None
@@ -406,15 +429,13 @@ def _serve(args: argparse.Namespace) -> int:
         if tls:
             tls.validate()
     except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+        raise UsageError(str(exc)) from None
     if args.model_control == "explicit" and not token and not args.trust_network:
-        log.error("--model-control explicit without a token lets any client that reaches the "
-                  "port unload every model; set a token (--auth-token-file or "
-                  "VISIONSERVE_AUTH_TOKEN: load/unload then need it), or pass --trust-network "
-                  "if only trusted clients can reach the port")
-        return 2
-
+        raise UsageError(
+            "--model-control explicit without a token lets any client that reaches the "
+            "port unload every model; set a token (--auth-token-file or "
+            "VISIONSERVE_AUTH_TOKEN: load/unload then need it), or pass --trust-network "
+            "if only trusted clients can reach the port")
     try:
         limits = ServerLimits(max_message_bytes=args.max_message_bytes,
                               max_encoded_image_bytes=args.max_image_bytes,
@@ -430,8 +451,7 @@ def _serve(args: argparse.Namespace) -> int:
                               connection_age_s=args.connection_age_s,
                               connection_age_grace_s=args.connection_age_grace_s)
     except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+        raise UsageError(str(exc)) from None
     cache_dir = args.openvino_cache_dir
     if cache_dir is not None:
         try:
@@ -439,11 +459,11 @@ def _serve(args: argparse.Namespace) -> int:
             probe = tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".probe-")
             probe.close()
         except OSError as exc:
-            log.error("--openvino-cache-dir %s is not a writable directory (%s); give one this "
-                      "user may write, or leave the flag out to compile at every load",
-                      cache_dir, exc.strerror or exc)
-            return 2
-    config = ServerConfig(
+            raise UsageError(
+                f"--openvino-cache-dir {cache_dir} is not a writable directory "
+                f"({exc.strerror or exc}); give one this user may write, or leave the flag "
+                "out to compile at every load") from None
+    return ServerConfig(
         repo=args.repo, host=args.host, grpc_port=args.grpc_port,
         http_port=None if args.no_http else args.http_port,
         metrics_port=args.metrics_port, preprocess_threads=args.preprocess_threads,
@@ -459,12 +479,6 @@ def _serve(args: argparse.Namespace) -> int:
         auth_token=token, auth_token_file=args.auth_token_file if token else None,
         auth_open=auth_open, access_log=args.access_log,
         limits=limits)
-    try:
-        asyncio.run(serve(config))
-    except StartupError as exc:
-        log.error("%s", exc)
-        return 2
-    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ from .golden import GoldenCheck
 from .http_listener import HttpListener
 from .inference import InferenceCore
 from .lifecycle import Lifecycle, Phase
+from .loader import BackendFactory
 from .metrics import Metrics
 from .metrics_http import MetricsHttp
 from .repository_sync import RepositorySync
@@ -55,7 +56,11 @@ class Server:
     shape): ``start`` (listening, models loaded, SERVING), ``wait`` (until ``stop``), and
     ``shutdown`` (readiness off, drain, stop, release). ``serve`` runs the three with signals."""
 
-    def __init__(self, config: ServerConfig, stop: asyncio.Event) -> None:
+    def __init__(self, config: ServerConfig, stop: asyncio.Event,
+                 backend_factory: BackendFactory | None = None) -> None:
+        """``backend_factory`` loads one version's engine (blocking, called from an executor);
+        the default picks ONNX Runtime, OpenVINO or TensorRT from the model's config. Tests pass
+        a fake engine here and run the whole server in-process (tests/inprocess)."""
         self.config = config
         self.stop = stop
         self.lifecycle = Lifecycle()
@@ -66,10 +71,12 @@ class Server:
         threads = config.preprocess_threads or cpu_count()
         self._decode_pool = DecodePool(threads, config.limits, self.metrics.decode_queue)
         self.core = InferenceCore(self.router, self._decode_pool, config.limits, self.metrics)
-        engines = EngineOptions(openvino_cache_dir=config.openvino_cache_dir)
+        if backend_factory is None:
+            engines = EngineOptions(openvino_cache_dir=config.openvino_cache_dir)
+            backend_factory = partial(create_backend, options=engines)
         self.sync = RepositorySync(self.router, config.limits, self.metrics, self._readiness,
                                    allow_outside=config.allow_symlinks_outside_repo,
-                                   backend_factory=partial(create_backend, options=engines),
+                                   backend_factory=backend_factory,
                                    golden=GoldenCheck(config.golden_check, self.core.outputs,
                                                       self.metrics))
         self.admission = Admission(self.lifecycle, config.limits.max_inflight_requests)

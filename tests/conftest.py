@@ -117,26 +117,20 @@ def _to_toml(data: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass
-class Server:
-    """A `visionserve serve` subprocess on loopback, with clients to talk to it."""
+class ServerClients:
+    """Clients of a running server (gRPC channel and stub, the metrics scrape), whichever tier
+    runs it: a subprocess here (``Server``), or the test's own process (tests/inprocess)."""
 
-    process: subprocess.Popen[bytes]
-    log_path: Path
     grpc_port: int
     metrics_port: int
     http_port: int = 0  # the REST API's port (0: served without it)
-    channel: grpc.Channel = field(init=False)
 
-    def __post_init__(self) -> None:
+    def open_clients(self) -> None:
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.channel = grpc.insecure_channel(self.address, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE)])
         self.stub = pb_grpc.VisionServiceStub(self.channel)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
@@ -153,6 +147,24 @@ class Server:
             if all(f'{k}="{v}"' in series for k, v in labels.items()):
                 total += float(val)
         return total
+
+
+@dataclass
+class Server(ServerClients):
+    """A `visionserve serve` subprocess on loopback, with clients to talk to it."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    grpc_port: int
+    metrics_port: int
+    http_port: int = 0  # the REST API's port (0: served without it)
+    channel: grpc.Channel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.open_clients()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
         self.channel.close()
