@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # the serve image's lock with OpenVINO's packages added (the openvino extra; serve.txt otherwise)
 LOCK    := deploy/requirements/openvino.txt
 
-.PHONY: setup serve models test test-fast test-heavy lint lock proto bench peer-triton clean
+.PHONY: setup serve models test test-unit test-integration test-fast test-heavy lint lock proto bench peer-triton clean
 
 # The serving dependencies at exactly the versions of the serve image's lock (its hashes
 # stripped: pip cannot hash-check an editable install), the extras resolved around them.
@@ -27,10 +27,18 @@ models: setup
 serve: models
 	$(BIN)/visionserve serve --repo $(REPO)
 
-test: setup
-	$(BIN)/python -m pytest -m "not heavy" $(PYTEST_ARGS)
+# Two tiers, two pytest processes (tritonclient and our KServe stubs cannot share one):
+# tests/inprocess runs whole servers inside pytest on a fake engine (the API, admission,
+# limits, errors, lifecycle); the rest starts real server processes on real exports.
+test: test-unit test-integration
 
-test-fast: setup
+test-unit: setup
+	$(BIN)/python -m pytest tests/inprocess $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/python -m pytest -m "not heavy" --durations=30 $(PYTEST_ARGS)
+
+test-fast: test-unit
 	$(BIN)/python -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
 
 # The architectures marked heavy (ViT-H/14), exported and served (measured 2026-12-06: 4 min 28 s,

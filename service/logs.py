@@ -18,7 +18,15 @@ _MAX_SHOWN = 64
 def configure(level: str) -> None:
     """Root logging for the CLI: the format above, and the request id on every record."""
     logging.basicConfig(level=getattr(logging, level.upper()), format=FORMAT)
+    tag_request_ids()
+
+
+def tag_request_ids() -> None:
+    """Every log record gets ``request_tag`` (the current request's id), which ``FORMAT``
+    shows. Idempotent: an embedding program (or a test) may call it again."""
     previous = logging.getLogRecordFactory()
+    if getattr(previous, "tags_request_ids", False):
+        return
 
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
         record = previous(*args, **kwargs)
@@ -26,6 +34,7 @@ def configure(level: str) -> None:
         record.request_tag = f" [req {rid}]" if rid else ""
         return record
 
+    factory.tags_request_ids = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
 
 

@@ -37,6 +37,20 @@ MAX_MESSAGE = 64 * 1024 * 1024
 
 T = TypeVar("T")
 
+INPROCESS = ROOT / "tests" / "inprocess"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The in-process tier (tests/inprocess) runs in a pytest process of its own, one that
+    never imports tritonclient (tests/inprocess/conftest.py says why): a run over tests/ leaves
+    it out; `pytest tests/inprocess` (`make test-unit`) runs it."""
+    if collection_path != INPROCESS:
+        return None
+    asked = [Path(config.invocation_params.dir, a.split("::")[0]).resolve()
+             for a in config.args]
+    return not any(p == INPROCESS or INPROCESS in p.parents for p in asked)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """The `visionserve` console script, as a user runs it."""

@@ -21,7 +21,7 @@ from visionserve.service.repository_sync import RepositorySync
 from visionserve.service.routing import Router
 from visionserve.service.states import VersionState
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = (ROOT / "model_repo" / "lenet5" / "config.toml").read_text()  # a real exported config
 
 

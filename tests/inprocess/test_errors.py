@@ -4,13 +4,12 @@ serving (each error is followed by a good request that succeeds)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 
-from conftest import encode, photo, tensor_image
+from conftest import encode, eventually, photo, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
 
 GOOD = pb.ClassifyRequest(model="lenet5", images=[
@@ -111,17 +110,17 @@ def test_message_over_the_size_limit_is_resource_exhausted(server_factory):
 
 
 def _busy(srv, images: int) -> threading.Thread:
-    """Occupy resnet18 (max_batch_size 1) with one request of ``images`` images, and return
-    once the server reports work waiting in its queue."""
+    """Occupy resnet18 (max_batch_size 1) with one request of ``images`` images: its first
+    image computes in a held engine while the rest wait in the queue. ``srv.engines.release``
+    lets it finish."""
     x = np.zeros((3, 224, 224), np.float32)
     request = pb.ClassifyRequest(model="resnet18", images=[tensor_image(x)] * images)
+    srv.engines.hold("resnet18")
     thread = threading.Thread(target=srv.stub.Classify, args=(request,),
                               kwargs={"timeout": 300})
     thread.start()
-    deadline = time.monotonic() + 60
-    while srv.metric("visionserve_queue_depth", model="resnet18") == 0:
-        assert time.monotonic() < deadline, "the busy request never queued"
-        time.sleep(0.005)
+    eventually(lambda: srv.engines.waiting("resnet18") == 1 and srv.metric(
+        "visionserve_queue_depth", model="resnet18") == images - 1, "the busy request queued")
     return thread
 
 
@@ -143,6 +142,7 @@ def test_full_queue_is_resource_exhausted(server_factory):
                                                           images=[tensor_image(x)] * 20))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "model resnet18 version 1: queue full" in err.details()
+    srv.engines.release("resnet18")
     busy.join()
     still_serves(srv)
 
@@ -154,14 +154,14 @@ def test_deadline_expiring_in_the_queue_drops_the_work_before_compute(server_fac
     err = rpc_error(srv.stub.Classify, pb.ClassifyRequest(model="resnet18",
                                                           images=[tensor_image(x)]),
                     timeout=0.05)
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # while the engine is held
+    srv.engines.release("resnet18")
     busy.join()
     # the server proves it dropped the work: the expired counter rose, and the images it
     # computed are exactly the 16 of the request that succeeded
-    for _ in range(200):
-        if srv.metric("visionserve_requests_expired_total", model="resnet18") >= 1:
-            break
-        time.sleep(0.05)
+    eventually(lambda: srv.metric("visionserve_requests_expired_total", model="resnet18"),
+               "the expired request counted")
     assert srv.metric("visionserve_requests_expired_total", model="resnet18") == 1
     assert srv.metric("visionserve_batch_size_sum", model="resnet18") == 16
+    assert sum(srv.engines.batches["resnet18"]) == 16 + 1  # warm-up's batch of 1, then 16
     still_serves(srv)

@@ -69,8 +69,8 @@ class Api:
                     model=MODEL, images=[pb.Image(encoded=data)], normalize=False), timeout=60)
                 scores = embeddings(reply)[0]
             else:
-                from tritonclient.grpc import service_pb2 as kpb
-                from tritonclient.grpc import service_pb2_grpc as kpb_grpc
+                from visionserve.inference import grpc_service_pb2 as kpb
+                from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 
                 request = kpb.ModelInferRequest(
                     model_name=MODEL, inputs=[kpb.ModelInferRequest.InferInputTensor(
