@@ -87,6 +87,7 @@ class Server:
         self.http_port = 0
         self._metrics_http: MetricsHttp | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._delay_over = asyncio.Event()  # set: the shutdown delay ends now
         self._token_watch: asyncio.Task[None] | None = None
 
     def _build_grpc(self) -> grpc.aio.Server:
@@ -227,6 +228,11 @@ class Server:
     async def wait(self) -> None:
         await self.stop.wait()
 
+    def end_shutdown_delay(self) -> None:
+        """Cut ``--shutdown-delay-s`` short (an embedding program, or a test, that knows its
+        balancer has caught up); the drain that follows is unchanged."""
+        self._delay_over.set()
+
     async def shutdown(self) -> None:
         """Readiness off first (health NOT_SERVING, ServerReady false), then, after
         ``--shutdown-delay-s``, new calls are refused UNAVAILABLE while accepted ones finish
@@ -245,7 +251,10 @@ class Server:
         if config.shutdown_delay_s > 0:
             log.info("readiness is off; still serving for %.1f s (--shutdown-delay-s)",
                      config.shutdown_delay_s)
-            await asyncio.sleep(config.shutdown_delay_s)
+            try:
+                await asyncio.wait_for(self._delay_over.wait(), config.shutdown_delay_s)
+            except TimeoutError:
+                pass
         # our handlers refuse new calls with UNAVAILABLE while accepted ones finish; then gRPC
         # stops (calls still running after the grace are cancelled)
         started = loop.time()

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import shutil
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -135,16 +136,25 @@ class InProcessServer(ServerClients):
 
     def begin_stop(self) -> None:
         """Start the graceful shutdown (what SIGTERM starts) without waiting for its end."""
-        if not self._stopped.is_set():
-            self._loop.call_soon_threadsafe(self._stop.set)
+        self._in_loop(self._stop.set)
+
+    def _in_loop(self, callback: Callable[[], object]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop is closed: the server has stopped already
+            pass
 
     def wait_stopped(self, timeout: float = 60.0) -> bool:
         return self._stopped.wait(timeout)
+
+    def end_shutdown_delay(self) -> None:
+        self._in_loop(self.server.end_shutdown_delay)
 
     def stop(self) -> int:
         self.engines.release_all()
         self.channel.close()
         self.begin_stop()
+        self.end_shutdown_delay()
         stopped = self.wait_stopped()
         self._detach_logs()
         assert stopped, "the in-process server did not stop within 60 s"
