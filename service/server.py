@@ -88,6 +88,7 @@ class Server:
         self._metrics_http: MetricsHttp | None = None
         self._poller: asyncio.Task[None] | None = None
         self._delay_over = asyncio.Event()  # set: the shutdown delay ends now
+        self.listening = asyncio.Event()  # set by start() once every port is bound
         self._token_watch: asyncio.Task[None] | None = None
 
     def _build_grpc(self) -> grpc.aio.Server:
@@ -185,6 +186,7 @@ class Server:
                      self.http_port, "TLS" if config.tls else "plaintext")
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
+        self.listening.set()
         log.info("gRPC listening on %s:%d (%s; %s; NOT_SERVING until models are loaded)",
                  config.host, self.grpc_port,
                  "plaintext" if not config.tls else

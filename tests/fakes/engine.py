@@ -74,9 +74,13 @@ class Engines:
         self._held: dict[str, threading.Event] = {}
         self._waiting: dict[str, int] = defaultdict(int)
         self._failing: set[str] = set()
+        self._loads_held: threading.Event | None = None
         self._lock = threading.Condition()
 
     def __call__(self, name: str, config: ModelConfig, ventry: VersionEntry) -> Backend:
+        gate = self._loads_held
+        if gate is not None:
+            gate.wait(HOLD_LIMIT_S)
         data = Path(ventry.model_file).read_bytes()
         if data.startswith(b"broken"):
             raise BackendError(f"model {name} version {ventry.version}: the engine refused "
@@ -102,7 +106,17 @@ class Engines:
         if gate is not None:
             gate.set()
 
+    def hold_loads(self) -> None:
+        """From now on loading an engine waits until ``release_loads()`` (a slow load)."""
+        self._loads_held = threading.Event()
+
+    def release_loads(self) -> None:
+        gate, self._loads_held = self._loads_held, None
+        if gate is not None:
+            gate.set()
+
     def release_all(self) -> None:
+        self.release_loads()
         for model in list(self._held):
             self.release(model)
 

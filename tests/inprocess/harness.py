@@ -80,7 +80,11 @@ class _LogText(logging.Handler):
 class InProcessServer(ServerClients):
     """A started ``Server`` on loopback; ``stop()`` shuts it down as SIGTERM would."""
 
-    def __init__(self, repo: Path, *flags: str, engines: Engines | None = None) -> None:
+    def __init__(self, repo: Path, *flags: str, engines: Engines | None = None,
+                 wait_ready: bool = True) -> None:
+        """Start a server on ``repo`` with ``serve``'s ``flags``; return once it is SERVING,
+        or with ``wait_ready=False`` once it listens (models may still be loading: hold them
+        with ``engines.hold_loads()``)."""
         self.repo = repo
         self.engines = engines or Engines()
         args = build_parser().parse_args(
@@ -95,11 +99,13 @@ class InProcessServer(ServerClients):
         logger.addHandler(self._logs)
         self._loop = asyncio.new_event_loop()
         self._started: Future[Server] = Future()
+        self._listening: Future[Server] = Future()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inprocess-server", daemon=True)
         self._thread.start()
         try:
-            self.server = self._started.result(START_TIMEOUT_S)
+            self.server = (self._started if wait_ready else self._listening).result(
+                START_TIMEOUT_S)
         except BaseException:
             self._detach_logs()
             raise
@@ -120,10 +126,20 @@ class InProcessServer(ServerClients):
         self._stop = asyncio.Event()
         try:
             server = Server(self.config, self._stop, backend_factory=self.engines)
-            await server.start()
+            starting = asyncio.ensure_future(server.start())
+            listening = asyncio.ensure_future(server.listening.wait())
+            await asyncio.wait((starting, listening), return_when=asyncio.FIRST_COMPLETED)
+            listening.cancel()
+            if server.listening.is_set():  # ports bound; models may still be loading
+                self._listening.set_result(server)
+            await starting
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread, re-raised there
-            self._started.set_exception(exc)
+            for future in (self._listening, self._started):
+                if not future.done():
+                    future.set_exception(exc)
             return
+        if not self._listening.done():
+            self._listening.set_result(server)
         self._started.set_result(server)
         await server.wait()
         await server.shutdown()
