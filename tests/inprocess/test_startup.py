@@ -45,7 +45,8 @@ def test_while_models_load_it_listens_not_ready_then_ready_once_all_have_loaded(
         assert health(srv) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert get(srv, "/v2/health/live")[0] == 200  # alive: no restart while loading
         engines.release_loads()
-        eventually(lambda: get(srv, "/v2/health/ready")[0] == 200, "readiness once the models loaded")
+        eventually(lambda: get(srv, "/v2/health/ready")[0] == 200,
+                   "readiness once the models loaded")
         assert health(srv) == health_pb2.HealthCheckResponse.SERVING
         assert {n: health(srv, n) for n in MODELS} == dict.fromkeys(
             MODELS, health_pb2.HealthCheckResponse.SERVING)
