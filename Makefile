@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # the serve image's lock with OpenVINO's packages added (the openvino extra; serve.txt otherwise)
 LOCK    := deploy/requirements/openvino.txt
 
-.PHONY: setup serve models test test-unit test-integration test-fast test-heavy lint lock proto bench peer-triton clean
+.PHONY: setup serve models test test-unit test-integration test-fast test-heavy test-all lint lock proto bench peer-triton clean
 
 # The serving dependencies at exactly the versions of the serve image's lock (its hashes
 # stripped: pip cannot hash-check an editable install), the extras resolved around them.
@@ -45,6 +45,11 @@ test-fast: test-unit
 # the export's peak 6.0 GB).
 test-heavy: setup
 	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
+
+# The whole suite with the full architecture sweep: all 41 non-heavy architectures (`make test`
+# exports one per family and a third of the rest, chosen by the commit) plus the heavy ones.
+test-all: test-unit
+	VISIONSERVE_ARCH_ALL=1 $(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check service export tests bench
