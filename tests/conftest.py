@@ -59,36 +59,177 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
                           env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
+# --- caches under tests/.cache, keyed by what made them ----------------------------------------
+
+EXPORTS = CACHE / "exports"  # one folder per model export: <name>-<key16>, a model's folder
+PINNED = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime")  # what export runs on
+WEIGHT_SEEDS = {"resnet18": 1, "mobilenet_v3_small": 2}
+
+
+def content_key(value: object) -> str:
+    """sha256 of ``value`` as canonical JSON: the key of a cache entry, given what made it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def pinned_versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return {"python": sys.version.split()[0], **{n: installed(n) for n in names}}
+
+
+def export_sources() -> dict[str, str]:
+    """relative path -> sha256 of every file of export/ (modules and data, sorted by path), and of
+    the modules of service/ that export/ imports (they write config.toml and the golden set)."""
+    import re
+
+    files = sorted(p for p in (ROOT / "export").rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+    imported: set[Path] = set()
+    pattern = re.compile(r"^\s*from visionserve\.service((?:\.\w+)*) import (?:\(([^)]*)\)|(.*))",
+                         re.M)
+    for path in (p for p in files if p.suffix == ".py"):
+        for package, listed, names in pattern.findall(path.read_text()):
+            names = re.sub(r"#.*", "", listed or names)
+            base = ROOT / "service" / Path(*package.split(".")[1:]) if package else \
+                ROOT / "service"
+            for candidate in [base] + [base / n.strip() for n in names.split(",") if n.strip()]:
+                for module in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+                    if module.is_file():
+                        imported.add(module)
+    return {p.relative_to(ROOT).as_posix(): file_sha256(p) for p in files + sorted(imported)}
+
+
+def _prune(folder: Path, prefix: str, keep: Path) -> None:
+    """Remove the entries ``<prefix>-<16 hex>`` of ``folder`` other than ``keep`` (made by other
+    versions of what they are keyed on), and their staging folders older than a day (left by a
+    killed run; a younger one may be a concurrent session's)."""
+    import re
+
+    for old in folder.iterdir():
+        stale_staging = old.name.startswith(f".tmp-{prefix}-") and \
+            time.time() - old.stat().st_mtime > 86400
+        if old != keep and (re.fullmatch(re.escape(prefix) + r"-[0-9a-f]{16}", old.name)
+                            or stale_staging):
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+
+
+def _publish_entry(staging: Path, entry: Path) -> None:
+    """Move a finished ``staging`` folder to ``entry`` in one rename: an interrupted run leaves
+    no half entry. If a concurrent session published the same key first, keep theirs."""
+    try:
+        os.rename(staging, entry)
+    except OSError:
+        if not entry.is_dir():
+            raise
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """Model files (large, never edited in place) hardlinked where the filesystem allows;
+    anything small (config.toml, labels, golden set) copied, so an edit stays in its repository."""
+    if os.path.getsize(src) >= 1 << 20:
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:  # another filesystem (a tmpfs /tmp), or links not allowed: copy
+            pass
+    return shutil.copy2(src, dst)
+
+
 @pytest.fixture(scope="session")
 def weights_dir() -> Path:
     """State dicts made with torchvision directly (seeded), independent of our export code.
     ResNet-18's seeded init is alive as it is; MobileNet v3's is degenerate (logits ~1e-9), which
-    export refuses (tests/test_real_answers.py)."""
+    export refuses (tests/test_real_answers.py). Cached in tests/.cache/weights-<key>, the key a
+    sha256 of the torch/torchvision versions and the seeds."""
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
-    out = CACHE / "weights"
+    key = content_key({"versions": pinned_versions("torch", "torchvision"),
+                       "seeds": WEIGHT_SEEDS})[:16]
+    out = CACHE / f"weights-{key}"
     out.mkdir(parents=True, exist_ok=True)
-    for name, seed in (("resnet18", 1), ("mobilenet_v3_small", 2)):
+    for name, seed in WEIGHT_SEEDS.items():
         path = out / f"{name}.pt"
         if not path.exists():
             torch.manual_seed(seed)
             model = getattr(torchvision.models, name)(weights=None)
-            torch.save(model.state_dict(), path)
+            tmp = out / f".tmp-{name}-{os.getpid()}.pt"
+            with tmp.open("wb") as f:  # a file object: the bytes do not depend on the file name
+                torch.save(model.state_dict(), f)
+            os.replace(tmp, path)  # whole or absent
+    _prune(CACHE, "weights", out)
     return out
 
 
-@pytest.fixture(scope="session")
-def exported_repo(weights_dir: Path) -> Path:
-    """A repository with the test models exported through the CLI (cached across runs)."""
-    repo = CACHE / "repo"
-    for name in TEST_MODELS:
-        if (repo / name / "1" / "model.onnx").exists():
-            continue
-        args = ["export", name, "--repo", str(repo), "--version", "1"]
-        if name == "resnet18":  # test_classify compares it with torchvision directly
-            args += ["--weights", str(weights_dir / f"{name}.pt")]
-        result = run_cli(*args)
+def export_args(name: str, weights_dir: Path) -> list[str]:
+    """The CLI arguments of a test model's export (after ``export NAME --repo R --version 1``).
+    LeNet-5 takes seeded random weights: its default (trained on digits at export) costs
+    training time and no test of this repository depends on it (tests/test_real_answers.py
+    exports the trained one itself)."""
+    if name == "resnet18":  # test_classify compares it with torchvision directly
+        return ["--weights", str(weights_dir / f"{name}.pt")]
+    if name == "lenet5":
+        return ["--random-weights"]
+    return []
+
+
+def cached_export(name: str, args: list[str], sources: dict[str, str]) -> Path:
+    """The model folder of ``visionserve export NAME ARGS`` from tests/.cache/exports/, made
+    there first if absent. Keyed by a sha256 of what made it: the export code (``sources``), the
+    pinned versions, the architecture, the arguments, and the weights file's content."""
+    import tempfile
+
+    keyed_args = list(args)  # a weights file counts by its content, not its path
+    for i in range(1, len(args)):
+        if args[i - 1] == "--weights":
+            keyed_args[i] = file_sha256(Path(args[i]))
+    key = content_key({"architecture": name, "args": keyed_args, "sources": sources,
+                       "versions": pinned_versions(*PINNED)})[:16]
+    entry = EXPORTS / f"{name}-{key}"
+    if entry.is_dir():  # an entry exists only whole (see _publish_entry)
+        return entry
+    EXPORTS.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=EXPORTS))
+    try:
+        result = run_cli("export", name, "--repo", str(staging), "--version", "1", *args)
         assert result.returncode == 0, result.stderr[-3000:]
+        _publish_entry(staging / name, entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return entry
+
+
+@pytest.fixture(scope="session")
+def exported_repo(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with the test models exported through the CLI: each export cached across
+    runs under tests/.cache/exports/ (keyed by content, see cached_export), the session's
+    repository assembled from them (model files hardlinked where possible, the rest copied)."""
+    sources = export_sources()
+    repo = tmp_path_factory.mktemp("exported") / "repo"
+    entries = {name: cached_export(name, export_args(name, weights_dir), sources)
+               for name in TEST_MODELS}
+    for name, entry in entries.items():
+        shutil.copytree(entry, repo / name, copy_function=_link_or_copy)
+    for name, entry in entries.items():
+        _prune(EXPORTS, name, entry)
     return repo
 
 
@@ -373,6 +514,41 @@ def built_wheel(source_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return wheel
 
 
+WHEELS = CACHE / "wheels"  # one folder per set of requirements: <name>-<key16>
+
+
+def download_wheels(name: str, key: str, *requirements: str) -> Path:
+    """tests/.cache/wheels/<name>-<key[:16]>: the wheels of ``requirements`` (pip's arguments:
+    ``-r LOCK``, or ``-c CONSTRAINTS REQ...``), downloaded once (binary only; a lock's hashes
+    checked) and reused by every venv of every run until ``key``, a sha256 of what decides
+    them, changes. Published whole (a staging folder, then one rename); other keys pruned."""
+    import tempfile
+
+    folder = WHEELS / f"{name}-{key[:16]}"
+    if folder.is_dir():
+        return folder
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=WHEELS))
+    try:
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
+                                 "--only-binary=:all:", "--dest", str(staging), *requirements],
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        _publish_entry(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _prune(WHEELS, name, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lock_wheels() -> Callable[[Path], Path]:
+    """``lock_wheels(LOCK)``: the folder holding the wheels of a lock file, downloaded once with
+    `pip download --only-binary=:all: -r LOCK` (hash-checked) and keyed by the lock's sha256;
+    a venv installs from it with `--no-index --find-links FOLDER`."""
+    return lambda lock: download_wheels(lock.stem, file_sha256(lock), "-r", str(lock))
+
+
 def locked_versions(lock: Path = LOCK) -> dict[str, str]:
     """name -> version of every requirement pinned in a lock file (names normalized)."""
     from packaging.requirements import Requirement
@@ -386,3 +562,26 @@ def locked_versions(lock: Path = LOCK) -> dict[str, str]:
             assert spec.operator == "==", f"{lock.name}: {line} is not pinned"
             pins[canonicalize_name(req.name)] = spec.version
     return pins
+
+
+# --- hypothesis: replayable by default --------------------------------------------------------
+# "ci" (the default, and always when CI=true): derandomized (a test's examples follow from its
+# source: the same on every run), bounded, no wall-clock deadline, and a failure prints the
+# @reproduce_failure blob that replays it. "long" (VISIONSERVE_HYPOTHESIS_PROFILE=long, outside
+# CI): ten times the examples from a random seed; a failure prints its blob (or its seed) too.
+# Registered here, before any test module builds its own @settings from the loaded profile.
+try:
+    from hypothesis import HealthCheck as _HealthCheck
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # a dev dependency: the test modules that need it skip without it
+    pass
+else:
+    _hypothesis_settings.register_profile(
+        "ci", max_examples=100, derandomize=True, print_blob=True, deadline=None,
+        database=None, suppress_health_check=[_HealthCheck.too_slow])
+    _hypothesis_settings.register_profile(
+        "long", max_examples=1000, derandomize=False, print_blob=True, deadline=None,
+        suppress_health_check=[_HealthCheck.too_slow])
+    _hypothesis_settings.load_profile(
+        "ci" if os.environ.get("CI") == "true"
+        else os.environ.get("VISIONSERVE_HYPOTHESIS_PROFILE", "ci"))
