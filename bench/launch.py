@@ -65,9 +65,11 @@ def start_visionserve(repo: Path, *extra_args: str, name: str = "visionserve",
                       python_args: tuple[str, ...] = (), cwd: Path | None = None,
                       ready_timeout_s: float = 300.0,
                       command: tuple[str, ...] = ()) -> Launched:
-    """``visionserve serve --repo REPO`` on loopback with free ports (plus ``extra_args``),
-    returned once it is SERVING. ``command`` replaces ``python -m visionserve.service.cli``
-    (e.g. the console script of another venv)."""
+    """``visionserve serve --repo REPO`` on loopback (plus ``extra_args``), returned once it is
+    SERVING. Its gRPC, HTTP and metrics ports are 0 (the server binds any free one, so no port is
+    picked here and raced for by another process before the server binds it); the ports it
+    bound are read back from its ``--ready-file``. ``command`` replaces ``python -m
+    visionserve.service.cli`` (e.g. the console script of another venv)."""
     if log_path is None:
         fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
         os.close(fd)
@@ -148,6 +150,9 @@ def rss_mb(pid: int) -> float:
 
 
 def free_port() -> int:
+    """A port free now: another process may take it before the caller's child binds it. Only
+    for peers that cannot bind port 0 and report what they bound (Triton, below); a visionserve
+    server binds port 0 and says its ports in its --ready-file (``start_visionserve``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -170,6 +175,8 @@ def start_triton(python: Path, onnx_path: Path, model: str, *, input_name: str,
             f"no Python with nvidia-pytriton at {python}; create one with `python3.11 -m venv "
             f"{python.parent.parent} && {python.parent}/pip install nvidia-pytriton onnxruntime "
             "numpy`, or pass --triton-python")
+    # picked here, not port 0: PyTriton's tritonserver is given its ports and reports none back
+    # (its READY line carries no port)
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     log_path = Path(tempfile.mkstemp(prefix=f"triton-{model}-", suffix=".log")[1])
     env = dict(os.environ)

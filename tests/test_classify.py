@@ -100,7 +100,7 @@ def test_the_opt_in_fast_decoder_agrees_with_the_exact_path_on_large_photos(serv
         request = pb.EmbedRequest(model="resnet18", images=[pb.Image(encoded=encode(big))])
         exact_vec = np.frombuffer(server.stub.Embed(request).embeddings.data, "<f4")
         fast_vec = np.frombuffer(fast.stub.Embed(request).embeddings.data, "<f4")
-        assert not np.array_equal(exact_vec, fast_vec)  # it really took the other path
+        assert not np.array_equal(exact_vec, fast_vec)  # it really went the other way
         cosine = exact_vec @ fast_vec / np.linalg.norm(exact_vec) / np.linalg.norm(fast_vec)
         assert cosine > 0.99, (name, cosine)
 

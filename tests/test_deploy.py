@@ -6,9 +6,9 @@ ports, probes, flags and metrics the server really has."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -164,12 +164,6 @@ def test_prometheus_rules_pass_promtool_and_use_only_series_the_server_exports(s
             assert series in exported or series in recorded, f"{series} in {expr!r}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_real_prometheus_scrapes_the_server_and_promql_returns_data(server, tmp_path):
     from conftest import encode, photo
@@ -182,12 +176,20 @@ def test_a_real_prometheus_scrapes_the_server_and_promql_returns_data(server, tm
         "rule_files": [str(DEPLOY / "prometheus" / "visionserve.rules.yml")],
         "scrape_configs": [{"job_name": "visionserve", "static_configs": [
             {"targets": [f"127.0.0.1:{server.metrics_port}"]}]}]}))
-    port = free_port()
-    proc = subprocess.Popen([prometheus, f"--config.file={config}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "prometheus.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([prometheus, f"--config.file={config}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}",
+                                 "--web.listen-address=127.0.0.1:0"],
+                                stdout=log, stderr=subprocess.STDOUT)
     try:
+        def listening() -> re.Match | None:
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            return re.search(r'msg="?Listening on"? .*?address=\S*:(\d+)',
+                             log_path.read_text(errors="replace"))
+
+        # the port it bound (0: any free one), from its log (exporter-toolkit's "Listening on")
+        port = int(eventually(listening, "Prometheus to listen", timeout=60)[1])
         image = pb.Image(encoded=encode(photo("camera"), "PNG"))
         for _ in range(5):
             server.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[image]))
@@ -215,7 +217,8 @@ def test_a_real_prometheus_scrapes_the_server_and_promql_returns_data(server, tm
             return q if q and q[0]["value"][1] != "NaN" else []
 
         q = eventually(quantile, "a latency quantile from Prometheus", timeout=90, interval=0.5)
-        assert 0 < float(q[0]["value"][1]) < 30
+        p99 = float(q[0]["value"][1])  # a latency: its size is no claim here, its presence is
+        assert math.isfinite(p99) and p99 > 0, q
     finally:
         proc.terminate()
         proc.wait(timeout=30)

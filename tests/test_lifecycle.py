@@ -30,14 +30,18 @@ def test_publishing_under_load_swaps_versions_without_a_failed_request(exported_
         exported = run_cli("export", "lenet5", "--repo", str(repo), "--seed", "5")
         assert exported.returncode == 0, exported.stderr
         eventually(lambda: 2 in load.versions_seen(), what="version 2 serving")
-        time.sleep(1.0)
+        eventually(lambda: srv.metric("visionserve_model_state", model="lenet5", version="1",
+                                      state="unloaded") == 1, what="version 1 to retire")
         # a corrupt version 3 must not take version 2 down
         (tmp_path / "broken").mkdir()
         (tmp_path / "broken" / "model.onnx").write_bytes(b"this is not an onnx model")
         publish(repo / "lenet5", 3, tmp_path / "broken")
         eventually(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5")).versions[0]
                    .state == pb.MODEL_STATE_FAILED, what="version 3 to fail")
-        time.sleep(1.0)
+        failed_at = len(load.replies)
+        # every client answered again since version 3 failed (by version 2: 1 is retired)
+        eventually(lambda: {c for c, _, _ in load.replies[failed_at:]} == set(range(16)),
+                   what="every client's answers after version 3 failed")
         load.stop()
         assert load.errors() == []
         assert load.versions_seen() == {1, 2}
@@ -142,7 +146,9 @@ def test_explicit_mode_changes_nothing_until_asked(exported_repo, tmp_path):
     client = tc.InferenceServerClient(srv.address)
     try:
         publish(repo / "lenet5", 2, repo / "lenet5" / "1")
-        time.sleep(1.5)  # fifteen poll intervals: nothing may happen here
+        # a claim only a clock can make (that nothing happens): explicit mode runs no poller,
+        # so there is no event to wait for
+        time.sleep(1.5)  # the subject: fifteen poll intervals of the flag above, and no change
         assert srv.stub.Classify(LENET).version == 1
         client.load_model("lenet5")
         assert srv.stub.Classify(LENET).version == 2

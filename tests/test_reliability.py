@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import make_repo, run_cli, start_server, tensor_image
+from conftest import eventually, make_repo, run_cli, start_server, tensor_image
 from visionserve.bench.launch import rss_mb
 from visionserve.v1 import visionserve_pb2 as pb
 
@@ -54,8 +53,9 @@ def fragile_model(path: Path) -> None:
 
 def test_a_backend_error_fails_only_its_batch_and_logs_the_request_ids(exported_repo, tmp_path):
     repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",), {"lenet5": {
-        # an idle instance waits (up to 2 s) for three images: the three calls batch together
-        "batching.max_queue_delay_ms": 2000.0, "batching.preferred_batch_sizes": [3]}})
+        # an idle instance waits for three images: the three calls batch together (the delay,
+        # a minute, only bounds the wait should a call never come)
+        "batching.max_queue_delay_ms": 60_000.0, "batching.preferred_batch_sizes": [3]}})
     shutil.move(repo / "lenet5", repo / "fragile")
     fragile_model(repo / "fragile" / "1" / "model.onnx")
     shutil.rmtree(repo / "fragile" / "1" / "golden")  # LeNet-5's: this model is another
@@ -136,10 +136,10 @@ def test_a_signal_under_load_answers_every_accepted_request_then_exits(exported_
     try:
         load = Load(srv, "mobilenet_v3_small", tensor_image(np.zeros((224, 224, 3), np.uint8)),
                     16)
-        time.sleep(2)  # under load
+        eventually(lambda: load.codes["OK"] >= 32, "the load's first answers")  # under load
         srv.process.send_signal(sig)
-        _eventually(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                    == health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=10)
+        eventually(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                   == health_pb2.HealthCheckResponse.NOT_SERVING, "readiness off")
         codes = load.join()
         assert srv.process.wait(timeout=90) == 0
     finally:
@@ -172,29 +172,29 @@ def a_long_request_in_flight(exported_repo, tmp_path, grace_s: str):
         try:
             slow = pool.submit(srv.stub.Classify, pb.ClassifyRequest(
                 model="resnet18", images=[x] * 200), timeout=300)
-            _eventually(lambda: srv.metric("visionserve_inflight_requests",
-                                           method="Classify") > 0, timeout_s=60)
+            eventually(lambda: srv.metric("visionserve_inflight_requests", method="Classify") > 0,
+                       "the 200-image request in flight")
             yield srv, slow
         finally:
             srv.stop()
 
 
 def test_exit_within_the_grace_period_cuts_what_is_still_running(exported_repo, tmp_path):
+    """A clock is the subject here: the 1 s grace. That the request was still running when it
+    ended is no bet on compute speed but read from the server's log."""
     with a_long_request_in_flight(exported_repo, tmp_path, "1") as (srv, slow):
-        signalled = time.monotonic()
         srv.process.send_signal(signal.SIGTERM)
-        assert srv.process.wait(timeout=60) == 0
-        took = time.monotonic() - signalled
+        assert srv.process.wait(timeout=30) == 0  # a hang guard, not a timing
     with pytest.raises(grpc.RpcError) as info:
         slow.result()
     assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
-    assert took < 30, f"exit took {took:.1f} s with a 1 s grace"  # a hang guard, not a timing
+    assert "requests still running after the 1 s grace are cancelled" in srv.log()
 
 
 def test_a_second_signal_exits_at_once(exported_repo, tmp_path):
     with a_long_request_in_flight(exported_repo, tmp_path, "600") as (srv, slow):
         srv.process.send_signal(signal.SIGTERM)
-        _eventually(lambda: "shutting down" in srv.log())
+        eventually(lambda: "shutting down" in srv.log(), "the first signal's shutdown")
         srv.process.send_signal(signal.SIGTERM)
         assert srv.process.wait(timeout=30) == 128 + signal.SIGTERM
     with pytest.raises(grpc.RpcError):
@@ -221,27 +221,32 @@ def test_a_storm_of_cancellations_and_short_deadlines_computes_none_of_them(expo
         # 30 images at batch 1 occupy the model for a while; everything behind them waits
         busy = srv.stub.Classify.future(pb.ClassifyRequest(model="resnet18", images=[x] * 30),
                                         timeout=300)
-        deadline = time.monotonic() + 60
-        while srv.metric("visionserve_queue_depth", model="resnet18") == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        eventually(lambda: srv.metric("visionserve_queue_depth", model="resnet18") > 0,
+                   "the busy request to queue", interval=0.005)
         cancelled = [srv.stub.Classify.future(one, timeout=120) for _ in range(150)]
+
+        def all_held() -> bool:
+            assert not busy.done(), "the busy request ended before the storm was held"
+            return srv.metric("visionserve_inflight_requests") >= 1 + len(cancelled)
+
         # cancelled only once the server holds them all (queued behind the busy request), so
-        # the batcher, not the transport, is what drops them: no race on a fixed sleep
-        while srv.metric("visionserve_inflight_requests") < 1 + len(cancelled):
-            assert time.monotonic() < deadline and not busy.done()
-            time.sleep(0.005)
+        # the batcher, not the transport, is what drops them: an event, no race on a sleep
+        eventually(all_held, "the server to hold every cancellable request", interval=0.005)
+        # the short deadlines (5-55 ms: a clock, the subject) pass while the busy request's
+        # images still queued ahead of them compute (23 of its 30 here, measured)
+        ahead = srv.metric("visionserve_queue_depth", model="resnet18") - len(cancelled)
         short = [srv.stub.Classify.future(one, timeout=0.005 + 0.001 * (i % 50))
                  for i in range(150)]
         for f in cancelled:
             f.cancel()
         codes = Counter(_code(f) for f in short + cancelled)
         assert len(busy.result().results) == 30
-        assert codes == Counter({"DEADLINE_EXCEEDED": 150, "CANCELLED": 150}), codes
+        assert codes == Counter({"DEADLINE_EXCEEDED": 150, "CANCELLED": 150}), (codes, ahead)
         # the server proves it: the images it computed are exactly the 30 answered, while it
         # counted the dropped ones by reason; queue and in-flight gauges are back to zero
-        _eventually(lambda: srv.metric("visionserve_queue_depth", model="resnet18") == 0)
-        _eventually(lambda: srv.metric("visionserve_inflight_requests") == 0)
+        eventually(lambda: srv.metric("visionserve_queue_depth", model="resnet18") == 0,
+                   "an empty queue")
+        eventually(lambda: srv.metric("visionserve_inflight_requests") == 0, "no call in flight")
         assert srv.metric("visionserve_batch_size_sum", model="resnet18") == 30
         dropped = {r: srv.metric("visionserve_requests_expired_total", model="resnet18",
                                  reason=r) for r in ("deadline", "cancelled")}
@@ -258,6 +263,8 @@ def test_a_storm_of_cancellations_and_short_deadlines_computes_none_of_them(expo
 
 
 def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(exported_repo, tmp_path):
+    """The deadline is a clock (the subject): it is set from the server's own compute rate, a
+    third of what the images queued ahead need, not a fixed 100 ms raced against compute."""
     repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",),
                      {"resnet18": {"max_batch_size": 1}})
     srv = start_server(repo, tmp_path / "server.log")
@@ -265,12 +272,18 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(exported_repo, tmp_
     one = pb.ClassifyRequest(model="resnet18", images=[x])
     try:
         srv.stub.Classify(one, timeout=30)  # the batcher learns the compute rate
+        per_image_s = (srv.metric("visionserve_compute_duration_seconds_sum", model="resnet18")
+                       / srv.metric("visionserve_batch_size_sum", model="resnet18"))
         busy = srv.stub.Classify.future(pb.ClassifyRequest(model="resnet18", images=[x] * 30),
                                         timeout=300)
-        _eventually(lambda: srv.metric("visionserve_queue_depth", model="resnet18") > 0)
+        queued = eventually(lambda: (n := srv.metric("visionserve_queue_depth",
+                                                     model="resnet18")) >= 20 and n,
+                            "the busy request to queue", interval=0.005)
+        timeout = queued * per_image_s / 3
         with pytest.raises(grpc.RpcError) as info:
-            srv.stub.Classify(one, timeout=0.1)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            srv.stub.Classify(one, timeout=timeout)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, \
+            (info.value.details(), queued, per_image_s)
         assert "model resnet18 version 1: overloaded for this deadline" in info.value.details()
         assert "refused now rather than dropped later" in info.value.details()
         late = srv.stub.Classify.future(one, timeout=120)  # a deadline it can meet: admitted
@@ -292,13 +305,6 @@ def _code(future) -> str:
     return "OK"
 
 
-def _eventually(check, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
 
 # --- overload ---------------------------------------------------------------------------------
 
@@ -311,7 +317,8 @@ def test_over_the_inflight_limit_inference_is_refused_but_probes_still_pass(expo
     try:
         busy = [srv.stub.Classify.future(pb.ClassifyRequest(model="resnet18", images=[x] * 20),
                                          timeout=300) for _ in range(2)]
-        _eventually(lambda: srv.metric("visionserve_inflight_requests", method="Classify") == 2)
+        eventually(lambda: srv.metric("visionserve_inflight_requests", method="Classify") == 2,
+                   "both busy requests in flight")
         with pytest.raises(grpc.RpcError) as info:
             srv.stub.Classify(pb.ClassifyRequest(model="resnet18", images=[x]), timeout=30)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

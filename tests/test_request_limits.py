@@ -5,7 +5,6 @@ memory stays bounded, and good requests keep their answers."""
 from __future__ import annotations
 
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -137,15 +136,17 @@ def test_a_stream_client_that_never_reads_holds_a_bounded_number_of_replies(srv)
     channel = grpc.insecure_channel(srv.address, options=[("grpc.http2.bdp_probe", 0)])
     replies = kpb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
         stream_requests(n, image), timeout=600)
-    # the server works until its bound and the transport's buffers are full, then stops
-    settled = [answered(srv) - before]
+    # the server works until its bound and the transport's buffers are full, then stops. That
+    # it stopped is a claim only a clock can make (no event says "nothing more will happen"):
+    # the count of answers stays the same over a second (the polling interval)
+    settled: list[float] = []
 
     def stopped_moving() -> bool:
-        time.sleep(1.0)
         settled.append(answered(srv) - before)
-        return settled[-1] == settled[-2] and settled[-1] > 0
+        return len(settled) > 1 and settled[-1] == settled[-2] and settled[-1] > 0
 
-    eventually(stopped_moving, "the stream's work to stop while nobody reads", timeout=120)
+    eventually(stopped_moving, "the stream's work to stop while nobody reads", timeout=120,
+               interval=1.0)
     assert settled[-1] < n / 2, f"the server answered {settled[-1]} of {n} unread requests"
     assert healthy(srv)
     ids = []
@@ -192,9 +193,7 @@ def test_a_repeated_field_over_its_limit_is_refused_before_parsing(srv, method, 
     assert f"model resnet18: {field}: more than 256 entries" in info.value.details()
     assert rss_mb(srv.process.pid) - rss_before < 100
     channel.close()
-    started = time.monotonic()
-    assert healthy(srv)
-    assert time.monotonic() - started < 5  # a bound against a stalled loop, not a benchmark
+    assert healthy(srv)  # its 5 s deadline is the bound against a stalled loop
 
 
 # --- decode cost -------------------------------------------------------------------------------
@@ -245,7 +244,9 @@ def test_a_request_over_its_pixel_budget_is_refused_from_the_headers(decoding):
 
 def test_decoding_stops_between_images_once_the_deadline_has_passed(decoding):
     """Five 20 MP images on one decode thread take about a second; lenet5's 200 ms default
-    deadline passes after the first one or two, and the rest are never decoded."""
+    deadline passes after the first one or two, and the rest are never decoded. A deadline is a
+    clock, the subject here: the claim needs the four first images to take longer than 200 ms
+    (80 MP: at 115 MP/s per core, 0.7 s)."""
     with pytest.raises(grpc.RpcError) as info:
         classify(decoding, [flat_jpeg(5000, 4000)] * 5, timeout=None)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -299,8 +300,8 @@ def test_each_class_of_hostile_request_gets_its_status_with_memory_and_health_bo
     outcome = send(Launched("srv", srv.process, srv.log_path, srv.grpc_port), attack,
                    "resnet18", spec)
     assert outcome.code == attack.expected.name, outcome.details
+    # each probe's own deadline (10 s) is the bound against a stalled loop: one missed counts
     assert outcome.health_failures == 0
-    assert outcome.health_max_s < 5  # a bound against a stalled loop, not a benchmark
     assert outcome.rss_after_mb - outcome.rss_before_mb < 100
     assert outcome.threads_after <= outcome.threads_before + 2  # decode threads start lazily
     assert srv.process.poll() is None

@@ -452,39 +452,46 @@ def test_oversized_headers_are_refused_and_the_server_serves_on(server):
 
 
 def test_readiness_is_503_while_models_load_then_200(exported_repo, tmp_path):
+    import re
     import shutil
     import subprocess
     import sys
 
     from conftest import ROOT, eventually, make_repo
-    from visionserve.bench.launch import free_port
 
     repo = make_repo(exported_repo, tmp_path / "repo", ("resnet18",))
     for i in range(4):  # several models: loading (and their golden checks) takes a while
         shutil.copytree(repo / "resnet18", repo / f"resnet18_{i}", symlinks=True)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "visionserve.service.cli", "serve", "--repo", str(repo),
-         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port",
-         str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "visionserve.service.cli", "serve", "--repo", str(repo),
+             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port",
+             "0"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     answers: list[tuple[int, bytes]] = []
 
-    def ready() -> bool:
+    def listening() -> re.Match | None:
+        assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+        return re.search(r"HTTP \(KServe v2 REST\) listening on 127\.0\.0\.1:(\d+)",
+                         log_path.read_text())
+
+    def ready(port: int) -> bool:
         assert process.poll() is None
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/v2/health/ready")
-            reply = conn.getresponse()
-            answers.append((reply.status, reply.read()))
-            conn.close()
-        except OSError:
-            return False  # not listening yet
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/v2/health/ready")
+        reply = conn.getresponse()
+        answers.append((reply.status, reply.read()))
+        conn.close()
         return answers[-1][0] == 200
 
     try:
-        eventually(ready, "the server to be ready", timeout=120, interval=0.02)
+        # the port it bound (0: any free one) is logged once it listens, before the models
+        # load (the ready file comes only once they have): the first probe follows that event
+        port = int(eventually(listening, "the HTTP port to open", timeout=120)[1])
+        loading = "serving gRPC on" not in log_path.read_text()
+        eventually(lambda: ready(port), "the server to be ready", timeout=120, interval=0.02)
         # listening while it loads, saying so: 503 until every model is loaded, then 200
-        assert answers[0] == (503, b'{"ready":false}'), answers[:3]
+        assert loading and answers[0] == (503, b'{"ready":false}'), (loading, answers[:3])
         assert all(status == 503 for status, _ in answers[:-1]), answers
     finally:
         process.terminate()

@@ -1,7 +1,11 @@
 """The HTTP API against its own OpenAPI document (``GET /v2/openapi.json``), by a schema-driven
 fuzzer (schemathesis): requests generated from the document, valid and invalid, on every
 operation; every answer must be a documented status with a documented body, never a 5xx (but
-a 504 for a deadline the request itself set), and the server must go on serving."""
+a 504 for a deadline the request itself set), and the server must go on serving.
+
+Replayable: the hypothesis profile of tests/conftest.py applies (derandomized by default: the
+same requests on every run; a failure prints the blob that replays it); 25 examples per
+operation, ten times that under the "long" profile."""
 
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     response_schema_conformance,
     status_code_conformance,
 )
+
+EXAMPLES = 25 * settings.default.max_examples // 100  # per operation ("ci" profile: 100)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +46,8 @@ def test_every_generated_request_gets_a_documented_answer_and_no_5xx(rest_schema
     for operation in operations:
         @given(case=operation.as_strategy(), real=st.sampled_from(["", "lenet5"]),
                version=st.sampled_from(["", "1"]))
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck),
-                  database=None)
+        @settings(max_examples=EXAMPLES, deadline=None,
+                  suppress_health_check=list(HealthCheck), database=None)
         def answered(case, real: str, version: str) -> None:
             # half the requests name a served model (and its version), so that they get past
             # the model lookup into the body's parsing

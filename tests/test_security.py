@@ -7,7 +7,6 @@ import datetime
 import http.client
 import ipaddress
 import ssl
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -482,8 +481,10 @@ def test_calls_refused_before_any_handler_are_counted_and_logged(exported_repo, 
 
 
 def test_a_rotated_token_file_is_reloaded_without_a_restart(exported_repo, tmp_path):
-    """The file changes (a rotated secret): the new token works and the old one stops working
-    within a few seconds; a SIGHUP reloads at once; an emptied file keeps the token in use."""
+    """The file changes (a rotated secret): the new token works and the old one stops working;
+    a SIGHUP reloads even a change the file's watch cannot see; an emptied file keeps the token
+    in use."""
+    import os
     import signal
 
     token_file = tmp_path / "token"
@@ -505,13 +506,18 @@ def test_a_rotated_token_file_is_reloaded_without_a_restart(exported_repo, tmp_p
             token_file.write_text("second-token\n")
             eventually(lambda: accepted("second-token"), "the rotated token to be accepted")
             assert not accepted("first-token")
-            token_file.write_text("third-token\n")
+            # a change the watch cannot see (same file, size and mtime), so that only the
+            # SIGHUP can be what reloads it: no race of the signal against the watch's period
+            seen = token_file.stat()
+            token_file.write_text("third--token\n")  # the size of "second-token\n"
+            os.utime(token_file, ns=(seen.st_atime_ns, seen.st_mtime_ns))
+            assert token_file.stat().st_size == seen.st_size
             srv.process.send_signal(signal.SIGHUP)
-            eventually(lambda: accepted("third-token"), "SIGHUP to reload the token", timeout=5)
+            eventually(lambda: accepted("third--token"), "SIGHUP to reload the token")
             token_file.write_text("")
             srv.process.send_signal(signal.SIGHUP)
             eventually(lambda: "auth token not reloaded" in srv.log_tail(), "the refusal logged")
-            assert accepted("third-token")
+            assert accepted("third--token")
         assert srv.process.poll() is None
     finally:
         srv.stop()
@@ -522,7 +528,6 @@ def test_held_metrics_connections_cost_no_threads_and_are_closed(exported_repo, 
     count does not move, a scrape still answers, the connections beyond the bound are closed at
     once and the others once their head is overdue."""
     import socket
-    import time
 
     from visionserve.bench.attacks import threads
 
@@ -534,11 +539,12 @@ def test_held_metrics_connections_cost_no_threads_and_are_closed(exported_repo, 
             s = socket.create_connection(("127.0.0.1", srv.metrics_port), timeout=30)
             s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
             held.append(s)
-        time.sleep(0.5)
-        assert threads(srv.process.pid) <= before + 1
+        # a scrape on a connection opened after the 200: the server accepts in order, so by its
+        # answer it has taken every held one in (a thread per connection would exist by now)
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics",
                                     timeout=10) as reply:
             assert b"visionserve_model_state" in reply.read()
+        assert threads(srv.process.pid) <= before + 1
         for s in held:  # every one is closed by the server: at once, or after its deadline
             try:
                 assert s.recv(1024) == b""
@@ -611,11 +617,16 @@ def test_calls_beyond_the_streams_per_connection_wait_for_a_free_stream(exported
             first = [pool.submit(next, s) for s in streams]
             eventually(lambda: sum(f.done() for f in first) >= 2, "two streams answered",
                        timeout=30)
-            time.sleep(1.0)  # the third has had time to be answered, were it admitted
             waiting = [i for i, f in enumerate(first) if not f.done()]
             assert len(waiting) == 1, [f.done() for f in first]
             answered = [i for i in range(3) if i != waiting[0]]
             assert all(first[i].result().response.results for i in answered)
+            # no sleep to give the third a chance: a round trip on an open stream instead. Had
+            # the third been admitted, its request would have left with the first two, long
+            # before this one, on the same connection; this one is answered, the third is not
+            inputs[answered[0]].put(request)
+            assert next(streams[answered[0]]).response.results
+            assert not first[waiting[0]].done()
             inputs[answered[0]].put(None)  # one stream ends: its HTTP/2 stream is freed
             assert list(streams[answered[0]]) == []
             assert first[waiting[0]].result(timeout=30).response.results

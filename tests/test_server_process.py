@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -184,10 +183,8 @@ def test_sigterm_finishes_in_flight_requests_then_exits_cleanly(exported_repo, t
 
     thread = threading.Thread(target=call)
     thread.start()
-    deadline = time.monotonic() + 60
-    while srv.metric("visionserve_inflight_requests", method="Classify") == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    eventually(lambda: srv.metric("visionserve_inflight_requests", method="Classify") > 0,
+               "the 48-image request in flight", interval=0.005)
     srv.process.send_signal(signal.SIGTERM)
     thread.join()
     assert "error" not in result, result.get("error")

@@ -1,7 +1,11 @@
-"""Soak: steady load for a while (VISIONSERVE_SOAK_S seconds, 60 by default; the long run in
-docs/benchmarks.md used 600) while new versions are published and old ones removed every few
-seconds. The server's RSS, open file descriptors and threads are sampled every second; growth
-between the early and the late part of the run, beyond noise, is a leak.
+"""Soak: steady load for a while (VISIONSERVE_SOAK_S seconds: 15 by default, 60 with
+VISIONSERVE_LONG_TESTS=1 as `make test-all` runs it; the long run in docs/benchmarks.md used
+600) while new versions are published and old ones removed every few seconds, each one served
+before the next is published. The server's RSS, open file descriptors and threads are sampled
+every second; growth between the early and the late part of the run, beyond noise, is a leak.
+
+The clock is the subject here: the soak's length and its pace (a swap every 3 s, a sample
+every second) are what is tested, not waits for something to happen.
 
     VISIONSERVE_SOAK_S=600 pytest tests/test_soak.py -m slow -s   # prints the samples
 """
@@ -19,11 +23,13 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import make_repo, start_server, tensor_image
+from conftest import eventually, make_repo, start_server, tensor_image
 from visionserve.v1 import visionserve_pb2 as pb
 
-SOAK_S = float(os.environ.get("VISIONSERVE_SOAK_S", "60"))
+LONG = os.environ.get("VISIONSERVE_LONG_TESTS") == "1"
+SOAK_S = float(os.environ.get("VISIONSERVE_SOAK_S") or (60 if LONG else 15))
 SWAP_EVERY_S = 3.0
+SAMPLE_EVERY_S = 1.0
 
 
 def sample(pid: int) -> dict[str, float]:
@@ -73,7 +79,7 @@ def test_a_long_run_with_version_swaps_does_not_grow_memory_fds_or_threads(expor
             t.start()
         model_dir = repo / "lenet5"
         start = next_swap = time.monotonic()
-        while (now := time.monotonic()) - start < SOAK_S:
+        while (now := time.monotonic()) - start < SOAK_S:  # the soak's length: its subject
             if now >= next_swap:  # publish N+1 (hidden copy, rename), remove N-1
                 published += 1
                 tmp = model_dir / f".tmp-{published}"
@@ -81,9 +87,10 @@ def test_a_long_run_with_version_swaps_does_not_grow_memory_fds_or_threads(expor
                 os.rename(tmp, model_dir / str(published))
                 if published > 2:
                     shutil.rmtree(model_dir / str(published - 2))
-                next_swap = now + SWAP_EVERY_S
+                eventually(lambda v=published: v in versions, f"version {published} served")
+                next_swap = time.monotonic() + SWAP_EVERY_S
             samples.append({"t": round(now - start, 1), **sample(srv.process.pid)})
-            time.sleep(1.0)
+            time.sleep(SAMPLE_EVERY_S)  # the sampling period: the soak's pace, its subject
     finally:
         stop.set()
         for t in clients:
@@ -103,7 +110,7 @@ def test_a_long_run_with_version_swaps_does_not_grow_memory_fds_or_threads(expor
               "max": {k: max(s[k] for s in samples) for k in ("rss_mb", "fds", "threads")}}
     print(json.dumps(report, indent=1))  # noqa: T201 - the figures for the closing note
     assert set(outcomes) == {"OK", "INVALID_ARGUMENT"}, outcomes  # nothing failed but the bad
-    assert len(versions) >= min(published, SOAK_S // SWAP_EVERY_S) - 2, (versions, published)
+    assert set(range(2, published + 1)) <= versions, (versions, published)  # each was served
     # noise: the allocator's working set moves by tens of MB; a leak of one loaded version per
     # swap (a LeNet session, its threads, its file) would add hundreds of MB, a thread or two
     # and a descriptor per swap
