@@ -46,10 +46,13 @@ test-fast: test-unit
 test-heavy: setup
 	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
 
-# The whole suite with the full architecture sweep: all 41 non-heavy architectures (`make test`
-# exports one per family and a third of the rest, chosen by the commit) plus the heavy ones.
-test-all: test-unit
-	VISIONSERVE_ARCH_ALL=1 $(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
+# The whole suite in its long forms: all 41 non-heavy architectures (`make test` exports one
+# per family and a slice of the rest, chosen by the commit) and the heavy ones; the 60 s soak,
+# 10,000-input fuzz campaigns and ten times the property-test examples (random seeds).
+LONG := VISIONSERVE_ARCH_ALL=1 VISIONSERVE_LONG_TESTS=1 VISIONSERVE_HYPOTHESIS_PROFILE=long
+test-all: setup
+	$(LONG) $(BIN)/python -m pytest tests/inprocess $(PYTEST_ARGS)
+	$(LONG) $(BIN)/python -m pytest -m "" --durations=30 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check service export tests bench
