@@ -1,11 +1,15 @@
 """One request cannot make the server do unbounded work (issue 16), through the public gRPC APIs of
-a real server process: each class of hostile input gets a clear status at once, the server's
-memory stays bounded, and good requests keep their answers."""
+a real server process, where what only the process shows is measured: its RSS and threads
+while each class of hostile input gets a clear status at once (an output named thousands of
+times, repeated fields over their limit, every request of `visionserve bench-attacks`), the
+replies a stream client that never reads can make it hold, and the exit codes of limits that
+could never admit a request.
+
+The refusals that need no process (outputs named twice, raw and typed contents together,
+client strings never echoed unbounded, the per-request pixel budget, the deadline checked
+between decodes, the full decode queue) moved to tests/inprocess/test_wire_limits.py."""
 
 from __future__ import annotations
-
-import re
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -19,7 +23,6 @@ from visionserve.bench.attacks import ATTACKS, send
 from visionserve.bench.launch import Launched, rss_mb
 from visionserve.service.config import InputSpec
 from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
-from visionserve.v1 import visionserve_pb2 as pb
 
 LENET_X = np.zeros((1, 1, 32, 32), np.float32)
 
@@ -73,40 +76,6 @@ def test_an_output_named_thousands_of_times_is_refused_before_any_work(srv):
     err = refused(kserve(srv).ModelInfer, three)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "model lenet5 version 1: 3 outputs requested; the model has 2" in err.details()
-
-
-def test_an_output_named_twice_is_refused_and_each_output_once_is_answered(srv):
-    twice = lenet_request(outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(
-        name=LOGITS)] * 2)
-    err = refused(kserve(srv).ModelInfer, twice)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"output '{LOGITS}' is requested twice" in err.details()
-    both = lenet_request(outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name=n)
-                                  for n in (LOGITS, EMBEDDING)])
-    reply = kserve(srv).ModelInfer(both, timeout=30)
-    assert [o.name for o in reply.outputs] == [LOGITS, EMBEDDING]
-
-
-def test_raw_and_typed_contents_together_are_refused_as_the_protocol_says(srv):
-    request = lenet_request()
-    request.inputs[0].contents.fp32_contents.extend([0.0] * 1024)
-    err = refused(kserve(srv).ModelInfer, request)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "typed contents while the request uses raw_input_contents" in err.details()
-    assert f"input '{INPUT}'" in err.details() and "model lenet5" in err.details()
-
-
-@pytest.mark.parametrize("name", ["é" * 20_000, "\U0001F600" * 20_000, "x" * 100_000])
-def test_client_strings_are_never_echoed_unbounded_and_the_status_arrives(srv, name):
-    """A multibyte name must not push the status past the client's metadata limit (the client
-    would see a transport error instead of our INVALID_ARGUMENT)."""
-    request = lenet_request()
-    request.inputs[0].name = name
-    request.outputs.add(name=name)
-    err = refused(kserve(srv).ModelInfer, request)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "model lenet5" in err.details()
-    assert len(err.details().encode()) <= 1024
 
 
 def stream_requests(n: int, image: bytes):
@@ -194,87 +163,6 @@ def test_a_repeated_field_over_its_limit_is_refused_before_parsing(srv, method, 
     assert rss_mb(srv.process.pid) - rss_before < 100
     channel.close()
     assert healthy(srv)  # its 5 s deadline is the bound against a stalled loop
-
-
-# --- decode cost -------------------------------------------------------------------------------
-# A flat colour compresses to almost nothing: a 40 MP JPEG is 0.6 MB but a third of a second of a
-# core to decode. Each is within the per-image limits; the request's total is what is bounded.
-
-def flat_jpeg(width: int, height: int) -> bytes:
-    return encode(np.full((height, width, 3), 120, np.uint8), quality=10)
-
-
-@pytest.fixture(scope="module")
-def decoding(exported_repo, tmp_path_factory):
-    """One decode thread, a 100 MP request budget and decode queue, and lenet5 with a 200 ms
-    default deadline (applied to calls that set none)."""
-    tmp = tmp_path_factory.mktemp("decoding")
-    repo = make_repo(exported_repo, tmp / "repo", ("lenet5",),
-                     {"lenet5": {"batching.default_timeout_ms": 200.0}})
-    server = start_server(repo, tmp / "server.log", "--preprocess-threads", "1",
-                          "--max-request-pixels", "100000000",
-                          "--max-decode-queue-pixels", "100000000")
-    yield server
-    server.stop()
-
-
-def classify(srv, images: list[bytes], timeout: float | None = 60):
-    return srv.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[
-        pb.Image(encoded=data) for data in images]), timeout=timeout)
-
-
-def test_a_request_over_its_pixel_budget_is_refused_from_the_headers(decoding):
-    """Three 40 MP images (each within --max-image-pixels) are 120 MP, over the 100 MP budget.
-    The last one is cut after its header: had anything been decoded, that image would have
-    failed INVALID_ARGUMENT; the budget, read from the headers, speaks first."""
-    image = flat_jpeg(8000, 5000)
-    with pytest.raises(grpc.RpcError) as info:
-        classify(decoding, [image, image, image[:2000]])
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert ("model lenet5 version 1: the request's 3 images decode to 120000000 pixels, over "
-            "the per-request budget of 100000000 (the server's --max-request-pixels)"
-            in info.value.details())
-    # within the budget, the same images are decoded (and the cut one fails as itself)
-    with pytest.raises(grpc.RpcError) as info:
-        classify(decoding, [image, image[:2000]])
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "images[1] could not be decoded" in info.value.details()
-    assert len(classify(decoding, [image, image]).results) == 2
-
-
-def test_decoding_stops_between_images_once_the_deadline_has_passed(decoding):
-    """Five 20 MP images on one decode thread take about a second; lenet5's 200 ms default
-    deadline passes after the first one or two, and the rest are never decoded. A deadline is a
-    clock, the subject here: the claim needs the four first images to take longer than 200 ms
-    (80 MP: at 115 MP/s per core, 0.7 s)."""
-    with pytest.raises(grpc.RpcError) as info:
-        classify(decoding, [flat_jpeg(5000, 4000)] * 5, timeout=None)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    started = re.search(r"decoded \((\d) of 5 started\)", info.value.details())
-    assert started, info.value.details()
-    assert int(started.group(1)) < 5
-    assert "give it a longer deadline, or send fewer or smaller images" in info.value.details()
-    eventually(lambda: decoding.metric("visionserve_decode_queue_pixels") == 0,
-               "the abandoned request's pixels to leave the decode queue")
-
-
-def test_a_full_decode_queue_refuses_new_work_at_once_and_serves_it_again_after(decoding):
-    """While one request's 100 MP decode on the only thread, the queue (100 MP) has no room for
-    another such request: it is refused RESOURCE_EXHAUSTED at once rather than queued behind;
-    the queue frees as images decode, and once it is empty the same request is served."""
-    images = [flat_jpeg(5000, 4000)] * 5
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(classify, decoding, images)
-        eventually(lambda: decoding.metric("visionserve_decode_queue_pixels") > 0,
-                   "the first request to be decoding", interval=0.01)
-        with pytest.raises(grpc.RpcError) as info:
-            classify(decoding, images)
-        assert len(first.result().results) == 5
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "would exceed its decode queue of 100000000 (--max-decode-queue-pixels); retry with " \
-           "backoff" in info.value.details()
-    assert decoding.metric("visionserve_decode_queue_pixels") == 0
-    assert len(classify(decoding, images).results) == 5
 
 
 @pytest.mark.parametrize(("flags", "message"), [
