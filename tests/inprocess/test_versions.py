@@ -1,0 +1,177 @@
+"""Model versions while the server runs, through the whole server in this process (on the fake
+engine): hot reload by polling, zero-downtime swaps under load, broken versions that never take
+down a working one, a removed version that drains first (its request held in the engine: a
+state the test waits for), config changes and removed models, and explicit control.
+
+Moved from tests/test_lifecycle.py, which keeps what only the server process shows: its memory
+(RSS) over sixty load/unload cycles of a real model."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from fakes.engine import Engines
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import Load, eventually, publish, tensor_image
+from inprocess.harness import InProcessServer, fake_repo, publish_fake
+from visionserve.inference import grpc_service_pb2 as kpb
+from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
+from visionserve.v1 import visionserve_pb2 as pb
+
+# every poll is a scan of the repository: a short interval is only what the waits wait for
+POLL = ("--model-control", "poll", "--poll-interval-s", "0.1")
+LENET = pb.ClassifyRequest(model="lenet5", images=[tensor_image(np.zeros((32, 32, 1), np.uint8))])
+
+
+@pytest.fixture
+def start(engines: Engines) -> Iterator:
+    """``start(repo, *flags)``: a server on a repository the test prepared; stopped at the end."""
+    started: list[InProcessServer] = []
+
+    def run(repo: Path, *flags: str) -> InProcessServer:
+        started.append(InProcessServer(repo, *flags, engines=engines))
+        return started[-1]
+
+    yield run
+    for srv in reversed(started):
+        srv.stop()
+
+
+def test_publishing_under_load_swaps_versions_without_a_failed_request(server_factory,
+                                                                       tmp_path):
+    srv = server_factory(("lenet5",), None, *POLL)
+    repo = srv.repo
+    load = Load(srv, LENET)
+    try:
+        eventually(lambda: len(load.replies) > 200, what="steady traffic")
+        failures_before = srv.metric("visionserve_model_load_failures_total", model="lenet5")
+        publish_fake(repo / "lenet5", 2, seed=5)  # what `visionserve export --seed 5` publishes
+        eventually(lambda: 2 in load.versions_seen(), what="version 2 serving")
+        eventually(lambda: srv.metric("visionserve_model_state", model="lenet5", version="1",
+                                      state="unloaded") == 1, what="version 1 to retire")
+        # a corrupt version 3 must not take version 2 down
+        (tmp_path / "broken").mkdir()
+        (tmp_path / "broken" / "model.onnx").write_bytes(b"this is not an onnx model")
+        publish(repo / "lenet5", 3, tmp_path / "broken")
+        eventually(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5")).versions[0]
+                   .state == pb.MODEL_STATE_FAILED, what="version 3 to fail")
+        failed_at = len(load.replies)
+        # every client answered again since version 3 failed (by version 2: 1 is retired)
+        eventually(lambda: {c for c, _, _ in load.replies[failed_at:]} == set(range(16)),
+                   what="every client's answers after version 3 failed")
+    finally:
+        load.stop()
+    assert load.errors() == []
+    assert load.versions_seen() == {1, 2}
+    assert load.monotonic_per_client()
+    assert [v for _, v, _ in load.replies[-16:]] == [2] * 16
+    info = srv.stub.GetModel(pb.GetModelRequest(model="lenet5"))
+    states = {v.version: (v.state, v.reason) for v in info.versions}
+    assert states[3][0] == pb.MODEL_STATE_FAILED and "model.onnx" in states[3][1]
+    assert states[2][0] == pb.MODEL_STATE_READY and info.state == pb.MODEL_STATE_READY
+    assert 1 not in states  # retired: latest = 1
+    assert srv.metric("visionserve_model_load_failures_total", model="lenet5",
+                      version="3") - failures_before == 1
+    assert srv.metric("visionserve_model_state", model="lenet5", version="1",
+                      state="unloaded") == 1
+    assert srv.stub.Classify(LENET).version == 2
+
+
+def test_latest_two_keeps_two_versions_and_a_removed_one_drains_first(start, engines,
+                                                                     tmp_path):
+    repo = fake_repo(tmp_path / "repo", ("resnet18",),
+                     {"resnet18": {"version_policy.latest": 2}})
+    publish_fake(repo / "resnet18", 2)
+    srv = start(repo, *POLL)
+    image = tensor_image(np.zeros((3, 224, 224), np.float32))
+    for version in (1, 2):
+        assert srv.stub.Classify(pb.ClassifyRequest(model="resnet18", version=version,
+                                                    images=[image])).version == version
+    result: dict[str, object] = {}
+
+    def pinned() -> None:
+        result["reply"] = srv.stub.Classify(pb.ClassifyRequest(
+            model="resnet18", version=1, images=[image] * 96), timeout=120)
+
+    engines.hold("resnet18")  # the pinned request's batches wait in the engine until released
+    thread = threading.Thread(target=pinned)
+    thread.start()
+    try:
+        eventually(lambda: engines.waiting("resnet18") > 0, what="the pinned request to compute")
+        shutil.rmtree(repo / "resnet18" / "1")
+        eventually(lambda: srv.metric("visionserve_model_state", model="resnet18", version="1",
+                                      state="draining") == 1, what="version 1 to drain")
+        assert thread.is_alive()  # the removed version waits for its request
+    finally:
+        engines.release("resnet18")
+        thread.join(timeout=120)
+    assert result["reply"].version == 1 and len(result["reply"].results) == 96
+    eventually(lambda: srv.metric("visionserve_model_state", model="resnet18", version="1",
+                                  state="unloaded") == 1, what="version 1 to unload")
+
+    def version_1_code() -> grpc.StatusCode:
+        try:
+            srv.stub.Classify(pb.ClassifyRequest(model="resnet18", version=1, images=[image]))
+        except grpc.RpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+    # a poll during the deletion may see the folder without its model file (that version
+    # then reads as failed): the next poll, with the folder gone, forgets it
+    eventually(lambda: version_1_code() == grpc.StatusCode.NOT_FOUND,
+               what="requests for the removed version 1 to get NOT_FOUND")
+    assert srv.stub.Classify(pb.ClassifyRequest(model="resnet18", images=[image])).version == 2
+
+
+def test_config_changes_reload_and_removed_models_unload(server_factory):
+    srv = server_factory(("lenet5", "mobilenet_v3_small"), None, *POLL)
+    repo = srv.repo
+    health = health_pb2_grpc.HealthStub(srv.channel)
+
+    def healthy(name: str) -> int:
+        return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+
+    assert healthy("lenet5") == health_pb2.HealthCheckResponse.SERVING
+    assert healthy("") == health_pb2.HealthCheckResponse.SERVING
+    config = repo / "lenet5" / "config.toml"
+    config.write_text(config.read_text().replace("max_batch_size = 256",
+                                                 "max_batch_size = 8"))
+    eventually(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5"))
+               .max_batch_size == 8, what="the config change to apply")
+    assert srv.stub.Classify(LENET).version == 1
+    shutil.rmtree(repo / "mobilenet_v3_small")
+    eventually(lambda: [m.name for m in srv.stub.ListModels(pb.ListModelsRequest()).models]
+               == ["lenet5"], what="the removed model to unload")
+    assert healthy("mobilenet_v3_small") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert healthy("") == health_pb2.HealthCheckResponse.SERVING
+    # a broken config.toml leaves the loaded model serving, and says why (in place of its
+    # reason until then: the fake engine's files have no golden set, which it notes)
+    before = srv.stub.GetModel(pb.GetModelRequest(model="lenet5")).reason
+    config.write_text("max_batch_size = 'eight'\n")
+    eventually(lambda: srv.stub.GetModel(pb.GetModelRequest(model="lenet5")).reason != before,
+               what="the bad config to be reported")
+    assert "max_batch_size must be int" in srv.stub.GetModel(
+        pb.GetModelRequest(model="lenet5")).reason
+    assert srv.stub.Classify(LENET).version == 1
+
+
+def test_explicit_mode_changes_nothing_until_asked(server_factory):
+    # a poll interval far below the wait: if explicit mode polled, version 2 would be served
+    srv = server_factory(("lenet5",), None, "--model-control", "explicit", "--trust-network",
+                         "--load-model", "lenet5", "--poll-interval-s", "0.1")
+    publish_fake(srv.repo / "lenet5", 2)
+    # a claim only a clock can make (that nothing happens): explicit mode runs no poller,
+    # so there is no event to wait for
+    time.sleep(1.5)  # the subject: fifteen poll intervals of the flag above, and no change
+    assert srv.stub.Classify(LENET).version == 1
+    kpb_grpc.GRPCInferenceServiceStub(srv.channel).RepositoryModelLoad(
+        kpb.RepositoryModelLoadRequest(model_name="lenet5"), timeout=60)
+    assert srv.stub.Classify(LENET).version == 2
