@@ -1,13 +1,16 @@
-"""Security of the gRPC port: TLS, mutual TLS, bearer tokens, the metrics address, and what
-reaches clients and logs (docs/security.md). Certificates are generated at run time."""
+"""Security of the server as a process (docs/security.md): TLS and token flags refused at
+start (exit code 2), a port in use, the token from the environment and its reload on SIGHUP,
+thread counts under held connections, the HTTP/2 transport limits, and ONNX Runtime refusing
+external data outside a model's folder. Certificates are generated at run time.
+
+TLS and mutual TLS, bearer tokens and open classes, the metrics address, the access and audit
+logs, refusals before any handler, the image parsers and the metadata limit run on the
+in-process server: tests/inprocess/test_auth_and_access.py."""
 
 from __future__ import annotations
 
 import datetime
-import http.client
 import ipaddress
-import ssl
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +18,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ROOT, eventually, make_repo, run_cli, tensor_image
 from visionserve.bench.launch import start_visionserve
-from visionserve.service.client import open_channel
 from visionserve.service.model_format import INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
@@ -88,70 +89,6 @@ def classify(channel: grpc.Channel, **kwargs: object) -> pb.ClassifyResponse:
         pb.ClassifyRequest(model="lenet5", images=[tensor_image(DIGIT)]), timeout=30, **kwargs)
 
 
-def status_of(call, *args: object, **kwargs: object) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kwargs)
-    return info.value
-
-
-def https_ready(port: int, context: ssl.SSLContext) -> int:
-    conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
-    try:
-        conn.request("GET", "/v2/health/ready")
-        return conn.getresponse().status
-    finally:
-        conn.close()
-
-
-def test_tls_serves_tls_clients_and_refuses_plaintext(exported_repo, tmp_path, pki):
-    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
-                "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
-    try:
-        target = f"localhost:{srv.grpc_port}"
-        with open_channel(target, tls_ca=pki.ca) as channel:
-            assert classify(channel).version == 1
-        with grpc.insecure_channel(target) as plaintext:
-            assert status_of(classify, plaintext).code() == grpc.StatusCode.UNAVAILABLE
-        probe = run_cli("health", "--server", target, "--tls-ca", str(pki.ca))
-        assert probe.returncode == 0, probe.stderr
-        assert "(TLS; no auth;" in srv.log_tail()
-        # the HTTP port: the same certificate; plaintext HTTP gets no answer
-        assert https_ready(srv.http_port, ssl.create_default_context(cafile=pki.ca)) == 200
-        with pytest.raises((http.client.HTTPException, OSError)):
-            plain = http.client.HTTPConnection("localhost", srv.http_port, timeout=10)
-            plain.request("GET", "/v2/health/ready")
-            plain.getresponse()
-    finally:
-        srv.stop()
-
-
-def test_mutual_tls_needs_a_client_certificate_from_the_configured_ca(exported_repo, tmp_path,
-                                                                      pki):
-    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
-                "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-                "--tls-client-ca", str(pki.ca))
-    try:
-        target = f"localhost:{srv.grpc_port}"
-        with open_channel(target, pki.ca, pki.client_cert, pki.client_key) as channel:
-            assert classify(channel).version == 1
-        with open_channel(target, tls_ca=pki.ca) as anonymous:
-            assert status_of(classify, anonymous).code() == grpc.StatusCode.UNAVAILABLE
-        with open_channel(target, pki.ca, pki.rogue_cert, pki.rogue_key) as rogue:
-            assert status_of(classify, rogue).code() == grpc.StatusCode.UNAVAILABLE
-        models = run_cli("models", "--server", target, "--tls-ca", str(pki.ca),
-                         "--tls-client-cert", str(pki.client_cert),
-                         "--tls-client-key", str(pki.client_key))
-        assert models.returncode == 0 and "lenet5" in models.stdout, models.stderr
-        # HTTPS too needs a client certificate from the CA
-        mutual = ssl.create_default_context(cafile=pki.ca)
-        mutual.load_cert_chain(pki.client_cert, pki.client_key)
-        assert https_ready(srv.http_port, mutual) == 200
-        with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
-            https_ready(srv.http_port, ssl.create_default_context(cafile=pki.ca))
-    finally:
-        srv.stop()
-
-
 def test_bad_tls_flags_fail_at_start_naming_the_flag(exported_repo, tmp_path, pki):
     repo = str(exported_repo)
     result = run_cli("serve", "--repo", repo, "--tls-cert", str(pki.server_cert))
@@ -160,130 +97,6 @@ def test_bad_tls_flags_fail_at_start_naming_the_flag(exported_repo, tmp_path, pk
                      "--tls-key", str(tmp_path / "missing.key"))
     assert result.returncode == 2 and "--tls-key" in result.stderr
     assert "cannot read it" in result.stderr
-
-
-def test_bearer_token_protects_everything_but_health(exported_repo, tmp_path):
-    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
-                "--model-control", "explicit", "--load-model", "lenet5",
-                env={"VISIONSERVE_AUTH_TOKEN": TOKEN})
-    try:
-        with grpc.insecure_channel(srv.target) as channel:
-            err = status_of(classify, channel)
-            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert "Classify needs a bearer token" in err.details()
-            assert "authorization: Bearer <token>" in err.details()
-            err = status_of(classify, channel, metadata=(("authorization", "Bearer nope"),))
-            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert "the token is not valid" in err.details()
-            assert classify(channel, metadata=(("authorization", f"Bearer {TOKEN}"),)).version == 1
-            assert classify(channel, metadata=(("authorization", f"bearer {TOKEN}"),)).version == 1
-            stream = pb_grpc.VisionServiceStub(channel).ClassifyStream(iter([pb.ClassifyRequest(
-                model="lenet5", images=[tensor_image(DIGIT)])]), timeout=30)
-            assert status_of(list, stream).code() == grpc.StatusCode.UNAUTHENTICATED
-
-            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-            assert health.status == health_pb2.HealthCheckResponse.SERVING
-            kserve = _kserve(channel)
-            assert kserve.ServerReady(_kpb().ServerReadyRequest()).ready
-            err = status_of(kserve.RepositoryModelUnload,
-                            _kpb().RepositoryModelUnloadRequest(model_name="lenet5"))
-            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-            err = status_of(kserve.ModelMetadata, _kpb().ModelMetadataRequest(name="lenet5"))
-            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-            err = status_of(kserve.ModelStatistics, _kpb().ModelStatisticsRequest(name="lenet5"))
-            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-            # a model name is a folder of the repository, never a path out of it
-            err = status_of(kserve.RepositoryModelLoad, _kpb().RepositoryModelLoadRequest(
-                model_name="../repo/lenet5"), metadata=(("authorization", f"Bearer {TOKEN}"),))
-            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "no path separators" in err.details()
-        assert "bearer token required except for health" in srv.log_tail()
-    finally:
-        srv.stop()
-
-
-def test_opened_classes_need_no_token_but_repository_calls_always_do(exported_repo, tmp_path):
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n# rotated 2026-11-24: only the first line is the token\n")
-    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
-                "--model-control", "explicit", "--load-model", "lenet5",
-                "--auth-token-file", str(token_file), "--auth-open",
-                "inference,metadata,statistics")
-    try:
-        with grpc.insecure_channel(srv.target) as channel:
-            assert classify(channel).version == 1
-            kserve = _kserve(channel)
-            assert kserve.ModelMetadata(_kpb().ModelMetadataRequest(name="lenet5")).name
-            unload = _kpb().RepositoryModelUnloadRequest(model_name="lenet5")
-            assert status_of(kserve.RepositoryModelUnload, unload).code() == \
-                grpc.StatusCode.UNAUTHENTICATED
-            kserve.RepositoryModelUnload(unload, metadata=(("authorization",
-                                                            f"Bearer {TOKEN}"),))
-        cli = run_cli("models", "--server", srv.target, "--auth-token-file", str(token_file))
-        assert cli.returncode == 0, cli.stderr
-    finally:
-        srv.stop()
-    refused = run_cli("serve", "--repo", str(exported_repo), "--auth-token-file",
-                      str(token_file), "--auth-open", "repository")
-    assert refused.returncode == 2
-    assert "--auth-open 'repository' is not allowed" in refused.stderr
-
-
-def test_metrics_can_bind_to_another_address(exported_repo, tmp_path):
-    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
-                "--host", "127.0.0.1", "--metrics-host", "127.0.0.2")
-    try:
-        url = f"http://{{}}:{srv.metrics_port}/metrics"
-        with urllib.request.urlopen(url.format("127.0.0.2"), timeout=10) as reply:
-            assert b"visionserve_inflight_requests" in reply.read()
-        with pytest.raises(urllib.error.URLError):
-            urllib.request.urlopen(url.format("127.0.0.1"), timeout=10)
-        assert f"metrics on http://127.0.0.2:{srv.metrics_port}/metrics" in srv.log_tail()
-    finally:
-        srv.stop()
-
-
-def test_access_log_carries_the_request_id_and_never_payload_bytes(exported_repo, tmp_path):
-    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
-                "--access-log", "all")
-    marker = b"PAYLOAD-MARKER-7f3a"
-    try:
-        with grpc.insecure_channel(srv.target) as channel:
-            stub = pb_grpc.VisionServiceStub(channel)
-            stub.Classify(pb.ClassifyRequest(model="lenet5", request_id="req-ok-1",
-                                             images=[tensor_image(DIGIT)]), timeout=30)
-            err = status_of(stub.Classify, pb.ClassifyRequest(
-                model="lenet5", request_id="req-bad-2\nFORGED LINE",
-                images=[pb.Image(encoded=marker * 100)]), timeout=30)
-            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "Traceback" not in err.details() and ".py" not in err.details()
-            stub.Classify(pb.ClassifyRequest(model="lenet5", images=[tensor_image(DIGIT)]),
-                          timeout=30, metadata=(("x-request-id", "mesh-id-3"),))
-            err = status_of(stub.Classify, pb.ClassifyRequest(model="x code=OK", images=[
-                tensor_image(DIGIT)]), timeout=30)
-            assert err.code() == grpc.StatusCode.NOT_FOUND
-        log = srv.log_tail(100_000)
-        assert "[req req-ok-1] Classify model=lenet5 version=1 code=OK duration_ms=" in log
-        assert '[req "req-bad-2\\nFORGED LINE"] Classify model=lenet5 version=- ' \
-               "code=INVALID_ARGUMENT" in log
-        assert "\nFORGED LINE" not in log
-        assert "[req mesh-id-3] Classify model=lenet5 version=1 code=OK" in log
-        assert 'Classify model="x code=OK" version=- code=NOT_FOUND' in log  # quoted: no field
-        assert marker.decode() not in log
-    finally:
-        srv.stop()
-
-
-def _kpb():
-    from tritonclient.grpc import service_pb2
-
-    return service_pb2
-
-
-def _kserve(channel: grpc.Channel):
-    from tritonclient.grpc import service_pb2_grpc
-
-    return service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
 def test_a_model_whose_external_data_escapes_its_folder_fails_alone(exported_repo, tmp_path):
@@ -386,98 +199,12 @@ def test_a_token_is_trimmed_the_same_way_from_the_environment_and_from_a_file(ex
     assert empty.returncode == 2 and "VISIONSERVE_AUTH_TOKEN is set but empty" in empty.stderr
 
 
-def test_only_the_accepted_formats_parsers_read_client_bytes(exported_repo, tmp_path):
-    """A PSD header declaring 30000 x 30000 pixels: Pillow's PSD parser would read it and refuse
-    it as a decompression bomb; it never runs, the file is refused as what it is."""
-    import struct
-
-    psd = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, 30000, 30000, 8, 3) + bytes(64)
-    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log")
-    try:
-        with grpc.insecure_channel(srv.target) as channel:
-            err = status_of(pb_grpc.VisionServiceStub(channel).Classify, pb.ClassifyRequest(
-                model="lenet5", images=[pb.Image(encoded=psd)]), timeout=30)
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "images[0] is a PSD image; send JPEG, PNG or WebP" in err.details()
-        assert "pixels" not in err.details()
-    finally:
-        srv.stop()
-
-
-def test_request_metadata_over_its_limit_is_refused_and_the_server_serves_on(exported_repo,
-                                                                            tmp_path):
-    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log")
-    try:
-        with grpc.insecure_channel(srv.target) as channel:
-            err = status_of(classify, channel, metadata=(("x-padding", "x" * 32 * 1024),))
-            assert err.code() != grpc.StatusCode.OK
-            assert classify(channel).version == 1
-    finally:
-        srv.stop()
-
-
 def test_explicit_model_control_without_a_token_needs_trust_network_to_start(exported_repo):
     result = run_cli("serve", "--repo", str(exported_repo), "--model-control", "explicit")
     assert result.returncode == 2
     assert "--model-control explicit without a token lets any client that reaches the port " \
            "unload every model" in result.stderr
     assert "--trust-network" in result.stderr
-
-
-def test_every_load_and_unload_is_audited_and_rate_limited_per_model(exported_repo, tmp_path):
-    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5", "resnet18")),
-                tmp_path / "s.log", "--model-control", "explicit", "--load-model", "lenet5",
-                "--load-interval-s", "60", env={"VISIONSERVE_AUTH_TOKEN": TOKEN})
-    auth = (("authorization", f"Bearer {TOKEN}"),)
-    try:
-        with grpc.insecure_channel(srv.target) as channel:
-            kserve = _kserve(channel)
-            load = _kpb().RepositoryModelLoadRequest(model_name="lenet5")
-            for _ in range(4):  # the burst
-                kserve.RepositoryModelLoad(load, metadata=auth, timeout=60)
-            err = status_of(kserve.RepositoryModelLoad, load, metadata=auth, timeout=60)
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "model lenet5: RepositoryModelLoad refused: at most 4 loads or unloads" in \
-                err.details() and "--load-interval-s" in err.details()
-            # per model: another one is not held back, and lenet5 still serves
-            kserve.RepositoryModelLoad(_kpb().RepositoryModelLoadRequest(model_name="resnet18"),
-                                       metadata=auth, timeout=60)
-            assert classify(channel, metadata=auth).version == 1
-        audit = [line for line in srv.log_tail(100_000).splitlines() if "visionserve.audit" in line]
-        assert len(audit) == 6, audit
-        assert "RepositoryModelLoad model=lenet5 peer=ipv4:127.0.0.1:" in audit[0]
-        assert "identity=bearer token" in audit[0]
-        assert audit[4].endswith("refused=rate-limited")
-    finally:
-        srv.stop()
-
-
-def test_calls_refused_before_any_handler_are_counted_and_logged(exported_repo, tmp_path):
-    """Refused by the token check, by strict decoding, by a wire limit: no handler runs, but
-    each is counted by reason and has its access-log line."""
-    srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log",
-                env={"VISIONSERVE_AUTH_TOKEN": TOKEN})
-    auth = (("authorization", f"Bearer {TOKEN}"),)
-    try:
-        with grpc.insecure_channel(srv.target) as channel:
-            assert status_of(classify, channel).code() == grpc.StatusCode.UNAUTHENTICATED
-            raw = channel.unary_unary("/visionserve.v1.VisionService/Classify",
-                                      request_serializer=None, response_deserializer=None)
-            assert status_of(raw, b"\xff\xff\xff", metadata=auth, timeout=30).code() == \
-                grpc.StatusCode.INVALID_ARGUMENT
-            assert status_of(raw, b"\x1a\x00" * 300, metadata=auth, timeout=30).code() == \
-                grpc.StatusCode.RESOURCE_EXHAUSTED  # 300 images: over 256
-        scrape = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics",
-                                        timeout=10).read().decode()
-        for reason in ("unauthenticated", "undecodable", "wire_limit"):
-            assert f'visionserve_requests_refused_total{{method="Classify",reason="{reason}"}} ' \
-                   "1.0" in scrape, reason
-        log = srv.log_tail(100_000)
-        assert "Classify model= version=- code=UNAUTHENTICATED (unauthenticated)" in log
-        assert "code=INVALID_ARGUMENT (undecodable)" in log
-        assert "code=RESOURCE_EXHAUSTED (wire_limit)" in log
-    finally:
-        srv.stop()
 
 
 def test_a_rotated_token_file_is_reloaded_without_a_restart(exported_repo, tmp_path):

@@ -106,6 +106,14 @@ class Engines:
         if gate is not None:
             gate.set()
 
+    def step(self, model: str) -> None:
+        """The batches of ``model`` held now finish; the next ones are held again (no moment
+        between in which a batch could pass)."""
+        with self._lock:
+            gate = self._held[model]
+            self._held[model] = threading.Event()
+        gate.set()
+
     def hold_loads(self) -> None:
         """From now on loading an engine waits until ``release_loads()`` (a slow load)."""
         self._loads_held = threading.Event()
