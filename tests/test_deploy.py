@@ -40,7 +40,9 @@ def rendered(overlay: str) -> list[dict]:
 
 
 def server_env_names() -> set[str]:
-    return set(re.findall(r"\[env\s+(VISIONSERVE_\w+)", run_cli("serve", "--help").stdout))
+    names = set(re.findall(r"\[env\s+(VISIONSERVE_\w+)", run_cli("serve", "--help").stdout))
+    assert names, "no [env VISIONSERVE_…] in `serve --help`: nothing to check names against"
+    return names
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
@@ -69,9 +71,15 @@ def test_the_manifests_use_the_servers_real_ports_probes_and_flags():
                      "grpc": int(env["VISIONSERVE_GRPC_PORT"]),
                      "metrics": int(env["VISIONSERVE_METRICS_PORT"])}
     assert container["startupProbe"]["grpc"]["port"] == ports["grpc"]
-    # readiness and liveness are the REST API's own health routes, on its port
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    # readiness and liveness are the REST API's own health routes, on its port: KServe v2's
+    # paths (kept literal: the protocol's), each a GET route of the server's OpenAPI document
+    from visionserve.service.api.openapi import openapi_document
+
+    routes = openapi_document()["paths"]
+    for probe, path in (("readinessProbe", "/v2/health/ready"),
+                        ("livenessProbe", "/v2/health/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
+        assert "get" in routes.get(path, {}), f"{path} is not a route of the HTTP API"
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
     prestop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     # preStop + drain + unloading the models (at most 10 s, docs/security.md) fit the grace
@@ -90,7 +98,8 @@ def test_the_manifests_use_the_servers_real_ports_probes_and_flags():
 
 
 # The fields of KServe's published CRDs (serving.kserve.io v1alpha1 ServingRuntime, v1beta1
-# InferenceService) that our objects may use; no CRD schema installs from a package here.
+# InferenceService) that our objects may use; no CRD schema installs from a package here. Kept
+# literal: they are KServe's specification, not something of ours a test could read.
 SERVING_RUNTIME_SPEC = {"annotations", "supportedModelFormats", "protocolVersions",
                         "multiModel", "containers", "disabled", "nodeSelector", "tolerations",
                         "affinity", "volumes", "labels", "builtInAdapter", "grpcEndpoint",
@@ -113,6 +122,7 @@ def test_kserve_objects_use_only_known_crd_fields_and_our_real_flags():
     assert (runtime["apiVersion"], runtime["kind"]) == ("serving.kserve.io/v1alpha1",
                                                         "ClusterServingRuntime")
     assert set(runtime["spec"]) <= SERVING_RUNTIME_SPEC
+    assert runtime["spec"]["supportedModelFormats"]
     assert all(set(f) <= MODEL_FORMAT for f in runtime["spec"]["supportedModelFormats"])
     assert set(runtime["spec"]["protocolVersions"]) <= PROTOCOLS
     container = runtime["spec"]["containers"][0]
@@ -146,6 +156,7 @@ def test_prometheus_rules_pass_promtool_and_use_only_series_the_server_exports(s
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     families = set(re.findall(r"^# TYPE (\w+) (\w+)", server.metrics_text(), re.M))
+    assert families
     exported = set()
     for name, kind in families:
         exported |= {name} if kind in ("gauge", "untyped") else set()
@@ -159,8 +170,11 @@ def test_prometheus_rules_pass_promtool_and_use_only_series_the_server_exports(s
     exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "scrape-kubernetes.yml").read_text())
     assert scrape["scrape_configs"][0]["job_name"] == "visionserve-pods"
+    assert len(exprs) > len(recorded) > 0  # the rules, their alerts, and the dashboard's
     for expr in exprs:
-        for series in re.findall(r"\b(?:model:)?visionserve_[a-z_]+(?::[a-z0-9_]+)?", expr):
+        named = re.findall(r"\b(?:model:)?visionserve_[a-z_]+(?::[a-z0-9_]+)?", expr)
+        assert named, f"{expr!r} names no series of ours: nothing to check"
+        for series in named:
             assert series in exported or series in recorded, f"{series} in {expr!r}"
 
 
@@ -275,4 +289,5 @@ def test_server_containers_run_on_a_read_only_root_filesystem():
                      runtime["spec"]["containers"][0]["securityContext"]):
         assert security["readOnlyRootFilesystem"] is True
         assert security["allowPrivilegeEscalation"] is False
+    assert container["volumeMounts"]
     assert all(m.get("readOnly") for m in container["volumeMounts"])

@@ -10,6 +10,13 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from visionserve.service.golden import GOLDEN_DIR, MANIFEST
+from visionserve.service.model_format import (
+    CONFIG_FILE,
+    LABELS_FILE,
+    MODEL_FILES,
+    TRITON_CONFIG_FILE,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -30,18 +37,25 @@ def lenet_weights(path: Path, poison: bool = False) -> Path:
 
 
 def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path):
+    from visionserve.export.golden import PHOTOS
+    from visionserve.service.config import DECODERS
+
     repo = tmp_path / "repo"
     first = run_cli("export", "lenet5", "--repo", str(repo), "--seed", "11")
     assert first.returncode == 0, first.stderr
     version = repo / "lenet5" / "1"
-    assert {p.name for p in version.iterdir()} == {"model.onnx", "labels.txt", "export.json",
-                                                   "golden"}
+    # the repository format's names (service/model_format.py), and the provenance record
+    assert {p.name for p in version.iterdir()} == {MODEL_FILES["onnxruntime"], LABELS_FILE,
+                                                   "export.json", GOLDEN_DIR}
     record = json.loads((version / "export.json").read_text())
-    assert record["golden"]["cases"] == 8 and record["golden"]["max_rel_diff"] == 3e-3
-    golden = json.loads((version / "golden" / "golden.json").read_text())
-    assert golden["labels"] == "labels.txt" and golden["preprocessing"]["mean"] == [0.5]
-    assert {c["input"] for c in golden["cases"]} == {
-        "chelsea.jpg", "astronaut.jpg", "coffee.png", "noise-uint8.npy", "noise-float32.npy"}
+    # every photo of the golden set once per decoder, and the two noise inputs; none dropped
+    assert record["golden"]["cases"] == len(PHOTOS) * len(DECODERS) + 2
+    assert record["golden"]["dropped"] == []
+    assert record["golden"]["max_rel_diff"] == 3e-3  # FP32's documented tolerance
+    golden = json.loads((version / GOLDEN_DIR / MANIFEST).read_text())
+    assert golden["labels"] == LABELS_FILE and golden["preprocessing"]["mean"] == [0.5]
+    assert {c["input"] for c in golden["cases"]} == {*PHOTOS, "noise-uint8.npy",
+                                                     "noise-float32.npy"}
     assert record["architecture"] == "lenet5" and record["seed"] == 11
     assert record["opset"] >= 17 and record["exporter"] in ("dynamo", "torchscript")
     assert record["parity"]["passed"] and record["parity"]["top5_agreement"] == 1.0
@@ -56,7 +70,7 @@ def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path)
     second = run_cli("export", "lenet5", "--repo", str(repo))
     assert second.returncode == 0, second.stderr
     assert sorted(p.name for p in (repo / "lenet5").iterdir()) == \
-        ["1", "2", "config.pbtxt", "config.toml", "labels.txt"]  # no hidden temp folder left
+        sorted(["1", "2", TRITON_CONFIG_FILE, CONFIG_FILE, LABELS_FILE])  # no hidden temp folder
 
 
 def test_an_existing_version_is_never_overwritten(tmp_path):
@@ -115,7 +129,9 @@ def test_a_fine_tuned_head_with_its_own_labels(tmp_path):
 def test_list_and_unknown_architecture(tmp_path):
     listing = run_cli("export", "--list", env={"COLUMNS": "200"})
     assert listing.returncode == 0
-    for name in ("lenet5", "resnet18", "resnet50", "mobilenet_v3_small"):
-        assert name in listing.stdout
+    names = [a["name"] for a in json.loads(run_cli("export", "--list", "-o", "json").stdout)]
+    assert {"lenet5", "resnet18", "mobilenet_v3_small"} <= set(names)  # the test models
+    for name in names:  # the table lists every architecture the JSON document does
+        assert name in listing.stdout, name
     out = run_cli("export", "resnet9000", "--repo", str(tmp_path))
     assert out.returncode == 2 and "unknown architecture 'resnet9000'" in out.stderr

@@ -100,8 +100,10 @@ def test_the_serve_lock_pins_every_serving_dependency_inside_its_declared_range(
             assert req.specifier.contains(pins[name], prereleases=True), \
                 f"{lock.name}: {name}=={pins[name]} is outside pyproject.toml's {req}"
         text = lock.read_text()
-        blocks = re.split(r"\n(?=\S)", text.split("\n", 2)[2])
-        assert all("--hash=sha256:" in b for b in blocks if not b.startswith("#")), \
+        blocks = [b for b in re.split(r"\n(?=\S)", text.split("\n", 2)[2])
+                  if not b.startswith("#")]
+        assert len(blocks) == len(pins), f"{lock.name}: one block per pin"
+        assert all("--hash=sha256:" in b for b in blocks), \
             f"{lock.name}: every pin carries its hashes"
 
 
@@ -109,6 +111,7 @@ def test_the_openvino_lock_is_the_serve_lock_plus_openvino():
     """The image built with --build-arg LOCK=openvino.txt runs every serving package at the
     default image's version, with OpenVINO's packages added."""
     plain, openvino = locked_versions(LOCK), locked_versions(LOCK.with_name("openvino.txt"))
+    assert plain  # two empty locks would compare equal
     assert {k: v for k, v in openvino.items() if not k.startswith("openvino")} == plain
     assert {k for k in openvino if k.startswith("openvino")} == {"openvino",
                                                                  "openvino-telemetry"}
@@ -119,7 +122,9 @@ def test_the_dev_environment_runs_the_locked_serving_versions():
     the ones the image ships (the OpenVINO image's lock: the default one's plus OpenVINO)."""
     from importlib.metadata import distribution
 
-    for name, pinned in locked_versions(LOCK.with_name("openvino.txt")).items():
+    pins = locked_versions(LOCK.with_name("openvino.txt"))
+    assert pins  # a lock read as empty would check nothing
+    for name, pinned in pins.items():
         assert distribution(name).version == pinned, (
             f"{name} {distribution(name).version} here, {pinned} in {LOCK.name}: run make setup")
 

@@ -83,6 +83,7 @@ def test_real_imagenet_weights_answer_what_pytorch_answers_on_real_photos(real_s
     import timm.data
     from PIL import Image
 
+    assert set(EXPECTED) <= set(PHOTOS)  # a misnamed photo's expectation would never be checked
     model = lite0_reference()
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     for name in PHOTOS:

@@ -131,9 +131,10 @@ def test_without_tensorrt_a_tensorrt_model_fails_alone_with_the_reason(exported_
     trt_model = repo / "lenet5_trt"
     (trt_model / "1").mkdir(parents=True)
     (trt_model / "1" / "model.plan").write_bytes(b"engine")
-    (trt_model / "config.toml").write_text(
-        (repo / "lenet5" / "config.toml").read_text().replace('backend = "onnxruntime"',
-                                                              'backend = "tensorrt"'))
+    config = (repo / "lenet5" / "config.toml").read_text()
+    assert 'backend = "onnxruntime"' in config  # else the model below is not a TensorRT one
+    (trt_model / "config.toml").write_text(config.replace('backend = "onnxruntime"',
+                                                          'backend = "tensorrt"'))
     srv = start_server(repo, tmp_path / "server.log", "--model-control", "none")
     try:
         info = srv.stub.GetModel(pb.GetModelRequest(model="lenet5_trt"))

@@ -46,7 +46,9 @@ class GatedBackend:
 
 class Recorder:
     """The batcher's observer: what it reported expiring or rejecting, and the sizes it
-    computed."""
+    computed. The reasons the tests expect ("deadline", "cancelled", "queue_full",
+    "deadline_unreachable") are kept literal: they become the ``reason`` label values of
+    docs/metrics.md, which dashboards and alerts rely on."""
 
     def __init__(self) -> None:
         self.expired_counts: dict[str, int] = {}

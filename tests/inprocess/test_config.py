@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from visionserve.service.config import ModelConfig, OpenVinoConfig, VersionPolicy
+from visionserve.service.config import DECODERS, ModelConfig, OpenVinoConfig, VersionPolicy
 from visionserve.service.errors import ConfigError
 
 
@@ -42,7 +42,7 @@ def test_what_export_writes_reads_back_identically(tmp_path):
      "batching.max_queue_size must be >= max_batch_size (64)"),
     ("[warmup]\nbatch_sizes = [1, 99]", "warmup.batch_sizes must lie in 1..max_batch_size"),
     ("backend = 'tflite'", "backend must be one of"),
-    ("[input]\ndecoder = 'turbo'", "input.decoder must be one of ('exact', 'fast')"),
+    ("[input]\ndecoder = 'turbo'", f"input.decoder must be one of {DECODERS}"),
     ("max_batch_size = [", "not valid TOML"),
     ("backend = 'openvino'\n[openvino]\nprecision = 'fp16'", "openvino.precision must be one of"),
     ("backend = 'openvino'\n[openvino]\nstreams = 2",

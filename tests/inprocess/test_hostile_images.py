@@ -20,9 +20,14 @@ import pytest
 from PIL import Image
 
 from conftest import embeddings, encode, photo
+from inprocess.harness import MODELS
+from visionserve.service.config import ServerConfig
+from visionserve.service.model_format import EMBEDDING, INPUT
 from visionserve.v1 import visionserve_pb2 as pb
 
 MODEL = "mobilenet_v3_small"
+DIM = MODELS[MODEL][0]  # its embedding's size on the fake engine
+LIMIT = ServerConfig().limits.max_image_pixels  # --max-image-pixels' default: the server's
 
 
 def png_bytes(img: Image.Image, **save: object) -> bytes:
@@ -68,18 +73,20 @@ class Api:
                 reply = self.server.stub.Embed(pb.EmbedRequest(
                     model=MODEL, images=[pb.Image(encoded=data)], normalize=False), timeout=60)
                 scores = embeddings(reply)[0]
-            else:
+            elif self.kind == "kserve":
                 from visionserve.inference import grpc_service_pb2 as kpb
                 from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 
                 request = kpb.ModelInferRequest(
                     model_name=MODEL, inputs=[kpb.ModelInferRequest.InferInputTensor(
-                        name="input", datatype="BYTES", shape=[1])],
-                    outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name="embedding")],
+                        name=INPUT, datatype="BYTES", shape=[1])],
+                    outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name=EMBEDDING)],
                     raw_input_contents=[struct.pack("<I", len(data)) + data])
                 reply = kpb_grpc.GRPCInferenceServiceStub(self.server.channel).ModelInfer(
                     request, timeout=60)
                 scores = np.frombuffer(reply.raw_output_contents[0], "<f4")
+            else:
+                pytest.fail(f"unhandled API {self.kind}")
         except grpc.RpcError as err:
             assert "Traceback" not in err.details() and ".py" not in err.details()
             assert not re.search(r"\bat 0x[0-9a-f]+", err.details())  # no object addresses
@@ -89,7 +96,8 @@ class Api:
     def answer(self, data: bytes) -> np.ndarray:
         code, details, scores = self.send(data)
         assert code == grpc.StatusCode.OK, details
-        return scores  # type: ignore[return-value]
+        assert scores is not None and scores.shape == (DIM,)  # one whole embedding, not empty
+        return scores
 
     def refusal(self, data: bytes) -> tuple[grpc.StatusCode, str]:
         code, details, _ = self.send(data)
@@ -187,7 +195,7 @@ def test_an_aspect_ratio_too_extreme_to_resize_is_refused_before_decoding(api):
     code, details = api.refusal(png_bytes(Image.new("RGB", (20000, 1))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "images[0] is 20000x1, an aspect ratio too extreme to resize" in details
-    assert "it becomes 5120000x256 pixels, over the limit of 40000000" in details
+    assert f"it becomes 5120000x256 pixels, over the limit of {LIMIT}" in details
     assert "crop it closer to square" in details
 
 
@@ -222,7 +230,7 @@ def test_decompression_bombs_are_refused_from_the_header(api, width, height):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     if width * height > 2 * Image.MAX_IMAGE_PIXELS:
         assert f"images[0]'s header declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, " \
-               "over the limit of 40000000" in details
+               f"over the limit of {LIMIT}" in details
     else:
         assert f"images[0] is {width}x{height} = {width * height} pixels, over the limit" \
             in details
@@ -233,7 +241,7 @@ def test_a_jpeg_whose_header_claims_a_huge_size_is_refused(api, cat):
     sof = jpeg.index(b"\xff\xc0")  # baseline start-of-frame: length, precision, height, width
     jpeg[sof + 5:sof + 9] = struct.pack(">HH", 60000, 60000)
     code, details = api.refusal(bytes(jpeg))
-    assert "header declares more than" in details and "over the limit of 40000000" in details
+    assert "header declares more than" in details and f"over the limit of {LIMIT}" in details
 
 
 def _tiff(cat: np.ndarray) -> bytes:
