@@ -158,8 +158,20 @@ def test_bf16_export_on_a_cpu_without_it_is_refused_before_any_work(tmp_path):
 
 @NEEDS_BF16
 def test_bf16_export_is_checked_on_openvino_and_serves_within_its_tolerance(tmp_path):
+    """The BF16 export is checked on the engine that will serve it. Where that engine's BF16
+    holds the tolerance, the version is published and serves; where it does not, nothing is
+    published and the refusal names the measured difference. Measured 2026-12-07 on an AMD EPYC
+    with AVX512_BF16 (OpenVINO's CPU plugin): random-weight ResNet-18 2.7e-2 of its logits'
+    scale (ResNet-50 0.13, top-5 agreement 0), over the 1.5e-2 tolerance: refused there; an
+    Intel CPU with AMX measured ~4e-3 on ResNet-50 (issue 22)."""
     result = run_cli("export", "resnet18", "--precision", "bf16", "--repo", str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
+    if result.returncode != 0:
+        assert "parity check failed (bf16 on OpenVINO (CPU, BF16)): relative difference" \
+            in result.stderr, result.stderr[-3000:]
+        assert "nothing was published" in result.stderr
+        assert not (tmp_path / "resnet18" / "1").exists()
+        pytest.xfail("this CPU's OpenVINO BF16 misses the tolerance: refused, as it must be "
+                     "(" + result.stderr.split("parity check failed")[1][:120].strip() + ")")
     record = json.loads((tmp_path / "resnet18" / "1" / "export.json").read_text())
     assert record["engine"] == "OpenVINO (CPU, BF16)"
     assert record["parity"]["logits_max_rel_diff"] <= 1.5e-2
