@@ -67,8 +67,8 @@ def build(arch: str):
 
 
 @pytest.mark.parametrize("arch", [
-    "mobilenetv1_100",
-    pytest.param("efficientnet_b0", marks=pytest.mark.slow),  # ~18 s: `make test` runs it
+    pytest.param("mobilenetv1_100", marks=pytest.mark.slow),  # ~16 s: `make test` runs both
+    pytest.param("efficientnet_b0", marks=pytest.mark.slow),  # ~18 s
 ])
 def test_exported_architecture_serves_what_pytorch_computes_on_its_own_transform(arch,
                                                                                  tmp_path):

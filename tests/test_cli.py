@@ -84,6 +84,7 @@ def test_an_interrupted_command_exits_130():
     assert b"Traceback" not in err
 
 
+@pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_piped_architecture_list_is_never_cut():
     listing = run_cli("export", "--list", env={"COLUMNS": "80"})  # stdout is a pipe here
     assert listing.returncode == 0, listing.stderr

@@ -73,6 +73,7 @@ def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path)
         sorted(["1", "2", TRITON_CONFIG_FILE, CONFIG_FILE, LABELS_FILE])  # no hidden temp folder
 
 
+@pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_an_existing_version_is_never_overwritten(tmp_path):
     repo = tmp_path / "repo"
     assert run_cli("export", "lenet5", "--repo", str(repo)).returncode == 0
@@ -82,6 +83,7 @@ def test_an_existing_version_is_never_overwritten(tmp_path):
     assert tree(repo) == before
 
 
+@pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_a_failed_parity_check_publishes_nothing(tmp_path):
     repo = tmp_path / "repo"
     assert run_cli("export", "lenet5", "--repo", str(repo)).returncode == 0
@@ -126,6 +128,7 @@ def test_a_fine_tuned_head_with_its_own_labels(tmp_path):
     assert json.loads((tmp_path / "repo/pets/1/export.json").read_text())["num_classes"] == 3
 
 
+@pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_list_and_unknown_architecture(tmp_path):
     listing = run_cli("export", "--list", env={"COLUMNS": "200"})
     assert listing.returncode == 0

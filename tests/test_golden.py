@@ -214,6 +214,7 @@ def test_versions_without_a_golden_set_load_with_a_warning_and_operators_may_wri
         srv.stop()
 
 
+@pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_reduced_precision_versions_pass_with_their_own_tolerances(tmp_path):
     repo = tmp_path / "repo"
     for version, precision in ((1, "fp32"), (2, "fp16"), (3, "int8")):

@@ -185,6 +185,7 @@ def test_bf16_export_is_checked_on_openvino_and_serves_within_its_tolerance(tmp_
         srv.stop()
 
 
+@pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_export_refuses_what_no_engine_would_serve_as_checked(exported_repo, tmp_path):
     fp16 = run_cli("export", "lenet5", "--precision", "fp16", "--backend", "openvino",
                    "--repo", str(tmp_path))

@@ -177,6 +177,7 @@ def test_the_default_lenet5_is_trained_on_digits_and_says_how_well(real_server, 
     ("mobilenet_v3_small", "logits are at most"),  # ~2e-9 with torchvision's init
     pytest.param("googlenet", "hardly depends on its input", marks=pytest.mark.slow),
 ])
+@pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_a_degenerate_reference_is_refused_naming_the_architecture(arch, reason, tmp_path):
     """torchvision's random init, as it is, gives outputs parity cannot check."""
     import torchvision

@@ -93,6 +93,7 @@ def answered(srv) -> float:
     return srv.metric("visionserve_request_duration_seconds_count", method="ModelStreamInfer")
 
 
+@pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_a_stream_client_that_never_reads_holds_a_bounded_number_of_replies(srv):
     """600 requests whose replies (ResNet-18 logits and embedding, 6 KB each) the client does
     not read: the server stops reading the stream at its bound instead of answering them all
