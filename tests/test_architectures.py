@@ -95,6 +95,7 @@ def test_exported_architecture_serves_what_pytorch_computes_on_its_own_transform
         srv.stop()
 
 
+@pytest.mark.slow  # two export processes: `make test` runs it
 def test_a_corrupt_weights_file_and_an_unwritable_repository_are_clear_errors(tmp_path):
     corrupt = tmp_path / "weights.pt"
     corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint")
@@ -123,9 +124,7 @@ def test_list_shows_every_architecture_of_the_mission():
 
 
 def test_list_as_json_describes_the_paper_architectures_and_marks_the_heavy_ones():
-    out = run_cli("export", "--list", "--output", "json")
-    assert out.returncode == 0, out.stderr
-    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    rows = {r["name"]: r for r in _architectures()}  # `export --list --output json`, run once
     assert len(rows) == 42
     assert [n for n, r in rows.items() if r["heavy"]] == ["vit_h_14"]
     # BN-Inception: GoogLeNet's 1024-d pooled features; A-LRN: LRN adds no weights to VGG-11
