@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as kpb  # not visionserve.inference: the same names
 
-from visionserve.service.config import InputSpec, ModelConfig
+from visionserve.service.model_config import InputSpec, ModelConfig
 from visionserve.service.model_format import CONFIG_FILE, EMBEDDING, INPUT
 from visionserve.v1 import visionserve_pb2 as pb
 

@@ -129,7 +129,7 @@ def main(command: str, argv: list[str]) -> int:
 def _bench_decode(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from visionserve.service.config import ModelConfig
+    from visionserve.service.model_config import ModelConfig
     from visionserve.service.model_format import CONFIG_FILE, MODEL_FILES
     from visionserve.service.repository import version_numbers
 

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from visionserve.service.config import InputSpec, ServerLimits
+from visionserve.service.limits import ServerLimits
+from visionserve.service.model_config import InputSpec
 from visionserve.service.preprocess import (
     EncodedImage,
     Preprocessor,

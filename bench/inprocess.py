@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visionserve.service.config import ModelConfig, cpu_count
+from visionserve.service.limits import cpu_count
+from visionserve.service.model_config import ModelConfig
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 

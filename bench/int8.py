@@ -80,7 +80,8 @@ def run_int8(args: argparse.Namespace) -> int:
 
     from visionserve.export.pipeline import ExportRequest, export_model
     from visionserve.export.precision import TOLERANCES, calibration_images, to_int8
-    from visionserve.service.config import ModelConfig, ServerLimits
+    from visionserve.service.limits import ServerLimits
+    from visionserve.service.model_config import ModelConfig
     from visionserve.service.model_format import CONFIG_FILE, INPUT, LOGITS
     from visionserve.service.preprocess import EncodedImage, Preprocessor
 

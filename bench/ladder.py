@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from visionserve.service.config import ModelConfig, ServerLimits
+from visionserve.service.limits import ServerLimits
+from visionserve.service.model_config import ModelConfig
 from visionserve.service.model_format import CONFIG_FILE, MODEL_FILES
 from visionserve.service.repository import version_numbers
 

@@ -21,7 +21,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from visionserve.service.config import ModelConfig
+from visionserve.service.model_config import ModelConfig
 from visionserve.service.repository import version_numbers
 
 TRITON_PEER = Path(__file__).with_name("triton_peer.py")

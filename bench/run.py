@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visionserve.service.config import ModelConfig, cpu_count
+from visionserve.service.limits import cpu_count
+from visionserve.service.model_config import ModelConfig
 from visionserve.service.repository import MODEL_FILES, version_numbers
 
 from . import report

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from visionserve.service.backends import Backend, create_backend
-from visionserve.service.config import ModelConfig
 from visionserve.service.errors import BackendError, ConfigError
+from visionserve.service.model_config import ModelConfig
 from visionserve.service.repository import VersionEntry
 
 from .errors import ExportError, ExportErrorCode

@@ -34,7 +34,6 @@ from PIL import Image
 from torch import nn
 
 from visionserve.service.backends import Backend
-from visionserve.service.config import DECODERS, InputSpec
 from visionserve.service.golden import (
     FORMAT,
     GOLDEN_DIR,
@@ -43,6 +42,7 @@ from visionserve.service.golden import (
     preprocessing_record,
     rel_diff,
 )
+from visionserve.service.model_config import DECODERS, InputSpec
 from visionserve.service.preprocess import scaled_decode_size
 
 from .errors import ExportError, ExportErrorCode

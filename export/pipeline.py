@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from visionserve.service.backends.openvino import cpu_capabilities
-from visionserve.service.config import ModelConfig, OpenVinoConfig
 from visionserve.service.errors import ConfigError
+from visionserve.service.model_config import ModelConfig, OpenVinoConfig
 from visionserve.service.model_format import (
     CONFIG_FILE,
     EMBEDDING,

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from visionserve.service.config import InputSpec, ServerLimits
+from visionserve.service.limits import ServerLimits
+from visionserve.service.model_config import InputSpec
 from visionserve.service.model_format import INPUT
 from visionserve.service.preprocess import EncodedImage, Preprocessor
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from visionserve.service.config import ModelConfig
+from visionserve.service.model_config import ModelConfig
 from visionserve.service.model_format import CONFIG_FILE, LABELS_FILE, TRITON_CONFIG_FILE
 from visionserve.service.repository import version_numbers
 from visionserve.service.triton_config import model_config_text

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visionserve.service.config import cpu_count
+from visionserve.service.limits import cpu_count
 from visionserve.service.model_format import INPUT
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import logging
 import time
 from collections import deque
@@ -41,14 +42,28 @@ from .logs import REQUEST_ID
 log = logging.getLogger(__name__)
 
 
+class Expiry(enum.StrEnum):
+    """Why queued images were dropped before compute (the value is the metric's label)."""
+
+    DEADLINE = "deadline"  # the request's deadline passed while it waited
+    CANCELLED = "cancelled"  # the client went away
+
+
+class Rejection(enum.StrEnum):
+    """Why a request was refused at the queue (the value is the metric's label)."""
+
+    QUEUE_FULL = "queue_full"
+    DEADLINE_UNREACHABLE = "deadline_unreachable"  # the queue ahead outlasts its deadline
+
+
 class BatchObserver(Protocol):
-    """What the batcher reports; the metrics layer implements it."""
+    """What the batcher reports; a version's accounting (``accounting``) implements it."""
 
     def queue_depth(self, images: int) -> None: ...
 
-    def expired(self, reason: str, images: int) -> None: ...
+    def expired(self, reason: Expiry, images: int) -> None: ...
 
-    def rejected(self, reason: str, images: int) -> None: ...
+    def rejected(self, reason: Rejection, images: int) -> None: ...
 
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None: ...
 
@@ -57,10 +72,10 @@ class NullObserver:
     def queue_depth(self, images: int) -> None:
         pass
 
-    def expired(self, reason: str, images: int) -> None:
+    def expired(self, reason: Expiry, images: int) -> None:
         pass
 
-    def rejected(self, reason: str, images: int) -> None:
+    def rejected(self, reason: Rejection, images: int) -> None:
         pass
 
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
@@ -75,29 +90,6 @@ class BatchPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
     instances: int = 1  # batches computed concurrently
     reject_unreachable_deadlines: bool = True
-
-
-class FanOut:
-    """Several observers (metrics, statistics) behind one."""
-
-    def __init__(self, *observers: BatchObserver) -> None:
-        self._observers = observers
-
-    def queue_depth(self, images: int) -> None:
-        for o in self._observers:
-            o.queue_depth(images)
-
-    def expired(self, reason: str, images: int) -> None:
-        for o in self._observers:
-            o.expired(reason, images)
-
-    def rejected(self, reason: str, images: int) -> None:
-        for o in self._observers:
-            o.rejected(reason, images)
-
-    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
-        for o in self._observers:
-            o.batch_done(size, queue_waits_s, compute_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,18 +157,18 @@ class DynamicBatcher:
             raise ModelUnavailable(f"{self.name} is unloading; retry (a newer version, if any, "
                                    "takes new requests)")
         if n > cap:
-            self._observer.rejected("queue_full", n)
+            self._observer.rejected(Rejection.QUEUE_FULL, n)
             raise QueueFull(f"{self.name}: a request of {n} images can never fit the queue of "
                             f"{cap} images; send at most {cap} per request or raise "
                             "batching.max_queue_size")
         if self._queued_images + n > cap:
-            self._observer.rejected("queue_full", n)
+            self._observer.rejected(Rejection.QUEUE_FULL, n)
             raise QueueFull(f"{self.name}: queue full ({self._queued_images} of {cap} images "
                             "waiting); retry with backoff, add capacity, or raise "
                             "batching.max_queue_size")
         now = self._clock()
         if deadline is not None and deadline <= now:
-            self._observer.expired("deadline", n)
+            self._observer.expired(Expiry.DEADLINE, n)
             raise DeadlineExceeded(f"{self.name}: the deadline passed before the request was "
                                    "queued; allow more time")
         if deadline is not None and self._image_s is not None and self._queued_images \
@@ -185,7 +177,7 @@ class DynamicBatcher:
             # a stale (too slow) estimate cannot lock traffic out, and batches keep refreshing it
             wait_s = self._queued_images * self._image_s / self._policy.instances
             if now + wait_s > deadline:
-                self._observer.rejected("deadline_unreachable", n)
+                self._observer.rejected(Rejection.DEADLINE_UNREACHABLE, n)
                 raise QueueFull(
                     f"{self.name}: overloaded for this deadline: {self._queued_images} images "
                     f"are queued ahead, about {wait_s * 1000:.0f} ms of compute, but the "
@@ -296,11 +288,11 @@ class DynamicBatcher:
             n = len(work.images)
             if work.future.done():  # cancelled by the client or its request's other chunk
                 self._pop(n)
-                self._observer.expired("cancelled", n)
+                self._observer.expired(Expiry.CANCELLED, n)
                 continue
             if work.deadline is not None and work.deadline <= now:
                 self._pop(n)
-                self._observer.expired("deadline", n)
+                self._observer.expired(Expiry.DEADLINE, n)
                 _fail(work.future, DeadlineExceeded(
                     f"{self.name}: the deadline passed after {now - work.enqueued:.3f} s in the "
                     "queue, before compute; the work was dropped. Allow more time or reduce "

@@ -22,7 +22,7 @@ from . import package_version
 from .terminal import OUTPUT_FORMATS
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
+    from .server_config import ServerConfig
 
 log = logging.getLogger("visionserve")
 
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import GoldenMode, ServerConfig
+    from .modes import GoldenMode
+    from .server_config import ServerConfig
 
     defaults = ServerConfig()  # the one place the server's defaults live
     limits = defaults.limits
@@ -406,8 +407,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     """The ``ServerConfig`` that ``serve``'s parsed flags describe, with the cross-flag rules
     checked; a usage error (``UsageError``) names the flag. The tests' in-process servers are
     built through here too, so a flag means the same in a test as on the command line."""
-    from .config import GoldenMode, ServerConfig, ServerLimits
-    from .security import BearerTokenInterceptor, TlsConfig, load_token
+    from .auth import BearerTokenInterceptor, load_token
+    from .limits import ServerLimits
+    from .modes import GoldenMode
+    from .server_config import ServerConfig
+    from .tls import TlsConfig
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together; give both (or neither)")

@@ -88,8 +88,8 @@ def models(args: argparse.Namespace) -> int:
 def _call(fn, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     import grpc
 
+    from .auth import load_token
     from .client import VisionClient
-    from .security import load_token
 
     client = VisionClient(args.server, channel=_client_channel(args),
                           token=load_token(args.auth_token_file))

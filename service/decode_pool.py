@@ -29,8 +29,8 @@ from typing import TypeVar
 import numpy as np
 from prometheus_client import Gauge
 
-from .config import ServerLimits
 from .errors import DeadlineExceeded, LimitExceeded, QueueFull
+from .limits import ServerLimits
 from .preprocess import OpenedImage, Preprocessor
 
 T = TypeVar("T")

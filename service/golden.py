@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .backends.base import ModelOutputs
-from .config import DECODERS, GoldenMode, InputSpec
 from .errors import ConfigError, VisionServeError
+from .model_config import DECODERS, InputSpec
+from .modes import GoldenMode
 from .preprocess import EncodedImage, ImageInput, RawTensor
 from .repository import read_labels
 

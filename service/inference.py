@@ -15,11 +15,10 @@ from typing import TypeVar
 import numpy as np
 
 from .backends.base import ModelOutputs
-from .config import ServerLimits
 from .decode_pool import DecodePool
 from .errors import InvalidInput, check_image_count
+from .limits import ServerLimits
 from .messages import ClassifyCall, ClassifyResult, EmbedCall, EmbedResult, InferCall, InferResult
-from .metrics import Metrics
 from .postprocess import l2_normalize, top_k
 from .preprocess import EncodedImage, ImageInput, RawTensor
 from .routing import Router, ServedVersion
@@ -29,12 +28,10 @@ T = TypeVar("T")
 
 
 class InferenceCore:
-    def __init__(self, router: Router, decode_pool: DecodePool,
-                 limits: ServerLimits, metrics: Metrics) -> None:
+    def __init__(self, router: Router, decode_pool: DecodePool, limits: ServerLimits) -> None:
         self._router = router
         self._pool = decode_pool
         self._limits = limits
-        self._metrics = metrics
 
     @property
     def limits(self) -> ServerLimits:
@@ -67,44 +64,43 @@ class InferenceCore:
 
     async def infer(self, served: ServedVersion, images: list[ImageInput],
                     deadline: float | None, postprocess: Callable[[ModelOutputs], T],
-                    counted: bool = True) -> T:
+                    client: bool = True) -> T:
         """Preprocess ``images``, run them through the version's batcher (in order), and
-        ``postprocess`` the outputs; the request is counted in the version's statistics and
-        metrics unless not ``counted`` (the golden check's own requests)."""
+        ``postprocess`` the outputs, accounted in the version's metrics and statistics (which
+        count from the moment the version is routed: the golden check's requests before do
+        not). A ``client`` request gets the model's default timeout when it sent none."""
         with served.in_use():  # entered before the first await: no swap can retire it now
-            return await self._infer(served, images, deadline, postprocess, counted)
+            return await self._infer(served, images, deadline, postprocess, client)
 
     async def outputs(self, served: ServedVersion, image: ImageInput) -> ModelOutputs:
-        """One image's raw outputs through the whole path, uncounted: the golden check."""
-        return await self.infer(served, [image], None, lambda out: out, counted=False)
+        """One image's raw outputs through the whole path, with no deadline: the golden check."""
+        return await self.infer(served, [image], None, lambda out: out, client=False)
 
     async def _infer(self, served: ServedVersion, images: list[ImageInput],
                      deadline: float | None, postprocess: Callable[[ModelOutputs], T],
-                     counted: bool) -> T:
-        if not counted:
-            tensors = await self._preprocess(served, images, deadline)
-            return postprocess((await served.batcher.submit(tensors, deadline)).outputs)
+                     client: bool) -> T:
+        accounting = served.accounting
         start = time.perf_counter()
         try:
             if not images:
                 raise InvalidInput(f"{served.where}: images is empty; send at least one image")
             check_image_count(len(images), self._limits.max_images_per_request, served.where)
-            if deadline is None and served.config.batching.default_timeout_ms > 0:
-                deadline = time.monotonic() + served.config.batching.default_timeout_ms / 1000
+            timeout_ms = served.config.batching.default_timeout_ms
+            if client and deadline is None and timeout_ms > 0:
+                deadline = time.monotonic() + timeout_ms / 1000
             tensors = await self._preprocess(served, images, deadline)
             preprocessed = time.perf_counter()
-            self._metrics.preprocess_duration.labels(served.name, str(served.version)).observe(
-                preprocessed - start)
+            accounting.preprocessed(preprocessed - start)
             computed = await served.batcher.submit(tensors, deadline)
             post_start = time.perf_counter()
             result = postprocess(computed.outputs)
         except BaseException:
-            served.stats.request_done(ok=False, total_s=time.perf_counter() - start)
+            accounting.request_failed(time.perf_counter() - start)
             raise
         end = time.perf_counter()
-        served.stats.request_done(ok=True, total_s=end - start,
-                                  preprocess_s=preprocessed - start, queue_s=computed.queue_s,
-                                  compute_s=computed.compute_s, postprocess_s=end - post_start)
+        accounting.request_done(total_s=end - start, preprocess_s=preprocessed - start,
+                                queue_s=computed.queue_s, compute_s=computed.compute_s,
+                                postprocess_s=end - post_start)
         return result
 
     async def _preprocess(self, served: ServedVersion, images: list[ImageInput],

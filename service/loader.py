@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .accounting import VersionAccounting
 from .backends import Backend, create_backend
-from .batching import BatchObserver, BatchPolicy, DynamicBatcher, FanOut
-from .config import ModelConfig, ServerLimits
+from .batching import BatchPolicy, DynamicBatcher
+from .limits import ServerLimits
 from .metrics import Metrics
+from .model_config import ModelConfig
 from .preprocess import Preprocessor
 from .repository import VersionEntry
-from .states import VersionState
-from .statistics import VersionStatistics
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ class ServedVersion:
     batcher: DynamicBatcher
     preprocessor: Preprocessor
     executor: ThreadPoolExecutor
-    stats: VersionStatistics
-    observer: Gate
+    accounting: VersionAccounting
     note: str = ""  # what GetModel shows beside "ready" (e.g. the golden check's warning)
     _inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -70,12 +69,11 @@ class ServedVersion:
             if not self._inflight:
                 self._idle.set()
 
-    async def retire(self, metrics: Metrics) -> None:
-        """Wait for the requests using this version, stop its batcher, free its engine."""
-        metrics.set_model_state(self.name, str(self.version), VersionState.DRAINING)
+    async def retire(self) -> None:
+        """Wait for the requests using this version, stop its batcher, free its engine. (Its
+        state is the router's to show: ``Router.route`` and ``Router.retired``.)"""
         await self._idle.wait()
         await self.discard()
-        metrics.set_model_state(self.name, str(self.version), VersionState.UNLOADED)
         log.info("unloaded %s", self.where)
 
     async def discard(self) -> None:
@@ -83,11 +81,6 @@ class ServedVersion:
         does and has no request left)."""
         await self.batcher.close()
         await asyncio.get_running_loop().run_in_executor(None, self._free)
-
-    def observe(self) -> None:
-        """From now on its batches count in the metrics and statistics (not the golden check's:
-        a version's figures are its clients' requests only)."""
-        self.observer.enabled = True
 
     def _free(self) -> None:
         self.executor.shutdown(wait=True)
@@ -139,10 +132,9 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
         reject_unreachable_deadlines=config.batching.reject_unreachable_deadlines,
     )
     where = f"model {name} version {ventry.version}"
-    stats = VersionStatistics()
-    observer = Gate(FanOut(metrics.observer(name, ventry.version, policy.max_queue_size), stats))
+    accounting = VersionAccounting(metrics, name, ventry.version, policy.max_queue_size)
     preprocessor = Preprocessor(name, ventry.version, config.input, limits)
-    batcher = DynamicBatcher(where, backend.run, policy, executor, observer,
+    batcher = DynamicBatcher(where, backend.run, policy, executor, accounting,
                              assemble=preprocessor.assemble)
     batcher.start()
     seconds = time.perf_counter() - start
@@ -152,29 +144,6 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
     return ServedVersion(name=name, version=ventry.version, config=config,
                          config_fingerprint=config_fingerprint, fingerprint=ventry.fingerprint,
                          labels=ventry.labels, backend=backend, batcher=batcher,
-                         preprocessor=preprocessor, executor=executor, stats=stats,
-                         observer=observer)
+                         preprocessor=preprocessor, executor=executor,
+                         accounting=accounting)
 
-
-class Gate:
-    """A batch observer that forwards only once ``enabled`` (``ServedVersion.observe``)."""
-
-    def __init__(self, inner: BatchObserver) -> None:
-        self.inner = inner
-        self.enabled = False
-
-    def queue_depth(self, images: int) -> None:
-        if self.enabled:
-            self.inner.queue_depth(images)
-
-    def expired(self, reason: str, images: int) -> None:
-        if self.enabled:
-            self.inner.expired(reason, images)
-
-    def rejected(self, reason: str, images: int) -> None:
-        if self.enabled:
-            self.inner.rejected(reason, images)
-
-    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
-        if self.enabled:
-            self.inner.batch_done(size, queue_waits_s, compute_s)

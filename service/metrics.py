@@ -91,36 +91,3 @@ class Metrics:
     def set_model_state(self, model: str, version: str, state: str) -> None:
         for s in MODEL_STATES:
             self.model_state.labels(model, version, s.value).set(1 if s == state else 0)
-
-    def observer(self, model: str, version: int, capacity: int) -> BatchMetrics:
-        self.queue_capacity.labels(model, str(version)).set(capacity)
-        return BatchMetrics(self, model, str(version))
-
-
-class BatchMetrics:
-    """The batcher's ``BatchObserver`` for one model version, with its label values bound."""
-
-    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
-        self._depth = metrics.queue_depth.labels(model, version)
-        self._queue = metrics.queue_duration.labels(model, version)
-        self._compute = metrics.compute_duration.labels(model, version)
-        self._size = metrics.batch_size.labels(model, version)
-        self._expired = {reason: metrics.expired.labels(model, version, reason)
-                         for reason in ("deadline", "cancelled")}
-        self._rejected = {reason: metrics.rejected.labels(model, version, reason)
-                          for reason in ("queue_full", "deadline_unreachable")}
-
-    def queue_depth(self, images: int) -> None:
-        self._depth.set(images)
-
-    def expired(self, reason: str, images: int) -> None:
-        self._expired[reason].inc(images)
-
-    def rejected(self, reason: str, images: int) -> None:
-        self._rejected[reason].inc(images)
-
-    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
-        self._size.observe(size)
-        self._compute.observe(compute_s)
-        for wait in queue_waits_s:
-            self._queue.observe(wait)

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import InputSpec, ServerLimits
 from .errors import InvalidInput, LimitExceeded, VisionServeError
+from .limits import ServerLimits
 from .logs import printable
+from .model_config import InputSpec
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ModelConfig
 from .errors import ConfigError, VisionServeError
+from .model_config import ModelConfig
 from .model_format import CONFIG_FILE, LABELS_FILE, MODEL_FILES
 
 log = logging.getLogger(__name__)

@@ -32,20 +32,21 @@ from .api.rest import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from .api.rest import RestApi
 from .api.strict import add_servicer
 from .api.vision import VisionServicer
+from .auth import BearerTokenInterceptor, TokenFile
 from .backends import EngineOptions, create_backend
-from .config import ServerConfig, ServerLimits, cpu_count
 from .control import ModelControl
 from .decode_pool import DecodePool
 from .golden import GoldenCheck
 from .http_listener import HttpListener
 from .inference import InferenceCore
 from .lifecycle import Lifecycle, Phase
+from .limits import ServerLimits, cpu_count
 from .loader import BackendFactory
 from .metrics import Metrics
 from .metrics_http import MetricsHttp
 from .repository_sync import RepositorySync
 from .routing import Router
-from .security import BearerTokenInterceptor, TokenFile
+from .server_config import ServerConfig
 from .states import VersionState
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,14 @@ class Server:
         disable_created_metrics()  # the *_created series only double the scrape size
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
-        self.router = Router(self.lifecycle)
+        self.router = Router(self.lifecycle, self.metrics, self._readiness)
         threads = config.preprocess_threads or cpu_count()
         self._decode_pool = DecodePool(threads, config.limits, self.metrics.decode_queue)
-        self.core = InferenceCore(self.router, self._decode_pool, config.limits, self.metrics)
+        self.core = InferenceCore(self.router, self._decode_pool, config.limits)
         if backend_factory is None:
             engines = EngineOptions(openvino_cache_dir=config.openvino_cache_dir)
             backend_factory = partial(create_backend, options=engines)
-        self.sync = RepositorySync(self.router, config.limits, self.metrics, self._readiness,
+        self.sync = RepositorySync(self.router, config.limits, self.metrics,
                                    allow_outside=config.allow_symlinks_outside_repo,
                                    backend_factory=backend_factory,
                                    golden=GoldenCheck(config.golden_check, self.core.outputs,

@@ -1,7 +1,6 @@
 """Per-version inference statistics, cumulative since load, as KServe v2 / Triton report them.
 
-Updated from the event loop only (the core records each request; the batcher reports each
-batch through the ``BatchObserver`` protocol), so no lock is needed.
+Written by the version's accounting (``accounting``) only, from the event loop: no lock.
 """
 
 from __future__ import annotations
@@ -46,17 +45,7 @@ class VersionStatistics:
         self.compute_output.add(postprocess_s)
         self.last_inference_ms = int(time.time() * 1000)
 
-    # BatchObserver
-    def queue_depth(self, images: int) -> None:
-        pass
-
-    def expired(self, reason: str, images: int) -> None:
-        pass
-
-    def rejected(self, reason: str, images: int) -> None:
-        pass
-
-    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
+    def batch_done(self, size: int, compute_s: float) -> None:
         self.inference_count += size
         self.execution_count += 1
         self.batches.setdefault(size, Duration()).add(compute_s)

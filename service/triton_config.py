@@ -13,7 +13,7 @@ from google.protobuf import text_format
 
 from visionserve.inference import model_config_pb2 as mc
 
-from .config import ModelConfig
+from .model_config import ModelConfig
 from .model_format import LABELS_FILE, MODEL_FILES
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan"}

@@ -38,7 +38,7 @@ def lenet_weights(path: Path, poison: bool = False) -> Path:
 
 def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path):
     from visionserve.export.golden import PHOTOS
-    from visionserve.service.config import DECODERS
+    from visionserve.service.model_config import DECODERS
 
     repo = tmp_path / "repo"
     first = run_cli("export", "lenet5", "--repo", str(repo), "--seed", "11")

@@ -116,7 +116,8 @@ def test_model_config_is_the_config_pbtxt_export_wrote(triton, exported_repo):
 
 
 def test_an_engine_folder_is_described_as_tensorrt_on_gpu():
-    script = ("import dataclasses, pathlib; from visionserve.service.config import ModelConfig; "
+    script = ("import dataclasses, pathlib; "
+              "from visionserve.service.model_config import ModelConfig; "
               "from visionserve.service.triton_config import model_config; "
               "c = ModelConfig.from_toml(pathlib.Path('model_repo/lenet5/config.toml')); "
               "m = model_config('e', dataclasses.replace(c, backend='tensorrt'), 10, 84); "

@@ -28,7 +28,7 @@ def service_modules() -> list[str]:
 # up, the CLI and its client commands, TLS/token security, the terminal renderer of replies and
 # Triton's config writer. Every other module of service/ is the core. A new module that imports
 # gRPC or generated code fails below until it is named here (or moves into service/api).
-WIRE_SIDE = ("server", "cli", "client", "client_commands", "security", "terminal",
+WIRE_SIDE = ("server", "cli", "client", "client_commands", "auth", "tls", "terminal",
              "triton_config", "http_listener", "metrics_http")
 CORE = tuple(m for m in service_modules()
              if m != "api" and not m.startswith("api.") and m not in WIRE_SIDE)

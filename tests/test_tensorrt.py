@@ -15,8 +15,8 @@ import pytest
 from fakes import tensorrt_fake as fake
 
 from conftest import make_repo, start_server
-from visionserve.service.config import InputSpec, ModelConfig
 from visionserve.service.errors import ConfigError
+from visionserve.service.model_config import InputSpec, ModelConfig
 from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
 from visionserve.service.repository import VersionEntry
 from visionserve.v1 import visionserve_pb2 as pb

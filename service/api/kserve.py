@@ -203,7 +203,7 @@ def model_config(served: ServedVersion) -> mc.ModelConfig:
 
 
 def statistics(served: ServedVersion) -> kpb.ModelStatistics:
-    s = served.stats
+    s = served.accounting.stats
 
     def d(x: Duration) -> kpb.StatisticDuration:
         return kpb.StatisticDuration(count=x.count, ns=x.ns)

@@ -29,20 +29,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf.message import Message
 
 from .. import package_version
-from ..config import ServerLimits
+from ..auth import BearerTokenInterceptor
 from ..control import ModelControl
-from ..errors import (
-    ErrorCode,
-    InvalidInput,
-    LimitExceeded,
-    client_error,
-)
+from ..errors import ErrorCode, InvalidInput, LimitExceeded, client_error
 from ..inference import InferenceCore
 from ..lifecycle import Lifecycle
+from ..limits import ServerLimits
 from ..logs import REQUEST_ID, printable, request_id
 from ..messages import DEFAULT_TOP_K, ClassifyCall, EmbedCall
 from ..preprocess import EncodedImage
-from ..security import BearerTokenInterceptor
 from .calls import CallHandler
 from .kserve import EXTENSIONS, model_config, model_metadata, repository_index, statistics
 from .kserve_wire import parse_version

@@ -19,8 +19,8 @@ from google.protobuf.descriptor import Descriptor
 from visionserve.inference import grpc_service_pb2 as kpb
 from visionserve.v1 import visionserve_pb2 as pb
 
-from ..config import ServerLimits
 from ..errors import ErrorCode
+from ..limits import ServerLimits
 from ..logs import printable
 
 MAX_TENSORS = 16  # KServe inputs, outputs, raw_input_contents (our models take one input)

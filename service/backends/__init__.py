@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ModelConfig
 from ..errors import ConfigError
+from ..model_config import ModelConfig
 from ..repository import VersionEntry
 from .base import Backend, ModelOutputs
 

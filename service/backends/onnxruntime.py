@@ -7,8 +7,9 @@ import logging
 import numpy as np
 import onnxruntime as ort
 
-from ..config import ModelConfig, cpu_count
 from ..errors import BackendError, ConfigError
+from ..limits import cpu_count
+from ..model_config import ModelConfig
 from ..repository import VersionEntry
 from .base import Backend, ModelOutputs
 

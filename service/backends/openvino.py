@@ -26,8 +26,9 @@ from types import ModuleType
 
 import numpy as np
 
-from ..config import ModelConfig, cpu_count
 from ..errors import BackendError, ConfigError
+from ..limits import cpu_count
+from ..model_config import ModelConfig
 from ..repository import VersionEntry
 from .base import Backend, ModelOutputs
 

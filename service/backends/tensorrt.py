@@ -16,8 +16,8 @@ from types import ModuleType
 
 import numpy as np
 
-from ..config import ModelConfig
 from ..errors import BackendError, ConfigError
+from ..model_config import ModelConfig
 from ..repository import VersionEntry
 from .base import Backend, ModelOutputs
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from visionserve.service.backends.base import Backend, ModelOutputs
-from visionserve.service.config import ModelConfig
 from visionserve.service.errors import BackendError
+from visionserve.service.model_config import ModelConfig
 from visionserve.service.repository import VersionEntry
 
 GRID = 4  # the input is pooled to GRID × GRID per channel before the projection

@@ -24,8 +24,9 @@ with atheris.instrument_imports():
 
     Image.init()  # imports every format plugin now, inside the instrumented block
 
-    from visionserve.service.config import InputSpec, ServerLimits
     from visionserve.service.errors import VisionServeError
+    from visionserve.service.limits import ServerLimits
+    from visionserve.service.model_config import InputSpec
     from visionserve.service.preprocess import EncodedImage, Preprocessor, RawTensor
 
 SPEC = InputSpec(height=32, width=32, resize=36)  # small: fast iterations, same code paths

@@ -13,12 +13,7 @@ import pytest
 
 from visionserve.service.backends.base import ModelOutputs
 from visionserve.service.batching import BatchPolicy, Computed, DynamicBatcher
-from visionserve.service.errors import (
-    BackendError,
-    DeadlineExceeded,
-    ModelUnavailable,
-    QueueFull,
-)
+from visionserve.service.errors import BackendError, DeadlineExceeded, ModelUnavailable, QueueFull
 
 
 class GatedBackend:

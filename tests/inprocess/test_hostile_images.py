@@ -21,8 +21,8 @@ from PIL import Image
 
 from conftest import embeddings, encode, photo
 from inprocess.harness import MODELS
-from visionserve.service.config import ServerConfig
 from visionserve.service.model_format import EMBEDDING, INPUT
+from visionserve.service.server_config import ServerConfig
 from visionserve.v1 import visionserve_pb2 as pb
 
 MODEL = "mobilenet_v3_small"

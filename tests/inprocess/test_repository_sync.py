@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from visionserve.service.backends.base import Backend, ModelOutputs
-from visionserve.service.config import ServerLimits
 from visionserve.service.control import ModelControl
 from visionserve.service.errors import BackendError, ModelNotFound
+from visionserve.service.limits import ServerLimits
 from visionserve.service.metrics import Metrics
 from visionserve.service.repository import VersionEntry
 from visionserve.service.repository_sync import RepositorySync

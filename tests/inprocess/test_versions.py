@@ -163,6 +163,36 @@ def test_config_changes_reload_and_removed_models_unload(server_factory):
     assert srv.stub.Classify(LENET).version == 1
 
 
+def test_the_state_metric_follows_the_instance_that_serves_after_a_config_edit_and_revert(
+        server_factory):
+    """A config edit reloads version 1 as a new instance; the old one retires after the swap.
+    Its retirement must not write over its successor's state (a user found the metric reading
+    ``unloaded`` for a model that served)."""
+    srv = server_factory(("lenet5", "mobilenet_v3_small"), None, *POLL)
+    config = srv.repo / "lenet5" / "config.toml"
+    original = config.read_text()
+
+    def state(name: str) -> dict[str, float]:
+        return {s: srv.metric("visionserve_model_state", model=name, version="1", state=s)
+                for s in ("loading", "ready", "failed", "draining", "unloaded")}
+
+    for batch in (8, 256):  # the edit, then its revert: the same version reloaded twice
+        config.write_text(original.replace("max_batch_size = 256", f"max_batch_size = {batch}"))
+        eventually(lambda b=batch: srv.stub.GetModel(pb.GetModelRequest(model="lenet5"))
+                   .max_batch_size == b, what=f"max_batch_size {batch} to apply")
+    # the second retired instance is released: nothing after this can change the state
+    eventually(lambda: srv.log().count("unloaded model lenet5 version 1") == 2,
+               what="both replaced instances to be released")
+    assert srv.stub.Classify(LENET).version == 1
+    assert state("lenet5") == {"loading": 0, "ready": 1, "failed": 0, "draining": 0,
+                               "unloaded": 0}
+    # a model whose folder is removed reads unloaded once it is released
+    shutil.rmtree(srv.repo / "mobilenet_v3_small")
+    eventually(lambda: state("mobilenet_v3_small")["unloaded"] == 1,
+               what="the removed model to read unloaded")
+    assert state("mobilenet_v3_small")["ready"] == 0
+
+
 def test_explicit_mode_changes_nothing_until_asked(server_factory):
     # a poll interval far below the wait: if explicit mode polled, version 2 would be served
     srv = server_factory(("lenet5",), None, "--model-control", "explicit", "--trust-network",

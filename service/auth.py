@@ -1,5 +1,5 @@
-"""Transport security and access control of the gRPC port: TLS (optionally mutual) and an
-optional bearer token checked in one interceptor (docs/security.md).
+"""Access control of the gRPC port: an optional bearer token checked in one interceptor
+(docs/security.md; TLS is the process's: ``tls``).
 
 Every RPC belongs to one access class. ``health`` (gRPC health, KServe ServerLive/ServerReady/
 ModelReady) is always open so that probes work; ``repository`` (KServe RepositoryIndex/Load/
@@ -13,9 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -44,59 +42,12 @@ def access_class(method: str) -> str:
     return _CLASSES.get(method, "metadata")
 
 
-@dataclass(frozen=True, kw_only=True)
-class TlsConfig:
-    cert: Path
-    key: Path
-    client_ca: Path | None = None  # set: mutual TLS, clients must present a cert it signed
-
-    def validate(self) -> None:
-        """Parse the PEM material now, as the TLS library will: a certificate or key that does
-        not parse, or a key that does not match the certificate, is a usage error naming the
-        flag, not a "Failed to bind" traceback later."""
-        for path, flag in ((self.cert, "--tls-cert"), (self.key, "--tls-key")):
-            _read(path, flag)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(self.cert, self.key)
-        except ssl.SSLError as exc:
-            reason = exc.reason or str(exc)
-            raise ValueError(f"--tls-cert {self.cert} / --tls-key {self.key}: not a PEM "
-                             f"certificate chain and its matching private key ({reason}); "
-                             "check both files") from None
-        if self.client_ca is not None:
-            _read(self.client_ca, "--tls-client-ca")
-            try:
-                context.load_verify_locations(cafile=self.client_ca)
-            except (ssl.SSLError, ValueError) as exc:
-                raise ValueError(f"--tls-client-ca {self.client_ca}: not a PEM CA bundle "
-                                 f"({getattr(exc, 'reason', None) or exc})") from None
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """The same material for the HTTP port (TLS 1.2 or later; client certificates
-        required when ``client_ca`` is set)."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert, self.key)
-        if self.client_ca is not None:
-            context.load_verify_locations(cafile=self.client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
-
-    def credentials(self) -> grpc.ServerCredentials:
-        pairs = [(_read(self.key, "--tls-key"), _read(self.cert, "--tls-cert"))]
-        if self.client_ca is None:
-            return grpc.ssl_server_credentials(pairs)
-        return grpc.ssl_server_credentials(pairs, _read(self.client_ca, "--tls-client-ca"),
-                                           require_client_auth=True)
-
-
 def load_token(token_file: Path | None) -> str | None:
     """The bearer token from ``token_file`` (first line) or else $VISIONSERVE_AUTH_TOKEN, both
     trimmed the same way (surrounding whitespace, a trailing newline from ``echo`` or a
     Kubernetes secret, is not part of the token); None when neither is set (auth off)."""
     if token_file is not None:
-        lines = _read(token_file, "--auth-token-file").decode().splitlines()
+        lines = read_secret(token_file, "--auth-token-file").decode().splitlines()
         token = lines[0].strip() if lines else ""
         if not token:
             raise ValueError(f"--auth-token-file {token_file} is empty; put the token on its "
@@ -212,7 +163,7 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     return grpc.stream_stream_rpc_method_handler(abort)
 
 
-def _read(path: Path, flag: str) -> bytes:
+def read_secret(path: Path, flag: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:

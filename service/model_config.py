@@ -1,25 +1,20 @@
-"""Typed, validated configuration: a model's ``config.toml`` and the server's own limits.
+"""A model's ``config.toml``: typed, validated, one frozen dataclass per section.
 
-One frozen dataclass per section; ``ModelConfig.from_toml`` is the only parser. Every error
-names the file and the key, so a bad config fails that model with a message an operator can act
-on. The export stage writes these files through ``ModelConfig.to_toml`` (it writes what the
-server reads); the keys are documented in docs/config.md.
+``ModelConfig.from_toml`` is the only parser. Every error names the file and the key, so a bad
+config fails that model with a message an operator can act on. The export stage writes these
+files through ``ModelConfig.to_toml`` (it writes what the server reads); the keys are documented
+in docs/config.md.
 """
 
 from __future__ import annotations
 
-import enum
-import os
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import model_format
 from .errors import ConfigError
-
-if TYPE_CHECKING:  # security imports grpc; the config does not
-    from .security import TlsConfig
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 DECODERS = ("exact", "fast")
@@ -28,14 +23,6 @@ RAW_DTYPES = ("float32", "uint8")
 RAW_LAYOUTS = ("CHW", "HWC")
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 OPENVINO_PRECISIONS = ("fp32", "bf16")
-
-
-class GoldenMode(enum.StrEnum):
-    """``--golden-check``: what a version whose golden check fails does (service/golden.py)."""
-
-    ENFORCE = "enforce"  # it does not serve (state failed, with the reason)
-    WARN = "warn"  # it serves anyway, the reason logged as an error and shown in GetModel
-    OFF = "off"  # no check
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -303,115 +290,6 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class _Warmup:
     batch_sizes: tuple[int, ...] = (1,)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServerLimits:
-    """Request limits enforced at the boundary, with safe defaults (all configurable by flags)."""
-
-    max_message_bytes: int = 64 * 1024 * 1024
-    max_encoded_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_images_per_request: int = 256
-    # decoded pixels of one request's encoded images, read from their headers before any
-    # decodes (~115 MP/s per core for JPEG: this is about 2 s of one core)
-    max_request_pixels: int = 256_000_000
-    # decoded pixels admitted for decoding and not yet decoded, server-wide
-    max_decode_queue_pixels: int = 1_024_000_000
-    # inference requests (Classify, Embed, ModelInfer, stream messages) in progress at once;
-    # more are refused RESOURCE_EXHAUSTED at once, while health and metadata calls still pass.
-    # 0 = no limit.
-    max_inflight_requests: int = 64
-    # messages of one stream (ClassifyStream, ModelStreamInfer) being answered or waiting to be
-    # sent; at the bound the server stops reading that stream (each also counts above)
-    max_stream_inflight: int = 32
-    # RPCs of any kind at once, refused by gRPC itself beyond it (before Python sees them):
-    # a backstop for memory. 0 = no limit.
-    max_concurrent_rpcs: int = 0
-    # HTTP/2, per connection (gRPC's own defaults are unbounded): calls in flight on one
-    # connection; an idle connection is closed; every connection is closed (GOAWAY) at this age,
-    # its calls in flight given connection_age_grace_s to finish. 0 = no idle/age limit.
-    max_streams_per_connection: int = 256
-    connection_idle_s: float = 15 * 60.0
-    connection_age_s: float = 30 * 60.0
-    connection_age_grace_s: float = 5 * 60.0
-
-    def __post_init__(self) -> None:
-        if self.max_streams_per_connection < 1:
-            raise ValueError("--max-streams-per-connection must be >= 1, got "
-                             f"{self.max_streams_per_connection}")
-        if min(self.connection_idle_s, self.connection_age_s, self.connection_age_grace_s) < 0:
-            raise ValueError("--connection-idle-s, --connection-age-s and "
-                             "--connection-age-grace-s must be >= 0 (0 = no limit)")
-        if self.max_stream_inflight < 1:
-            raise ValueError(f"--max-stream-inflight must be >= 1, got {self.max_stream_inflight}")
-        if self.max_request_pixels < self.max_image_pixels:
-            raise ValueError(f"--max-request-pixels {self.max_request_pixels} is below "
-                             f"--max-image-pixels {self.max_image_pixels}: one image at its "
-                             "limit would not fit in a request; lower --max-image-pixels too")
-        if self.max_decode_queue_pixels < self.max_request_pixels:
-            raise ValueError(f"--max-decode-queue-pixels {self.max_decode_queue_pixels} is below "
-                             f"--max-request-pixels {self.max_request_pixels}: a request at its "
-                             "budget would never fit; raise it")
-        from PIL import Image
-
-        pillow = Image.MAX_IMAGE_PIXELS
-        if pillow is not None and self.max_image_pixels > pillow:
-            raise ValueError(f"--max-image-pixels {self.max_image_pixels} is above Pillow's own "
-                             f"decompression-bomb guard ({pillow} pixels), which would refuse "
-                             "such images first; use at most that")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServerConfig:
-    """Everything `visionserve serve` runs with; the CLI's flags take their defaults from here."""
-
-    repo: Path = Path("model_repo")
-    host: str = "0.0.0.0"
-    grpc_port: int = 8001
-    # the KServe v2 REST API and image endpoints (api/rest.py), as Triton's 8000; None = off
-    http_port: int | None = 8000
-    metrics_port: int = 8002
-    limits: ServerLimits = field(default_factory=ServerLimits)
-    preprocess_threads: int = 0  # 0 = one per core
-    # poll: rescan the repository every poll_interval_s (the default: a published version is
-    # served without a restart) | explicit: only the load/unload RPCs change what is served
-    # | none: load once at start
-    model_control: str = "poll"
-    poll_interval_s: float = 5.0
-    load_models: tuple[str, ...] = ()  # explicit mode: models to load at start
-    load_interval_s: float = 5.0  # explicit mode: per model, one load/unload per this (burst 4)
-    # follow symbolic links that leave the repository (refused by default: a labels.txt or a
-    # model folder linked to /etc would be read and served)
-    allow_symlinks_outside_repo: bool = False
-    # every version loaded first computes its golden set (service/golden.py): enforce (a miss
-    # keeps it out of routing) | warn (it serves anyway, loudly) | off
-    golden_check: GoldenMode = GoldenMode.ENFORCE
-    # OpenVINO's compiled models are kept here and imported on reload/restart (None: compiled
-    # at every load); a writable directory of its own: the repository may be read-only
-    openvino_cache_dir: Path | None = None
-    shutdown_grace_s: float = 30.0
-    # readiness off, still serving, for this long before new calls are refused: time for a
-    # load balancer (Kubernetes endpoints, a mesh) to stop sending new work here
-    shutdown_delay_s: float = 0.0
-    metrics_host: str = ""  # "" = the same address as gRPC
-    reuse_port: bool = False  # SO_REUSEPORT on the gRPC port: several servers share it
-    tls: TlsConfig | None = None  # security.TlsConfig
-    auth_token: str | None = None  # bearer token; None = no auth
-    # where it came from, when a file: reloaded on SIGHUP or when the file changes
-    auth_token_file: Path | None = None
-    auth_open: tuple[str, ...] = ()  # access classes open without the token (security.OPENABLE)
-    access_log: str = "errors"  # all | errors | off (--access-log)
-    # written once SERVING (ports, pid, models), removed when shutdown starts (--ready-file)
-    ready_file: Path | None = None
-
-
-def cpu_count() -> int:
-    """Cores this process may use (respects affinity / container cpusets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _build(cls: type, values: dict[str, Any], where: str, prefix: str) -> Any:
