@@ -39,7 +39,7 @@ COPY --from=wheel /wheels /wheels
 # the volume's mount point (a read-only root cannot create it at run time).
 RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r /tmp/requirements.txt \
     && pip install --no-cache-dir --no-deps /wheels/visionserve-*.whl \
-    && python -c 'import visionserve.service.server, visionserve.service.cli' \
+    && python -c 'import visionserve.service.process.server, visionserve.service.cli' \
     && rm -rf /wheels /tmp/requirements.txt \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin visionserve \
     && install -d -m 0755 /models

@@ -24,8 +24,8 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as kpb  # not visionserve.inference: the same names
 
-from visionserve.service.model_config import InputSpec, ModelConfig
-from visionserve.service.model_format import CONFIG_FILE, EMBEDDING, INPUT
+from visionserve.service.format.model_config import InputSpec, ModelConfig
+from visionserve.service.format.model_format import CONFIG_FILE, EMBEDDING, INPUT
 from visionserve.v1 import visionserve_pb2 as pb
 
 from . import report

@@ -129,9 +129,9 @@ def main(command: str, argv: list[str]) -> int:
 def _bench_decode(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from visionserve.service.model_config import ModelConfig
-    from visionserve.service.model_format import CONFIG_FILE, MODEL_FILES
-    from visionserve.service.repository import version_numbers
+    from visionserve.service.format.model_config import ModelConfig
+    from visionserve.service.format.model_format import CONFIG_FILE, MODEL_FILES
+    from visionserve.service.format.repository import version_numbers
 
     from .decoders import markdown, run_decode_bench
     from .report import save

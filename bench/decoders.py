@@ -26,9 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from visionserve.service.limits import ServerLimits
-from visionserve.service.model_config import InputSpec
-from visionserve.service.preprocess import (
+from visionserve.service.engine.preprocess import (
     EncodedImage,
     Preprocessor,
     RawTensor,
@@ -36,6 +34,8 @@ from visionserve.service.preprocess import (
     resize_size,
     scaled_decode_size,
 )
+from visionserve.service.format.model_config import InputSpec
+from visionserve.service.limits import ServerLimits
 
 Decoder = Callable[[bytes, InputSpec], np.ndarray]  # → uint8 HWC crop
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from visionserve.service.format.model_config import ModelConfig
 from visionserve.service.limits import cpu_count
-from visionserve.service.model_config import ModelConfig
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 

@@ -80,10 +80,10 @@ def run_int8(args: argparse.Namespace) -> int:
 
     from visionserve.export.pipeline import ExportRequest, export_model
     from visionserve.export.precision import TOLERANCES, calibration_images, to_int8
+    from visionserve.service.engine.preprocess import EncodedImage, Preprocessor
+    from visionserve.service.format.model_config import ModelConfig
+    from visionserve.service.format.model_format import CONFIG_FILE, INPUT, LOGITS
     from visionserve.service.limits import ServerLimits
-    from visionserve.service.model_config import ModelConfig
-    from visionserve.service.model_format import CONFIG_FILE, INPUT, LOGITS
-    from visionserve.service.preprocess import EncodedImage, Preprocessor
 
     console = Console(stderr=True)
     rng = np.random.default_rng(args.seed)

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from visionserve.service.format.model_config import ModelConfig
+from visionserve.service.format.model_format import CONFIG_FILE, MODEL_FILES
+from visionserve.service.format.repository import version_numbers
 from visionserve.service.limits import ServerLimits
-from visionserve.service.model_config import ModelConfig
-from visionserve.service.model_format import CONFIG_FILE, MODEL_FILES
-from visionserve.service.repository import version_numbers
 
 from .launch import LINKED_REPO, single_model_repo, start_visionserve
 from .loadgen import ClientProcess, Job
@@ -83,7 +83,7 @@ def run_ladder(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from visionserve.service.backends.openvino import cpu_capabilities
+    from visionserve.service.engine.backends.openvino import cpu_capabilities
 
     console = Console(width=None if sys.stdout.isatty() else 10_000)
     if not cpu_capabilities():
@@ -227,7 +227,7 @@ def _images_per_s(engine, config: ModelConfig, batch: int, duration_s: float) ->
 def _agreement(arch: str, rungs: dict[str, tuple[ModelConfig, Path]],
                variants_per_photo: int) -> dict[str, dict[str, float]]:
     """Top-1 / top-5-set agreement of each rung with ONNX Runtime FP32 on photo crops."""
-    from visionserve.service.preprocess import EncodedImage, Preprocessor
+    from visionserve.service.engine.preprocess import EncodedImage, Preprocessor
 
     from .int8 import photos, variants
 
@@ -255,7 +255,7 @@ def _agreement(arch: str, rungs: dict[str, tuple[ModelConfig, Path]],
 
 def _results(args, archs, rungs, skipped, concurrencies, rows, in_process,
              agreement) -> dict[str, Any]:
-    from visionserve.service.backends.openvino import _import_openvino
+    from visionserve.service.engine.backends.openvino import _import_openvino
 
     openvino = _import_openvino("bench-ladder")  # telemetry kept off, as in the server
     out: dict[str, Any] = {

@@ -21,8 +21,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from visionserve.service.model_config import ModelConfig
-from visionserve.service.repository import version_numbers
+from visionserve.service.format.model_config import ModelConfig
+from visionserve.service.format.repository import version_numbers
 
 TRITON_PEER = Path(__file__).with_name("triton_peer.py")
 # a repository made by ``single_model_repo`` links into the source repository on purpose

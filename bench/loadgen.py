@@ -122,7 +122,7 @@ Call = Callable[[], Awaitable[object]]
 def _classify(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Exception]]:
     import grpc
 
-    from visionserve.service.client import MAX_MESSAGE_BYTES, numpy_to_image
+    from visionserve.service.cli.client import MAX_MESSAGE_BYTES, numpy_to_image
     from visionserve.v1 import visionserve_pb2 as pb
     from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from visionserve.service.backends.openvino import OpenVinoBackend, _import_openvino
+from visionserve.service.engine.backends.openvino import OpenVinoBackend, _import_openvino
+from visionserve.service.format.model_config import ModelConfig
+from visionserve.service.format.repository import VersionEntry
 from visionserve.service.limits import cpu_count
-from visionserve.service.model_config import ModelConfig
-from visionserve.service.repository import VersionEntry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +129,7 @@ def _vs_onnxruntime(core, model_file: Path, x: dict[int, np.ndarray]) -> dict[in
 
 
 def _input(shape: list[int]):
-    from visionserve.service.model_config import InputSpec
+    from visionserve.service.format.model_config import InputSpec
 
     c, h, w = shape
     return InputSpec(channels=c, height=h, width=w, color="L" if c == 1 else "RGB",

@@ -19,7 +19,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from visionserve.service.model_config import ModelConfig
+from visionserve.service.format.model_config import ModelConfig
 
 from . import report
 from .launch import LINKED_REPO, rss_mb, single_model_repo, start_visionserve

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from visionserve.service.format.model_config import ModelConfig
+from visionserve.service.format.repository import MODEL_FILES, version_numbers
 from visionserve.service.limits import cpu_count
-from visionserve.service.model_config import ModelConfig
-from visionserve.service.repository import MODEL_FILES, version_numbers
 
 from . import report
 from .inprocess import InProcessEngine

@@ -27,7 +27,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from visionserve.service.model_config import InputSpec
+from visionserve.service.format.model_config import InputSpec
 
 from .errors import UsageError
 

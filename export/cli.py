@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from visionserve.service.repository import version_numbers
+from visionserve.service.format.repository import version_numbers
 
 from . import architectures
 from .errors import ExportError, ExportErrorCode, UsageError
@@ -95,7 +95,7 @@ def _print_list(output: str) -> None:
     """Built on PyTorch's meta device: shapes and parameter counts without allocating weights."""
     import torch
 
-    from visionserve.service.terminal import print_json, print_table
+    from visionserve.service.cli.terminal import print_json, print_table
 
     rows = []
     for a in architectures.ARCHITECTURES.values():

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from visionserve.service.backends import Backend, create_backend
+from visionserve.service.engine.backends import Backend, create_backend
 from visionserve.service.errors import BackendError, ConfigError
-from visionserve.service.model_config import ModelConfig
-from visionserve.service.repository import VersionEntry
+from visionserve.service.format.model_config import ModelConfig
+from visionserve.service.format.repository import VersionEntry
 
 from .errors import ExportError, ExportErrorCode
 

@@ -1,6 +1,6 @@
 """The golden set every export writes into the version it publishes (``<N>/golden/``), which
-the server runs through its own path before the version serves (``service/golden.py`` reads it;
-the format is documented there and in docs/lifecycle.md).
+the server runs through its own path before the version serves (``service/models/golden.py``
+reads it; the format is documented there and in docs/lifecycle.md).
 
 What it holds: three real photos as encoded files (bundled in ``golden_images/``: a JPEG under
 twice the resize target, a JPEG above it, where ``decoder = "fast"`` decodes at a reduced DCT
@@ -33,8 +33,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visionserve.service.backends import Backend
-from visionserve.service.golden import (
+from visionserve.service.engine.backends import Backend
+from visionserve.service.engine.preprocess import scaled_decode_size
+from visionserve.service.format.model_config import DECODERS, InputSpec
+from visionserve.service.models.golden import (
     FORMAT,
     GOLDEN_DIR,
     MANIFEST,
@@ -42,8 +44,6 @@ from visionserve.service.golden import (
     preprocessing_record,
     rel_diff,
 )
-from visionserve.service.model_config import DECODERS, InputSpec
-from visionserve.service.preprocess import scaled_decode_size
 
 from .errors import ExportError, ExportErrorCode
 from .precision import TOLERANCES

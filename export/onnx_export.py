@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visionserve.service import model_format
+from visionserve.service.format import model_format
 
 log = logging.getLogger(__name__)
 

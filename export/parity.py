@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visionserve.service.backends import Backend
+from visionserve.service.engine.backends import Backend
 
 from .precision import MIN_REFERENCE_SCALE, MIN_REFERENCE_SPREAD, TOLERANCES, Tolerance
 

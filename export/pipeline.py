@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from visionserve.service.backends.openvino import cpu_capabilities
+from visionserve.service.engine.backends.openvino import cpu_capabilities
 from visionserve.service.errors import ConfigError
-from visionserve.service.model_config import ModelConfig, OpenVinoConfig
-from visionserve.service.model_format import (
+from visionserve.service.format.model_config import ModelConfig, OpenVinoConfig
+from visionserve.service.format.model_format import (
     CONFIG_FILE,
     EMBEDDING,
     INPUT,
@@ -309,8 +309,8 @@ def _build_tensorrt(wrapped: torch.nn.Module, tmp: Path, arch: Architecture, req
     PyTorch through the server's TensorRT backend (on the GPU this runs on)."""
     import numpy as np
 
-    from visionserve.service.backends.tensorrt import TensorRTBackend
-    from visionserve.service.repository import VersionEntry
+    from visionserve.service.engine.backends.tensorrt import TensorRTBackend
+    from visionserve.service.format.repository import VersionEntry
 
     from .tensorrt_build import build_engine
 

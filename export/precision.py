@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from visionserve.service.engine.preprocess import EncodedImage, Preprocessor
+from visionserve.service.format.model_config import InputSpec
+from visionserve.service.format.model_format import INPUT
 from visionserve.service.limits import ServerLimits
-from visionserve.service.model_config import InputSpec
-from visionserve.service.model_format import INPUT
-from visionserve.service.preprocess import EncodedImage, Preprocessor
 
 from .errors import UsageError
 

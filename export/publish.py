@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from visionserve.service.model_config import ModelConfig
-from visionserve.service.model_format import CONFIG_FILE, LABELS_FILE, TRITON_CONFIG_FILE
-from visionserve.service.repository import version_numbers
-from visionserve.service.triton_config import model_config_text
+from visionserve.service.format.model_config import ModelConfig
+from visionserve.service.format.model_format import CONFIG_FILE, LABELS_FILE, TRITON_CONFIG_FILE
+from visionserve.service.format.repository import version_numbers
+from visionserve.service.format.triton_config import model_config_text
 
 from .errors import ExportError, ExportErrorCode
 
@@ -110,7 +110,7 @@ def ensure_model_files(model_dir: Path, config: ModelConfig, labels: list[str],
 
 def triton_config(name: str, config: ModelConfig, num_classes: int, embedding_dim: int) -> str:
     """Triton's model configuration for the same folder, so the repository runs on Triton
-    unchanged (the one renderer: ``visionserve.service.triton_config``)."""
+    unchanged (the one renderer: ``visionserve.service.format.triton_config``)."""
     return model_config_text(name, config, num_classes, embedding_dim)
 
 

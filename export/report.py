@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from visionserve.service.format.model_format import INPUT
 from visionserve.service.limits import cpu_count
-from visionserve.service.model_format import INPUT
 
 
 def measure(model_file: Path, shape: tuple[int, ...], batch: int, seconds: float) -> float:

@@ -452,13 +452,13 @@ def encode(pixels: np.ndarray, fmt: str = "JPEG", **save: object) -> bytes:
 
 
 def tensor_image(array: np.ndarray, layout: int = pb.LAYOUT_UNSPECIFIED) -> pb.Image:
-    from visionserve.service.client import numpy_to_image
+    from visionserve.service.cli.client import numpy_to_image
 
     return numpy_to_image(array, layout)
 
 
 def embeddings(reply: pb.EmbedResponse) -> np.ndarray:
-    from visionserve.service.client import tensor_to_numpy
+    from visionserve.service.cli.client import tensor_to_numpy
 
     return tensor_to_numpy(reply.embeddings)
 

@@ -73,7 +73,7 @@ def test_the_manifests_use_the_servers_real_ports_probes_and_flags():
     assert container["startupProbe"]["grpc"]["port"] == ports["grpc"]
     # readiness and liveness are the REST API's own health routes, on its port: KServe v2's
     # paths (kept literal: the protocol's), each a GET route of the server's OpenAPI document
-    from visionserve.service.api.openapi import openapi_document
+    from visionserve.service.api.http.openapi import openapi_document
 
     routes = openapi_document()["paths"]
     for probe, path in (("readinessProbe", "/v2/health/ready"),

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from visionserve.service.golden import GOLDEN_DIR, MANIFEST
-from visionserve.service.model_format import (
+from visionserve.service.format.model_format import (
     CONFIG_FILE,
     LABELS_FILE,
     MODEL_FILES,
     TRITON_CONFIG_FILE,
 )
+from visionserve.service.models.golden import GOLDEN_DIR, MANIFEST
 
 torch = pytest.importorskip("torch")
 
@@ -38,13 +38,13 @@ def lenet_weights(path: Path, poison: bool = False) -> Path:
 
 def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path):
     from visionserve.export.golden import PHOTOS
-    from visionserve.service.model_config import DECODERS
+    from visionserve.service.format.model_config import DECODERS
 
     repo = tmp_path / "repo"
     first = run_cli("export", "lenet5", "--repo", str(repo), "--seed", "11")
     assert first.returncode == 0, first.stderr
     version = repo / "lenet5" / "1"
-    # the repository format's names (service/model_format.py), and the provenance record
+    # the repository format's names (service/format/model_format.py), and the provenance record
     assert {p.name for p in version.iterdir()} == {MODEL_FILES["onnxruntime"], LABELS_FILE,
                                                    "export.json", GOLDEN_DIR}
     record = json.loads((version / "export.json").read_text())

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, OrtReference, embeddings, encode, photo, softmax, tensor_image
-from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
+from visionserve.service.format.model_format import EMBEDDING, INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
@@ -117,8 +117,8 @@ def test_model_config_is_the_config_pbtxt_export_wrote(triton, exported_repo):
 
 def test_an_engine_folder_is_described_as_tensorrt_on_gpu():
     script = ("import dataclasses, pathlib; "
-              "from visionserve.service.model_config import ModelConfig; "
-              "from visionserve.service.triton_config import model_config; "
+              "from visionserve.service.format.model_config import ModelConfig; "
+              "from visionserve.service.format.triton_config import model_config; "
               "c = ModelConfig.from_toml(pathlib.Path('model_repo/lenet5/config.toml')); "
               "m = model_config('e', dataclasses.replace(c, backend='tensorrt'), 10, 84); "
               "g = m.instance_group[0]; "

@@ -1,41 +1,106 @@
-"""Import contracts: the core (inference, routing, loading, batching, backends, preprocess,
-postprocess, the typed messages and errors) knows no wire. It imports neither gRPC nor any
-generated protobuf code, so a third front end (HTTP) reuses it as it is; the servicers in
-``service/api`` are the only place where wire and core meet. The serving package never imports
-the benchmark or the export stage (test_packaging.py checks the running server too)."""
+"""The floor plan, enforced. Each folder of ``service/`` is one layer of docs/architecture.md and
+imports only its own layer and the layers below it; the modules at ``service/``'s root are the
+vocabulary every layer shares. Everything here is read from the tree: a module added to a
+folder is checked without anyone adding it to a list, and a new folder fails until it is given
+its place in ``LAYERS``.
+
+Beyond the order: the engine, the models and the core (and the vocabulary) import neither gRPC,
+nor protobuf, nor aiohttp, so a front end is a thin layer over them; no module of the server
+imports the benchmark, the export stage or PyTorch."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 
 SERVICE = ROOT / "service"
+PACKAGE = "visionserve.service"
 
-
-def service_modules() -> list[str]:
-    """Every module and package of service/ ("backends", "api.rest"), read from the tree: a
-    module added there is checked without anyone adding it to a list here."""
-    return sorted(".".join(p.relative_to(SERVICE).with_suffix("").parts).removesuffix(".__init__")
-                  for p in SERVICE.rglob("*.py") if "__pycache__" not in p.parts
-                  and p != SERVICE / "__init__.py")
-
-
-# The modules outside service/api that may meet the wire: the server that wires the front ends
-# up, the CLI and its client commands, TLS/token security, the terminal renderer of replies and
-# Triton's config writer. Every other module of service/ is the core. A new module that imports
-# gRPC or generated code fails below until it is named here (or moves into service/api).
-WIRE_SIDE = ("server", "cli", "client", "client_commands", "auth", "tls", "terminal",
-             "triton_config", "http_listener", "metrics_http")
-CORE = tuple(m for m in service_modules()
-             if m != "api" and not m.startswith("api.") and m not in WIRE_SIDE)
-FRONT_ENDS = tuple(m for m in service_modules() if m.startswith("api."))
-WIRE = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "visionserve.v1",
-        "visionserve.inference")
+# bottom to top; "" is the root's vocabulary (errors, states, logs, metrics, lifecycle, limits…)
+LAYERS = ("", "format", "engine", "models", "core", "api", "process", "cli")
+NO_WIRE_LAYERS = ("", "engine", "models", "core")
+WIRE = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "aiohttp",
+        "visionserve.v1", "visionserve.inference")
 NEVER_IN_SERVICE = ("visionserve.bench", "visionserve.export", "torch", "matplotlib")
+
+
+def modules() -> dict[str, Path]:
+    """Every module of service/ by dotted name relative to the package ("engine.batching",
+    "api.grpc.kserve", "models" for a package's __init__), read from the tree."""
+    found = {}
+    for path in SERVICE.rglob("*.py"):
+        if "__pycache__" in path.parts or path.name == "__main__.py":
+            continue
+        parts = path.relative_to(SERVICE).with_suffix("").parts
+        found[".".join(parts).removesuffix("__init__").rstrip(".")] = path
+    return found
+
+
+def layer_of(module: str) -> str:
+    first = module.split(".")[0]
+    return first if (SERVICE / first).is_dir() else ""
+
+
+def imported(module: str, path: Path) -> set[str]:
+    """The service modules ``module`` imports, anywhere in it (lazy imports too), relative to the
+    package: ``from ..engine.batching import X`` → "engine.batching"."""
+    is_package = path.name == "__init__.py"
+    here = module.split(".") if module else []
+    base = here if is_package else here[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = base[:len(base) - (node.level - 1)] + \
+                    (node.module.split(".") if node.module else [])
+                target = ".".join(parts)
+            elif (node.module or "").startswith(PACKAGE + "."):
+                target = node.module.removeprefix(PACKAGE + ".")
+            else:
+                continue
+            found |= {f"{target}.{a.name}".lstrip(".") if f"{target}.{a.name}".lstrip(".")
+                      in MODULES else target for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix(PACKAGE + ".") for a in node.names
+                      if a.name.startswith(PACKAGE + ".")}
+    return found
+
+
+MODULES = modules()
+
+
+def test_every_folder_of_the_service_is_a_layer_and_the_plan_holds_its_shape():
+    folders = {p.name for p in SERVICE.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(LAYERS) - {""}, f"give a new folder its place in LAYERS: {folders}"
+    root = [m for m in MODULES if layer_of(m) == "" and m]
+    assert 5 <= len(root) <= 12, root  # the vocabulary stays small: the rest lives in rooms
+    assert {"errors", "states", "logs", "metrics", "lifecycle", "limits"} <= set(root)
+    assert all(m in MODULES for m in ("engine.batching", "models.routing", "core.inference",
+                                      "api.grpc.kserve", "api.http.rest", "process.server"))
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_a_module_imports_only_its_layer_and_those_below(module):
+    rank = LAYERS.index(layer_of(module))
+    above = sorted(t for t in imported(module, MODULES[module])
+                   if LAYERS.index(layer_of(t)) > rank)
+    assert not above, f"{module} ({layer_of(module) or 'root'}) imports a layer above it: {above}"
+
+
+def test_the_import_reader_sees_relative_absolute_and_lazy_imports():
+    """The check above can fail: the server's own module imports every layer."""
+    seen = imported("process.server", MODULES["process.server"])
+    assert {"api.grpc.kserve", "core.inference", "models.routing", "engine.decode_pool",
+            "metrics"} <= seen
+    assert "models.golden" in imported("process.server", MODULES["process.server"])
+    assert "engine.backends.base" in imported("models.golden", MODULES["models.golden"])
+
 
 IMPORT_WITH_BLOCKED = """
 import importlib, sys
@@ -50,32 +115,28 @@ importlib.import_module(sys.argv[2])
 
 
 def import_blocking(module: str, blocked: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", IMPORT_WITH_BLOCKED, ",".join(blocked), module],
+    return subprocess.run([sys.executable, "-c", IMPORT_WITH_BLOCKED, ",".join(blocked),
+                           f"{PACKAGE}.{module}".rstrip(".")],
                           capture_output=True, text=True, timeout=120)
 
 
-def test_the_module_lists_are_read_from_the_tree():
-    """The lists the tests below run over are not empty, name only modules that exist, and
-    hold the core modules the docstring names."""
-    assert set(WIRE_SIDE) <= set(service_modules()), set(WIRE_SIDE) - set(service_modules())
-    assert {"inference", "routing", "loader", "batching", "backends", "backends.base",
-            "preprocess", "postprocess", "messages", "errors"} <= set(CORE)
-    assert {"api.kserve", "api.vision", "api.rest"} <= set(FRONT_ENDS)
+NO_WIRE = sorted(m for m in MODULES if layer_of(m) in NO_WIRE_LAYERS and m)
 
 
-@pytest.mark.parametrize("module", CORE)
-def test_the_core_imports_no_wire(module):
-    result = import_blocking(f"visionserve.service.{module}", WIRE)
+@pytest.mark.parametrize("module", NO_WIRE)
+def test_the_engine_models_and_core_import_no_wire(module):
+    result = import_blocking(module, WIRE)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("module", ["server", "cli", *FRONT_ENDS])
-def test_the_server_imports_no_benchmark_or_export_stage(module):
-    result = import_blocking(f"visionserve.service.{module}", NEVER_IN_SERVICE)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
-def test_the_contract_check_itself_catches_a_wire_import():
-    """The blocker works: a module that does import gRPC is caught."""
-    result = import_blocking("visionserve.service.api.status", WIRE)
+def test_the_wire_check_itself_catches_a_wire_import():
+    assert {"engine.batching", "models.routing", "core.inference", "errors"} <= set(NO_WIRE)
+    result = import_blocking("api.grpc.status", WIRE)
     assert result.returncode != 0 and "grpc is blocked" in result.stderr
+
+
+@pytest.mark.parametrize("module", ["process.server", "cli", "api.grpc.kserve", "api.http.rest"])
+def test_the_server_imports_no_benchmark_or_export_stage(module):
+    result = import_blocking(module, NEVER_IN_SERVICE)
+    assert result.returncode == 0, result.stderr[-2000:]
+

@@ -29,7 +29,7 @@ from PIL import Image
 
 from conftest import make_repo, start_server, tensor_image
 from visionserve.bench.launch import rss_mb
-from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
+from visionserve.service.format.model_format import EMBEDDING, INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 
 hypothesis = pytest.importorskip("hypothesis")

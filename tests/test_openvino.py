@@ -20,7 +20,7 @@ from visionserve.v1 import visionserve_pb2 as pb
 
 pytest.importorskip("openvino", reason="backend = \"openvino\" needs the openvino extra "
                                        "(make setup installs it)")
-from visionserve.service.backends.openvino import cpu_capabilities
+from visionserve.service.engine.backends.openvino import cpu_capabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 CHELSEA = (ROOT / "docs" / "images" / "chelsea.jpg").read_bytes()

@@ -47,7 +47,7 @@ def test_the_wheel_holds_every_module_of_the_source_tree(built_wheel, source_cop
     expected = source_files(source_copy)
     assert expected - modules == set(), "in the source tree but not in the wheel"
     assert modules - expected == set(), "in the wheel but not in the source tree"
-    for must in ("visionserve/service/server.py", "visionserve/bench/cli.py",
+    for must in ("visionserve/service/process/server.py", "visionserve/bench/cli.py",
                  "visionserve/v1/visionserve.proto", "visionserve/inference/grpc_service_pb2.py"):
         assert must in modules
     assert not any(n.startswith(("tests/", "visionserve/bench/scripts")) for n in names)
@@ -79,7 +79,7 @@ def test_serving_imports_no_benchmark_export_stage_or_plotting(exported_repo, tm
     finally:
         assert srv.stop() == 0
     imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)$", srv.log(), re.M))
-    assert "visionserve.service.server" in imported and "onnxruntime" in imported
+    assert "visionserve.service.process.server" in imported and "onnxruntime" in imported
     for forbidden in ("torch", "torchvision", "onnx", "timm", "matplotlib", "tritonclient",
                       "skimage", "cv2", "simplejpeg", "visionserve.bench", "visionserve.export"):
         assert forbidden not in imported, f"serving imported {forbidden}"

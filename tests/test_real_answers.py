@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import CACHE, encode, photo, run_cli, softmax, start_server
-from visionserve.service.model_format import INPUT, LOGITS
+from visionserve.service.format.model_format import INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 
 torch = pytest.importorskip("torch")

@@ -21,8 +21,8 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 from conftest import encode, eventually, make_repo, photo, run_cli, start_server
 from visionserve.bench.attacks import ATTACKS, send
 from visionserve.bench.launch import Launched, rss_mb
-from visionserve.service.model_config import InputSpec
-from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
+from visionserve.service.format.model_config import InputSpec
+from visionserve.service.format.model_format import EMBEDDING, INPUT, LOGITS
 
 LENET_X = np.zeros((1, 1, 32, 32), np.float32)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import encode, photo, start_server
-from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
+from visionserve.service.format.model_format import EMBEDDING, INPUT, LOGITS
 
 th = pytest.importorskip("tritonclient.http")
 tg = pytest.importorskip("tritonclient.grpc")

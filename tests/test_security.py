@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT, eventually, make_repo, run_cli, tensor_image
 from visionserve.bench.launch import start_visionserve
-from visionserve.service.model_format import INPUT, LOGITS
+from visionserve.service.format.model_format import INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 

@@ -16,9 +16,9 @@ from fakes import tensorrt_fake as fake
 
 from conftest import make_repo, start_server
 from visionserve.service.errors import ConfigError
-from visionserve.service.model_config import InputSpec, ModelConfig
-from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
-from visionserve.service.repository import VersionEntry
+from visionserve.service.format.model_config import InputSpec, ModelConfig
+from visionserve.service.format.model_format import EMBEDDING, INPUT, LOGITS
+from visionserve.service.format.repository import VersionEntry
 from visionserve.v1 import visionserve_pb2 as pb
 
 
@@ -77,7 +77,7 @@ def test_parser_errors_and_failed_builds_are_clear(tmp_path):
 
 
 def backend(tmp_path: Path, recorded_version: str | None = None, max_batch_size: int = 16):
-    from visionserve.service.backends.tensorrt import TensorRTBackend
+    from visionserve.service.engine.backends.tensorrt import TensorRTBackend
 
     (tmp_path / "model.plan").write_bytes(b"FAKE-PLAN")
     if recorded_version:

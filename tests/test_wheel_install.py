@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from conftest import LOCK, ROOT, Server, content_key, download_wheels, encode, photo
 from visionserve.bench.launch import start_visionserve
-from visionserve.service.model_format import INPUT
+from visionserve.service.format.model_format import INPUT
 from visionserve.v1 import visionserve_pb2 as pb
 
 pytestmark = pytest.mark.slow

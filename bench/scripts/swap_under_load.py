@@ -24,8 +24,8 @@ import grpc
 import numpy as np
 
 from visionserve.bench.launch import start_visionserve
-from visionserve.service.client import numpy_to_image
-from visionserve.service.repository import version_numbers
+from visionserve.service.cli.client import numpy_to_image
+from visionserve.service.format.repository import version_numbers
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 

@@ -12,13 +12,13 @@ from typing import TypeVar
 
 import grpc
 
-from ..control import ModelControl
 from ..errors import error_code
 from ..logs import REQUEST_ID, request_id
 from ..metrics import UNKNOWN_MODEL, Metrics
+from ..models.control import ModelControl
 from .access_log import AccessLog
 from .admission import Admission
-from .status import GRPC_CODES, grpc_status
+from .grpc.status import GRPC_CODES, grpc_status
 
 T = TypeVar("T")
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from visionserve.service.backends.base import Backend, ModelOutputs
+from visionserve.service.engine.backends.base import Backend, ModelOutputs
 from visionserve.service.errors import BackendError
-from visionserve.service.model_config import ModelConfig
-from visionserve.service.repository import VersionEntry
+from visionserve.service.format.model_config import ModelConfig
+from visionserve.service.format.repository import VersionEntry
 
 GRID = 4  # the input is pooled to GRID × GRID per channel before the projection
 HOLD_LIMIT_S = 120.0  # a held batch never waits longer than this (a forgotten release)

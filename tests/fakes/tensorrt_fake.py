@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
+from visionserve.service.format.model_format import EMBEDDING, INPUT, LOGITS
 
 __version__ = "10.99.0-fake"
 calls: list[tuple] = []

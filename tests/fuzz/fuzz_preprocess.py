@@ -24,10 +24,10 @@ with atheris.instrument_imports():
 
     Image.init()  # imports every format plugin now, inside the instrumented block
 
+    from visionserve.service.engine.preprocess import EncodedImage, Preprocessor, RawTensor
     from visionserve.service.errors import VisionServeError
+    from visionserve.service.format.model_config import InputSpec
     from visionserve.service.limits import ServerLimits
-    from visionserve.service.model_config import InputSpec
-    from visionserve.service.preprocess import EncodedImage, Preprocessor, RawTensor
 
 SPEC = InputSpec(height=32, width=32, resize=36)  # small: fast iterations, same code paths
 LIMITS = ServerLimits(max_encoded_image_bytes=1 << 20, max_image_pixels=4_000_000)

@@ -24,7 +24,7 @@ from fakes.engine import Engines, fake_model_file
 from conftest import ServerClients, edit_config
 from visionserve.service.cli import build_parser, server_config
 from visionserve.service.logs import FORMAT, tag_request_ids
-from visionserve.service.server import Server
+from visionserve.service.process.server import Server
 
 ROOT = Path(__file__).resolve().parents[2]
 # the committed configs and labels of the default repository, with the fake engine's file as

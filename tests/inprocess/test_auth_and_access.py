@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import run_cli, tensor_image
 from visionserve.inference import grpc_service_pb2 as kpb
 from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
-from visionserve.service.client import open_channel
+from visionserve.service.cli.client import open_channel
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 

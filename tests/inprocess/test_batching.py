@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from visionserve.service.backends.base import ModelOutputs
-from visionserve.service.batching import BatchPolicy, Computed, DynamicBatcher
+from visionserve.service.engine.backends.base import ModelOutputs
+from visionserve.service.engine.batching import BatchPolicy, Computed, DynamicBatcher
 from visionserve.service.errors import BackendError, DeadlineExceeded, ModelUnavailable, QueueFull
 
 

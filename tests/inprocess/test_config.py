@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from visionserve.service.errors import ConfigError
-from visionserve.service.model_config import DECODERS, ModelConfig, OpenVinoConfig, VersionPolicy
+from visionserve.service.format.model_config import (
+    DECODERS,
+    ModelConfig,
+    OpenVinoConfig,
+    VersionPolicy,
+)
 
 
 def load(tmp_path: Path, text: str) -> ModelConfig:

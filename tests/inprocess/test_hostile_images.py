@@ -21,8 +21,8 @@ from PIL import Image
 
 from conftest import embeddings, encode, photo
 from inprocess.harness import MODELS
-from visionserve.service.model_format import EMBEDDING, INPUT
-from visionserve.service.server_config import ServerConfig
+from visionserve.service.format.model_format import EMBEDDING, INPUT
+from visionserve.service.process.server_config import ServerConfig
 from visionserve.v1 import visionserve_pb2 as pb
 
 MODEL = "mobilenet_v3_small"
@@ -205,7 +205,7 @@ def test_pillows_own_guard_stays_on_and_the_flag_cannot_exceed_it(tmp_path):
 
     from conftest import run_cli
 
-    check = ("import visionserve.service.server; from PIL import Image; "
+    check = ("import visionserve.service.process.server; from PIL import Image; "
              "print(Image.MAX_IMAGE_PIXELS)")
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert out.stdout.strip() == str(Image.MAX_IMAGE_PIXELS) != "None"

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from visionserve.service.backends.base import Backend, ModelOutputs
-from visionserve.service.control import ModelControl
+from visionserve.service.engine.backends.base import Backend, ModelOutputs
 from visionserve.service.errors import BackendError, ModelNotFound
+from visionserve.service.format.repository import VersionEntry
 from visionserve.service.limits import ServerLimits
 from visionserve.service.metrics import Metrics
-from visionserve.service.repository import VersionEntry
-from visionserve.service.repository_sync import RepositorySync
-from visionserve.service.routing import Router
+from visionserve.service.models.control import ModelControl
+from visionserve.service.models.repository_sync import RepositorySync
+from visionserve.service.models.routing import Router
 from visionserve.service.states import VersionState
 
 ROOT = Path(__file__).resolve().parents[2]

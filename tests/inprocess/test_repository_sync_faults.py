@@ -27,7 +27,7 @@ from conftest import ROOT, eventually
 from inprocess.harness import InProcessServer, fake_repo, publish_fake
 from visionserve.inference import grpc_service_pb2 as kpb
 from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
-from visionserve.service.repository import scan
+from visionserve.service.format.repository import scan
 from visionserve.v1 import visionserve_pb2 as pb
 
 LENET_X = np.zeros((1, 32, 32), np.float32)  # CHW for lenet5's one channel

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import encode, eventually, photo
 from inprocess.harness import publish_fake
-from visionserve.service.model_format import INPUT, LOGITS
+from visionserve.service.format.model_format import INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 
 

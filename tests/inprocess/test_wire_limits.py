@@ -34,9 +34,9 @@ from fakes.engine import HOLD_LIMIT_S
 from conftest import encode, eventually
 from visionserve.inference import grpc_service_pb2 as kpb
 from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
-from visionserve.service.decode_pool import DecodePool
-from visionserve.service.model_format import EMBEDDING, INPUT, LOGITS
-from visionserve.service.preprocess import Preprocessor
+from visionserve.service.engine.decode_pool import DecodePool
+from visionserve.service.engine.preprocess import Preprocessor
+from visionserve.service.format.model_format import EMBEDDING, INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 
 LENET_X = np.zeros((1, 1, 32, 32), np.float32)
