@@ -5,37 +5,53 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .settings import setting
+
 
 @dataclass(frozen=True, kw_only=True)
 class ServerLimits:
-    """Request limits enforced at the boundary, with safe defaults (all configurable by flags)."""
+    """Request limits enforced at the boundary, with safe defaults; each is a `serve` flag."""
 
-    max_message_bytes: int = 64 * 1024 * 1024
-    max_encoded_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_images_per_request: int = 256
-    # decoded pixels of one request's encoded images, read from their headers before any
-    # decodes (~115 MP/s per core for JPEG: this is about 2 s of one core)
-    max_request_pixels: int = 256_000_000
-    # decoded pixels admitted for decoding and not yet decoded, server-wide
-    max_decode_queue_pixels: int = 1_024_000_000
-    # inference requests (Classify, Embed, ModelInfer, stream messages) in progress at once;
-    # more are refused RESOURCE_EXHAUSTED at once, while health and metadata calls still pass.
-    # 0 = no limit.
-    max_inflight_requests: int = 64
-    # messages of one stream (ClassifyStream, ModelStreamInfer) being answered or waiting to be
-    # sent; at the bound the server stops reading that stream (each also counts above)
-    max_stream_inflight: int = 32
-    # RPCs of any kind at once, refused by gRPC itself beyond it (before Python sees them):
-    # a backstop for memory. 0 = no limit.
-    max_concurrent_rpcs: int = 0
-    # HTTP/2, per connection (gRPC's own defaults are unbounded): calls in flight on one
-    # connection; an idle connection is closed; every connection is closed (GOAWAY) at this age,
-    # its calls in flight given connection_age_grace_s to finish. 0 = no idle/age limit.
-    max_streams_per_connection: int = 256
-    connection_idle_s: float = 15 * 60.0
-    connection_age_s: float = 30 * 60.0
-    connection_age_grace_s: float = 5 * 60.0
+    max_message_bytes: int = setting(
+        64 * 1024 * 1024, help="largest gRPC message accepted or sent (RESOURCE_EXHAUSTED above)")
+    max_encoded_image_bytes: int = setting(
+        20 * 1024 * 1024, name="--max-image-bytes",
+        help="largest encoded image (JPEG/PNG/WebP) accepted")
+    max_image_pixels: int = setting(
+        40_000_000, help="largest decoded image (width x height); checked before decoding")
+    max_images_per_request: int = setting(256, help="images in one request")
+    # ~115 MP/s per core for JPEG: the default is about 2 s of one core
+    max_request_pixels: int = setting(
+        256_000_000, help="decoded pixels of all encoded images of one request, read from "
+                          "their headers before any decodes (RESOURCE_EXHAUSTED above; >= "
+                          "--max-image-pixels)")
+    max_decode_queue_pixels: int = setting(
+        1_024_000_000, help="decoded pixels admitted for decoding and not yet decoded, "
+                            "server-wide; a request that would exceed it is refused "
+                            "RESOURCE_EXHAUSTED at once (>= --max-request-pixels)")
+    max_inflight_requests: int = setting(
+        64, help="inference requests (Classify, Embed, ModelInfer, stream messages) in progress "
+                 "at once, server-wide; more are refused RESOURCE_EXHAUSTED at once (health "
+                 "and metadata calls still pass). About capacity x acceptable latency "
+                 "(docs/security.md); 0 = no limit")
+    max_stream_inflight: int = setting(
+        32, help="messages of one stream answered or waiting to be sent at once; at the bound "
+                 "the server stops reading that stream until the client reads its replies "
+                 "(>= 1)")
+    max_concurrent_rpcs: int = setting(
+        0, help="RPCs of any kind at once, refused by gRPC before Python parses them: a memory "
+                "backstop (0 = no limit; it also refuses health probes)")
+    # HTTP/2, per connection (gRPC's own defaults are unbounded)
+    max_streams_per_connection: int = setting(
+        256, help="calls in flight on one HTTP/2 connection (more wait in the client)")
+    connection_idle_s: float = setting(
+        15 * 60.0, help="close a connection idle this long (0 = never)")
+    connection_age_s: float = setting(
+        30 * 60.0, help="close every connection at this age, so clients reconnect and a load "
+                        "balancer spreads them again (0 = never)")
+    connection_age_grace_s: float = setting(
+        5 * 60.0, help="time the calls in flight on a connection closed for its age get to "
+                       "finish")
 
     def __post_init__(self) -> None:
         if self.max_streams_per_connection < 1:

@@ -13,6 +13,7 @@ import logging
 import time
 
 from ..errors import InvalidInput, ModelFailed, ModelNotFound, RateLimited
+from ..modes import ModelControlMode
 from ..states import VersionState
 from .repository_sync import RepositorySync
 from .routing import ModelStatus, Router, ServedVersion
@@ -26,7 +27,7 @@ CONTROL_BURST = 4
 
 
 class ModelControl:
-    def __init__(self, router: Router, sync: RepositorySync, mode: str,
+    def __init__(self, router: Router, sync: RepositorySync, mode: ModelControlMode,
                  identity: str = "no token", interval_s: float = 5.0,
                  clock=time.monotonic) -> None:
         self._router = router
@@ -115,7 +116,7 @@ class ModelControl:
                                f"{'unload' if 'Unload' in rpc else 'load'}")
 
     def _require_explicit(self, rpc: str) -> None:
-        if self._mode != "explicit":
+        if self._mode != ModelControlMode.EXPLICIT:
             raise ModelFailed(f"{rpc} is refused: the server runs with --model-control "
                               f"{self._mode}; restart it with --model-control explicit to load "
                               "and unload models by request")

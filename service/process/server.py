@@ -44,6 +44,7 @@ from ..models.golden import GoldenCheck
 from ..models.loader import BackendFactory
 from ..models.repository_sync import RepositorySync
 from ..models.routing import Router
+from ..modes import ModelControlMode
 from ..states import VersionState
 from .http_listener import HttpListener
 from .metrics_http import MetricsHttp
@@ -194,7 +195,8 @@ class Server:
                  "TLS, client certificates required" if config.tls.client_ca else "TLS",
                  "no auth" if not config.auth_token else
                  "bearer token required except for " + ", ".join(("health", *config.auth_open)))
-        only = set(config.load_models) if config.model_control == "explicit" else None
+        explicit = config.model_control is ModelControlMode.EXPLICIT
+        only = set(config.load_models) if explicit else None
         await self.sync.load_repository(config.repo, only)
         if self.stop.is_set():
             return
@@ -214,7 +216,7 @@ class Server:
                 "grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
                 "http_port": self.http_port or None,
                 "pid": os.getpid(), "models_ready": ready, "models_failed": failed})
-        if config.model_control == "poll":
+        if config.model_control is ModelControlMode.POLL:
             self._poller = asyncio.create_task(
                 _poll(self.sync, config.poll_interval_s, self.stop))
         if self.token_file is not None:

@@ -19,6 +19,7 @@ from visionserve.service.metrics import Metrics
 from visionserve.service.models.control import ModelControl
 from visionserve.service.models.repository_sync import RepositorySync
 from visionserve.service.models.routing import Router
+from visionserve.service.modes import ModelControlMode
 from visionserve.service.states import VersionState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +78,7 @@ class Models:
         self.router = Router()
         self.sync = RepositorySync(self.router, ServerLimits(), Metrics(),
                                    backend_factory=self.engines)
-        self.control = ModelControl(self.router, self.sync, "poll")
+        self.control = ModelControl(self.router, self.sync, ModelControlMode.POLL)
 
 
 @pytest.fixture
