@@ -16,11 +16,9 @@ from contextlib import contextmanager
 from ..errors import InvalidInput, ModelUnavailable, ServerBusy
 from ..lifecycle import Lifecycle
 from ..logs import printable
+from .methods import INFERENCE_METHODS
 
 MAX_MODEL_NAME = 256
-_INFERENCE = ("Classify", "ClassifyStream", "Embed", "ModelInfer", "ModelStreamInfer")
-# gRPC methods, and the REST API's (named "http.<method>" in metrics and the access log)
-INFERENCE_METHODS = frozenset({*_INFERENCE, *(f"http.{m}" for m in _INFERENCE)})
 
 
 class Admission:

@@ -18,28 +18,11 @@ from pathlib import Path
 
 import grpc
 
+from .methods import OPENABLE, access_class
+
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "VISIONSERVE_AUTH_TOKEN"
-OPENABLE = ("inference", "metadata", "statistics")
-
-_KSERVE = "/inference.GRPCInferenceService/"
-_VISION = "/visionserve.v1.VisionService/"
-_CLASSES = {
-    **{f"{_KSERVE}{m}": "health" for m in ("ServerLive", "ServerReady", "ModelReady")},
-    **{f"{_KSERVE}{m}": "repository"
-       for m in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")},
-    **{f"{_KSERVE}{m}": "inference" for m in ("ModelInfer", "ModelStreamInfer")},
-    **{f"{_VISION}{m}": "inference" for m in ("Classify", "ClassifyStream", "Embed")},
-    f"{_KSERVE}ModelStatistics": "statistics",
-}
-
-
-def access_class(method: str) -> str:
-    """The access class of a full method name such as ``/visionserve.v1.VisionService/Embed``."""
-    if method.startswith("/grpc.health.v1.Health/"):
-        return "health"
-    return _CLASSES.get(method, "metadata")
 
 
 def load_token(token_file: Path | None) -> str | None:

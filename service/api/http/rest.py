@@ -14,24 +14,21 @@ JSON ``{"error": "…"}`` with the gRPC message. docs/rest.md is the reference.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import numpy as np
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 from google.protobuf.message import Message
 
 from ... import package_version
 from ...core.inference import InferenceCore
 from ...core.messages import DEFAULT_TOP_K, ClassifyCall, EmbedCall
-from ...engine.preprocess import EncodedImage
 from ...errors import ErrorCode, InvalidInput, LimitExceeded, client_error
 from ...lifecycle import Lifecycle
 from ...limits import ServerLimits
@@ -41,6 +38,8 @@ from ..auth import BearerTokenInterceptor
 from ..calls import CallHandler
 from ..grpc.kserve import EXTENSIONS, model_config, model_metadata, repository_index, statistics
 from ..grpc.kserve_wire import parse_version
+from ..methods import METHODS
+from .body import BodyReader, HttpError
 from .openapi import openapi_document
 from .rest_wire import (
     RestInfer,
@@ -84,6 +83,7 @@ class RestApi:
         self._auth = auth
         self._refused = refused
         self._limits: ServerLimits = core.limits
+        self._bodies = BodyReader(core.limits)
         # (method, canonical path) -> (access class, method name in metrics and the access log)
         self._routes: dict[tuple[str, str], tuple[str, str]] = {}
 
@@ -92,35 +92,20 @@ class RestApi:
         # decompressed); aiohttp's own bound is the same number, as a backstop
         app = web.Application(middlewares=[self._errors],
                               client_max_size=self._limits.max_message_bytes)
-        add = self._route(app)
-        add("GET", "/v2", "metadata", "ServerMetadata", self._server_metadata)
-        add("GET", "/v2/health/live", "health", "ServerLive", self._live)
-        add("GET", "/v2/health/ready", "health", "ServerReady", self._ready)
-        add("GET", "/v2/openapi.json", "metadata", "OpenAPI", self._openapi)
-        add("GET", "/v2/models/stats", "statistics", "ModelStatistics", self._stats)
-        add("POST", "/v2/repository/index", "repository", "RepositoryIndex", self._index)
-        add("POST", "/v2/repository/models/{model}/load", "repository", "RepositoryModelLoad",
-            self._load)
-        add("POST", "/v2/repository/models/{model}/unload", "repository",
-            "RepositoryModelUnload", self._unload)
-        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-            add("GET", base, "metadata", "ModelMetadata", self._model_metadata)
-            add("GET", f"{base}/ready", "health", "ModelReady", self._model_ready)
-            add("GET", f"{base}/config", "metadata", "ModelConfig", self._model_config)
-            add("GET", f"{base}/stats", "statistics", "ModelStatistics", self._stats)
-            add("POST", f"{base}/infer", "inference", "ModelInfer", self._infer)
-            for method in ("POST", "PUT"):  # PUT: what `curl -T photo.jpg` sends
-                add(method, f"{base}/classify", "inference", "Classify", self._classify)
-                add(method, f"{base}/embed", "inference", "Embed", self._embed)
+        handlers: dict[str, Handler] = {
+            "ServerMetadata": self._server_metadata, "ServerLive": self._live,
+            "ServerReady": self._ready, "OpenAPI": self._openapi,
+            "ModelStatistics": self._stats, "RepositoryIndex": self._index,
+            "RepositoryModelLoad": self._load, "RepositoryModelUnload": self._unload,
+            "ModelMetadata": self._model_metadata, "ModelReady": self._model_ready,
+            "ModelConfig": self._model_config, "ModelInfer": self._infer,
+            "Classify": self._classify, "Embed": self._embed}
+        for method in METHODS:  # the method table: routes, access classes
+            for verb, path in method.routes:
+                app.router.add_route(verb, path, handlers[method.name],
+                                     expect_handler=self._expect)
+                self._routes[(verb, path)] = (method.access, f"http.{method.name}")
         return app
-
-    def _route(self, app: web.Application) -> Callable[[str, str, str, str, Handler], None]:
-        def add(method: str, path: str, access: str, rpc: str, handler: Handler) -> None:
-            app.router.add_route(method, path, handler, name=None,
-                                 expect_handler=self._expect)
-            self._routes[(method, path)] = (access, f"http.{rpc}")
-
-        return add
 
     # --- middleware: route → access class and method name; auth; errors as JSON ---------------
 
@@ -157,7 +142,7 @@ class RestApi:
                        }.get(exc.status, exc.reason)
             return _error(exc.status, message, client_id,
                           {k: v for k, v in exc.headers.items() if k == "Allow"})
-        except _HttpError as exc:
+        except HttpError as exc:
             return _error(exc.status, str(exc), client_id)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status and a message
             code, message = client_error(exc)
@@ -179,56 +164,17 @@ class RestApi:
             return None  # no 100 Continue: the middleware answers 401 without the body
         if request.content_length is not None and \
                 request.content_length > self._limits.max_message_bytes:
-            return _error(413, self._too_large(request.content_length),
+            return _error(413, self._bodies.too_large(request.content_length),
                           request.headers.get(REQUEST_ID_HEADER, ""))
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
-
-    @contextlib.asynccontextmanager
-    async def _upload(self, request: web.Request) -> AsyncIterator[None]:
-        """Reading a body: 413 from its declared length first; then within BODY_TIMEOUT_S
-        (408), and a client gone mid-upload is not a server error."""
-        if request.content_length is not None and \
-                request.content_length > self._limits.max_message_bytes:
-            raise LimitExceeded(self._too_large(request.content_length))
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
-                yield
-        except TimeoutError:
-            raise _HttpError(408, f"the request body did not arrive within "
-                                  f"{BODY_TIMEOUT_S:.0f} s; send it at once, or smaller") from None
-        except ConnectionError:
-            raise ClientGone("the client closed the connection during the upload") from None
-
-    def _too_large(self, size: int) -> str:
-        return (f"the request body of {size} bytes is over the limit of "
-                f"{self._limits.max_message_bytes} bytes (--max-message-bytes); split the "
-                "request")
 
     async def _run(self, request: web.Request, model: str,
                    work: Callable[[], Awaitable[tuple[Any, int]]],
                    client_id: str = "") -> Any:
         return await self._calls.run(request["rpc"], model, work,
                                      client_id or request.headers.get(REQUEST_ID_HEADER, ""))
-
-    async def _body(self, request: web.Request) -> bytes:
-        """The body within the limit, decompressed (gzip/deflate) with the limit applied to
-        what it decompresses to: 413 from the declared length before reading anything."""
-        limit = self._limits.max_message_bytes
-        try:
-            async with self._upload(request):
-                raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise LimitExceeded(f"the request body is over the limit of {limit} bytes "
-                                "(--max-message-bytes); split the request") from None
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding in ("", "identity"):
-            return raw
-        if encoding not in _COMPRESSED:
-            raise _HttpError(415, f"Content-Encoding {printable(encoding)!r} is not supported; "
-                                  "send gzip, deflate or an uncompressed body")
-        return await asyncio.to_thread(_decompress, raw, encoding, limit)
 
     # --- health and metadata ---------------------------------------------------------------
 
@@ -298,7 +244,7 @@ class RestApi:
 
     async def _index(self, request: web.Request) -> web.Response:
         async def work() -> tuple[list[dict[str, Any]], int]:
-            body = await self._body(request)
+            body = await self._bodies.read(request)
             options = parse_json(body, "RepositoryIndex") if body.strip() else {}
             ready = options.get("ready", False) if isinstance(options, dict) else None
             if not isinstance(ready, bool):
@@ -319,7 +265,7 @@ class RestApi:
         rpc = "RepositoryModelLoad" if load else "RepositoryModelUnload"
 
         async def work() -> tuple[dict[str, Any], int]:
-            body = await self._body(request)
+            body = await self._bodies.read(request)
             where = f"model {printable(model)}: {rpc}"
             options = parse_json(body, where) if body.strip() else {}
             if not isinstance(options, dict):
@@ -353,7 +299,7 @@ class RestApi:
         sent: list[tuple[bytes, dict[str, str]]] = []
 
         async def work() -> tuple[Any, int]:
-            body = await self._body(request)
+            body = await self._bodies.read(request)
             length = request.headers.get(HEADER_LENGTH)
             if length is not None and (not _digits(length) or int(length) > len(body)):
                 raise InvalidInput(f"{where}: {HEADER_LENGTH} {printable(length)!r} is not a "
@@ -385,7 +331,7 @@ class RestApi:
         async def work() -> tuple[Any, int]:
             top_k = _query_int(request, "top_k", model)
             call = ClassifyCall(model=model, version=parse_version(model, version),
-                                images=await self._images(request, model),
+                                images=await self._bodies.images(request, model),
                                 top_k=top_k or DEFAULT_TOP_K, request_id=_client_id(request))
             result = await self._core.classify(call, self._deadline(request))
             return classify_response(result), result.version
@@ -402,7 +348,7 @@ class RestApi:
             normalize, binary = (_query_bool(request, key, model)
                                  for key in ("normalize", "binary_data"))
             call = EmbedCall(model=model, version=parse_version(model, version),
-                             images=await self._images(request, model), normalize=normalize,
+                             images=await self._bodies.images(request, model), normalize=normalize,
                              request_id=_client_id(request))
             result = await self._core.embed(call, self._deadline(request))
             if not binary:
@@ -418,55 +364,6 @@ class RestApi:
 
         await self._run(request, model, work)
         return sent[0]
-
-    async def _images(self, request: web.Request, model: str) -> list[EncodedImage]:
-        """The image files of a classify/embed request: the body itself (recognised by its
-        signature, whatever its Content-Type), or the parts of a multipart/form-data body."""
-        where = f"model {printable(model)}"
-        if request.content_type.startswith("multipart/"):
-            return await self._parts(request, where)
-        body = await self._body(request)
-        if not body:
-            raise InvalidInput(f"{where}: the request body is empty; send an image file (curl "
-                               "--data-binary @photo.jpg) or multipart/form-data parts")
-        if not (body.startswith(_IMAGE_MAGIC) or body[:4] == b"RIFF" and body[8:12] == b"WEBP"):
-            raise InvalidInput(f"{where}: the request body is not a JPEG, PNG or WebP file "
-                               f"(it starts with {body[:8].hex(' ')}); send the file's bytes "
-                               "as the body, or multipart/form-data with one part per image")
-        return [EncodedImage(body)]
-
-    async def _parts(self, request: web.Request, where: str) -> list[EncodedImage]:
-        limit, max_images = self._limits.max_message_bytes, self._limits.max_images_per_request
-        if request.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
-            raise _HttpError(415, f"{where}: a multipart body is read as sent: drop "
-                                  "Content-Encoding (image files are compressed already)")
-        try:
-            async with self._upload(request):
-                reader = await request.multipart()
-                images: list[EncodedImage] = []
-                total = 0
-                while (part := await reader.next()) is not None:
-                    if not isinstance(part, BodyPartReader):
-                        raise InvalidInput(f"{where}: a multipart part is itself multipart; "
-                                           "send one part per image file")
-                    if len(images) == max_images:
-                        raise LimitExceeded(f"{where}: more than {max_images} parts, over the "
-                                            "images-per-request limit; split the request")
-                    chunks = []
-                    while chunk := await part.read_chunk(1 << 16):
-                        total += len(chunk)
-                        if total > limit:
-                            raise LimitExceeded(f"{where}: the multipart body is over the "
-                                                f"limit of {limit} bytes (--max-message-bytes)")
-                        chunks.append(chunk)
-                    images.append(EncodedImage(b"".join(chunks)))
-        except (ValueError, AssertionError, HttpProcessingError) as exc:  # a malformed body
-            raise InvalidInput(f"{where}: malformed multipart/form-data body ({exc}); send one "
-                               "part per image file") from None
-        if not images:
-            raise InvalidInput(f"{where}: the multipart body has no parts; send one part per "
-                               "image file")
-        return images
 
     def _deadline(self, request: web.Request, timeout_us: int = 0) -> float | None:
         """The request's deadline (``X-Timeout-Ms``, Triton's ``timeout`` parameter in
@@ -487,49 +384,10 @@ class RestApi:
         return time.monotonic() + min(limits) if limits else None
 
 
-class ClientGone(InvalidInput):
-    """The client disconnected before its request was read: nobody to answer, nothing to log
-    as a server error."""
-
-
-class _HttpError(InvalidInput):
-    """An HTTP-only refusal (415): its own status here, INVALID_ARGUMENT in metrics."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def _parse_infer(body: memoryview, split: int, where: str, model: str, version: str,
                  max_images: int) -> RestInfer:
     header = parse_json(body[:split], where, "the JSON header")
     return infer_request(header, body[split:], model, version, max_images)
-
-
-def _decompress(raw: bytes, encoding: str, limit: int) -> bytes:
-    """A gzip/deflate body, refused once it decompresses past ``limit`` (a bomb costs at most
-    ``limit`` bytes of memory). ``deflate`` is zlib-wrapped (RFC 9110), or raw as some send."""
-    wbits = _COMPRESSED[encoding]
-    for attempt in (wbits, -zlib.MAX_WBITS) if encoding == "deflate" else (wbits,):
-        inflater = zlib.decompressobj(attempt)
-        try:
-            out = inflater.decompress(raw, limit + 1)
-        except zlib.error as exc:
-            if attempt != -zlib.MAX_WBITS and encoding == "deflate":
-                continue
-            raise InvalidInput(f"the request body is not valid {encoding} data ({exc}); "
-                               "compress it whole, or drop Content-Encoding") from None
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise LimitExceeded(f"the request body decompresses to over the limit of {limit} "
-                                "bytes (--max-message-bytes); split the request")
-        if not inflater.eof:
-            raise InvalidInput(f"the {encoding} request body is truncated; send the whole "
-                               "compressed stream")
-        if inflater.unused_data:
-            raise InvalidInput(f"the {encoding} request body has {len(inflater.unused_data)} "
-                               "bytes after its compressed stream; send one stream")
-        return out
-    raise AssertionError("unreachable")
 
 
 def _client_id(request: web.Request) -> str:
