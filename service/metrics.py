@@ -22,6 +22,8 @@ MODEL_STATES = tuple(VersionState)  # the state label takes each value
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        """Long because every series the server exports is declared here, each with its help
+        text, in one place (the dashboards' contract)."""
         self.registry = registry or CollectorRegistry()
         mv = ("model", "version")
         r = self.registry

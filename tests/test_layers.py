@@ -5,8 +5,9 @@ folder is checked without anyone adding it to a list, and a new folder fails unt
 its place in ``LAYERS``.
 
 Beyond the order: the engine, the models and the core (and the vocabulary) import neither gRPC,
-nor protobuf, nor aiohttp, so a front end is a thin layer over them; no module of the server
-imports the benchmark, the export stage or PyTorch."""
+nor protobuf, nor aiohttp, so a front end is a thin layer over them; the HTTP front end is a
+peer of the gRPC one, not its client; no module of the server imports the benchmark, the export
+stage or PyTorch; no module is over 400 lines, no function over 60 without saying why."""
 
 from __future__ import annotations
 
@@ -93,6 +94,28 @@ def test_a_module_imports_only_its_layer_and_those_below(module):
     assert not above, f"{module} ({layer_of(module) or 'root'}) imports a layer above it: {above}"
 
 
+def external_imports(path: Path) -> set[str]:
+    """The top modules of the packages outside the service that ``path`` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("api.http")))
+def test_the_http_front_end_is_a_peer_of_the_grpc_one(module):
+    """REST builds typed calls itself and encodes the typed views itself: it imports neither
+    the gRPC servicers nor gRPC nor the KServe protobuf modules."""
+    assert not {t for t in imported(module, MODULES[module]) if t.startswith("api.grpc")}
+    wire = {m for m in external_imports(MODULES[module])
+            if m.split(".")[0] in ("grpc", "grpc_health", "google")
+            or m.startswith(("visionserve.inference", "visionserve.v1"))}
+    assert not wire, f"{module} imports {wire}"
+
+
 def test_the_import_reader_sees_relative_absolute_and_lazy_imports():
     """The check above can fail: the server's own module imports every layer."""
     seen = imported("process.server", MODULES["process.server"])
@@ -100,6 +123,8 @@ def test_the_import_reader_sees_relative_absolute_and_lazy_imports():
             "metrics"} <= seen
     assert "models.golden" in imported("process.server", MODULES["process.server"])
     assert "engine.backends.base" in imported("models.golden", MODULES["models.golden"])
+    assert "grpc" in external_imports(MODULES["api.grpc.kserve"])
+    assert "visionserve.inference" in external_imports(MODULES["api.grpc.kserve"])
 
 
 IMPORT_WITH_BLOCKED = """
@@ -140,3 +165,23 @@ def test_the_server_imports_no_benchmark_or_export_stage(module):
     result = import_blocking(module, NEVER_IN_SERVICE)
     assert result.returncode == 0, result.stderr[-2000:]
 
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_module_is_over_400_lines():
+    sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
+    assert sizes and {m: n for m, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
+def test_no_function_is_over_60_lines_without_saying_why():
+    """A longer function's docstring says "Long because …"."""
+    long = {}
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) \
+                    and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES \
+                    and "Long because" not in (ast.get_docstring(node) or ""):
+                long[f"{module}.{node.name}"] = node.end_lineno - node.lineno + 1
+    assert long == {}

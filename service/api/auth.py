@@ -13,12 +13,9 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import grpc
-
-from .methods import OPENABLE, access_class
+from .methods import OPENABLE, Access
 
 log = logging.getLogger(__name__)
 
@@ -45,42 +42,17 @@ def load_token(token_file: Path | None) -> str | None:
     return token
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses, with UNAUTHENTICATED, every call of a protected class whose ``authorization``
-    metadata is not ``Bearer <token>``. The refused request's body is never deserialized."""
+class TokenCheck:
+    """The bearer token in use and the access classes open without it; both front ends ask it
+    (the gRPC interceptor, ``grpc/auth.py``, and the HTTP middleware)."""
 
-    def __init__(self, token: str, open_classes: tuple[str, ...] = (),
-                 on_refused: Callable[[str, grpc.StatusCode, str], None] | None = None) -> None:
+    def __init__(self, token: str, open_classes: tuple[str, ...] = ()) -> None:
         unknown = set(open_classes) - set(OPENABLE)
         if unknown:
             raise ValueError(f"--auth-open {sorted(unknown)[0]!r} is not allowed; choose from "
                              f"{list(OPENABLE)} (health is always open, repository never)")
         self._expected = token.encode()  # replaced whole by set_token: calls see old or new
-        self._open = {"health", *open_classes}
-        self._on_refused = on_refused  # (method, code, reason): counted and logged
-
-    async def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails],
-                                         Awaitable[grpc.RpcMethodHandler]],
-            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        cls = access_class(details.method)
-        if cls in self._open:
-            return await continuation(details)
-        presented = next((v for k, v in details.invocation_metadata or ()
-                          if k == "authorization"), None)
-        if presented is not None and self.valid(presented):
-            return await continuation(details)
-        handler = await continuation(details)
-        if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
-            return handler
-        reason = "no authorization metadata" if presented is None else "the token is not valid"
-        if self._on_refused is not None:
-            self._on_refused(details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED,
-                             "unauthenticated")
-        return _refusal(handler, f"{details.method.rsplit('/', 1)[-1]} needs a bearer token "
-                                 f"({cls} calls are protected on this server): {reason}; send "
-                                 "metadata 'authorization: Bearer <token>'")
-
+        self._open = {Access.HEALTH.value, *open_classes}
 
     def set_token(self, token: str) -> None:
         """Rotate the token (the file was reloaded): from now on only the new one is valid."""
@@ -101,12 +73,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 class TokenFile:
     """Watches ``--auth-token-file``: a changed file (a rotated Kubernetes secret, an edit) or a
-    SIGHUP reloads it into the interceptor, without a restart. A file that cannot be read or is
+    SIGHUP reloads it into the token check, without a restart. A file that cannot be read or is
     empty keeps the token in use (and says so in the log)."""
 
-    def __init__(self, path: Path, interceptor: BearerTokenInterceptor) -> None:
+    def __init__(self, path: Path, check: TokenCheck) -> None:
         self._path = path
-        self._interceptor = interceptor
+        self._check = check
         self._seen = self._stamp()
 
     def _stamp(self) -> tuple[int, int, int]:
@@ -127,23 +99,9 @@ class TokenFile:
         except ValueError as exc:
             log.error("auth token not reloaded, the previous one stays in use: %s", exc)
             return False
-        self._interceptor.set_token(token or "")
+        self._check.set_token(token or "")
         log.info("auth token reloaded from %s", self._path)
         return True
-
-
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    async def abort(_request_or_stream: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    # no deserializer: an unauthenticated payload is never parsed
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    return grpc.stream_stream_rpc_method_handler(abort)
 
 
 def read_secret(path: Path, flag: str) -> bytes:

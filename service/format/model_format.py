@@ -22,3 +22,6 @@ LABELS_FILE = "labels.txt"
 TRITON_CONFIG_FILE = "config.pbtxt"
 # OpenVINO reads the same ONNX file (FP32, or INT8 QDQ) and compiles it itself
 MODEL_FILES = {"onnxruntime": "model.onnx", "openvino": "model.onnx", "tensorrt": "model.plan"}
+
+# the Triton platform each backend's model folder is served as (config.pbtxt, KServe metadata)
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan"}

@@ -9,14 +9,16 @@ an ``fp32`` model in OpenVINO's default precision, BF16 (docs/config.md)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import text_format
+from google.protobuf.message import Message
 
 from visionserve.inference import model_config_pb2 as mc
 
 from .model_config import ModelConfig
-from .model_format import LABELS_FILE, MODEL_FILES
+from .model_format import LABELS_FILE, MODEL_FILES, PLATFORMS
 
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan"}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
@@ -74,3 +76,41 @@ def model_config(name: str, c: ModelConfig, num_classes: int,
 def model_config_text(name: str, c: ModelConfig, num_classes: int, embedding_dim: int) -> str:
     """The same, as Triton's ``config.pbtxt`` (protobuf text format)."""
     return text_format.MessageToString(model_config(name, c, num_classes, embedding_dim))
+
+
+def model_config_json(name: str, c: ModelConfig, num_classes: int,
+                      embedding_dim: int) -> dict[str, Any]:
+    """The same configuration as Triton's REST API writes it (``GET .../config``)."""
+    return _proto_json(model_config(name, c, num_classes, embedding_dim))
+
+
+def _proto_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as Triton's REST JSON writes it: field names as in the .proto, 64-bit
+    integers as numbers (protobuf's own JSON writes them as strings), enums by name, scalars
+    and lists even when empty or zero (``"fail": {"count": 0, "ns": 0}``); unset messages and
+    oneof members left out."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            value_field = entry.fields_by_name["value"]
+            out[field.name] = {k: _scalar(value_field, v) for k, v in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_scalar(field, v) for v in value]
+        elif (entry is not None or field.containing_oneof is not None) \
+                and not message.HasField(field.name):
+            continue
+        else:
+            out[field.name] = _scalar(field, value)
+    return out
+
+
+def _scalar(field: Any, value: Any) -> Any:
+    if field.message_type is not None:
+        return _proto_json(value)
+    if field.enum_type is not None:
+        return field.enum_type.values_by_number[value].name
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value

@@ -13,10 +13,12 @@ import logging
 import time
 
 from ..errors import InvalidInput, ModelFailed, ModelNotFound, RateLimited
+from ..format import model_format
 from ..modes import ModelControlMode
 from ..states import VersionState
 from .repository_sync import RepositorySync
 from .routing import ModelStatus, Router, ServedVersion
+from .views import IndexEntry, ModelMetadata, ServedConfig, TensorSpec, VersionStats
 
 audit = logging.getLogger("visionserve.audit")  # one line per load/unload request
 
@@ -56,10 +58,45 @@ class ModelControl:
         """Routable versions of ``name``, newest first."""
         return self._router.ready_versions(name)
 
-    def statistics(self, name: str = "", version: int = 0) -> list[ServedVersion]:
-        """The versions whose statistics to report: one (``version``), every ready or draining
-        one of ``name``, or those of every model (no name). A draining version's requests are
+    def metadata(self, name: str, version: int = 0) -> tuple[ModelMetadata, int]:
+        """The model's tensors, one input per accepted form (FP32 first), and its versions:
+        the one asked for, or (``version`` 0) every ready one. With the version answered."""
+        served = self.resolve(name, version)
+        versions = [served] if version else self.ready_versions(name)
+        spec, out, batch = served.config.input, served.config.output, -1
+        return ModelMetadata(
+            name=served.name, versions=tuple(s.version for s in versions),
+            platform=model_format.PLATFORMS[served.config.backend],
+            inputs=tuple(TensorSpec(spec.name, dtype, tuple(shape))
+                         for dtype, shape in spec.forms()),
+            outputs=(TensorSpec(out.logits, "FP32", (batch, served.backend.num_classes)),
+                     TensorSpec(out.embedding, "FP32", (batch, served.backend.embedding_dim)))
+        ), served.version
+
+    def served_config(self, name: str, version: int = 0) -> ServedConfig:
+        served = self.resolve(name, version)
+        return ServedConfig(name=served.name, version=served.version, config=served.config,
+                            num_classes=served.backend.num_classes,
+                            embedding_dim=served.backend.embedding_dim)
+
+    def statistics(self, name: str = "", version: int = 0) -> list[VersionStats]:
+        """The statistics of one version (``version``), of every ready or draining one of
+        ``name``, or of those of every model (no name). A draining version's requests are
         still finishing: its counts still move."""
+        return [VersionStats(name=s.name, version=s.version, stats=s.accounting.stats)
+                for s in self._stat_versions(name, version)]
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """The repository index: every version of every model (a model without any, once)."""
+        entries = []
+        for status in self.models():
+            if not status.versions:
+                entries.append(IndexEntry(status.name, 0, status.state, status.reason))
+            entries.extend(IndexEntry(status.name, v.version, v.state, v.reason)
+                           for v in sorted(status.versions.values(), key=lambda v: v.version))
+        return [e for e in entries if not ready_only or e.state == VersionState.READY]
+
+    def _stat_versions(self, name: str, version: int) -> list[ServedVersion]:
         if not name:
             return [s for status in self.models() for s in self._reported(status.name)]
         if version:

@@ -25,9 +25,10 @@ from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
 from ..api.access_log import AccessLog
 from ..api.admission import Admission
-from ..api.auth import BearerTokenInterceptor, TokenFile
+from ..api.auth import TokenCheck, TokenFile
 from ..api.calls import CallHandler
 from ..api.grpc import wire_limits
+from ..api.grpc.auth import BearerTokenInterceptor
 from ..api.grpc.kserve import KServeServicer
 from ..api.grpc.strict import add_servicer
 from ..api.grpc.vision import VisionServicer
@@ -97,11 +98,11 @@ class Server:
         config = self.config
         limit = config.limits.max_message_bytes
         self._access_log = AccessLog(config.access_log)
-        interceptors = [BearerTokenInterceptor(config.auth_token, config.auth_open,
-                                               self._refused)] \
-            if config.auth_token else []  # none at all without auth: no per-call cost
-        self.token_file = TokenFile(config.auth_token_file, interceptors[0]) \
-            if interceptors and config.auth_token_file else None
+        check = TokenCheck(config.auth_token, config.auth_open) if config.auth_token else None
+        # no interceptor at all without auth: no per-call cost
+        interceptors = [BearerTokenInterceptor(check, self._refused)] if check else []
+        self.token_file = TokenFile(config.auth_token_file, check) \
+            if check and config.auth_token_file else None
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs or None, options=[
@@ -125,8 +126,7 @@ class Server:
                      self._refused)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if config.http_port is not None:  # the REST API: same core, control, accounting, auth
-            rest = RestApi(core, control, calls, self.lifecycle,
-                           interceptors[0] if interceptors else None, self._refused)
+            rest = RestApi(core, control, calls, self.lifecycle, check, self._refused)
             self._http = HttpListener(
                 rest.app(), config.host, config.http_port, HTTP_MAX_CONNECTIONS,
                 config.tls.ssl_context() if config.tls else None,
@@ -139,11 +139,11 @@ class Server:
              reflection.SERVICE_NAME), server)
         return server
 
-    def _refused(self, method: str, code: grpc.StatusCode, reason: str) -> None:
+    def _refused(self, method: str, code: str, reason: str) -> None:
         """A call refused before any handler ran (token check, strict decoding): counted by
         reason, and in the access log like any failed call (rate-limited there)."""
         self.metrics.refused.labels(method, reason).inc()
-        self._access_log.record(method, "", "", f"{code.name} ({reason})", 0.0)
+        self._access_log.record(method, "", "", f"{code} ({reason})", 0.0)
 
     async def _readiness(self, name: str, ready: bool) -> None:
         """Per-model gRPC health, set by the repository sync."""
@@ -153,6 +153,18 @@ class Server:
     async def start(self) -> None:
         """Listen (NOT_SERVING), load the repository, then go SERVING, unless ``stop`` was
         set meanwhile: a signal during the initial load never reports SERVING."""
+        await self._listen()
+        config = self.config
+        only = set(config.load_models) if config.model_control is ModelControlMode.EXPLICIT \
+            else None
+        await self.sync.load_repository(config.repo, only)
+        if self.stop.is_set():
+            return
+        await self._serving()
+
+    async def _listen(self) -> None:
+        """Bind the metrics, gRPC and HTTP ports (a port in use is a ``StartupError`` naming
+        its flag) and start the gRPC server, NOT_SERVING."""
         config = self.config
         metrics_host = config.metrics_host or config.host
         try:
@@ -195,11 +207,10 @@ class Server:
                  "TLS, client certificates required" if config.tls.client_ca else "TLS",
                  "no auth" if not config.auth_token else
                  "bearer token required except for " + ", ".join(("health", *config.auth_open)))
-        explicit = config.model_control is ModelControlMode.EXPLICIT
-        only = set(config.load_models) if explicit else None
-        await self.sync.load_repository(config.repo, only)
-        if self.stop.is_set():
-            return
+
+    async def _serving(self) -> None:
+        """Go SERVING: readiness on, the log line, the ready file."""
+        config = self.config
         statuses = self.router.statuses()
         ready = [s.name for s in statuses if s.state == VersionState.READY]
         failed = [s.name for s in statuses if s.state == VersionState.FAILED]

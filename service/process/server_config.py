@@ -147,10 +147,10 @@ class ServerConfig:
             raise UsageError(f"--ready-file {self.ready_file}: its folder does not exist or is "
                              "not writable; point it into a writable volume")
         if self.auth_token:
-            from ..api.auth import BearerTokenInterceptor
+            from ..api.auth import TokenCheck
 
             try:  # the classes named exist: fail at start rather than at the first call
-                BearerTokenInterceptor(self.auth_token, self.auth_open)
+                TokenCheck(self.auth_token, self.auth_open)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         if self.tls is not None:

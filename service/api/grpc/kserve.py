@@ -19,19 +19,14 @@ from ...format import triton_config
 from ...lifecycle import Lifecycle
 from ...logs import printable
 from ...models.control import ModelControl
-from ...models.routing import ModelStatus, ServedVersion
+from ...models.routing import ServedVersion
 from ...models.statistics import Duration
-from ...states import VersionState
+from ...models.views import IndexEntry, ModelMetadata, ServedConfig, TensorSpec, VersionStats
 from ..calls import CallHandler, deadline_of, metadata_request_id
+from ..kserve_protocol import EXTENSIONS, INDEX_STATES, parse_version
 from ..streams import answer_stream
-from .kserve_wire import infer_call, infer_reply, parse_version
+from .kserve_wire import infer_call, infer_reply
 from .status import grpc_status
-
-EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
-# Triton's RepositoryIndex strings for our version states
-_INDEX_STATES = {VersionState.READY: "READY", VersionState.LOADING: "LOADING",
-                 VersionState.FAILED: "UNAVAILABLE", VersionState.DRAINING: "UNLOADING",
-                 VersionState.UNLOADED: "UNAVAILABLE"}
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
@@ -78,14 +73,17 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async def work() -> tuple[kpb.ModelMetadataResponse, int]:
-            return model_metadata(self._control, request.name, request.version)
+            view, answered = self._control.metadata(
+                request.name, parse_version(request.name, request.version))
+            return model_metadata(view), answered
 
         return await self._calls.handle("ModelMetadata", request.name, context, work)
 
     async def ModelConfig(self, request, context):
         async def work() -> tuple[kpb.ModelConfigResponse, int]:
-            served = self._resolve(request.name, request.version)
-            return kpb.ModelConfigResponse(config=model_config(served)), served.version
+            view = self._control.served_config(
+                request.name, parse_version(request.name, request.version))
+            return kpb.ModelConfigResponse(config=model_config(view)), view.version
 
         return await self._calls.handle("ModelConfig", request.name, context, work)
 
@@ -132,15 +130,15 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request, context):
         async def work() -> tuple[kpb.ModelStatisticsResponse, int]:
-            served = self._control.statistics(
+            views = self._control.statistics(
                 request.name, parse_version(request.name, request.version))
-            return kpb.ModelStatisticsResponse(model_stats=[statistics(s) for s in served]), 0
+            return kpb.ModelStatisticsResponse(model_stats=[statistics(v) for v in views]), 0
 
         return await self._calls.handle("ModelStatistics", request.name, context, work)
 
     async def RepositoryIndex(self, request, context):
         async def work() -> tuple[kpb.RepositoryIndexResponse, int]:
-            return repository_index(self._control, request.ready), 0
+            return repository_index(self._control.index(request.ready)), 0
 
         return await self._calls.handle("RepositoryIndex", "", context, work)
 
@@ -171,46 +169,29 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return self._control.resolve(name, parse_version(name, version_text))
 
 
-def model_metadata(control: ModelControl, name: str,
-                   version_text: str) -> tuple[kpb.ModelMetadataResponse, int]:
-    """ModelMetadata (gRPC and REST): one entry per accepted input form, the FP32 one first."""
-    served = control.resolve(name, parse_version(name, version_text))
-    versions = [served] if version_text else control.ready_versions(name)
-    spec = served.config.input
-    out = served.config.output
-    batch = -1
-    return kpb.ModelMetadataResponse(
-        name=served.name, versions=[str(s.version) for s in versions],
-        platform=triton_config.PLATFORMS[served.config.backend],
-        inputs=[kpb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=dtype,
-                                                         shape=list(shape))
-                for dtype, shape in spec.forms()],
-        outputs=[kpb.ModelMetadataResponse.TensorMetadata(
-            name=out.logits, datatype="FP32", shape=[batch, served.backend.num_classes]),
-            kpb.ModelMetadataResponse.TensorMetadata(
-            name=out.embedding, datatype="FP32", shape=[batch, served.backend.embedding_dim])]
-    ), served.version
+def model_metadata(view: ModelMetadata) -> kpb.ModelMetadataResponse:
+    def tensors(specs: tuple[TensorSpec, ...]) -> list[kpb.ModelMetadataResponse.TensorMetadata]:
+        return [kpb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype,
+                                                         shape=list(t.shape)) for t in specs]
+
+    return kpb.ModelMetadataResponse(name=view.name, versions=[str(v) for v in view.versions],
+                                     platform=view.platform, inputs=tensors(view.inputs),
+                                     outputs=tensors(view.outputs))
 
 
-def repository_index(control: ModelControl, ready_only: bool) -> kpb.RepositoryIndexResponse:
-    return kpb.RepositoryIndexResponse(models=[
-        entry for status in control.models() for entry in _index_entries(status)
-        if not ready_only or entry.state == "READY"])
+def model_config(view: ServedConfig) -> mc.ModelConfig:
+    return triton_config.model_config(view.name, view.config, view.num_classes,
+                                      view.embedding_dim)
 
 
-def model_config(served: ServedVersion) -> mc.ModelConfig:
-    return triton_config.model_config(served.name, served.config, served.backend.num_classes,
-                                      served.backend.embedding_dim)
-
-
-def statistics(served: ServedVersion) -> kpb.ModelStatistics:
-    s = served.accounting.stats
+def statistics(view: VersionStats) -> kpb.ModelStatistics:
+    s = view.stats
 
     def d(x: Duration) -> kpb.StatisticDuration:
         return kpb.StatisticDuration(count=x.count, ns=x.ns)
 
     return kpb.ModelStatistics(
-        name=served.name, version=str(served.version), last_inference=s.last_inference_ms,
+        name=view.name, version=str(view.version), last_inference=s.last_inference_ms,
         inference_count=s.inference_count, execution_count=s.execution_count,
         inference_stats=kpb.InferStatistics(
             success=d(s.success), fail=d(s.fail), queue=d(s.queue),
@@ -220,10 +201,7 @@ def statistics(served: ServedVersion) -> kpb.ModelStatistics:
                      for size, dur in sorted(s.batches.items())])
 
 
-def _index_entries(status: ModelStatus) -> list[kpb.RepositoryIndexResponse.ModelIndex]:
-    if not status.versions:
-        return [kpb.RepositoryIndexResponse.ModelIndex(
-            name=status.name, state=_INDEX_STATES[status.state], reason=status.reason)]
-    return [kpb.RepositoryIndexResponse.ModelIndex(
-        name=status.name, version=str(v.version), state=_INDEX_STATES[v.state],
-        reason=v.reason) for v in sorted(status.versions.values(), key=lambda v: v.version)]
+def repository_index(entries: list[IndexEntry]) -> kpb.RepositoryIndexResponse:
+    return kpb.RepositoryIndexResponse(models=[kpb.RepositoryIndexResponse.ModelIndex(
+        name=e.name, version=str(e.version) if e.version else "",
+        state=INDEX_STATES[e.state], reason=e.reason) for e in entries])

@@ -1,38 +1,24 @@
 """KServe v2 ModelInferRequest/ModelInferResponse ↔ the core's ``InferCall``/``InferResult``.
 
-Everything here is about the wire, and checked before anything is converted: version numbers,
-the count of raw buffers, shapes (4 dimensions for FP32/UINT8, ``[N]`` or ``[N, 1]`` for BYTES),
-image counts against the limit, Triton's BYTES length-prefixed format, UINT8 ranges. What
-depends on the model (its input name and dims, its outputs) is checked by the core
-(``service/core/tensor_io.py``), for every front end alike.
+Everything here is about the protobuf wire, checked before anything is converted: the count of
+raw buffers, typed contents (UINT8 ranges) or raw ones, one way per request. The checks both
+KServe front ends share (version numbers, shapes, image counts, Triton's BYTES format) are in
+``api/kserve_protocol.py``; what depends on the model (its input name and dims, its outputs) is
+checked by the core (``service/core/tensor_io.py``), for every front end alike.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 
 import numpy as np
 
 from visionserve.inference import grpc_service_pb2 as kpb
 
 from ...core.messages import InferCall, InferInput, InferResult, RequestedOutput
-from ...errors import InvalidInput, LimitExceeded, check_image_count
+from ...errors import InvalidInput
 from ...logs import printable
-
-
-def parse_version(model: str, text: str) -> int:
-    """KServe's string version: "" = the newest ready one (0 for the core), else a number >= 1."""
-    if not text:
-        return 0
-    try:
-        number = int(text)
-    except ValueError:
-        raise InvalidInput(f"model {model}: model_version {printable(text)!r} is not a version "
-                           "number; leave it empty for the newest") from None
-    if number < 1:
-        raise InvalidInput(f"model {model}: model_version must be >= 1 (or empty), got {number}")
-    return number
+from ..kserve_protocol import deserialize_bytes, parse_version, serialize_bytes, tensor_input
 
 
 def infer_call(req: kpb.ModelInferRequest, max_images: int,
@@ -66,27 +52,16 @@ def infer_call(req: kpb.ModelInferRequest, max_images: int,
 
 def _input(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None, where: str,
            max_images: int, source: str) -> InferInput:
-    shape = tuple(tensor.shape)
     field = f"input {printable(tensor.name)!r}"
-    if tensor.datatype == "BYTES":
-        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
-            raise InvalidInput(f"{where}: {field} is BYTES with shape {list(shape)}; expected "
-                               "[N] or [N, 1], one encoded image (JPEG/PNG/WebP file bytes) per "
-                               "element")
-        check_image_count(shape[0], max_images, where)
-        elements = deserialize_bytes(raw, where, field, max_images) if raw is not None \
-            else list(tensor.contents.bytes_contents)
-        return InferInput(name=tensor.name, datatype="BYTES", shape=shape, elements=elements,
-                          source=source)
-    if tensor.datatype not in ("FP32", "UINT8"):  # the core names what the model takes
-        return InferInput(name=tensor.name, datatype=tensor.datatype, shape=shape)
-    if len(shape) != 4 or min(shape) < 1:
-        raise InvalidInput(f"{where}: {field} has shape {list(shape)}; expected 4 dimensions "
-                           "[N, C, H, W] (UINT8 also [N, H, W, C]), each >= 1")
-    check_image_count(shape[0], max_images, where)
-    data = raw if raw is not None else typed_data(tensor, where, field)
-    return InferInput(name=tensor.name, datatype=tensor.datatype, shape=shape, data=data,
-                      source=source)
+
+    def data() -> bytes | memoryview | list[bytes]:  # read once the shape is checked
+        if tensor.datatype == "BYTES":
+            return deserialize_bytes(raw, where, field, max_images) if raw is not None \
+                else list(tensor.contents.bytes_contents)
+        return raw if raw is not None else typed_data(tensor, where, field)
+
+    return tensor_input(tensor.name, tensor.datatype, tuple(tensor.shape), data, where,
+                        max_images, source)
 
 
 def typed_data(tensor: kpb.ModelInferRequest.InferInputTensor, where: str,
@@ -162,30 +137,6 @@ def _chunk_varints(b: np.ndarray) -> np.ndarray | None:
     if (b[second] != 1).any():  # a longer varint: above 255
         return None
     return b[~second]
-
-
-def deserialize_bytes(raw: bytes, where: str, field: str, max_elements: int) -> list[bytes]:
-    """Triton's BYTES wire format: each element a 4-byte little-endian length, then the bytes."""
-    out, offset, view = [], 0, memoryview(raw)
-    while offset < len(raw):
-        if len(out) == max_elements:
-            raise LimitExceeded(f"{where}: {field}: more than {max_elements} BYTES elements, "
-                                "over the images-per-request limit; split the request")
-        if offset + 4 > len(raw):
-            raise InvalidInput(f"{where}: {field}: truncated BYTES element length at byte "
-                               f"{offset}")
-        (size,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + size > len(raw):
-            raise InvalidInput(f"{where}: {field}: BYTES element of {size} bytes runs past the "
-                               f"end of the buffer ({len(raw)} bytes)")
-        out.append(bytes(view[offset:offset + size]))
-        offset += size
-    return out
-
-
-def serialize_bytes(elements: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
 def infer_reply(result: InferResult) -> kpb.ModelInferResponse:

@@ -24,7 +24,7 @@ class _Undecodable:
         self.reason = reason  # for the refusal count: undecodable | wire_limit
 
 
-Refused = Callable[[str, grpc.StatusCode, str], None]  # (method, code, reason)
+Refused = Callable[[str, str, str], None]  # (method, status code name, reason)
 
 
 def _ignore(method: str, code: grpc.StatusCode, reason: str) -> None:
@@ -74,7 +74,7 @@ def _strict(service: str, name: str, handler: grpc.RpcMethodHandler,
                                 "request of the type in its .proto (use generated stubs)")
 
     async def refuse(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
-        on_refused(name, request.code, request.reason)
+        on_refused(name, request.code.name, request.reason)
         await context.abort(request.code, request.error)
 
     if handler.unary_unary:

@@ -1,9 +1,10 @@
 """KServe v2 REST bodies (JSON, and Triton's binary tensor data extension) ↔ the typed calls.
 
-A JSON infer request becomes the same ``ModelInferRequest`` a gRPC client would have sent (JSON
-``data`` as raw little-endian bytes, binary tensor data as they are), and then goes through the
-gRPC front end's own converter (``kserve_wire.infer_call``): one set of wire checks and
-messages, so a REST and a gRPC ModelInfer of the same tensors are one call to the core.
+A JSON infer request becomes the typed ``InferCall`` directly (JSON ``data`` as raw
+little-endian bytes or BYTES elements, binary tensor data as they are), through the checks both
+KServe front ends share (``api/kserve_protocol.py``: shapes, image counts, Triton's BYTES
+format): one set of checks and messages, so a REST and a gRPC ModelInfer of the same tensors
+are one call to the core.
 
 Binary tensor data (``Inference-Header-Content-Length``): the body is the JSON header followed by
 the inputs that declare ``parameters.binary_data_size``, in the order of ``inputs``; outputs with
@@ -17,17 +18,25 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from visionserve.inference import grpc_service_pb2 as kpb
-
-from ...core.messages import ClassifyResult, EmbedResult, InferCall, InferResult
+from ...core.messages import ClassifyResult, EmbedResult, InferCall, InferResult, RequestedOutput
 from ...errors import InvalidInput
 from ...logs import printable
-from ..grpc.kserve_wire import infer_call, serialize_bytes
+from ...models.statistics import Duration
+from ...models.views import IndexEntry, ModelMetadata, TensorSpec, VersionStats
+from ..kserve_protocol import (
+    INDEX_STATES,
+    check_element_count,
+    deserialize_bytes,
+    parse_version,
+    serialize_bytes,
+    tensor_input,
+)
 
 _NUMERIC = {"FP32": "<f4", "UINT8": "u1"}
 MAX_DIMS = 8  # the protocol's shapes are int64; ours have at most 4 dimensions
@@ -86,9 +95,14 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return _field(obj, "parameters", dict, where, required=False, default={})
 
 
+Pending = tuple[str, str, tuple[int, ...], Callable[[], Any], str]  # name, type, shape, data
+
+
 def infer_request(header: Any, binary: memoryview, model: str, version: str,
                   max_images: int) -> RestInfer:
-    """A v2 inference request (its JSON header and the binary data after it) as a typed call."""
+    """A v2 inference request (its JSON header and the binary data after it) as a typed call:
+    the JSON is checked first (inputs, outputs, parameters), then the version, then each
+    tensor's shape and image count (``kserve_protocol``), in the gRPC front end's order."""
     where = f"model {model}" + (f" version {version}" if version else "")
     if not isinstance(header, dict):
         raise InvalidInput(f"{where}: the request body must be a JSON object with an "
@@ -96,7 +110,25 @@ def infer_request(header: Any, binary: memoryview, model: str, version: str,
     inputs = _field(header, "inputs", list, where)
     request_id = _field(header, "id", str, where, required=False, default="")
     params = _parameters(header, where)
-    request = kpb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    pending = _inputs(inputs, binary, where, max_images)
+    binary_outputs = {"*"} if params.get("binary_data_output") is True else set()
+    outputs = _outputs(_field(header, "outputs", list, where, required=False, default=[]),
+                       where, binary_outputs)
+    timeout = params.get("timeout", 0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout < 2**63:
+        raise InvalidInput(f"{where}: parameters.timeout must be an integer in 0..2^63-1 "
+                           "(microseconds; 0 = none)")
+    version_number = parse_version(model, version)
+    call = InferCall(model=model, version=version_number, outputs=outputs, request_id=request_id,
+                     inputs=[tensor_input(name, datatype, shape, data, where, max_images, source)
+                             for name, datatype, shape, data, source in pending])
+    return RestInfer(call=call, binary_outputs=binary_outputs, timeout_us=timeout)
+
+
+def _inputs(inputs: list[Any], binary: memoryview, where: str, max_images: int) -> list[Pending]:
+    """Each input's JSON checked, its values taken from ``data`` or from the binary data after
+    the header (``binary_data_size``, in the order of ``inputs``, adding up to all of it)."""
+    pending: list[Pending] = []
     offset = 0
     for i, tensor in enumerate(inputs):
         at = f"{where}: inputs[{i}]"
@@ -112,60 +144,76 @@ def infer_request(header: Any, binary: memoryview, model: str, version: str,
                                f"{printable(json.dumps(shape)[:60])}")
         datatype = _field(tensor, "datatype", str, at)
         size = _parameters(tensor, at).get("binary_data_size")
-        request.inputs.add(name=name, datatype=datatype, shape=shape)
-        if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise InvalidInput(f"{at} ({printable(name)!r}): parameters.binary_data_size "
-                                   "must be an integer >= 0")
-            if "data" in tensor:
-                raise InvalidInput(f"{at} ({printable(name)!r}) has both \"data\" and "
-                                   "binary_data_size; send its values one way")
-            if offset + size > len(binary):
-                raise InvalidInput(f"{at} ({printable(name)!r}): binary_data_size {size} runs "
-                                   f"past the binary data after the JSON header ({len(binary)} "
-                                   f"bytes, {offset} used by the inputs before it)")
-            request.raw_input_contents.append(bytes(binary[offset:offset + size]))
-            offset += size
-        else:
+        if size is None:
             if "data" not in tensor:
                 raise InvalidInput(f"{at} ({printable(name)!r}): field 'data' is missing (or "
                                    "give parameters.binary_data_size and send the values as "
                                    "binary data after the JSON header)")
-            request.raw_input_contents.append(_json_data(tensor["data"], datatype, shape, at,
-                                                         name))
+            values = _json_data(tensor["data"], datatype, shape, at, name)
+            pending.append((name, datatype, tuple(shape),
+                            _deferred(values, where, name, max_images), "data"))
+            continue
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidInput(f"{at} ({printable(name)!r}): parameters.binary_data_size "
+                               "must be an integer >= 0")
+        if "data" in tensor:
+            raise InvalidInput(f"{at} ({printable(name)!r}) has both \"data\" and "
+                               "binary_data_size; send its values one way")
+        if offset + size > len(binary):
+            raise InvalidInput(f"{at} ({printable(name)!r}): binary_data_size {size} runs "
+                               f"past the binary data after the JSON header ({len(binary)} "
+                               f"bytes, {offset} used by the inputs before it)")
+        raw = bytes(binary[offset:offset + size])
+        offset += size
+        field = f"input {printable(name)!r}"
+        pending.append((name, datatype, tuple(shape), (
+            lambda raw=raw, field=field: deserialize_bytes(raw, where, field, max_images))
+            if datatype == "BYTES" else (lambda raw=raw: raw), "binary data"))
     if offset != len(binary):
         raise InvalidInput(f"{where}: {len(binary)} bytes of binary data follow the JSON header, "
                            f"but the inputs' binary_data_size add up to {offset}; check "
                            "Inference-Header-Content-Length and the sizes")
-    binary_outputs = {"*"} if params.get("binary_data_output") is True else set()
-    for i, out in enumerate(_field(header, "outputs", list, where, required=False, default=[])):
+    return pending
+
+
+def _outputs(requested: list[Any], where: str, binary_outputs: set[str]) -> list[RequestedOutput]:
+    """The outputs asked for (each with its ``classification`` count), and in
+    ``binary_outputs`` those asked as binary data."""
+    outputs = []
+    for i, out in enumerate(requested):
         at = f"{where}: outputs[{i}]"
         if not isinstance(out, dict):
             raise InvalidInput(f"{at} must be an object with a name")
         name = _field(out, "name", str, at)
         out_params = _parameters(out, at)
-        requested = request.outputs.add(name=name)
         count = out_params.get("classification")
         if count is not None:
             if isinstance(count, bool) or not isinstance(count, int) or \
                     not 0 <= count <= MAX_DIM:
                 raise InvalidInput(f"{at} ({printable(name)!r}): parameters.classification "
                                    f"must be an integer in 0..{MAX_DIM} (the number of classes)")
-            requested.parameters["classification"].int64_param = count
+        outputs.append(RequestedOutput(name=name, class_count=count))
         if out_params.get("binary_data") is True:
             binary_outputs.add(name)
-    timeout = params.get("timeout", 0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout < 2**63:
-        raise InvalidInput(f"{where}: parameters.timeout must be an integer in 0..2^63-1 "
-                           "(microseconds; 0 = none)")
-    sources = ["binary data" if "binary_data_size" in _parameters(t, "") else "data"
-               for t in inputs]
-    return RestInfer(call=infer_call(request, max_images, sources), binary_outputs=binary_outputs,
-                     timeout_us=timeout)
+    return outputs
 
 
-def _json_data(data: Any, datatype: str, shape: list[int], at: str, name: str) -> bytes:
-    """JSON ``data`` (flat or nested, row-major) as the raw bytes a binary client would send."""
+def _deferred(values: bytes | list[bytes], where: str, name: str,
+              max_images: int) -> Callable[[], bytes | list[bytes]]:
+    """JSON data, handed over once the tensor's shape is checked (BYTES elements counted then,
+    as the binary form's are when they are read)."""
+    def data() -> bytes | list[bytes]:
+        if isinstance(values, list):
+            check_element_count(len(values), where, f"input {printable(name)!r}", max_images)
+        return values
+
+    return data
+
+
+def _json_data(data: Any, datatype: str, shape: list[int], at: str,
+               name: str) -> bytes | list[bytes]:
+    """JSON ``data`` (flat or nested, row-major): the bytes a binary client would send, or the
+    BYTES elements."""
     field = f"{at} ({printable(name)!r}) data"
     if datatype == "BYTES":
         items = _flat(data)
@@ -173,7 +221,7 @@ def _json_data(data: Any, datatype: str, shape: list[int], at: str, name: str) -
             raise InvalidInput(f"{field}: BYTES values in JSON are strings; send image files "
                                "as binary data (binary_data_size) or POST them to "
                                "/v2/models/<model>/classify")
-        return serialize_bytes([utf8(x, field) for x in items])
+        return [utf8(x, field) for x in items]
     if datatype not in _NUMERIC:  # the core names what the model takes
         return b""
     try:
@@ -281,3 +329,36 @@ def embed_response(result: EmbedResult, values: bool = True) -> dict[str, Any]:
     if not finite:
         reply["non_finite"] = True
     return reply
+
+
+def metadata_json(view: ModelMetadata) -> dict[str, Any]:
+    """KServe's model metadata reply, keys in the protocol's order."""
+    def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in specs]
+
+    return {"name": view.name, "versions": [str(v) for v in view.versions],
+            "platform": view.platform, "inputs": tensors(view.inputs),
+            "outputs": tensors(view.outputs)}
+
+
+def statistics_json(view: VersionStats) -> dict[str, Any]:
+    """Triton's ModelStatistics as its REST API writes it (counts and nanoseconds)."""
+    s = view.stats
+
+    def d(x: Duration) -> dict[str, int]:
+        return {"count": x.count, "ns": x.ns}
+
+    return {"name": view.name, "version": str(view.version),
+            "last_inference": s.last_inference_ms, "inference_count": s.inference_count,
+            "execution_count": s.execution_count,
+            "inference_stats": {"success": d(s.success), "fail": d(s.fail), "queue": d(s.queue),
+                                "compute_input": d(s.compute_input),
+                                "compute_infer": d(s.compute_infer),
+                                "compute_output": d(s.compute_output)},
+            "batch_stats": [{"batch_size": size, "compute_infer": d(dur)}
+                            for size, dur in sorted(s.batches.items())]}
+
+
+def index_json(entry: IndexEntry) -> dict[str, str]:
+    return {"name": entry.name, "version": str(entry.version) if entry.version else "",
+            "state": INDEX_STATES[entry.state], "reason": entry.reason}
