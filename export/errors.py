@@ -24,3 +24,9 @@ class ExportError(Exception):
 
 class UsageError(ExportError):
     code = ExportErrorCode.USAGE
+
+
+class WeightsError(ExportError):
+    """The weights file does not fit the architecture; the message lists what differs."""
+
+    code = ExportErrorCode.WEIGHTS

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .weights import WeightsError
+from .errors import UsageError, WeightsError
 
 
 @dataclass(frozen=True)

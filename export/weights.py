@@ -7,13 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ExportError, ExportErrorCode
-
-
-class WeightsError(ExportError):
-    code = ExportErrorCode.WEIGHTS
-
-    """The weights file does not fit the architecture; the message lists what differs."""
+from .errors import WeightsError
+from .provided import from_efficientnet_pytorch, looks_like_efficientnet_pytorch
 
 
 def load_weights(model: nn.Module, path: Path) -> str:
@@ -24,8 +19,6 @@ def load_weights(model: nn.Module, path: Path) -> str:
     checkpoint (``_conv_stem.weight``…) is renamed onto timm's EfficientNet layers.
     """
     import hashlib
-
-    from .provided import from_efficientnet_pytorch, looks_like_efficientnet_pytorch
 
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()

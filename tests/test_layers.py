@@ -185,3 +185,56 @@ def test_no_function_is_over_60_lines_without_saying_why():
                     and "Long because" not in (ast.get_docstring(node) or ""):
                 long[f"{module}.{node.name}"] = node.end_lineno - node.lineno + 1
     assert long == {}
+
+
+def import_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """Module → the modules of the same package it imports (lazy imports included)."""
+    paths = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix("__init__")
+             .rstrip("."): p for p in root.rglob("*.py")
+             if "__pycache__" not in p.parts and p.name != "__main__.py"}
+    graph = {}
+    for module, path in paths.items():
+        here = module.split(".") if module else []
+        base = here if path.name == "__init__.py" else here[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                target = ".".join(base[:len(base) - (node.level - 1)] +
+                                  (node.module.split(".") if node.module else []))
+            elif (node.module or "").startswith(package + "."):
+                target = node.module.removeprefix(package + ".")
+            else:
+                continue
+            targets |= {f"{target}.{a.name}".lstrip(".") if f"{target}.{a.name}".lstrip(".")
+                        in paths else target for a in node.names}
+        graph[module] = {t for t in targets if t in paths and t != module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                found.append([*path[path.index(target):], target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    return found
+
+
+@pytest.mark.parametrize(("folder", "package"), [("service", PACKAGE),
+                                                 ("export", "visionserve.export"),
+                                                 ("bench", "visionserve.bench")])
+def test_no_import_cycles(folder, package):
+    graph = import_graph(ROOT / folder, package)
+    assert len(graph) > 5 and cycles(graph) == []
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
