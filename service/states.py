@@ -7,7 +7,7 @@ import enum
 
 class VersionState(enum.StrEnum):
     """The one set of states of a model version (and of a model: its best version's). Each wire
-    maps it once: api/vision.py (ModelState), api/kserve.py (RepositoryIndex strings), metrics
+    maps it once: api/grpc/vision.py (ModelState), api/kserve_protocol.py (index strings), metrics
     (the ``state`` label, the value itself)."""
 
     LOADING = "loading"

@@ -1,6 +1,6 @@
 """The model repository's format, named once: written by the export stage, read by the service.
 
-    <repo>/<model>/config.toml      this model's config (schema: ``config.ModelConfig``)
+    <repo>/<model>/config.toml      this model's config (schema: ``model_config.ModelConfig``)
     <repo>/<model>/labels.txt       class names, one per line (a version's own file wins)
     <repo>/<model>/config.pbtxt     Triton's config of the same folder (``triton_config``)
     <repo>/<model>/<N>/model.onnx   (ONNX Runtime, OpenVINO) or model.plan (TensorRT);

@@ -130,7 +130,7 @@ class Server:
             self._http = HttpListener(
                 rest.app(), config.host, config.http_port, HTTP_MAX_CONNECTIONS,
                 config.tls.ssl_context() if config.tls else None,
-                auto_decompress=False,  # api/rest.py decompresses, within the body limit
+                auto_decompress=False,  # api/http/body.py decompresses, within the body limit
                 lingering_time=2.0)  # after an early 413, unread body bytes are not awaited long
         reflection.enable_server_reflection(
             (pb.DESCRIPTOR.services_by_name["VisionService"].full_name,

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.0 document of the HTTP API (``api/rest.py``), served at ``GET /v2/openapi.json``.
+"""The OpenAPI 3.0 document of the HTTP API (``rest.py``), served at ``GET /v2/openapi.json``.
 It follows the KServe v2 REST protocol and Triton's extensions (binary tensor data,
 classification, statistics, repository), plus the image endpoints. tests/test_rest_fuzz.py
 generates requests from it (schemathesis) and checks every answer against it: no 5xx, only
