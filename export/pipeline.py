@@ -93,8 +93,20 @@ STEPS = ("build", "export", "parity", "publish")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # ONNX's protobuf limit is 2 GB: larger weights go beside
 
 
+@dataclass
+class _Built:
+    """The model as exported: wrapped with its embedding output, and where its weights came
+    from (the provenance's ``weights_source``)."""
+
+    wrapped: WithEmbedding
+    weights_record: dict[str, object]
+    head_reinitialised: bool
+    bn_recalibrated: bool
+
+
 def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
-    """Export one architecture into ``req.repo``; ``on_step(name)`` reports progress."""
+    """Export one architecture into ``req.repo``; ``on_step(name)`` reports progress: build,
+    export (and the precision's conversion), parity (and the golden set), publish."""
     start = time.perf_counter()
     peak_measured = _reset_peak_rss()
     arch = architectures.get(req.arch)
@@ -103,9 +115,47 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     # refuses a combination no engine serves; an existing folder's own config is what serves
     config = _check_folder(model_dir, _default_config(arch, req))
     labels = _labels(arch, req)
-    num_classes = len(labels)
-
     on_step("build")
+    built = _build(arch, req, len(labels))
+    # what the ONNX file is checked on: the engine its config names (TensorRT: its FP32 source
+    # file on ONNX Runtime first, then the engine itself)
+    check_config = replace(config, backend="onnxruntime") if req.format == "tensorrt" \
+        else config
+    version = req.version or next_version(model_dir)
+    with staging(model_dir, version) as tmp:
+        on_step("export")
+        exporter, precision_record, parity_inputs = _export_onnx(built, arch, req, tmp, name,
+                                                                 version, check_config)
+        on_step("parity")
+        report, golden_record = _check(built, arch, req, tmp, name, version, check_config,
+                                       labels, parity_inputs)
+        precision_record["engine"] = describe(check_config)
+        tensorrt_record = _build_tensorrt(built.wrapped, tmp, arch, req, name, version) \
+            if req.format == "tensorrt" else None
+        on_step("publish")
+        embedding_dim = int(built.wrapped.head.in_features) \
+            if hasattr(built.wrapped.head, "in_features") else -1
+        (tmp / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
+        seconds = time.perf_counter() - start
+        provenance = _provenance(
+            arch, req, built, config, len(labels), embedding_dim, exporter=exporter,
+            precision=precision_record, tensorrt=tensorrt_record, parity=report.to_dict(),
+            golden=golden_record, seconds=seconds,
+            peak_rss=_peak_rss_bytes() if peak_measured else None,
+            onnx_bytes=sum(p.stat().st_size for p in tmp.iterdir()
+                           if p.name.startswith("model.onnx")))
+        (tmp / "export.json").write_text(json.dumps(provenance, indent=2) + "\n",
+                                         encoding="utf-8")
+        ensure_model_files(model_dir, config, labels,
+                           triton_config(name, config, len(labels), embedding_dim))
+        path = publish(tmp, model_dir, version)
+    log.info("published %s version %d at %s in %.1f s", name, version, path, seconds)
+    return ExportResult(name=name, version=version, path=path, parity=report, seconds=seconds)
+
+
+def _build(arch: Architecture, req: ExportRequest, num_classes: int) -> _Built:
+    """The architecture with its weights: a file, the architecture's default, or a seeded
+    random init made alive (a dead head re-initialised, BatchNorm statistics re-estimated)."""
     torch.manual_seed(req.seed)
     model = arch.build(num_classes)
     # default weights have the architecture's own head: another class count starts random
@@ -123,116 +173,120 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
         weights_record = {"source": f"seeded random init (seed {req.seed})"}
     wrapped = WithEmbedding(model, arch.head_path(model)).eval()
     head_reinitialised = random_init and reinit_dead_head(wrapped.head)
-    shape = arch.input.shape
     # random init is degenerate (tiny, huge or input-independent outputs): make it alive
-    bn_recalibrated = random_init and recalibrate_batchnorm(wrapped, shape, req.seed)
+    bn_recalibrated = random_init and recalibrate_batchnorm(wrapped, arch.input.shape, req.seed)
     if bn_recalibrated:
         weights_record["source"] += ", BatchNorm statistics re-estimated on seeded noise"
-    param_bytes = sum(p.numel() * p.element_size() for p in wrapped.parameters())
+    return _Built(wrapped, weights_record, head_reinitialised, bn_recalibrated)
 
-    # the file's own precision: bf16 is OpenVINO's compute precision on the FP32 file
-    onnx_precision = "fp32" if req.format == "tensorrt" or req.precision == "bf16" \
-        else req.precision
-    # what the ONNX file is checked on: the engine its config names (TensorRT: its FP32 source
-    # file on ONNX Runtime first, then the engine itself)
-    check_config = replace(config, backend="onnxruntime") if req.format == "tensorrt" \
-        else config
-    engine_name = describe(check_config)
-    version = req.version or next_version(model_dir)
-    with staging(model_dir, version) as tmp:
-        on_step("export")
-        sample = torch.randn((2, *shape), generator=torch.Generator().manual_seed(req.seed))
-        model_path = tmp / MODEL_FILES["onnxruntime"]
-        fp32_path = model_path if onnx_precision == "fp32" else tmp / "fp32.onnx"
-        exporter = export_onnx(wrapped, sample, fp32_path, arch.max_batch_size,
-                               external_data=param_bytes > EXTERNAL_DATA_BYTES)
-        precision_record: dict[str, object] = {"batchnorm_recalibrated": bn_recalibrated}
-        parity_inputs = None
-        if onnx_precision == "fp16":
-            to_fp16(fp32_path, model_path)
-        elif onnx_precision == "int8":
-            batches, source = calibration_images(arch.input, req.calibration, 48, req.seed)
-            calibrate, held_out = batches[: max(1, len(batches) * 2 // 3)], \
-                batches[max(1, len(batches) * 2 // 3):]
-            kept_float = to_int8(fp32_path, model_path, calibrate)
-            parity_inputs = held_out or calibrate
-            with open_engine(name, version, check_config, model_path) as engine:
-                top1, top5 = top_k_agreement(wrapped, engine, parity_inputs)
-            precision_record.update(calibration=source, calibration_inputs=len(calibrate),
-                                    held_out_inputs=len(held_out), held_out_top1=top1,
-                                    held_out_top5=top5, kept_float=kept_float)
-        for leftover in tmp.glob("fp32.onnx*"):
-            leftover.unlink()
-        on_step("parity")
-        checked_precision = "bf16" if req.precision == "bf16" else onnx_precision
+
+def _onnx_precision(req: ExportRequest) -> str:
+    """The file's own precision: bf16 is OpenVINO's compute precision on the FP32 file."""
+    return "fp32" if req.format == "tensorrt" or req.precision == "bf16" else req.precision
+
+
+def _export_onnx(built: _Built, arch: Architecture, req: ExportRequest, tmp: Path, name: str,
+                 version: int, check_config: ModelConfig
+                 ) -> tuple[str, dict[str, object], list[torch.Tensor] | None]:
+    """``model.onnx`` in ``tmp``, in the file's precision (FP16 converted, INT8 quantized on
+    calibration images and its top-k agreement measured on held-out ones). Returns the
+    exporter used, the precision record and the inputs parity must use (INT8: held out)."""
+    wrapped, shape = built.wrapped, arch.input.shape
+    onnx_precision = _onnx_precision(req)
+    param_bytes = sum(p.numel() * p.element_size() for p in wrapped.parameters())
+    sample = torch.randn((2, *shape), generator=torch.Generator().manual_seed(req.seed))
+    model_path = tmp / MODEL_FILES["onnxruntime"]
+    fp32_path = model_path if onnx_precision == "fp32" else tmp / "fp32.onnx"
+    exporter = export_onnx(wrapped, sample, fp32_path, arch.max_batch_size,
+                           external_data=param_bytes > EXTERNAL_DATA_BYTES)
+    precision_record: dict[str, object] = {"batchnorm_recalibrated": built.bn_recalibrated}
+    parity_inputs = None
+    if onnx_precision == "fp16":
+        to_fp16(fp32_path, model_path)
+    elif onnx_precision == "int8":
+        batches, source = calibration_images(arch.input, req.calibration, 48, req.seed)
+        calibrate, held_out = batches[: max(1, len(batches) * 2 // 3)], \
+            batches[max(1, len(batches) * 2 // 3):]
+        kept_float = to_int8(fp32_path, model_path, calibrate)
+        parity_inputs = held_out or calibrate
         with open_engine(name, version, check_config, model_path) as engine:
-            report = check_parity(wrapped, engine, shape, seed=req.seed,
-                                  tolerance=TOLERANCES[checked_precision], inputs=parity_inputs)
-            if not report.passed:
-                raise ParityError(f"{name} ({arch.name}) version {version}: parity check "
-                                  f"failed ({checked_precision} on {engine_name}): "
-                                  f"{report.reason}; nothing was published", report)
-            # TensorRT: the engine is built in req.precision from this checked FP32 file
-            golden_precision = req.precision if req.format == "tensorrt" else checked_precision
-            golden_record = write_golden(tmp, wrapped, arch.input, labels, req.seed,
-                                         golden_precision, engine, engine_name)
-            if golden_record["dropped"]:
-                log.warning("%s version %d: golden cases left out, FP32 PyTorch does not "
-                            "reproduce itself on them (ill-conditioned weights): %s; %d kept",
-                            name, version, ", ".join(golden_record["dropped"]),
-                            golden_record["cases"])
-        precision_record["engine"] = engine_name
-        tensorrt_record = None
-        if req.format == "tensorrt":
-            tensorrt_record = _build_tensorrt(wrapped, tmp, arch, req, name, version)
-        on_step("publish")
-        embedding_dim = int(wrapped.head.in_features) if hasattr(wrapped.head, "in_features") \
-            else -1
-        files = [p for p in tmp.iterdir() if p.name.startswith("model.onnx")]
-        (tmp / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
-        seconds = time.perf_counter() - start
-        provenance = {
-            "architecture": arch.name,
-            "family": arch.family,
-            "num_classes": num_classes,
-            "embedding_dim": embedding_dim,
-            "input_shape": list(shape),
-            "input": asdict(arch.input),
-            "outputs": {LOGITS: [-1, num_classes], EMBEDDING: [-1, embedding_dim]},
-            "parameters": sum(p.numel() for p in wrapped.parameters()),
-            "head_reinitialised": head_reinitialised,
-            "weights": str(req.weights) if req.weights else None,
-            "weights_sha256": weights_record.get("sha256"),
-            "weights_source": weights_record,
-            "seed": None if req.weights else req.seed,  # of the init, or of the training
-            "exporter": exporter,
-            "opset": OPSET,
-            "precision": req.precision,
-            "precision_details": precision_record,
-            "format": req.format,
-            "tensorrt": tensorrt_record,
-            "backend": config.backend,
-            "engine": engine_name,
-            "versions": {"torch": torch.__version__, "onnx": _version("onnx"),
-                         "onnxruntime": _version("onnxruntime"),
-                         **({"openvino": _version("openvino")}
-                            if config.backend == "openvino" else {}),
-                         "python": platform.python_version()},
-            "parity": report.to_dict(),
-            "golden": golden_record,
-            "export_seconds": round(seconds, 2),
-            # this process's peak resident memory during the export (None: not measurable)
-            "export_peak_rss_bytes": _peak_rss_bytes() if peak_measured else None,
-            "onnx_bytes": sum(p.stat().st_size for p in files),
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (tmp / "export.json").write_text(json.dumps(provenance, indent=2) + "\n",
-                                         encoding="utf-8")
-        ensure_model_files(model_dir, config, labels,
-                           triton_config(name, config, num_classes, embedding_dim))
-        path = publish(tmp, model_dir, version)
-    log.info("published %s version %d at %s in %.1f s", name, version, path, seconds)
-    return ExportResult(name=name, version=version, path=path, parity=report, seconds=seconds)
+            top1, top5 = top_k_agreement(wrapped, engine, parity_inputs)
+        precision_record.update(calibration=source, calibration_inputs=len(calibrate),
+                                held_out_inputs=len(held_out), held_out_top1=top1,
+                                held_out_top5=top5, kept_float=kept_float)
+    for leftover in tmp.glob("fp32.onnx*"):
+        leftover.unlink()
+    return exporter, precision_record, parity_inputs
+
+
+def _check(built: _Built, arch: Architecture, req: ExportRequest, tmp: Path, name: str,
+           version: int, check_config: ModelConfig, labels: list[str],
+           parity_inputs: list[torch.Tensor] | None) -> tuple[ParityReport, dict[str, object]]:
+    """Parity against PyTorch on the engine that will serve the file (a failure publishes
+    nothing), then the golden set written from the same engine."""
+    checked_precision = "bf16" if req.precision == "bf16" else _onnx_precision(req)
+    engine_name = describe(check_config)
+    model_path = tmp / MODEL_FILES["onnxruntime"]
+    with open_engine(name, version, check_config, model_path) as engine:
+        report = check_parity(built.wrapped, engine, arch.input.shape, seed=req.seed,
+                              tolerance=TOLERANCES[checked_precision], inputs=parity_inputs)
+        if not report.passed:
+            raise ParityError(f"{name} ({arch.name}) version {version}: parity check "
+                              f"failed ({checked_precision} on {engine_name}): "
+                              f"{report.reason}; nothing was published", report)
+        # TensorRT: the engine is built in req.precision from this checked FP32 file
+        golden_precision = req.precision if req.format == "tensorrt" else checked_precision
+        golden_record = write_golden(tmp, built.wrapped, arch.input, labels, req.seed,
+                                     golden_precision, engine, engine_name)
+    if golden_record["dropped"]:
+        log.warning("%s version %d: golden cases left out, FP32 PyTorch does not reproduce "
+                    "itself on them (ill-conditioned weights): %s; %d kept", name, version,
+                    ", ".join(golden_record["dropped"]), golden_record["cases"])
+    return report, golden_record
+
+
+def _provenance(arch: Architecture, req: ExportRequest, built: _Built, config: ModelConfig,
+                num_classes: int, embedding_dim: int, *, exporter: str,
+                precision: dict[str, object], tensorrt: dict[str, object] | None,
+                parity: dict[str, object], golden: dict[str, object], seconds: float,
+                peak_rss: int | None, onnx_bytes: int) -> dict[str, object]:
+    """``export.json``: where the version came from and how it was checked."""
+    return {
+        "architecture": arch.name,
+        "family": arch.family,
+        "num_classes": num_classes,
+        "embedding_dim": embedding_dim,
+        "input_shape": list(arch.input.shape),
+        "input": asdict(arch.input),
+        "outputs": {LOGITS: [-1, num_classes], EMBEDDING: [-1, embedding_dim]},
+        "parameters": sum(p.numel() for p in built.wrapped.parameters()),
+        "head_reinitialised": built.head_reinitialised,
+        "weights": str(req.weights) if req.weights else None,
+        "weights_sha256": built.weights_record.get("sha256"),
+        "weights_source": built.weights_record,
+        "seed": None if req.weights else req.seed,  # of the init, or of the training
+        "exporter": exporter,
+        "opset": OPSET,
+        "precision": req.precision,
+        "precision_details": precision,
+        "format": req.format,
+        "tensorrt": tensorrt,
+        "backend": config.backend,
+        "engine": describe(config if req.format != "tensorrt"
+                           else replace(config, backend="onnxruntime")),
+        "versions": {"torch": torch.__version__, "onnx": _version("onnx"),
+                     "onnxruntime": _version("onnxruntime"),
+                     **({"openvino": _version("openvino")}
+                        if config.backend == "openvino" else {}),
+                     "python": platform.python_version()},
+        "parity": parity,
+        "golden": golden,
+        "export_seconds": round(seconds, 2),
+        # this process's peak resident memory during the export (None: not measurable)
+        "export_peak_rss_bytes": peak_rss,
+        "onnx_bytes": onnx_bytes,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _labels(arch: Architecture, req: ExportRequest) -> list[str]:
