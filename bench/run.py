@@ -48,8 +48,9 @@ class Target:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    """Start the targets (visionserve with batching on and off, its variants, the Triton peer),
+    measure the in-process engine and each target side by side in one run, then report."""
     from rich.console import Console
-    from rich.progress import Progress
 
     console = Console(width=None if sys.stdout.isatty() else 10_000)
     model_dir = args.repo / args.model
@@ -60,98 +61,118 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     config = ModelConfig.from_toml(model_dir / "config.toml")
     model_file = model_dir / str(versions[-1]) / MODEL_FILES["onnxruntime"]
-    inputs = tuple(_split(args.input))
-    apis = tuple(_split(args.api))
-    batchings = tuple(_split(args.batching))
-    peers = tuple(_split(args.peer or ""))
-    concurrencies = [int(c) for c in _split(args.concurrency)]
-    rates = [float(r) for r in _split(args.rate or "")]
-    jpegs = tuple(_photos(args.jpeg_dir)) if "jpeg" in inputs else ()
-
     launched: list[Launched] = []
-    targets: list[Target] = []
     workdir = Path(tempfile.mkdtemp(prefix="visionserve-bench-"))
     try:
         with console.status("starting servers…"):
-            if args.server:
-                targets.append(Target("visionserve", args.server, "on", apis, inputs,
-                                      http_address=args.http_server or ""))
-            else:
-                for batching in batchings:
-                    repo = single_model_repo(args.repo, args.model, workdir / f"repo-{batching}",
-                                             max_batch_size=None if batching == "on" else 1)
-                    server = start_visionserve(repo, "--model-control", "none", *LINKED_REPO,
-                                               name=f"visionserve-batching-{batching}")
-                    launched.append(server)
-                    peer_apis = ("kserve",) if peers else ()
-                    targets.append(Target("visionserve", server.target, batching,
-                                          tuple(dict.fromkeys(apis + peer_apis)), inputs,
-                                          http_address=f"127.0.0.1:{server.http_port}"))
-                for name, overrides in _variants(args.variant):
-                    repo = single_model_repo(args.repo, args.model, workdir / f"repo-{name}",
-                                             overrides=overrides)
-                    server = start_visionserve(repo, "--model-control", "none", *LINKED_REPO,
-                                               name=f"visionserve-{name}")
-                    launched.append(server)
-                    targets.append(Target("visionserve", server.target, "on", apis, inputs,
-                                          variant=name,
-                                          http_address=f"127.0.0.1:{server.http_port}"))
-            if "triton" in peers:
-                python = args.triton_python or default_triton_python()
-                for batching in batchings:
-                    for dtype in (i for i in inputs if i != "jpeg"):  # no decoder in the peer
-                        peer = start_triton(
-                            python, model_file, args.model, input_name=config.input.name,
-                            shape=config.input.shape, dtype=dtype, mean=config.input.mean,
-                            std=config.input.std, batching=batching == "on",
-                            max_batch_size=config.max_batch_size if batching == "on" else 1,
-                            threads=config.onnxruntime.intra_op_threads or cpu_count())
-                        launched.append(peer)
-                        targets.append(Target("triton", peer.target, batching, ("kserve",),
-                                              (dtype,)))
-        engine = InProcessEngine(model_file, config)
-        raw: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-        in_process: dict[str, list[float]] = {str(b): [] for b in engine.batch_sizes}
-        round_trip: list[dict[str, Any]] = []
-        combos = [(t, api, inp) for t in targets for api in t.apis for inp in t.inputs
-                  if _possible(api, inp)]
-        levels = [("concurrency", c) for c in concurrencies] + [("rate", r) for r in rates]
-        total = args.repeats * (len(engine.batch_sizes) + len(levels) * len(combos))
-        with Progress(console=console, transient=True) as progress, ClientProcess() as client:
-            task = progress.add_task("bench", total=total)
-            for repeat in range(args.repeats):
-                for b in engine.batch_sizes:
-                    progress.update(task, description=f"[{repeat + 1}/{args.repeats}] "
-                                                      f"in-process batch {b}")
-                    in_process[str(b)].append(engine.images_per_s(b, args.in_process_s))
-                    progress.advance(task)
-                round_trip.append(client.run(Job(
-                    target=targets[0].address, label=targets[0].label, model=args.model,
-                    api="health", input="none", shape=config.input.shape, concurrency=1,
-                    duration_s=min(2.0, args.duration_s), warmup_s=0.2)))
-                for kind, value in levels:
-                    for target, api, inp in combos:
-                        progress.update(task, description=(
-                            f"[{repeat + 1}/{args.repeats}] {target.label} {api} {inp} "
-                            f"batching {target.batching} {kind} {value:g}"))
-                        job = Job(target=target.address, label=target.label, model=args.model,
-                                  api=api, input=inp, shape=config.input.shape,
-                                  input_name=config.input.name,
-                                  concurrency=int(value) if kind == "concurrency" else 0,
-                                  rate=float(value) if kind == "rate" else 0.0,
-                                  duration_s=args.duration_s, warmup_s=args.warmup_s,
-                                  images_per_request=args.images_per_request, jpegs=jpegs,
-                                  seed=repeat, http_target=target.http_address)
-                        row = client.run(job)
-                        row["batching"] = target.batching
-                        if target.variant:
-                            row["variant"] = target.variant
-                        raw.setdefault((target.label, target.variant, api, inp, target.batching,
-                                        kind, value), []).append(row)
-                        progress.advance(task)
+            targets = _start_targets(args, config, model_file, workdir, launched)
+        measured = _measure(args, console, config, model_file, targets)
     finally:
         for server in launched:
             server.stop()
+    _report(args, console, *measured)
+    return 0
+
+
+def _start_targets(args: argparse.Namespace, config: ModelConfig, model_file: Path,
+                   workdir: Path, launched: list[Launched]) -> list[Target]:
+    """The servers to measure (each started one appended to ``launched``, to be stopped)."""
+    inputs, apis = tuple(_split(args.input)), tuple(_split(args.api))
+    batchings, peers = tuple(_split(args.batching)), tuple(_split(args.peer or ""))
+    if args.server:
+        return [Target("visionserve", args.server, "on", apis, inputs,
+                       http_address=args.http_server or "")]
+    targets = []
+    for batching in batchings:
+        repo = single_model_repo(args.repo, args.model, workdir / f"repo-{batching}",
+                                 max_batch_size=None if batching == "on" else 1)
+        server = start_visionserve(repo, "--model-control", "none", *LINKED_REPO,
+                                   name=f"visionserve-batching-{batching}")
+        launched.append(server)
+        peer_apis = ("kserve",) if peers else ()
+        targets.append(Target("visionserve", server.target, batching,
+                              tuple(dict.fromkeys(apis + peer_apis)), inputs,
+                              http_address=f"127.0.0.1:{server.http_port}"))
+    for name, overrides in _variants(args.variant):
+        repo = single_model_repo(args.repo, args.model, workdir / f"repo-{name}",
+                                 overrides=overrides)
+        server = start_visionserve(repo, "--model-control", "none", *LINKED_REPO,
+                                   name=f"visionserve-{name}")
+        launched.append(server)
+        targets.append(Target("visionserve", server.target, "on", apis, inputs, variant=name,
+                              http_address=f"127.0.0.1:{server.http_port}"))
+    if "triton" in peers:
+        python = args.triton_python or default_triton_python()
+        for batching in batchings:
+            for dtype in (i for i in inputs if i != "jpeg"):  # no decoder in the peer
+                peer = start_triton(
+                    python, model_file, args.model, input_name=config.input.name,
+                    shape=config.input.shape, dtype=dtype, mean=config.input.mean,
+                    std=config.input.std, batching=batching == "on",
+                    max_batch_size=config.max_batch_size if batching == "on" else 1,
+                    threads=config.onnxruntime.intra_op_threads or cpu_count())
+                launched.append(peer)
+                targets.append(Target("triton", peer.target, batching, ("kserve",), (dtype,)))
+    return targets
+
+
+def _measure(args: argparse.Namespace, console: Any, config: ModelConfig, model_file: Path,
+             targets: list[Target]) -> tuple[dict[tuple[Any, ...], list[dict[str, Any]]],
+                                             dict[str, list[float]], list[dict[str, Any]]]:
+    """Each repeat: the in-process engine at each batch size, a health round trip, then every
+    target × API × input at every concurrency and rate. Returns the raw rows, the in-process
+    images/s and the round trips."""
+    from rich.progress import Progress
+
+    inputs = tuple(_split(args.input))
+    jpegs = tuple(_photos(args.jpeg_dir)) if "jpeg" in inputs else ()
+    levels = [("concurrency", int(c)) for c in _split(args.concurrency)] + \
+        [("rate", float(r)) for r in _split(args.rate or "")]
+    engine = InProcessEngine(model_file, config)
+    raw: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    in_process: dict[str, list[float]] = {str(b): [] for b in engine.batch_sizes}
+    round_trip: list[dict[str, Any]] = []
+    combos = [(t, api, inp) for t in targets for api in t.apis for inp in t.inputs
+              if _possible(api, inp)]
+    total = args.repeats * (len(engine.batch_sizes) + len(levels) * len(combos))
+    with Progress(console=console, transient=True) as progress, ClientProcess() as client:
+        task = progress.add_task("bench", total=total)
+        for repeat in range(args.repeats):
+            step = f"[{repeat + 1}/{args.repeats}]"
+            for b in engine.batch_sizes:
+                progress.update(task, description=f"{step} in-process batch {b}")
+                in_process[str(b)].append(engine.images_per_s(b, args.in_process_s))
+                progress.advance(task)
+            round_trip.append(client.run(Job(
+                target=targets[0].address, label=targets[0].label, model=args.model,
+                api="health", input="none", shape=config.input.shape, concurrency=1,
+                duration_s=min(2.0, args.duration_s), warmup_s=0.2)))
+            for kind, value in levels:
+                for target, api, inp in combos:
+                    progress.update(task, description=(
+                        f"{step} {target.label} {api} {inp} batching {target.batching} "
+                        f"{kind} {value:g}"))
+                    row = client.run(Job(
+                        target=target.address, label=target.label, model=args.model, api=api,
+                        input=inp, shape=config.input.shape, input_name=config.input.name,
+                        concurrency=int(value) if kind == "concurrency" else 0,
+                        rate=float(value) if kind == "rate" else 0.0,
+                        duration_s=args.duration_s, warmup_s=args.warmup_s,
+                        images_per_request=args.images_per_request, jpegs=jpegs, seed=repeat,
+                        http_target=target.http_address))
+                    row["batching"] = target.batching
+                    if target.variant:
+                        row["variant"] = target.variant
+                    raw.setdefault((target.label, target.variant, api, inp, target.batching,
+                                    kind, value), []).append(row)
+                    progress.advance(task)
+    return raw, in_process, round_trip
+
+
+def _report(args: argparse.Namespace, console: Any,
+            raw: dict[tuple[Any, ...], list[dict[str, Any]]],
+            in_process: dict[str, list[float]], round_trip: list[dict[str, Any]]) -> None:
+    """Medians over the repeats, the ratios, the table; the JSON, markdown and plot files."""
     results: dict[str, Any] = {
         "model": args.model, "command": "visionserve " + shlex.join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"), "duration_s": args.duration_s,
@@ -159,7 +180,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "in_process": {b: _median(v) for b, v in in_process.items()},
         "round_trip": {k: v for k, v in median_run(round_trip, "p50_ms").items()
                        if k in ("p50_ms", "p99_ms", "requests_per_s", "p50_ms_repeats")},
-        "machine": _machine(peers)}
+        "machine": _machine(tuple(_split(args.peer or "")))}
     results["ratios"] = report.compute_ratios(results["runs"], results["in_process"],
                                                 results["round_trip"])
     report.print_table(console, results)
@@ -170,7 +191,6 @@ def run_bench(args: argparse.Namespace) -> int:
         written.append(args.plot)
     for path in written:
         console.print(f"wrote {path}")
-    return 0
 
 
 def _possible(api: str, inp: str) -> bool:
