@@ -14,6 +14,7 @@ from pathlib import Path
 
 from visionserve.service.cli import BENCH_COMMANDS as COMMANDS
 from visionserve.service.cli import EXIT_CODES, env_defaults
+from visionserve.service.cli.main import DefaultsHelp
 
 DESCRIPTIONS = {
     "bench": "Starts the model's server with batching on and off (or measures --server), "
@@ -60,13 +61,17 @@ EXAMPLES = {
 }
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, DefaultsHelp):
+    """The description as written (its example command line), each option's default shown."""
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one bench command, named as the user typed it (``visionserve bench``)."""
     if command not in COMMANDS:
         raise ValueError(f"not a bench command: {command!r} (one of {', '.join(COMMANDS)})")
     p = argparse.ArgumentParser(  # raw: the example's command line must not be re-wrapped
         prog=f"visionserve {command}", description=textwrap.fill(DESCRIPTIONS[command], 79),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
         epilog=EXAMPLES.get(command, "") + textwrap.fill(EXIT_CODES, 79))
     if command == "bench":
         from .run import add_arguments

@@ -81,7 +81,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_ladder(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import Progress
 
     from visionserve.service.engine.backends.openvino import cpu_capabilities
 
@@ -105,6 +104,31 @@ def run_ladder(args: argparse.Namespace) -> int:
     failed = _export_missing(console, args.repo, archs, {r.suffix for r in rungs},
                              workdir / "calibration")
     served = workdir / "repo"
+    configs = _ladder_repo(args.repo, archs, rungs, workdir, served, failed, skipped)
+    rows, in_process = _measure_ladder(args, console, served, configs, concurrencies)
+    with console.status("agreement with ONNX Runtime FP32 on real photos…"):
+        agreement = {arch: _agreement(arch, {n: v for n, v in configs.items()
+                                             if n.startswith(arch + "--")},
+                                      args.agreement_variants) for arch in archs}
+    shutil.rmtree(workdir, ignore_errors=True)
+    results = _results(args, archs, rungs, skipped, concurrencies, rows, in_process, agreement)
+    text = markdown(results)
+    console.print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    if args.markdown:
+        args.markdown.write_text(text)
+        console.print(f"wrote {args.markdown}")
+    return 0
+
+
+def _ladder_repo(repo: Path, archs: list[str], rungs: list[Any], workdir: Path, served: Path,
+                 failed: dict[str, str], skipped: dict[str, str]
+                 ) -> dict[str, tuple[ModelConfig, Path]]:
+    """One repository with every rung of every architecture as a model of its own
+    (``<arch>--<rung>``); a rung whose export failed is skipped, with the reason."""
     served.mkdir()
     configs: dict[str, tuple[ModelConfig, Path]] = {}
     for arch in archs:
@@ -113,13 +137,24 @@ def run_ladder(args: argparse.Namespace) -> int:
             if arch + rung.suffix in failed:
                 skipped[name] = failed[arch + rung.suffix]
                 continue
-            single_model_repo(args.repo, arch + rung.suffix, workdir / name,
+            single_model_repo(repo, arch + rung.suffix, workdir / name,
                               overrides=rung.overrides)
             (workdir / name / (arch + rung.suffix)).rename(served / name)
             shutil.rmtree(workdir / name)
-            src = args.repo / (arch + rung.suffix)
+            src = repo / (arch + rung.suffix)
             configs[name] = (ModelConfig.from_toml(served / name / CONFIG_FILE),
                              src / str(version_numbers(src)[-1]) / MODEL_FILES["onnxruntime"])
+    return configs
+
+
+def _measure_ladder(args: argparse.Namespace, console: Any, served: Path,
+                    configs: dict[str, tuple[ModelConfig, Path]], concurrencies: list[int]
+                    ) -> tuple[dict[tuple[str, str, int], list[dict[str, Any]]],
+                               dict[str, dict[int, list[float]]]]:
+    """Each repeat: every rung in-process at the batches the levels can fill, then served at
+    each concurrency (one server holds every rung)."""
+    from rich.progress import Progress
+
     rows: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     # the ceiling at each level: the engine alone at the batch that many clients can fill
     batches = {n: sorted({min(c, cfg.max_batch_size) for c in concurrencies})
@@ -154,22 +189,7 @@ def run_ladder(args: argparse.Namespace) -> int:
                         progress.advance(task)
     finally:
         server.stop()
-    with console.status("agreement with ONNX Runtime FP32 on real photos…"):
-        agreement = {arch: _agreement(arch, {n: v for n, v in configs.items()
-                                             if n.startswith(arch + "--")},
-                                      args.agreement_variants) for arch in archs}
-    shutil.rmtree(workdir, ignore_errors=True)
-    results = _results(args, archs, rungs, skipped, concurrencies, rows, in_process, agreement)
-    text = markdown(results)
-    console.print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
-    if args.markdown:
-        args.markdown.write_text(text)
-        console.print(f"wrote {args.markdown}")
-    return 0
+    return rows, in_process
 
 
 def _export_missing(console, repo: Path, archs: list[str], suffixes: set[str],

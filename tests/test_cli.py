@@ -140,3 +140,22 @@ def test_health_json(server):
                                          "status": "SERVING"}
     model = run_cli("health", "--server", server.address, "--service", "nope", "-o", "json")
     assert model.returncode == 1 and model.stdout == ""
+
+
+def test_every_commands_help_shows_each_options_default():
+    """Users asked: ``--help`` of every command (serve, export, the client and bench commands)
+    shows each option's default, where it has one (a flag off by default shows none)."""
+    from visionserve.bench.cli import build_parser as bench_parser
+    from visionserve.service.cli import BENCH_COMMANDS
+
+    (sub,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = {name: p for name, p in sub.choices.items() if name not in BENCH_COMMANDS}
+    parsers |= {name: bench_parser(name) for name in BENCH_COMMANDS}
+    assert {"serve", "export", "classify", "bench", "bench-ladder"} <= set(parsers)
+    for name, parser in parsers.items():
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.option_strings and action.default not in (
+                    None, False, [], (), argparse.SUPPRESS) and action.help != argparse.SUPPRESS:
+                assert "(default: " in text.split(action.option_strings[-1], 1)[1], \
+                    (name, action.option_strings)
