@@ -16,6 +16,7 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,9 +81,9 @@ def run_int8(args: argparse.Namespace) -> int:
 
     from visionserve.export.pipeline import ExportRequest, export_model
     from visionserve.export.precision import TOLERANCES, calibration_images, to_int8
-    from visionserve.service.engine.preprocess import EncodedImage, Preprocessor
+    from visionserve.service.engine.preprocess import Preprocessor
     from visionserve.service.format.model_config import ModelConfig
-    from visionserve.service.format.model_format import CONFIG_FILE, INPUT, LOGITS
+    from visionserve.service.format.model_format import CONFIG_FILE
     from visionserve.service.limits import ServerLimits
 
     console = Console(stderr=True)
@@ -112,18 +113,9 @@ def run_int8(args: argparse.Namespace) -> int:
             prep = Preprocessor(args.model, 1, config.input, ServerLimits())
             sessions = {p: ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
                         for p, f in (("fp32", fp32), ("int8", root / "int8.onnx"))}
-            task = progress.add_task("classify", total=len(evaluation))
-            top = {p: [] for p in sessions}
-            for i, jpeg in enumerate(evaluation):
-                x = prep.tensor(i, EncodedImage(jpeg))[None]
-                for p, session in sessions.items():
-                    top[p].append(np.argsort(-session.run([LOGITS], {INPUT: x})[0][0])[:5])
-                progress.advance(task)
+            top = _top5(progress, sessions, prep, evaluation)
         calibration_count = len(list(calibration.iterdir()))
-    top1 = float(np.mean([a[0] == b[0] for a, b in zip(top["fp32"], top["int8"], strict=True)]))
-    top5 = float(np.mean([set(a) == set(b) for a, b in zip(top["fp32"], top["int8"],
-                                                          strict=True)]))
-    in_top5 = float(np.mean([a[0] in b for a, b in zip(top["fp32"], top["int8"], strict=True)]))
+    top1, top5, in_top5 = _agreement(top["fp32"], top["int8"])
     record = {
         "command": "visionserve " + shlex.join(sys.argv[1:]),
         "model": args.model, "calibration_images": calibration_count,
@@ -142,3 +134,28 @@ def run_int8(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
+
+
+def _agreement(fp32: list[np.ndarray], int8: list[np.ndarray]) -> tuple[float, float, float]:
+    """Top-1 agreement, top-5 set agreement, and FP32's top-1 within INT8's top-5."""
+    pairs = list(zip(fp32, int8, strict=True))
+    return (float(np.mean([a[0] == b[0] for a, b in pairs])),
+            float(np.mean([set(a) == set(b) for a, b in pairs])),
+            float(np.mean([a[0] in b for a, b in pairs])))
+
+
+def _top5(progress: Any, sessions: dict[str, Any], prep: Any,
+          evaluation: list[bytes]) -> dict[str, list[np.ndarray]]:
+    """Each session's top-5 classes of each evaluation JPEG, through the server's
+    preprocessing."""
+    from visionserve.service.engine.preprocess import EncodedImage
+    from visionserve.service.format.model_format import INPUT, LOGITS
+
+    task = progress.add_task("classify", total=len(evaluation))
+    top: dict[str, list[np.ndarray]] = {p: [] for p in sessions}
+    for i, jpeg in enumerate(evaluation):
+        x = prep.tensor(i, EncodedImage(jpeg))[None]
+        for p, session in sessions.items():
+            top[p].append(np.argsort(-session.run([LOGITS], {INPUT: x})[0][0])[:5])
+        progress.advance(task)
+    return top

@@ -50,40 +50,9 @@ def main(argv: list[str] | None = None) -> int:
              .get_partial_shape()[1:]]
     x = {b: np.random.default_rng(0).standard_normal((b, *shape), dtype=np.float32)
          for b in (1, 8)}
-    compile_s: dict[str, float] = {}
-    start = time.perf_counter()
-    dynamic = core.compile_model(core.read_model(str(args.model_file)), "CPU", props)
-    compile_s["dynamic"] = time.perf_counter() - start
-    static = {}
-    for b in x:
-        model = core.read_model(str(args.model_file))
-        model.reshape({model.inputs[0].get_any_name(): [b, *shape]})
-        start = time.perf_counter()
-        static[b] = core.compile_model(model, "CPU", props)
-        compile_s[f"static batch {b}"] = time.perf_counter() - start
-    requests = {"dynamic": {b: dynamic.create_infer_request() for b in x},
-                "static": {b: static[b].create_infer_request() for b in x}}
-    speed: dict[str, dict[int, list[float]]] = {k: {b: [] for b in x} for k in requests}
-    for _ in range(args.repeats):
-        for kind, per_batch in requests.items():
-            for b, request in per_batch.items():
-                request.infer({0: x[b]})
-                n, start = 0, time.perf_counter()
-                while (elapsed := time.perf_counter() - start) < args.seconds:
-                    request.infer({0: x[b]})
-                    n += b
-                speed[kind][b].append(n / elapsed)
-    load_s: dict[str, list[float]] = {"no cache": [], "cold cache": [], "warm cache": []}
-    config = ModelConfig(backend="openvino", input=_input(shape))
-    entry = VersionEntry(version=1, path=args.model_file.parent, model_file=args.model_file,
-                         labels=())
-    for _ in range(args.repeats):
-        with tempfile.TemporaryDirectory() as cache:
-            for kind, cache_dir in (("no cache", None), ("cold cache", Path(cache)),
-                                    ("warm cache", Path(cache))):
-                start = time.perf_counter()
-                OpenVinoBackend("bench", config, entry, cache_dir=cache_dir).close()
-                load_s[kind].append(time.perf_counter() - start)
+    compile_s, speed = _compile_and_speed(core, args.model_file, props, shape, x, args.repeats,
+                                          args.seconds)
+    load_s = _load_times(args.model_file, shape, args.repeats)
     result = {
         "command": "python -m visionserve.bench.openvino_load " + shlex.join(
             argv if argv is not None else sys.argv[1:]),
@@ -100,6 +69,53 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _compile_and_speed(core, model_file: Path, props: dict[str, object], shape: list[int],
+                       x: dict[int, np.ndarray], repeats: int, seconds: float
+                       ) -> tuple[dict[str, float], dict[str, dict[int, list[float]]]]:
+    """Compile time and images/s of the model compiled once with a dynamic batch, and once
+    per batch size with a static one."""
+    compile_s: dict[str, float] = {}
+    start = time.perf_counter()
+    dynamic = core.compile_model(core.read_model(str(model_file)), "CPU", props)
+    compile_s["dynamic"] = time.perf_counter() - start
+    static = {}
+    for b in x:
+        model = core.read_model(str(model_file))
+        model.reshape({model.inputs[0].get_any_name(): [b, *shape]})
+        start = time.perf_counter()
+        static[b] = core.compile_model(model, "CPU", props)
+        compile_s[f"static batch {b}"] = time.perf_counter() - start
+    requests = {"dynamic": {b: dynamic.create_infer_request() for b in x},
+                "static": {b: static[b].create_infer_request() for b in x}}
+    speed: dict[str, dict[int, list[float]]] = {k: {b: [] for b in x} for k in requests}
+    for _ in range(repeats):
+        for kind, per_batch in requests.items():
+            for b, request in per_batch.items():
+                request.infer({0: x[b]})
+                n, start = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - start) < seconds:
+                    request.infer({0: x[b]})
+                    n += b
+                speed[kind][b].append(n / elapsed)
+    return compile_s, speed
+
+
+def _load_times(model_file: Path, shape: list[int], repeats: int) -> dict[str, list[float]]:
+    """The server's OpenVINO backend loaded with no compile cache, a cold one, a warm one."""
+    load_s: dict[str, list[float]] = {"no cache": [], "cold cache": [], "warm cache": []}
+    config = ModelConfig(backend="openvino", input=_input(shape))
+    entry = VersionEntry(version=1, path=model_file.parent, model_file=model_file,
+                         labels=())
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as cache:
+            for kind, cache_dir in (("no cache", None), ("cold cache", Path(cache)),
+                                    ("warm cache", Path(cache))):
+                start = time.perf_counter()
+                OpenVinoBackend("bench", config, entry, cache_dir=cache_dir).close()
+                load_s[kind].append(time.perf_counter() - start)
+    return load_s
 
 
 def _kernels(core, model_file: Path) -> dict[str, int]:

@@ -32,7 +32,7 @@ def floats(text):
     return tuple(float(x) for x in text.split(","))
 
 
-def main():
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--onnx", required=True)
@@ -50,7 +50,11 @@ def main():
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8002)
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = _parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     so = ort.SessionOptions()

@@ -26,22 +26,8 @@ def run_export(args: argparse.Namespace) -> int:
     if args.list:
         _print_list(args.output)
         return 0
-    names = [a.name for a in architectures.ARCHITECTURES.values()
-             if not (args.skip_heavy and a.heavy)] if args.all else args.arch
-    if not names:
-        console.print("name an architecture, or --all (--list shows them)")
-        return 2
-    if args.skip_heavy and not args.all:
-        console.print("--skip-heavy applies to --all (name the architectures you want instead)")
-        return 2
-    try:
-        for name in names:
-            architectures.get(name)  # unknown names fail before any work
-    except UsageError as exc:
-        log.error("%s", exc)
-        return 2
-    if args.name and len(names) > 1:
-        console.print("--name applies to one architecture at a time")
+    names = _names(args, console)
+    if names is None:
         return 2
     todo = [a for a in names
             if not (args.if_missing and version_numbers(args.repo / (args.name or a)))]
@@ -89,6 +75,28 @@ def run_export(args: argparse.Namespace) -> int:
             write_report(args.report, rows)
         log.info("wrote %s", args.report)
     return 1 if failures else 0
+
+
+def _names(args: argparse.Namespace, console: Console) -> list[str] | None:
+    """The architectures to export, or None (a usage error, said) before any work."""
+    names = [a.name for a in architectures.ARCHITECTURES.values()
+             if not (args.skip_heavy and a.heavy)] if args.all else args.arch
+    if not names:
+        console.print("name an architecture, or --all (--list shows them)")
+        return None
+    if args.skip_heavy and not args.all:
+        console.print("--skip-heavy applies to --all (name the architectures you want instead)")
+        return None
+    try:
+        for name in names:
+            architectures.get(name)  # unknown names fail before any work
+    except UsageError as exc:
+        log.error("%s", exc)
+        return None
+    if args.name and len(names) > 1:
+        console.print("--name applies to one architecture at a time")
+        return None
+    return names
 
 
 def _print_list(output: str) -> None:

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,8 +150,29 @@ def write_golden(version_dir: Path, model: nn.Module, spec: InputSpec, labels: l
         if measured > tolerance:
             raise GoldenError(f"the exported model on {engine_name} differs from PyTorch on its "
                               f"golden set by {measured:.1e} of the output's scale, over the "
-                              f"{precision} tolerance {tolerance:.0e}; nothing was published")
+                              f"{precision} tolerance {tolerance:.2g}; nothing was published")
     folder = version_dir / GOLDEN_DIR
+    entries = _write_cases(folder, files, labels, cases, expected)
+    manifest = {
+        "format": FORMAT,
+        "expected_from": source,
+        "tolerance": {"max_rel_diff": tolerance, "why": why},
+        "engine_vs_pytorch_at_export": measured,
+        "labels_sha256": labels_sha256(labels),
+        "labels": "labels.txt",
+        "preprocessing": preprocessing_record(spec),
+        "cases": entries,
+        "dropped": dropped,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return {"cases": len(entries), "dropped": [d["name"] for d in dropped],
+            "expected_from": source, "max_rel_diff": tolerance, "engine_vs_pytorch": measured}
+
+
+def _write_cases(folder: Path, files: dict[str, bytes | np.ndarray], labels: list[str],
+                 cases: list[_Case], expected: Any) -> list[dict[str, object]]:
+    """The set's input files, labels and expected outputs in ``folder``; its manifest
+    entries."""
     folder.mkdir()
     for name, content in files.items():
         if isinstance(content, bytes):
@@ -168,20 +190,7 @@ def write_golden(version_dir: Path, model: nn.Module, spec: InputSpec, labels: l
             np.save(folder / f"{stem}.{output}.npy", values[i], allow_pickle=False)
             entry[output] = f"{stem}.{output}.npy"
         entries.append(entry)
-    manifest = {
-        "format": FORMAT,
-        "expected_from": source,
-        "tolerance": {"max_rel_diff": tolerance, "why": why},
-        "engine_vs_pytorch_at_export": measured,
-        "labels_sha256": labels_sha256(labels),
-        "labels": "labels.txt",
-        "preprocessing": preprocessing_record(spec),
-        "cases": entries,
-        "dropped": dropped,
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return {"cases": len(entries), "dropped": [d["name"] for d in dropped],
-            "expected_from": source, "max_rel_diff": tolerance, "engine_vs_pytorch": measured}
+    return entries
 
 
 def _reproducible(model: nn.Module, cases: list[_Case], seed: int

@@ -75,35 +75,64 @@ def check_parity(model: nn.Module, engine: Backend, shape: tuple[int, int, int],
     were fitted to them) — and compare both outputs against ``tolerance`` (relative to each
     output's scale)."""
     gen = torch.Generator().manual_seed(seed)
-    diffs: dict[str, list[tuple[float, float]]] = {"logits": [], "embedding": []}
-    top1 = top5 = total = 0
-    finite = True
-    references: list[np.ndarray] = []
     batches = [torch.from_numpy(x) for x in inputs] if inputs else \
         [torch.randn((n, *shape), generator=gen) for n in batch_sizes]
+    c = _compare(model, engine, batches)
+    logits_abs, logits_rel = (max(v) for v in zip(*c.diffs["logits"], strict=True))
+    emb_abs, emb_rel = (max(v) for v in zip(*c.diffs["embedding"], strict=True))
+    top1_rate, top5_rate = c.top1 / c.total, c.top5 / c.total
+    spread, scale = reference_spread(np.concatenate(c.references))
+    reasons = _reasons(c.finite, c.total, spread, scale, max(logits_rel, emb_rel), top1_rate,
+                       top5_rate, tolerance)
+    return ParityReport(
+        batch_sizes=[int(x.shape[0]) for x in batches], seed=seed,
+        logits_max_abs_diff=logits_abs, logits_max_rel_diff=logits_rel,
+        embedding_max_abs_diff=emb_abs, embedding_max_rel_diff=emb_rel,
+        top1_agreement=top1_rate, top5_agreement=top5_rate,
+        reference_spread=spread, reference_scale=scale,
+        tolerance_rel=tolerance.max_rel_diff, min_top1_agreement=tolerance.min_top1_agreement,
+        min_top5_agreement=tolerance.min_top5_agreement,
+        passed=not reasons, reason="; ".join(reasons),
+    )
+
+
+@dataclass
+class _Compared:
+    diffs: dict[str, list[tuple[float, float]]]  # output → (max |Δ|, relative) per batch
+    top1: int
+    top5: int
+    total: int
+    finite: bool
+    references: list[np.ndarray]  # PyTorch's logits
+
+
+def _compare(model: nn.Module, engine: Backend, batches: list[torch.Tensor]) -> _Compared:
+    """Both outputs of PyTorch and of the engine on each batch: differences and top-k."""
+    c = _Compared(diffs={"logits": [], "embedding": []}, top1=0, top5=0, total=0, finite=True,
+                  references=[])
     for x in batches:
-        n = x.shape[0]
         with torch.no_grad():
             ref_logits, ref_emb = (t.numpy() for t in model(x))
-        references.append(ref_logits)
+        c.references.append(ref_logits)
         got = engine.run(x.numpy())
-        got_logits, got_emb = got.logits, got.embedding
-        for name, ref, got in (("logits", ref_logits, got_logits),
-                               ("embedding", ref_emb, got_emb)):
-            finite &= bool(np.isfinite(ref).all() and np.isfinite(got).all())
-            abs_diff = float(np.abs(ref - got).max()) if ref.shape == got.shape else float("inf")
+        for name, ref, out in (("logits", ref_logits, got.logits),
+                               ("embedding", ref_emb, got.embedding)):
+            c.finite &= bool(np.isfinite(ref).all() and np.isfinite(out).all())
+            abs_diff = float(np.abs(ref - out).max()) if ref.shape == out.shape else float("inf")
             scale = float(np.abs(ref).max()) or 1.0
-            diffs[name].append((abs_diff, abs_diff / scale))
+            c.diffs[name].append((abs_diff, abs_diff / scale))
         k = min(5, ref_logits.shape[1])
         ref_top = np.argsort(-ref_logits, axis=1)
-        got_top = np.argsort(-got_logits, axis=1)
-        top1 += int((ref_top[:, 0] == got_top[:, 0]).sum())
-        top5 += sum(set(r[:k]) == set(g[:k]) for r, g in zip(ref_top, got_top, strict=True))
-        total += n
-    logits_abs, logits_rel = (max(v) for v in zip(*diffs["logits"], strict=True))
-    emb_abs, emb_rel = (max(v) for v in zip(*diffs["embedding"], strict=True))
-    top5_rate = top5 / total
-    spread, scale = reference_spread(np.concatenate(references))
+        got_top = np.argsort(-got.logits, axis=1)
+        c.top1 += int((ref_top[:, 0] == got_top[:, 0]).sum())
+        c.top5 += sum(set(r[:k]) == set(g[:k]) for r, g in zip(ref_top, got_top, strict=True))
+        c.total += x.shape[0]
+    return c
+
+
+def _reasons(finite: bool, total: int, spread: float, scale: float, rel_diff: float,
+             top1_rate: float, top5_rate: float, tolerance: Tolerance) -> list[str]:
+    """Why the export must not be published (none: it passes)."""
     reasons = []
     if not finite:
         reasons.append("non-finite values (NaN/Inf) in the outputs: check the weights")
@@ -116,22 +145,13 @@ def check_parity(model: nn.Module, engine: Backend, shape: tuple[int, int, int],
         reasons.append(f"the PyTorch reference's logits are at most {scale:.1e} (at least "
                        f"{MIN_REFERENCE_SCALE:.0e} is needed): every softmax probability would be "
                        "1/classes and the top-k float noise; check the weights")
-    if max(logits_rel, emb_rel) > tolerance.max_rel_diff:
-        reasons.append(f"relative difference {max(logits_rel, emb_rel):.2e} is over the "
-                       f"tolerance {tolerance.max_rel_diff:.0e}")
-    if top1 / total < tolerance.min_top1_agreement:
-        reasons.append(f"top-1 agreement {top1 / total:.3f} is under "
+    if rel_diff > tolerance.max_rel_diff:
+        reasons.append(f"relative difference {rel_diff:.2e} is over the tolerance "
+                       f"{tolerance.max_rel_diff:.2g}")
+    if top1_rate < tolerance.min_top1_agreement:
+        reasons.append(f"top-1 agreement {top1_rate:.3f} is under "
                        f"{tolerance.min_top1_agreement}")
     if top5_rate < tolerance.min_top5_agreement:
         reasons.append(f"top-5 agreement {top5_rate:.3f} is under "
                        f"{tolerance.min_top5_agreement}")
-    return ParityReport(
-        batch_sizes=[int(x.shape[0]) for x in batches], seed=seed,
-        logits_max_abs_diff=logits_abs, logits_max_rel_diff=logits_rel,
-        embedding_max_abs_diff=emb_abs, embedding_max_rel_diff=emb_rel,
-        top1_agreement=top1 / total, top5_agreement=top5_rate,
-        reference_spread=spread, reference_scale=scale,
-        tolerance_rel=tolerance.max_rel_diff, min_top1_agreement=tolerance.min_top1_agreement,
-        min_top5_agreement=tolerance.min_top5_agreement,
-        passed=not reasons, reason="; ".join(reasons),
-    )
+    return reasons

@@ -24,7 +24,8 @@ from visionserve.service.format.model_format import (
 )
 
 from . import architectures
-from .architectures import Architecture, WithEmbedding, reinit_dead_head
+from .architectures import Architecture
+from .build import Built, build_model
 from .engines import describe, open_engine
 from .errors import ExportError, ExportErrorCode, UsageError
 from .golden import write_golden
@@ -33,11 +34,9 @@ from .parity import ParityReport, check_parity, top_k_agreement
 from .precision import (
     TOLERANCES,
     calibration_images,
-    recalibrate_batchnorm,
     to_fp16,
     to_int8,
 )
-from .provided import load_default
 from .publish import (
     PublishError,
     ensure_model_files,
@@ -46,7 +45,6 @@ from .publish import (
     staging,
     triton_config,
 )
-from .weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +91,6 @@ STEPS = ("build", "export", "parity", "publish")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # ONNX's protobuf limit is 2 GB: larger weights go beside
 
 
-@dataclass
-class _Built:
-    """The model as exported: wrapped with its embedding output, and where its weights came
-    from (the provenance's ``weights_source``)."""
-
-    wrapped: WithEmbedding
-    weights_record: dict[str, object]
-    head_reinitialised: bool
-    bn_recalibrated: bool
-
-
 def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     """Export one architecture into ``req.repo``; ``on_step(name)`` reports progress: build,
     export (and the precision's conversion), parity (and the golden set), publish."""
@@ -116,7 +103,7 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     config = _check_folder(model_dir, _default_config(arch, req))
     labels = _labels(arch, req)
     on_step("build")
-    built = _build(arch, req, len(labels))
+    built = build_model(arch, len(labels), req.weights, req.random_weights, req.seed)
     # what the ONNX file is checked on: the engine its config names (TensorRT: its FP32 source
     # file on ONNX Runtime first, then the engine itself)
     check_config = replace(config, backend="onnxruntime") if req.format == "tensorrt" \
@@ -153,39 +140,12 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     return ExportResult(name=name, version=version, path=path, parity=report, seconds=seconds)
 
 
-def _build(arch: Architecture, req: ExportRequest, num_classes: int) -> _Built:
-    """The architecture with its weights: a file, the architecture's default, or a seeded
-    random init made alive (a dead head re-initialised, BatchNorm statistics re-estimated)."""
-    torch.manual_seed(req.seed)
-    model = arch.build(num_classes)
-    # default weights have the architecture's own head: another class count starts random
-    random_init = not req.weights and (req.random_weights or not arch.weights
-                                       or num_classes != arch.num_classes)
-    weights_record: dict[str, object]
-    if req.weights:
-        weights_record = {"source": f"file {req.weights.name}",
-                          "sha256": load_weights(model, req.weights)}
-    elif not random_init:
-        provided = load_default(arch.weights, model, req.seed)
-        weights_record = {"source": provided.source, "sha256": provided.sha256,
-                          **provided.details}
-    else:
-        weights_record = {"source": f"seeded random init (seed {req.seed})"}
-    wrapped = WithEmbedding(model, arch.head_path(model)).eval()
-    head_reinitialised = random_init and reinit_dead_head(wrapped.head)
-    # random init is degenerate (tiny, huge or input-independent outputs): make it alive
-    bn_recalibrated = random_init and recalibrate_batchnorm(wrapped, arch.input.shape, req.seed)
-    if bn_recalibrated:
-        weights_record["source"] += ", BatchNorm statistics re-estimated on seeded noise"
-    return _Built(wrapped, weights_record, head_reinitialised, bn_recalibrated)
-
-
 def _onnx_precision(req: ExportRequest) -> str:
     """The file's own precision: bf16 is OpenVINO's compute precision on the FP32 file."""
     return "fp32" if req.format == "tensorrt" or req.precision == "bf16" else req.precision
 
 
-def _export_onnx(built: _Built, arch: Architecture, req: ExportRequest, tmp: Path, name: str,
+def _export_onnx(built: Built, arch: Architecture, req: ExportRequest, tmp: Path, name: str,
                  version: int, check_config: ModelConfig
                  ) -> tuple[str, dict[str, object], list[torch.Tensor] | None]:
     """``model.onnx`` in ``tmp``, in the file's precision (FP16 converted, INT8 quantized on
@@ -219,7 +179,7 @@ def _export_onnx(built: _Built, arch: Architecture, req: ExportRequest, tmp: Pat
     return exporter, precision_record, parity_inputs
 
 
-def _check(built: _Built, arch: Architecture, req: ExportRequest, tmp: Path, name: str,
+def _check(built: Built, arch: Architecture, req: ExportRequest, tmp: Path, name: str,
            version: int, check_config: ModelConfig, labels: list[str],
            parity_inputs: list[torch.Tensor] | None) -> tuple[ParityReport, dict[str, object]]:
     """Parity against PyTorch on the engine that will serve the file (a failure publishes
@@ -245,7 +205,7 @@ def _check(built: _Built, arch: Architecture, req: ExportRequest, tmp: Path, nam
     return report, golden_record
 
 
-def _provenance(arch: Architecture, req: ExportRequest, built: _Built, config: ModelConfig,
+def _provenance(arch: Architecture, req: ExportRequest, built: Built, config: ModelConfig,
                 num_classes: int, embedding_dim: int, *, exporter: str,
                 precision: dict[str, object], tensorrt: dict[str, object] | None,
                 parity: dict[str, object], golden: dict[str, object], seconds: float,

@@ -37,7 +37,15 @@ def write_report(path: Path, rows: list[tuple[str, Path]], seconds: float = 3.0)
     import onnxruntime
     import torch
 
-    lines = [
+    lines = _header(onnxruntime.__version__, torch.__version__)
+    lines += [_row(arch, version_dir, seconds) for arch, version_dir in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _header(ort_version: str, torch_version: str) -> list[str]:
+    """The page's introduction (how it was made, what each column means) and table head."""
+    return [
         "# Models",
         "",
         "Every architecture of the registry, exported with its default weights, checked against",
@@ -61,7 +69,7 @@ def write_report(path: Path, rows: list[tuple[str, Path]], seconds: float = 3.0)
         "```",
         "",
         f"Machine: {cpu_count()} cores, {platform.processor() or platform.machine()}; torch "
-        f"{torch.__version__}, onnxruntime {onnxruntime.__version__}; "
+        f"{torch_version}, onnxruntime {ort_version}; "
         f"{time.strftime('%Y-%m-%d')}. Parity: max |Δ| of the logits relative to their scale "
         "(max |reference|), on seeded random inputs at batch 1 and 4; top-5 = share of inputs "
         "whose top-5 classes agree. Speed: one model at a time, the in-process engine with "
@@ -82,28 +90,29 @@ def write_report(path: Path, rows: list[tuple[str, Path]], seconds: float = 3.0)
         "spread (scale) | weights | batch 1 ms | batch 8 img/s |",
         "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for arch, version_dir in rows:
-        record = json.loads((version_dir / "export.json").read_text())
-        p = record["parity"]
-        shape = tuple(record["input_shape"])
-        model_file = version_dir / "model.onnx"
-        b1 = measure(model_file, shape, 1, seconds)
-        b8 = measure(model_file, shape, 8, seconds)
-        peak = record.get("export_peak_rss_bytes")
-        heavy = " (heavy)" if _heavy(arch) else ""
-        lines.append(
-            f"| {arch}{heavy} | {record['family']} | {'×'.join(map(str, shape))} | "
-            f"{record['parameters'] / 1e6:.1f} | {record['embedding_dim']} | "
-            f"{record['exporter']} | {record['export_seconds']:.0f} | "
-            f"{'?' if peak is None else f'{peak / 2**30:.1f}'} | "
-            f"{record['onnx_bytes'] / 1e6:.0f} | {p['logits_max_abs_diff']:.1e} "
-            f"({p['logits_max_rel_diff']:.1e}) | {p['embedding_max_abs_diff']:.1e} "
-            f"({p['embedding_max_rel_diff']:.1e}) | {p['top5_agreement']:.0%} | "
-            f"{p.get('reference_spread', float('nan')):.2f} "
-            f"({p.get('reference_scale', float('nan')):.1e}) | {_weights(record)} | "
-            f"{1000 / b1:.1f} | {b8:.1f} |")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+
+
+def _row(arch: str, version_dir: Path, seconds: float) -> str:
+    """One architecture's row: its export record, and its speed measured now."""
+    record = json.loads((version_dir / "export.json").read_text())
+    p = record["parity"]
+    shape = tuple(record["input_shape"])
+    model_file = version_dir / "model.onnx"
+    b1 = measure(model_file, shape, 1, seconds)
+    b8 = measure(model_file, shape, 8, seconds)
+    peak = record.get("export_peak_rss_bytes")
+    heavy = " (heavy)" if _heavy(arch) else ""
+    return (
+        f"| {arch}{heavy} | {record['family']} | {'×'.join(map(str, shape))} | "
+        f"{record['parameters'] / 1e6:.1f} | {record['embedding_dim']} | "
+        f"{record['exporter']} | {record['export_seconds']:.0f} | "
+        f"{'?' if peak is None else f'{peak / 2**30:.1f}'} | "
+        f"{record['onnx_bytes'] / 1e6:.0f} | {p['logits_max_abs_diff']:.1e} "
+        f"({p['logits_max_rel_diff']:.1e}) | {p['embedding_max_abs_diff']:.1e} "
+        f"({p['embedding_max_rel_diff']:.1e}) | {p['top5_agreement']:.0%} | "
+        f"{p.get('reference_spread', float('nan')):.2f} "
+        f"({p.get('reference_scale', float('nan')):.1e}) | {_weights(record)} | "
+        f"{1000 / b1:.1f} | {b8:.1f} |")
 
 
 def _heavy(arch: str) -> bool:

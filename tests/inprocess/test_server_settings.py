@@ -105,4 +105,3 @@ def test_the_rules_pass_what_they_should(tmp_path):
                           ready_file=tmp_path / "ready.json")
     assert config.model_control is ModelControlMode.EXPLICIT and config.tls is None
     assert ServerConfig(model_control="explicit", trust_network=True).auth_token is None
-
