@@ -49,30 +49,31 @@ def layer_of(module: str) -> str:
     return first if (SERVICE / first).is_dir() else ""
 
 
-def imported(module: str, path: Path) -> set[str]:
-    """The service modules ``module`` imports, anywhere in it (lazy imports too), relative to the
-    package: ``from ..engine.batching import X`` → "engine.batching"."""
-    is_package = path.name == "__init__.py"
+def imports_of(module: str, path: Path, package: str, known) -> set[str]:
+    """The modules of ``package`` that ``module`` imports, anywhere in it (lazy imports too),
+    relative to the package: ``from ..engine.batching import X`` → "engine.batching"."""
     here = module.split(".") if module else []
-    base = here if is_package else here[:-1]
+    base = here if path.name == "__init__.py" else here[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                parts = base[:len(base) - (node.level - 1)] + \
-                    (node.module.split(".") if node.module else [])
-                target = ".".join(parts)
-            elif (node.module or "").startswith(PACKAGE + "."):
-                target = node.module.removeprefix(PACKAGE + ".")
+                target = ".".join(base[:len(base) - (node.level - 1)] +
+                                  (node.module.split(".") if node.module else []))
+            elif (node.module or "").startswith(package + "."):
+                target = node.module.removeprefix(package + ".")
             else:
                 continue
             found |= {f"{target}.{a.name}".lstrip(".") if f"{target}.{a.name}".lstrip(".")
-                      in MODULES else target for a in node.names}
+                      in known else target for a in node.names}
         elif isinstance(node, ast.Import):
-            found |= {a.name.removeprefix(PACKAGE + ".") for a in node.names
-                      if a.name.startswith(PACKAGE + ".")}
+            found |= {a.name.removeprefix(package + ".") for a in node.names
+                      if a.name.startswith(package + ".")}
     return found
 
+
+def imported(module: str, path: Path) -> set[str]:
+    return imports_of(module, path, PACKAGE, MODULES)
 
 MODULES = modules()
 
@@ -199,21 +200,7 @@ def import_graph(root: Path, package: str) -> dict[str, set[str]]:
              if "__pycache__" not in p.parts and p.name != "__main__.py"}
     graph = {}
     for module, path in paths.items():
-        here = module.split(".") if module else []
-        base = here if path.name == "__init__.py" else here[:-1]
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.ImportFrom):
-                continue
-            if node.level:
-                target = ".".join(base[:len(base) - (node.level - 1)] +
-                                  (node.module.split(".") if node.module else []))
-            elif (node.module or "").startswith(package + "."):
-                target = node.module.removeprefix(package + ".")
-            else:
-                continue
-            targets |= {f"{target}.{a.name}".lstrip(".") if f"{target}.{a.name}".lstrip(".")
-                        in paths else target for a in node.names}
+        targets = imports_of(module, path, package, paths)
         graph[module] = {t for t in targets if t in paths and t != module}
     return graph
 
