@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import package_version
+from ..settings import env_name
 from .terminal import OUTPUT_FORMATS
 
 if TYPE_CHECKING:
@@ -261,7 +262,7 @@ def env_defaults(parser: argparse.ArgumentParser) -> None:
         flags = [o for o in action.option_strings if o.startswith("--")]
         if not flags or action.dest == "help" or isinstance(action, argparse._VersionAction):
             continue
-        key = "VISIONSERVE_" + flags[0][2:].upper().replace("-", "_")
+        key = env_name(flags[0])
         if key in os.environ:
             raw = os.environ[key]
             if isinstance(action, argparse._StoreTrueAction):

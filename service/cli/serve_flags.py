@@ -15,6 +15,7 @@ import typing
 from dataclasses import MISSING, Field
 from typing import Any
 
+from ..api.auth import load_token
 from ..limits import ServerLimits
 from ..process.server_config import ServerConfig, UsageError
 from ..settings import Flag, declared, env_name
@@ -24,21 +25,18 @@ _HINTS = {cls: typing.get_type_hints(cls) for cls in (ServerConfig, ServerLimits
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     """One argument per setting, in declaration order (the limits where ``limits`` stands)."""
-    for cls in (ServerConfig,):
-        for f, flag in declared(cls):
-            if f.name == "limits":
-                for lf, lflag in declared(ServerLimits):
-                    _add(parser, ServerLimits, lf, lflag)
-            else:
-                _add(parser, cls, f, flag)
+    for f, flag in declared(ServerConfig):
+        if f.name == "limits":
+            for lf, lflag in declared(ServerLimits):
+                _add(parser, ServerLimits, lf, lflag)
+        else:
+            _add(parser, ServerConfig, f, flag)
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     """The ``ServerConfig`` that ``serve``'s parsed arguments describe (its rules checked as it
     is built); a ``UsageError`` names the flag. The tests' in-process servers are built through
     here too, so a flag means the same in a test as on the command line."""
-    from ..api.auth import load_token  # imports grpc: only when a server is built
-
     try:
         token = load_token(args.auth_token_file)
         limits = ServerLimits(**{f.name: getattr(args, f.name)

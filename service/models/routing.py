@@ -136,9 +136,6 @@ class Router:
             raise ModelNotFound(f"model {name!r} not found; loaded models: "
                                 f"{self._known()}") from None
 
-    def find_status(self, name: str) -> ModelStatus | None:
-        return self._status.get(name)
-
     # --- transitions: the repository sync controller only ---------------------------------------
 
     def begin(self, name: str, config: ModelConfig | None, error: str | None) -> None:
