@@ -65,7 +65,8 @@ def check_element_count(count: int, where: str, field: str, max_elements: int) -
                             "over the images-per-request limit; split the request")
 
 
-def deserialize_bytes(raw: bytes, where: str, field: str, max_elements: int) -> list[bytes]:
+def deserialize_bytes(raw: bytes | memoryview, where: str, field: str,
+                      max_elements: int) -> list[bytes]:
     """Triton's BYTES wire format: each element a 4-byte little-endian length, then the bytes."""
     out, offset, view = [], 0, memoryview(raw)
     while offset < len(raw):

@@ -163,7 +163,7 @@ def _inputs(inputs: list[Any], binary: memoryview, where: str, max_images: int) 
             raise InvalidInput(f"{at} ({printable(name)!r}): binary_data_size {size} runs "
                                f"past the binary data after the JSON header ({len(binary)} "
                                f"bytes, {offset} used by the inputs before it)")
-        raw = bytes(binary[offset:offset + size])
+        raw = binary[offset:offset + size]  # a view of the body: no copy
         offset += size
         field = f"input {printable(name)!r}"
         pending.append((name, datatype, tuple(shape), (
