@@ -7,6 +7,7 @@ both shortened and escaped (``printable``); never payload bytes.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from contextvars import ContextVar
 
@@ -58,3 +59,52 @@ def printable(text: str, limit: int = _MAX_SHOWN) -> str:
     shown = text[:limit].encode("unicode_escape").decode("ascii") if not text.isprintable() \
         else text[:limit]
     return shown + (f"…(+{len(text) - limit} chars)" if len(text) > limit else "")
+
+
+class TokenBucket:
+    """At most ``per_s`` events a second (bursts of as many); counts what it refused."""
+
+    def __init__(self, per_s: float) -> None:
+        self._per_s = per_s
+        self._budget = per_s
+        self._refilled = time.monotonic()
+        self.suppressed = 0  # refused since the last ``take_suppressed``
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._budget = min(self._per_s, self._budget + (now - self._refilled) * self._per_s)
+        self._refilled = now
+        if self._budget < 1:
+            self.suppressed += 1
+            return False
+        self._budget -= 1
+        return True
+
+    def take_suppressed(self) -> int:
+        count, self.suppressed = self.suppressed, 0
+        return count
+
+
+class RateLimited(logging.Filter):
+    """A logger's records, at most ``per_s`` a second: a flood of malformed or abandoned
+    connections cannot flood the log (or its CPU) with library tracebacks. The next record let
+    through says how many were dropped."""
+
+    def __init__(self, per_s: float) -> None:
+        super().__init__()
+        self._bucket = TokenBucket(per_s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._bucket.allow():
+            return False
+        if dropped := self._bucket.take_suppressed():
+            record.msg = f"{record.msg} (+{dropped} similar lines not logged: rate limit)"
+        return True
+
+
+def rate_limit(logger_names: tuple[str, ...], per_s: float) -> None:
+    """Rate-limits these loggers' own records (idempotent)."""
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RateLimited) for f in logger.filters):
+            logger.addFilter(RateLimited(per_s))

@@ -18,7 +18,7 @@ class MetricsHttp:
         self._registry = registry
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
-        self._listener = HttpListener(app, host, port, MAX_CONNECTIONS)
+        self._listener = HttpListener(app, host, port, MAX_CONNECTIONS, bodies=False)
 
     async def start(self) -> int:
         """Listen; returns the port bound (``port`` 0 picks a free one). Raises OSError."""

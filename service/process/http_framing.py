@@ -1,0 +1,230 @@
+"""HTTP/1.1 request framing, checked before aiohttp parses a byte (RFC 9112).
+
+One ``RequestFraming`` per connection sees every byte the client sends and passes on what is
+well framed: each request head whole (at most ``MAX_HEAD_BYTES`` for the request line and all
+header fields together, not per field: many large heads cannot add up to hundreds of MB), then
+its body as it arrives (``Content-Length`` bytes, or chunks whose framing and trailer are
+checked as they come, so a malformed trailer is answered at once, not when a timer fires). So
+it knows, for the listener's timers and eviction, whether a connection is between requests,
+sending a head or sending a body; and every head is checked here, pipelined ones included:
+
+- only HTTP/1.0 and HTTP/1.1 (505 otherwise, never a reply in the client's version);
+- ``Transfer-Encoding`` in an HTTP/1.0 request, beside ``Content-Length``, or other than
+  ``chunked``, and ``Content-Length`` that is not one number: 400 and the connection closed
+  (request smuggling, RFC 9112 §6.1 and §6.3);
+- an HTTP/1.1 request has exactly one valid ``Host`` (§3.2): 400 otherwise;
+- a port that takes no request bodies (``/metrics``) refuses one when the head declares it,
+  instead of waiting for it;
+- ``Upgrade`` is ignored (RFC 9110 §7.8: the fields are dropped from the head), so a request
+  pipelined behind ``Upgrade: h2c`` is answered like any other.
+
+What it cannot read as HTTP (a malformed request line or field) is a 400 too: it never guesses
+where such a request ends. A refusal closes the connection.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+MAX_HEAD_BYTES = 64 * 1024  # a request line and all its header fields together
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:[0-9]*)?")
+_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_DROPPED = frozenset({"upgrade", "http2-settings"})  # fields of an upgrade this server ignores
+REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
+           501: "Not Implemented", 505: "HTTP Version Not Supported"}
+
+
+class FramingError(Exception):
+    """A request the server answers with ``status`` and then closes the connection on."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.passed = b""  # what the same bytes held before the refused part, to pass on
+        self.in_body = False  # refused in a request's body (no answer has begun)
+
+
+class Phase(Enum):
+    HEAD = "head"  # between requests, or a head arriving
+    BODY = "body"  # Content-Length bytes still due
+    CHUNK_LINE = "chunk size line"
+    CHUNK_DATA = "chunk data"
+    CHUNK_END = "CRLF after chunk data"
+    TRAILER = "trailer"
+    DRAIN = "drain"  # after a refusal: nothing passes
+
+
+class RequestFraming:
+    """The framing of one connection's requests; ``feed`` returns the bytes to pass on."""
+
+    def __init__(self, bodies: bool = True, max_head: int = MAX_HEAD_BYTES) -> None:
+        self._bodies = bodies
+        self._max_head = max_head
+        self._phase = Phase.HEAD
+        self._pending = bytearray()  # a head, chunk line or trailer not complete yet
+        self._due = 0  # body or chunk bytes still due
+        self._trailer = 0  # bytes of the trailer so far (at most max_head)
+        self.body_bytes = 0  # of the request now arriving
+
+    @property
+    def waiting_for_head(self) -> bool:
+        """Between requests: no byte of the next head yet."""
+        return self._phase is Phase.HEAD and not self._pending
+
+    @property
+    def in_head(self) -> bool:
+        return self._phase is Phase.HEAD and bool(self._pending)
+
+    @property
+    def in_body(self) -> bool:
+        return self._phase not in (Phase.HEAD, Phase.DRAIN)
+
+    def feed(self, data: bytes) -> bytes:
+        """Checks ``data`` (the next bytes received); returns what to pass on. Raises
+        FramingError for a request to refuse; the connection is then to be closed."""
+        out: list[bytes] = []
+        at = 0
+        try:
+            while at < len(data) and self._phase is not Phase.DRAIN:
+                at = self._step(data, at, out)
+        except FramingError as refusal:
+            refusal.passed, refusal.in_body = b"".join(out), self.in_body
+            self._phase = Phase.DRAIN
+            raise
+        return b"".join(out)
+
+    def _step(self, data: bytes, at: int, out: list[bytes]) -> int:
+        phase = self._phase
+        if phase in (Phase.BODY, Phase.CHUNK_DATA):
+            n = min(self._due, len(data) - at)
+            out.append(data[at:at + n])
+            self._due -= n
+            self.body_bytes += n
+            if not self._due:
+                self._phase = Phase.HEAD if phase is Phase.BODY else Phase.CHUNK_END
+            return at + n
+        ending, limit = {Phase.HEAD: (b"\r\n\r\n", self._max_head),
+                         Phase.CHUNK_LINE: (b"\r\n", MAX_CHUNK_LINE),
+                         Phase.CHUNK_END: (b"\r\n", 2),
+                         Phase.TRAILER: (b"\r\n", self._max_head - self._trailer)}[phase]
+        start = len(self._pending)
+        self._pending += data[at:at + limit - start + 1]
+        end = self._pending.find(ending, max(0, start - len(ending) + 1))
+        if end < 0 or end + len(ending) > limit:
+            if len(self._pending) > limit or end >= 0:
+                raise self._too_long(phase)
+            return len(data)
+        whole = bytes(self._pending[:end + len(ending)])
+        used = len(whole) - start
+        self._pending.clear()
+        out.append(self._complete(phase, whole))
+        return at + used
+
+    def _too_long(self, phase: Phase) -> FramingError:
+        if phase is Phase.HEAD:
+            return FramingError(431, f"the request head (request line and header fields) is "
+                                     f"over {self._max_head // 1024} KiB; send fewer or "
+                                     "shorter header fields")
+        if phase is Phase.CHUNK_END:
+            return FramingError(400, "chunk data is not followed by CRLF: the chunked body "
+                                     "is malformed (RFC 9112 §7.1)")
+        return FramingError(400, f"the chunked body's {phase.value} is over its limit or "
+                                 "malformed (RFC 9112 §7.1)")
+
+    def _complete(self, phase: Phase, whole: bytes) -> bytes:
+        """A head, chunk-size line, chunk end or trailer has arrived whole: check it and
+        move on; returns the bytes to pass on."""
+        if phase is Phase.HEAD:
+            return self._head(whole)
+        if phase is Phase.CHUNK_END:
+            if whole != b"\r\n":
+                raise self._too_long(phase)
+            self._phase = Phase.CHUNK_LINE
+            return whole
+        if phase is Phase.CHUNK_LINE:
+            size = whole[:-2].split(b";", 1)[0].strip(b" \t")
+            if not size or len(size) > 16 or not all(c in b"0123456789abcdefABCDEF"
+                                                     for c in size):
+                raise FramingError(400, f"chunk size {size[:20]!r} is not a hex number: the "
+                                        "chunked body is malformed (RFC 9112 §7.1)")
+            self._due = int(size, 16)
+            self._phase = Phase.CHUNK_DATA if self._due else Phase.TRAILER
+            self._trailer = 0
+            return whole
+        name, colon, _ = whole[:-2].partition(b":")  # a trailer line, checked as it arrives
+        if whole != b"\r\n" and (not colon or not _TOKEN.fullmatch(name.decode("latin-1"))):
+            raise FramingError(400, "a trailer field of the chunked body is malformed "
+                                    "(RFC 9112 §7.1.2); send name: value lines or none")
+        self._trailer += len(whole)
+        if whole == b"\r\n":  # the blank line: the request is complete
+            self._phase = Phase.HEAD
+        return whole
+
+    def _head(self, head: bytes) -> bytes:
+        """Checks one request head; returns it (without the fields of an ignored upgrade)."""
+        head = head.lstrip(b"\r\n")  # empty lines before a request line are ignored (§2.2)
+        if not head:
+            return b""
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        version = _VERSION.fullmatch(parts[-1]) if len(parts) == 3 else None
+        fields = [line.partition(":") for line in lines[1:]]
+        if version is None or not _TOKEN.fullmatch(parts[0]):
+            raise FramingError(400, f"the request line {lines[0][:80]!r} is not 'METHOD "
+                                    "target HTTP/1.1' (RFC 9112 §3)")
+        bad = next((line for line, (name, colon, value) in zip(lines[1:], fields, strict=True)
+                    if not colon or not _TOKEN.fullmatch(name) or "\n" in value
+                    or "\r" in value or "\0" in value), None)
+        if bad is not None:
+            raise FramingError(400, f"the header field {bad[:80]!r} is not 'name: value' "
+                                    "(RFC 9112 §5); send one field per CRLF-ended line")
+        if parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
+            raise FramingError(505, f"{parts[2]} is not supported; send HTTP/1.1 (or HTTP/2 "
+                                    "to the gRPC port)")
+        values: dict[str, list[str]] = {}
+        for name, _, value in fields:
+            values.setdefault(name.lower(), []).append(value.strip(" \t"))
+        self._check_host(values.get("host", []), parts[2])
+        self._body_framing(values, parts[2], parts[0])
+        self.body_bytes = 0
+        if not values.keys() & _DROPPED:
+            return head
+        kept = [lines[0]] + [line for line, (name, _, _) in zip(lines[1:], fields, strict=True)
+                             if name.lower() not in _DROPPED]
+        return ("\r\n".join(kept) + "\r\n\r\n").encode("latin-1")
+
+    @staticmethod
+    def _check_host(hosts: list[str], version: str) -> None:
+        if version == "HTTP/1.1" and len(hosts) != 1 or len(hosts) > 1:
+            raise FramingError(400, f"an {version} request needs exactly one Host header field "
+                                    f"(RFC 9112 §3.2), this one has {len(hosts)}")
+        if hosts and not _HOST.fullmatch(hosts[0]):
+            raise FramingError(400, f"the Host header {hosts[0][:80]!r} is not a host[:port] "
+                                    "(RFC 9112 §3.2)")
+
+    def _body_framing(self, values: dict[str, list[str]], version: str, method: str) -> None:
+        codings = ",".join(values.get("transfer-encoding", [])).lower().replace(" ", "")
+        lengths = values.get("content-length", [])
+        if codings and version == "HTTP/1.0":
+            raise FramingError(400, "Transfer-Encoding in an HTTP/1.0 request cannot be "
+                                    "trusted (RFC 9112 §6.1); send Content-Length, or HTTP/1.1")
+        if codings and lengths:
+            raise FramingError(400, "a request with both Transfer-Encoding and "
+                                    "Content-Length is refused (RFC 9112 §6.3, request "
+                                    "smuggling); send one")
+        if codings and codings != "chunked":
+            raise FramingError(501, f"Transfer-Encoding {codings[:40]!r} is not supported; "
+                                    "send chunked, or Content-Length")
+        if len(lengths) > 1 or lengths and not (lengths[0].isascii() and lengths[0].isdigit()
+                                                and len(lengths[0]) <= 18):
+            raise FramingError(400, "Content-Length must be one decimal number (RFC 9112 "
+                                    "§6.3)")
+        length = int(lengths[0]) if lengths else 0
+        if not self._bodies and (codings or length):
+            raise FramingError(400, f"{method[:16]} on this port takes no request body; send "
+                                    "none (Prometheus sends none)")
+        self._phase = Phase.CHUNK_LINE if codings else Phase.BODY if length else Phase.HEAD
+        self._due = length
