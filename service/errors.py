@@ -26,12 +26,20 @@ class ErrorCode(enum.Enum):
     UNAVAILABLE = enum.auto()
     FAILED_PRECONDITION = enum.auto()
     INTERNAL = enum.auto()
+    CANCELLED = enum.auto()  # the client left before its request was read: not our error
 
 
 class VisionServeError(Exception):
     """Root of every error the server reports to clients on purpose."""
 
     code: ErrorCode = ErrorCode.INTERNAL
+
+
+class ClientGone(VisionServeError):
+    """The client disconnected before its request was read: nobody to answer, nothing to log
+    as a server error."""
+
+    code = ErrorCode.CANCELLED
 
 
 class InvalidInput(VisionServeError):

@@ -19,6 +19,11 @@ class ServerLimits:
         help="largest encoded image (JPEG/PNG/WebP) accepted")
     max_image_pixels: int = setting(
         40_000_000, help="largest decoded image (width x height); checked before decoding")
+    max_json_bytes: int = setting(
+        16 * 1024 * 1024, help="largest JSON request body over REST (after decompression); "
+                               "larger tensors go as binary data after the JSON header "
+                               "(Inference-Header-Content-Length), up to "
+                               "--max-message-bytes (the lower of the two applies)")
     max_images_per_request: int = setting(256, help="images in one request")
     # ~115 MP/s per core for JPEG: the default is about 2 s of one core
     max_request_pixels: int = setting(
@@ -60,6 +65,8 @@ class ServerLimits:
         if min(self.connection_idle_s, self.connection_age_s, self.connection_age_grace_s) < 0:
             raise ValueError("--connection-idle-s, --connection-age-s and "
                              "--connection-age-grace-s must be >= 0 (0 = no limit)")
+        if self.max_json_bytes < 1:
+            raise ValueError(f"--max-json-bytes must be >= 1, got {self.max_json_bytes}")
         if self.max_stream_inflight < 1:
             raise ValueError(f"--max-stream-inflight must be >= 1, got {self.max_stream_inflight}")
         if self.max_request_pixels < self.max_image_pixels:

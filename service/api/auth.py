@@ -65,7 +65,10 @@ class TokenCheck:
     def valid(self, presented: str | bytes) -> bool:
         """``Bearer <token>`` (the scheme is case-insensitive, RFC 7235), compared in constant
         time."""
-        text = presented.encode() if isinstance(presented, str) else presented
+        try:
+            text = presented.encode() if isinstance(presented, str) else presented
+        except UnicodeEncodeError:  # header bytes that are not UTF-8: no token of ours
+            return False
         scheme, _, token = text.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(),
                                                                    self._expected)

@@ -49,17 +49,23 @@ class CallHandler:
         self._access_log = access_log
 
     async def run(self, method: str, model: str,
-                  work: Callable[[], Awaitable[tuple[T, int]]], client_id: str = "") -> T:
+                  work: Callable[[], Awaitable[tuple[T, int]]], client_id: str = "",
+                  upload: Callable[[], Awaitable[None]] | None = None) -> T:
         """Run ``work`` (which returns the reply and the version that answered) under a request
         id (``client_id`` or a new one) and record its outcome; exceptions propagate unchanged.
-        """
+        ``upload`` (an HTTP body's arrival) runs first, before the call counts in flight or
+        holds an inference slot: a slow upload holds its connection, never a slot; its refusal
+        is counted and logged like any failed call."""
         start = time.perf_counter()
         REQUEST_ID.set(request_id(client_id))
-        inflight = self._metrics.inflight.labels(method)
-        inflight.inc()
+        inflight = None
         version = ""
         code = grpc.StatusCode.OK
         try:
+            if upload is not None:
+                await upload()
+            inflight = self._metrics.inflight.labels(method)
+            inflight.inc()
             with self._admission.admitted(method, model):
                 reply, answered = await work()
             version = str(answered) if answered else ""
@@ -73,7 +79,8 @@ class CallHandler:
             code = GRPC_CODES[error_code(exc)]
             raise
         finally:
-            inflight.dec()
+            if inflight is not None:
+                inflight.dec()
             elapsed = time.perf_counter() - start
             label = model if not model or self._control.is_known(model) else UNKNOWN_MODEL
             self._metrics.request_duration.labels(label, version, method, code.name).observe(

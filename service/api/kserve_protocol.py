@@ -18,17 +18,21 @@ EXTENSIONS = ["classification", "model_configuration", "model_repository", "stat
 INDEX_STATES = {VersionState.READY: "READY", VersionState.LOADING: "LOADING",
                 VersionState.FAILED: "UNAVAILABLE", VersionState.DRAINING: "UNLOADING",
                 VersionState.UNLOADED: "UNAVAILABLE"}
+# counts either wire may carry, checked before anything is converted (gRPC: on the wire
+# format, before protobuf parses; REST: on the parsed JSON, before numpy or protobuf)
+MAX_TENSORS = 16  # KServe inputs, outputs, raw_input_contents (our models take one input)
+MAX_PARAMETERS = 64  # entries of a KServe parameters map
+MAX_DIMS = 8  # entries of a shape
 
 
 def parse_version(model: str, text: str) -> int:
     """KServe's string version: "" = the newest ready one (0 for the core), else a number >= 1."""
     if not text:
         return 0
-    try:
-        number = int(text)
-    except ValueError:
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):  # int() takes "１", " 1"
         raise InvalidInput(f"model {model}: model_version {printable(text)!r} is not a version "
-                           "number; leave it empty for the newest") from None
+                           "number (ASCII digits); leave it empty for the newest")
+    number = int(text)
     if number < 1:
         raise InvalidInput(f"model {model}: model_version must be >= 1 (or empty), got {number}")
     return number

@@ -210,7 +210,9 @@ def test_a_declared_70mb_body_is_refused_before_it_is_sent(server):
                     break
                 reply += chunk
         assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
-        assert b"over the limit" in reply and b"--max-message-bytes" in reply
+        # a JSON body (no binary data): the JSON limit, and the way round it
+        assert b"over the JSON limit" in reply and b"--max-json-bytes" in reply
+        assert b"binary data" in reply
     still_serving(server)
 
 
@@ -218,7 +220,7 @@ def test_gzip_bombs_and_bad_encodings_are_refused_and_the_server_is_unharmed(ser
     bomb = gzip.compress(b"\0" * (80 * 1024 * 1024), 9)  # 80 MB in ~80 KB
     status, message = error_of(call(server, "POST", "/v2/models/lenet5/infer", bomb,
                                     {"Content-Encoding": "gzip"}))
-    assert status == 413 and "decompresses to over the limit" in message
+    assert status == 413 and "decompresses to over the JSON limit" in message
     status, message = error_of(call(server, "POST", "/v2/models/lenet5/infer", bomb[:5000],
                                     {"Content-Encoding": "gzip"}))
     assert status == 400 and "truncated" in message

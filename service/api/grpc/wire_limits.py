@@ -22,10 +22,8 @@ from visionserve.v1 import visionserve_pb2 as pb
 from ...errors import ErrorCode
 from ...limits import ServerLimits
 from ...logs import printable
+from ..kserve_protocol import MAX_DIMS, MAX_PARAMETERS, MAX_TENSORS
 
-MAX_TENSORS = 16  # KServe inputs, outputs, raw_input_contents (our models take one input)
-MAX_PARAMETERS = 64  # entries of a KServe parameters map
-MAX_DIMS = 8  # entries of a shape
 SINGULAR_MARGIN = 64  # fields beyond the repeated ones a message may carry (singular, unknown)
 
 

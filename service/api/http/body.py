@@ -1,34 +1,31 @@
-"""Reading an HTTP request's body, within the server's limits: 413 from the declared
-``Content-Length`` before anything is read, a deadline for the upload (408), gzip/deflate
-decompressed with the limit applied to what it decompresses to (a bomb costs at most the limit),
-and the image files of a classify/embed request (the body itself, or multipart/form-data
-parts)."""
+"""Reading an HTTP request's body, within the server's limits, before the request holds an
+inference slot: 413 from the declared ``Content-Length`` before anything is read, the bytes
+read whole within the limit (the listener's timers bound how long they take), gzip/deflate
+decompressed with the limit applied to what it decompresses to (a bomb costs at most the
+limit), and a JSON body held to ``--max-json-bytes`` (large tensors go as binary data). The
+image files of a classify/embed request are the body itself, or the parts of a
+multipart/form-data body parsed from the bytes read (a preamble or parts past the limit were
+never read)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import zlib
-from collections.abc import AsyncIterator
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ...engine.preprocess import EncodedImage
-from ...errors import InvalidInput, LimitExceeded
+from ...errors import ClientGone, InvalidInput, LimitExceeded
 from ...limits import ServerLimits
 from ...logs import printable
 
-BODY_TIMEOUT_S = 60.0  # a request body must have arrived by then (a slow upload holds a slot)
 # file signatures of the formats the server decodes (a raw image body is recognised by them:
 # ``curl --data-binary`` labels it application/x-www-form-urlencoded)
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 _COMPRESSED = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-
-
-class ClientGone(InvalidInput):
-    """The client disconnected before its request was read: nobody to answer, nothing to log
-    as a server error."""
+BINARY_HINT = ("send large tensors as binary data after the JSON header "
+               "(Inference-Header-Content-Length; tritonclient: binary_data=True)")
 
 
 class HttpError(InvalidInput):
@@ -40,56 +37,64 @@ class HttpError(InvalidInput):
 
 
 class BodyReader:
-    """Reads request bodies within ``limits`` (``max_message_bytes``, images per request)."""
+    """Reads request bodies within ``limits`` (``max_message_bytes``, ``max_json_bytes``,
+    images per request)."""
 
     def __init__(self, limits: ServerLimits) -> None:
         self.limits = limits
 
-    @contextlib.asynccontextmanager
-    async def _upload(self, request: web.Request) -> AsyncIterator[None]:
-        """Reading a body: 413 from its declared length first; then within BODY_TIMEOUT_S
-        (408), and a client gone mid-upload is not a server error."""
-        if request.content_length is not None and \
-                request.content_length > self.limits.max_message_bytes:
-            raise LimitExceeded(self.too_large(request.content_length))
+    def limit(self, json: bool) -> int:
+        return min(self.limits.max_json_bytes, self.limits.max_message_bytes) if json \
+            else self.limits.max_message_bytes
+
+    def too_large(self, size: int | None, json: bool) -> str:
+        what = f"the request body of {size} bytes" if size is not None else "the request body"
+        if json:
+            return (f"{what} is over the JSON limit of {self.limit(True)} bytes "
+                    f"(--max-json-bytes); {BINARY_HINT}, or split the request")
+        return (f"{what} is over the limit of {self.limits.max_message_bytes} bytes "
+                "(--max-message-bytes); split the request")
+
+    async def _raw(self, request: web.Request, json: bool) -> bytes:
+        """The body as sent: 413 from its declared length first, then from what arrives."""
+        if request.content_length is not None and request.content_length > self.limit(json):
+            raise LimitExceeded(self.too_large(request.content_length, json))
         try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
-                yield
-        except TimeoutError:
-            raise HttpError(408, f"the request body did not arrive within "
-                                 f"{BODY_TIMEOUT_S:.0f} s; send it at once, or smaller") from None
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise LimitExceeded(self.too_large(None, False)) from None
         except ConnectionError:
             raise ClientGone("the client closed the connection during the upload") from None
+        if len(raw) > self.limit(json):
+            raise LimitExceeded(self.too_large(len(raw), json))
+        return raw
 
-    def too_large(self, size: int) -> str:
-        return (f"the request body of {size} bytes is over the limit of "
-                f"{self.limits.max_message_bytes} bytes (--max-message-bytes); split the "
-                "request")
-
-    async def read(self, request: web.Request) -> bytes:
-        """The body within the limit, decompressed (gzip/deflate) with the limit applied to
-        what it decompresses to: 413 from the declared length before reading anything."""
-        limit = self.limits.max_message_bytes
-        try:
-            async with self._upload(request):
-                raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise LimitExceeded(f"the request body is over the limit of {limit} bytes "
-                                "(--max-message-bytes); split the request") from None
+    async def read(self, request: web.Request, json: bool = False) -> bytes:
+        """The body within the limit (the JSON one when ``json``), decompressed (gzip/deflate)
+        with the limit applied to what it decompresses to."""
+        raw = await self._raw(request, json)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding in ("", "identity"):
             return raw
         if encoding not in _COMPRESSED:
             raise HttpError(415, f"Content-Encoding {printable(encoding)!r} is not supported; "
                                  "send gzip, deflate or an uncompressed body")
-        return await asyncio.to_thread(decompress, raw, encoding, limit)
+        try:
+            return await asyncio.to_thread(decompress, raw, encoding, self.limit(json))
+        except LimitExceeded:
+            raise LimitExceeded(self.too_large(None, json).replace(
+                "the request body is", "the request body decompresses to")) from None
 
     async def images(self, request: web.Request, model: str) -> list[EncodedImage]:
         """The image files of a classify/embed request: the body itself (recognised by its
         signature, whatever its Content-Type), or the parts of a multipart/form-data body."""
         where = f"model {printable(model)}"
         if request.content_type.startswith("multipart/"):
-            return await self._parts(request, where)
+            if request.headers.get("Content-Encoding", "identity").lower() not in (
+                    "", "identity"):
+                raise HttpError(415, f"{where}: a multipart body is read as sent: drop "
+                                     "Content-Encoding (image files are compressed already)")
+            return await self._parts(request, await self._raw(request, False), where)
         body = await self.read(request)
         if not body:
             raise InvalidInput(f"{where}: the request body is empty; send an image file (curl "
@@ -100,34 +105,28 @@ class BodyReader:
                                "as the body, or multipart/form-data with one part per image")
         return [EncodedImage(body)]
 
-    async def _parts(self, request: web.Request, where: str) -> list[EncodedImage]:
-        limit, max_images = self.limits.max_message_bytes, self.limits.max_images_per_request
-        if request.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
-            raise HttpError(415, f"{where}: a multipart body is read as sent: drop "
-                                 "Content-Encoding (image files are compressed already)")
+    async def _parts(self, request: web.Request, raw: bytes, where: str) -> list[EncodedImage]:
+        """The parts of a multipart body already read whole (within the limit)."""
+        max_images = self.limits.max_images_per_request
+        stream = StreamReader(request.protocol, max(1 << 16, len(raw)),
+                              loop=asyncio.get_running_loop())
+        stream.feed_data(raw)
+        stream.feed_eof()
+        images: list[EncodedImage] = []
         try:
-            async with self._upload(request):
-                reader = await request.multipart()
-                images: list[EncodedImage] = []
-                total = 0
-                while (part := await reader.next()) is not None:
-                    if not isinstance(part, BodyPartReader):
-                        raise InvalidInput(f"{where}: a multipart part is itself multipart; "
-                                           "send one part per image file")
-                    if len(images) == max_images:
-                        raise LimitExceeded(f"{where}: more than {max_images} parts, over the "
-                                            "images-per-request limit; split the request")
-                    chunks = []
-                    while chunk := await part.read_chunk(1 << 16):
-                        total += len(chunk)
-                        if total > limit:
-                            raise LimitExceeded(f"{where}: the multipart body is over the "
-                                                f"limit of {limit} bytes (--max-message-bytes)")
-                        chunks.append(chunk)
-                    images.append(EncodedImage(b"".join(chunks)))
+            reader = MultipartReader(request.headers, stream)
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    raise InvalidInput(f"{where}: a multipart part is itself multipart; "
+                                       "send one part per image file")
+                if len(images) == max_images:
+                    raise LimitExceeded(f"{where}: more than {max_images} parts, over the "
+                                        "images-per-request limit; split the request")
+                images.append(EncodedImage(bytes(await part.read())))
         except (ValueError, AssertionError, HttpProcessingError) as exc:  # a malformed body
-            raise InvalidInput(f"{where}: malformed multipart/form-data body ({exc}); send one "
-                               "part per image file") from None
+            raise InvalidInput(f"{where}: malformed multipart/form-data body "
+                               f"({printable(str(exc))}); send one part per image file"
+                               ) from None
         if not images:
             raise InvalidInput(f"{where}: the multipart body has no parts; send one part per "
                                "image file")

@@ -63,14 +63,20 @@ from .rest_wire import (
 
 log = logging.getLogger(__name__)
 
-HTTP_STATUS = {ErrorCode.INVALID_ARGUMENT: 400, ErrorCode.NOT_FOUND: 404,
+HTTP_STATUS = {ErrorCode.CANCELLED: 499,  # nginx's "client closed request": never seen by it
+               ErrorCode.INVALID_ARGUMENT: 400, ErrorCode.NOT_FOUND: 404,
                ErrorCode.RESOURCE_EXHAUSTED: 429, ErrorCode.DEADLINE_EXCEEDED: 504,
                ErrorCode.UNAVAILABLE: 503, ErrorCode.FAILED_PRECONDITION: 409,
                ErrorCode.INTERNAL: 500}
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
 MAX_CONNECTIONS = 1024  # open at once on the HTTP port
+# methods whose body is JSON alone (held to --max-json-bytes; ModelInfer without binary data too)
+_JSON_BODIES = {"http.RepositoryIndex", "http.RepositoryModelLoad", "http.RepositoryModelUnload"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_RPC = web.RequestKey("rpc", str)  # the method's name in metrics and the access log
+_BODY = web.RequestKey("body", bytes)  # read (``upload``) before the call is admitted
+_IMAGES = web.RequestKey("images", list)
 
 
 class RestApi:
@@ -120,7 +126,7 @@ class RestApi:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         access, method = self._method_of(request)
-        request["rpc"] = method
+        request[_RPC] = method
         sent_id = client_id(request)
         try:
             if self._auth is not None and not self._auth.is_open(access):
@@ -136,9 +142,7 @@ class RestApi:
             response = await handler(request)
         except web.HTTPException as exc:  # aiohttp's own: unknown route, method, body size
             if exc.status == 413:
-                return error_reply(413, f"the request body is over the limit of "
-                                   f"{self._limits.max_message_bytes} bytes "
-                                   "(--max-message-bytes); split the request", sent_id)
+                return error_reply(413, self._bodies.too_large(None, False), sent_id)
             message = {404: f"no route {printable(request.path)!r}; the API is KServe v2 "
                             "(/v2/...), see docs/rest.md",
                        405: f"{request.method} is not allowed on {printable(request.path)!r}"
@@ -165,19 +169,40 @@ class RestApi:
         if self._auth is not None and not self._auth.is_open(access) and \
                 not self._auth.valid(request.headers.get("Authorization", "")):
             return None  # no 100 Continue: the middleware answers 401 without the body
+        json = self._json_body(request)
         if request.content_length is not None and \
-                request.content_length > self._limits.max_message_bytes:
-            return error_reply(413, self._bodies.too_large(request.content_length),
-                          request.headers.get(REQUEST_ID_HEADER, ""))
+                request.content_length > self._bodies.limit(json):
+            return error_reply(413, self._bodies.too_large(request.content_length, json),
+                               request.headers.get(REQUEST_ID_HEADER, ""))
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
 
+    def _json_body(self, request: web.Request) -> bool:
+        """Whether the request's body is JSON alone (held to --max-json-bytes)."""
+        _, method = self._method_of(request)
+        return method in _JSON_BODIES or (method == "http.ModelInfer"
+                                          and HEADER_LENGTH not in request.headers)
+
     async def _run(self, request: web.Request, model: str,
-                   work: Callable[[], Awaitable[tuple[Any, int]]],
-                   given_id: str = "") -> Any:
-        return await self._calls.run(request["rpc"], model, work,
-                                     given_id or request.headers.get(REQUEST_ID_HEADER, ""))
+                   work: Callable[[], Awaitable[tuple[Any, int]]], given_id: str = "",
+                   upload: Callable[[], Awaitable[None]] | None = None) -> Any:
+        return await self._calls.run(request[_RPC], model, work,
+                                     given_id or request.headers.get(REQUEST_ID_HEADER, ""),
+                                     upload)
+
+    def _body(self, request: web.Request) -> Callable[[], Awaitable[None]]:
+        """The upload step of a call with a body: read whole, before an inference slot."""
+        async def upload() -> None:
+            request[_BODY] = await self._bodies.read(request, self._json_body(request))
+
+        return upload
+
+    def _images(self, request: web.Request, model: str) -> Callable[[], Awaitable[None]]:
+        async def upload() -> None:
+            request[_IMAGES] = await self._bodies.images(request, model)
+
+        return upload
 
     # --- health and metadata ---------------------------------------------------------------
 
@@ -248,7 +273,7 @@ class RestApi:
 
     async def _index(self, request: web.Request) -> web.Response:
         async def work() -> tuple[list[dict[str, Any]], int]:
-            body = await self._bodies.read(request)
+            body = request[_BODY]
             options = parse_json(body, "RepositoryIndex") if body.strip() else {}
             ready = options.get("ready", False) if isinstance(options, dict) else None
             if not isinstance(ready, bool):
@@ -256,7 +281,7 @@ class RestApi:
                                    "{\"ready\": true|false}")
             return [index_json(e) for e in self._control.index(ready)], 0
 
-        return json_reply(await self._run(request, "", work))
+        return json_reply(await self._run(request, "", work, upload=self._body(request)))
 
     async def _load(self, request: web.Request) -> web.Response:
         return await self._control_call(request, load=True)
@@ -269,7 +294,7 @@ class RestApi:
         rpc = "RepositoryModelLoad" if load else "RepositoryModelUnload"
 
         async def work() -> tuple[dict[str, Any], int]:
-            body = await self._bodies.read(request)
+            body = request[_BODY]
             where = f"model {printable(model)}: {rpc}"
             options = parse_json(body, where) if body.strip() else {}
             if not isinstance(options, dict):
@@ -290,11 +315,12 @@ class RestApi:
                 await self._control.unload(model, rpc, request.remote or "")
             return {}, 0
 
-        return json_reply(await self._run(request, model, work))
+        return json_reply(await self._run(request, model, work, upload=self._body(request)))
 
     # --- inference ---------------------------------------------------------------------------
-    # The body is read inside the call's accounting: an upload counts against the in-flight
-    # limit, and a refusal of it is counted and logged like any failed call.
+    # The body is read first (``upload``), inside the call's accounting but before it counts in
+    # flight or holds an inference slot: a refusal of it is counted and logged like any failed
+    # call, and a slow upload holds only its own connection.
 
     async def _infer(self, request: web.Request) -> web.Response:
         model, version = names(request)
@@ -303,11 +329,15 @@ class RestApi:
         sent: list[tuple[bytes, dict[str, str]]] = []
 
         async def work() -> tuple[Any, int]:
-            body = await self._bodies.read(request)
+            body = request[_BODY]
             length = request.headers.get(HEADER_LENGTH)
             if length is not None and (not digits(length) or int(length) > len(body)):
                 raise InvalidInput(f"{where}: {HEADER_LENGTH} {printable(length)!r} is not a "
                                    f"length within the body ({len(body)} bytes)")
+            if length is not None and int(length) > self._bodies.limit(json=True):
+                raise LimitExceeded(f"{where}: the JSON header of {length} bytes is over the "
+                                    f"limit of {self._bodies.limit(json=True)} bytes "
+                                    "(--max-json-bytes); send the tensors as binary data")
             split = len(body) if length is None else int(length)
             args = (memoryview(body), split, where, model, version,
                     self._limits.max_images_per_request)
@@ -324,7 +354,7 @@ class RestApi:
                          {HEADER_LENGTH: str(len(text))} if buffers else {}))
             return None, result.version
 
-        await self._run(request, model, work)
+        await self._run(request, model, work, upload=self._body(request))
         body, headers = sent[0]
         return web.Response(body=body, headers=headers,
                             content_type="application/octet-stream" if headers else JSON)
@@ -335,12 +365,13 @@ class RestApi:
         async def work() -> tuple[Any, int]:
             top_k = query_int(request, "top_k", model)
             call = ClassifyCall(model=model, version=parse_version(model, version),
-                                images=await self._bodies.images(request, model),
+                                images=request[_IMAGES],
                                 top_k=top_k or DEFAULT_TOP_K, request_id=client_id(request))
             result = await self._core.classify(call, deadline(request))
             return classify_response(result), result.version
 
-        return json_reply(await self._run(request, model, work))
+        return json_reply(await self._run(request, model, work,
+                                          upload=self._images(request, model)))
 
     async def _embed(self, request: web.Request) -> web.Response:
         """Embeddings as JSON arrays, or (``?binary_data=true``) as the binary tensor data
@@ -352,7 +383,7 @@ class RestApi:
             normalize, binary = (query_bool(request, key, model)
                                  for key in ("normalize", "binary_data"))
             call = EmbedCall(model=model, version=parse_version(model, version),
-                             images=await self._bodies.images(request, model), normalize=normalize,
+                             images=request[_IMAGES], normalize=normalize,
                              request_id=client_id(request))
             result = await self._core.embed(call, deadline(request))
             if not binary:
@@ -366,7 +397,7 @@ class RestApi:
                                      headers={HEADER_LENGTH: str(len(text))}))
             return None, result.version
 
-        await self._run(request, model, work)
+        await self._run(request, model, work, upload=self._images(request, model))
         return sent[0]
 
 

@@ -25,12 +25,15 @@ from typing import Any
 import numpy as np
 
 from ...core.messages import ClassifyResult, EmbedResult, InferCall, InferResult, RequestedOutput
-from ...errors import InvalidInput
+from ...errors import InvalidInput, LimitExceeded
 from ...logs import printable
 from ...models.statistics import Duration
 from ...models.views import IndexEntry, ModelMetadata, TensorSpec, VersionStats
 from ..kserve_protocol import (
     INDEX_STATES,
+    MAX_DIMS,
+    MAX_PARAMETERS,
+    MAX_TENSORS,
     check_element_count,
     deserialize_bytes,
     parse_version,
@@ -39,8 +42,13 @@ from ..kserve_protocol import (
 )
 
 _NUMERIC = {"FP32": "<f4", "UINT8": "u1"}
-MAX_DIMS = 8  # the protocol's shapes are int64; ours have at most 4 dimensions
 MAX_DIM = 2**31 - 1
+# JSON's containers and strings, counted on the bytes before they are parsed: each costs an
+# object (~56 bytes for 3 bytes of ``[],``); a request has a few dozen, BYTES data up to
+# --max-images-per-request strings, nested ``data`` one array per row (21,600 for 32 images of
+# 3×224×224)
+MAX_JSON_CONTAINERS = 1 << 16
+MAX_JSON_STRINGS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -51,17 +59,42 @@ class RestInfer:
 
 
 def parse_json(body: bytes | memoryview, where: str, what: str = "the request body") -> Any:
+    """JSON whose cost is bounded before it is parsed (containers and strings counted on the
+    bytes; its size is bounded by --max-json-bytes), duplicate keys refused (not last-wins)."""
+    text = bytes(body)
+    containers, strings = text.count(b"[") + text.count(b"{"), text.count(b'"') // 2
+    if containers > MAX_JSON_CONTAINERS or strings > MAX_JSON_STRINGS:
+        raise LimitExceeded(f"{where}: {what} holds {containers} arrays and objects and "
+                            f"{strings} strings, over the limits of {MAX_JSON_CONTAINERS} "
+                            f"and {MAX_JSON_STRINGS}; send a flat \"data\" array, or the "
+                            "tensors as binary data (Inference-Header-Content-Length)")
     try:
-        return json.loads(bytes(body))
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
         pos = f" at byte {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+    except DuplicateKey as exc:
+        raise InvalidInput(f"{where}: {what} has the key {printable(str(exc))!r} twice in one "
+                           "object; send each key once") from None
     except (ValueError, RecursionError) as exc:  # an integer of 4,300+ digits; deep nesting
         detail, pos = ("nested too deeply" if isinstance(exc, RecursionError)
                        else "a number too long"), ""
     raise InvalidInput(f"{where}: {what} is not JSON we can read ({detail}{pos}); send a "
                        "KServe v2 inference request: {\"inputs\": [{\"name\", \"shape\", "
                        "\"datatype\", \"data\"}]}")
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise DuplicateKey(key)
+    return obj
 
 
 def utf8(text: str, where: str) -> bytes:
@@ -92,7 +125,16 @@ def _field(obj: dict[str, Any], key: str, kind: type, where: str, required: bool
 
 
 def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
-    return _field(obj, "parameters", dict, where, required=False, default={})
+    params = _field(obj, "parameters", dict, where, required=False, default={})
+    _at_most(len(params), MAX_PARAMETERS, f"{where}: parameters")
+    return params
+
+
+def _at_most(count: int, limit: int, what: str) -> None:
+    """The counts the gRPC wire enforces, before anything is converted."""
+    if count > limit:
+        raise InvalidInput(f"{what}: more than {limit} entries in one request; this is not a "
+                           "request our clients send")
 
 
 Pending = tuple[str, str, tuple[int, ...], Callable[[], Any], str]  # name, type, shape, data
@@ -108,12 +150,14 @@ def infer_request(header: Any, binary: memoryview, model: str, version: str,
         raise InvalidInput(f"{where}: the request body must be a JSON object with an "
                            f"\"inputs\" array, got {type(header).__name__}")
     inputs = _field(header, "inputs", list, where)
+    requested = _field(header, "outputs", list, where, required=False, default=[])
+    _at_most(len(inputs), MAX_TENSORS, f"{where}: inputs")
+    _at_most(len(requested), MAX_TENSORS, f"{where}: outputs")
     request_id = _field(header, "id", str, where, required=False, default="")
     params = _parameters(header, where)
     pending = _inputs(inputs, binary, where, max_images)
     binary_outputs = {"*"} if params.get("binary_data_output") is True else set()
-    outputs = _outputs(_field(header, "outputs", list, where, required=False, default=[]),
-                       where, binary_outputs)
+    outputs = _outputs(requested, where, binary_outputs)
     timeout = params.get("timeout", 0)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout < 2**63:
         raise InvalidInput(f"{where}: parameters.timeout must be an integer in 0..2^63-1 "
@@ -149,7 +193,7 @@ def _inputs(inputs: list[Any], binary: memoryview, where: str, max_images: int) 
                 raise InvalidInput(f"{at} ({printable(name)!r}): field 'data' is missing (or "
                                    "give parameters.binary_data_size and send the values as "
                                    "binary data after the JSON header)")
-            values = _json_data(tensor["data"], datatype, shape, at, name)
+            values = _json_data(tensor["data"], datatype, shape, at, name, max_images)
             pending.append((name, datatype, tuple(shape),
                             _deferred(values, where, name, max_images), "data"))
             continue
@@ -211,12 +255,13 @@ def _deferred(values: bytes | list[bytes], where: str, name: str,
 
 
 def _json_data(data: Any, datatype: str, shape: list[int], at: str,
-               name: str) -> bytes | list[bytes]:
+               name: str, max_images: int) -> bytes | list[bytes]:
     """JSON ``data`` (flat or nested, row-major): the bytes a binary client would send, or the
-    BYTES elements."""
+    BYTES elements (counted before any is converted)."""
     field = f"{at} ({printable(name)!r}) data"
     if datatype == "BYTES":
         items = _flat(data)
+        check_element_count(len(items), at, f"input {printable(name)!r}", max_images)
         if not all(isinstance(x, str) for x in items):
             raise InvalidInput(f"{field}: BYTES values in JSON are strings; send image files "
                                "as binary data (binary_data_size) or POST them to "
