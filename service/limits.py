@@ -46,6 +46,10 @@ class ServerLimits:
     max_concurrent_rpcs: int = setting(
         0, help="RPCs of any kind at once, refused by gRPC before Python parses them: a memory "
                 "backstop (0 = no limit; it also refuses health probes)")
+    http_max_connections: int = setting(
+        1024, help="connections open at once on the HTTP port, TLS handshakes included; at the "
+                   "bound a new one evicts the connection that has made the least recent "
+                   "progress among those waiting on their client (docs/security.md)")
     # HTTP/2, per connection (gRPC's own defaults are unbounded)
     max_streams_per_connection: int = setting(
         256, help="calls in flight on one HTTP/2 connection (more wait in the client)")
@@ -65,6 +69,9 @@ class ServerLimits:
         if min(self.connection_idle_s, self.connection_age_s, self.connection_age_grace_s) < 0:
             raise ValueError("--connection-idle-s, --connection-age-s and "
                              "--connection-age-grace-s must be >= 0 (0 = no limit)")
+        if self.http_max_connections < 1:
+            raise ValueError(f"--http-max-connections must be >= 1, got "
+                             f"{self.http_max_connections}")
         if self.max_json_bytes < 1:
             raise ValueError(f"--max-json-bytes must be >= 1, got {self.max_json_bytes}")
         if self.max_stream_inflight < 1:

@@ -181,6 +181,9 @@ class RequestFraming:
         if bad is not None:
             raise FramingError(400, f"the header field {bad[:80]!r} is not 'name: value' "
                                     "(RFC 9112 §5); send one field per CRLF-ended line")
+        if not all(0x21 <= ord(c) <= 0x7E for c in parts[1]):
+            raise FramingError(400, f"the request target {parts[1][:80]!r} holds characters "
+                                    "outside visible ASCII; percent-encode them (RFC 3986)")
         if parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
             raise FramingError(505, f"{parts[2]} is not supported; send HTTP/1.1 (or HTTP/2 "
                                     "to the gRPC port)")

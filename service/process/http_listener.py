@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..logs import rate_limit
 from .http_framing import REASONS, FramingError, RequestFraming
@@ -68,6 +69,9 @@ class HttpListener:
         self.evicted = 0  # connections closed at the bound, to admit a new one
         rate_limit(("aiohttp.server", "aiohttp.web", "aiohttp.internal", "asyncio"),
                    LIBRARY_LOG_LINES_PER_S)
+        for name in ("aiohttp.server", "asyncio"):
+            if not any(isinstance(f, _ClientErrorsBrief) for f in logging.getLogger(name).filters):
+                logging.getLogger(name).addFilter(_ClientErrorsBrief())
 
     async def start(self) -> int:
         """Listen; returns the port bound (``port`` 0 picks a free one). Raises OSError."""
@@ -141,6 +145,18 @@ class HttpListener:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self._runner.cleanup()
+
+
+class _ClientErrorsBrief(logging.Filter):
+    """A client's malformed request or dropped connection, as aiohttp or asyncio log it: one
+    line, without a traceback (it is not a server error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError | ConnectionError | ssl.SSLError):
+            record.msg, record.args = f"{record.getMessage()}: {exc!r}"[:300], ()
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 class _Connection(asyncio.Protocol):
@@ -233,19 +249,21 @@ class _Connection(asyncio.Protocol):
                 self.close()
             return
         since = self._since if self._since is not None else self.progress
+        late = ""
         if framing.in_head and (now - since > HEAD_TIMEOUT_S or idle > READ_IDLE_S):
-            self._refuse(FramingError(408, f"the request head did not arrive within "
-                                           f"{HEAD_TIMEOUT_S:.0f} s; send it at once"))
+            late = f"the request head did not arrive within {HEAD_TIMEOUT_S:.0f} s; send it whole"
         elif framing.in_body and idle > READ_IDLE_S:
-            self._refuse(FramingError(408, f"no byte of the request body arrived for "
-                                           f"{READ_IDLE_S:.0f} s; send the body at once after "
-                                           "the head"))
+            late = (f"no byte of the request body arrived for {READ_IDLE_S:.0f} s; send the "
+                    "body at once after the head")
         elif framing.in_body and now - since > READ_IDLE_S and \
                 framing.body_bytes < MIN_BODY_RATE * (now - since - READ_IDLE_S):
-            self._refuse(FramingError(408, f"the request body arrives at under "
-                                           f"{MIN_BODY_RATE // 1024} KiB/s; send it faster"))
+            late = f"the request body arrives at under {MIN_BODY_RATE // 1024} KiB/s; send faster"
         elif not (framing.in_head or framing.in_body) and not self.busy:
             self.close()  # refused earlier, answered: nothing more to wait for
+        if late:
+            refusal = FramingError(408, late)
+            refusal.in_body = framing.in_body
+            self._refuse(refusal)
 
     def _refuse(self, refusal: FramingError) -> None:
         """Answer ``refusal`` and close, unless an earlier request's answer is still due: then

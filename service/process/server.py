@@ -32,7 +32,6 @@ from ..api.grpc.auth import BearerTokenInterceptor
 from ..api.grpc.kserve import KServeServicer
 from ..api.grpc.strict import add_servicer
 from ..api.grpc.vision import VisionServicer
-from ..api.http.rest import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from ..api.http.rest import RestApi
 from ..core.inference import InferenceCore
 from ..engine.backends import EngineOptions, create_backend
@@ -128,7 +127,7 @@ class Server:
         if config.http_port is not None:  # the REST API: same core, control, accounting, auth
             rest = RestApi(core, control, calls, self.lifecycle, check, self._refused)
             self._http = HttpListener(
-                rest.app(), config.host, config.http_port, HTTP_MAX_CONNECTIONS,
+                rest.app(), config.host, config.http_port, config.limits.http_max_connections,
                 config.tls.ssl_context() if config.tls else None,
                 auto_decompress=False,  # api/http/body.py decompresses, within the body limit
                 lingering_time=2.0)  # after an early 413, unread body bytes are not awaited long

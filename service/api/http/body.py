@@ -65,6 +65,10 @@ class BodyReader:
             raise LimitExceeded(self.too_large(None, False)) from None
         except ConnectionError:
             raise ClientGone("the client closed the connection during the upload") from None
+        except RuntimeError as exc:  # aiohttp: the connection was gone before the read began
+            if str(exc) != "Connection closed.":
+                raise
+            raise ClientGone("the client closed the connection before its upload") from None
         if len(raw) > self.limit(json):
             raise LimitExceeded(self.too_large(len(raw), json))
         return raw

@@ -69,7 +69,6 @@ HTTP_STATUS = {ErrorCode.CANCELLED: 499,  # nginx's "client closed request": nev
                ErrorCode.UNAVAILABLE: 503, ErrorCode.FAILED_PRECONDITION: 409,
                ErrorCode.INTERNAL: 500}
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
-MAX_CONNECTIONS = 1024  # open at once on the HTTP port
 # methods whose body is JSON alone (held to --max-json-bytes; ModelInfer without binary data too)
 _JSON_BODIES = {"http.RepositoryIndex", "http.RepositoryModelLoad", "http.RepositoryModelUnload"}
 
