@@ -29,7 +29,7 @@ from visionserve.service.format.model_format import CONFIG_FILE, EMBEDDING, INPU
 from visionserve.v1 import visionserve_pb2 as pb
 
 from . import report
-from .launch import Launched, rss_mb, start_visionserve
+from .launch import Launched, checkout_env, rss_mb, start_visionserve
 
 CLASSIFY = "/visionserve.v1.VisionService/Classify"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -233,7 +233,13 @@ def send(server: Launched, attack: Attack, model: str, spec: InputSpec) -> Outco
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet18", help="model the requests name")
     p.add_argument("--repo", type=Path, default=Path("model_repo"))
+    p.add_argument("--ports", default="grpc,http",
+                   help="comma-separated: grpc (hostile messages), http (hostile HTTP clients "
+                        "on the REST and metrics ports)")
     p.add_argument("--serve-args", default="", help="extra `visionserve serve` flags")
+    p.add_argument("--server-checkout", type=Path, metavar="DIR",
+                   help="run the server from this checkout of the project instead (e.g. `git "
+                        "worktree add /tmp/prev HEAD~1`): the attacks' 'before' figures")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
 
@@ -242,24 +248,37 @@ def run_attacks(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 10_000)
+    from .http_attacks import HTTP_ATTACKS, http_markdown, run_http_attack
+
     config = ModelConfig.from_toml(args.repo / args.model / CONFIG_FILE)
-    log = Path(tempfile.mkstemp(prefix="visionserve-attacks-", suffix=".log")[1])
+    ports = args.ports.split(",")
+    workdir = Path(tempfile.mkdtemp(prefix="visionserve-attacks-"))
+    log = workdir / "server.log"
     server = start_visionserve(args.repo, "--model-control", "none",
-                               *shlex.split(args.serve_args), log_path=log)
-    outcomes = []
+                               *shlex.split(args.serve_args), log_path=log,
+                               env=checkout_env(args.server_checkout, workdir)
+                               if args.server_checkout else None)
+    outcomes, http_outcomes = [], []
     try:
         with console.status("attacking…") as status:
-            for i, attack in enumerate(ATTACKS, 1):
+            for i, attack in enumerate(ATTACKS if "grpc" in ports else (), 1):
                 status.update(f"attack {i}/{len(ATTACKS)}: {attack.sent}")
                 outcomes.append(send(server, attack, args.model, config.input))
+            for i, http in enumerate(HTTP_ATTACKS if "http" in ports else (), 1):
+                status.update(f"HTTP attack {i}/{len(HTTP_ATTACKS)}: {http.sent}")
+                http_outcomes.append(run_http_attack(server, http, args.model, config.input))
         alive = server.process.poll() is None
     finally:
         server.stop()
-    text = markdown(outcomes, "visionserve " + shlex.join(sys.argv[1:]))
+    text = markdown(outcomes, "visionserve " + shlex.join(sys.argv[1:])) if outcomes else \
+        f"`visionserve {shlex.join(sys.argv[1:])}`\n\n"
+    if http_outcomes:
+        text += "\n" + http_markdown(http_outcomes)
     console.print(text)
     report.save(args.json, [vars(o) | {"attack": vars(o.attack) | {
         "build": o.attack.build.__name__, "expected": o.attack.expected.name}}
-        for o in outcomes], args.markdown, text)
+        for o in outcomes] + [vars(o) | {"attack": {"name": o.attack.name, "sent": o.attack.sent}}
+                              for o in http_outcomes], args.markdown, text)
     wrong = [o for o in outcomes if o.code != o.attack.expected.name]
     for o in wrong:
         console.print(f"[red]{o.attack.sent}: {o.code}, expected {o.attack.expected.name}: "

@@ -101,6 +101,22 @@ def start_visionserve(repo: Path, *extra_args: str, name: str = "visionserve",
     raise RuntimeError(f"{name} was not serving after {ready_timeout_s:.0f} s; see {log_path}")
 
 
+def checkout_env(checkout: Path, workdir: Path) -> dict[str, str]:
+    """The environment that makes ``python -m visionserve.service.cli`` run the server code of
+    another checkout of this project (e.g. a ``git worktree`` of an earlier commit, to measure
+    before and after in one run): a ``PYTHONPATH`` folder linking its packages under
+    ``visionserve``, found before this install's editable finder. The rest (export, bench)
+    stays this checkout's."""
+    shim = workdir / "checkout-path" / "visionserve"
+    shim.mkdir(parents=True, exist_ok=True)
+    for name, folder in (("service", "service"), ("v1", "proto/visionserve/v1"),
+                         ("inference", "proto/visionserve/inference")):
+        link = shim / name
+        if not link.exists():
+            link.symlink_to((checkout / folder).resolve(), target_is_directory=True)
+    return {"PYTHONPATH": str(shim.parent)}
+
+
 def single_model_repo(repo: Path, model: str, dst: Path, *, max_batch_size: int | None = None,
                       overrides: dict[str, str] | None = None) -> Path:
     """A repository holding only ``model``'s newest version (linked, not copied), optionally with

@@ -27,6 +27,7 @@ from .inprocess import InProcessEngine
 from .launch import (
     LINKED_REPO,
     Launched,
+    checkout_env,
     default_triton_python,
     single_model_repo,
     start_triton,
@@ -93,11 +94,13 @@ def _start_targets(args: argparse.Namespace, config: ModelConfig, model_file: Pa
         targets.append(Target("visionserve", server.target, batching,
                               tuple(dict.fromkeys(apis + peer_apis)), inputs,
                               http_address=f"127.0.0.1:{server.http_port}"))
-    for name, overrides in _variants(args.variant):
+    variants = _variants(args.variant) + ([("baseline", {})] if args.baseline_checkout else [])
+    for name, overrides in variants:
         repo = single_model_repo(args.repo, args.model, workdir / f"repo-{name}",
                                  overrides=overrides)
+        env = checkout_env(args.baseline_checkout, workdir) if name == "baseline" else None
         server = start_visionserve(repo, "--model-control", "none", *LINKED_REPO,
-                                   name=f"visionserve-{name}")
+                                   name=f"visionserve-{name}", env=env)
         launched.append(server)
         targets.append(Target("visionserve", server.target, "on", apis, inputs, variant=name,
                               http_address=f"127.0.0.1:{server.http_port}"))
@@ -242,6 +245,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
                    help="also serve a config variant side by side, e.g. "
                         "'2x1:instance_count=2;onnxruntime.intra_op_threads=1' (repeatable)")
+    p.add_argument("--baseline-checkout", type=Path, metavar="DIR",
+                   help="also serve the model with the server code of this checkout (e.g. `git "
+                        "worktree add /tmp/prev HEAD~1`), as the variant 'baseline', measured "
+                        "in the same repeats: its <level>_baseline_vs_default ratio is "
+                        "before ÷ after")
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--jpeg-dir", type=Path,
                    help="photos for --input jpeg (default: scikit-image's sample photos "

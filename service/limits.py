@@ -20,7 +20,7 @@ class ServerLimits:
     max_image_pixels: int = setting(
         40_000_000, help="largest decoded image (width x height); checked before decoding")
     max_json_bytes: int = setting(
-        16 * 1024 * 1024, help="largest JSON request body over REST (after decompression); "
+        8 * 1024 * 1024, help="largest JSON request body over REST (after decompression); "
                                "larger tensors go as binary data after the JSON header "
                                "(Inference-Header-Content-Length), up to "
                                "--max-message-bytes (the lower of the two applies)")

@@ -245,8 +245,9 @@ class _Connection(asyncio.Protocol):
             return
         framing, idle = self._framing, now - self.progress
         if framing.waiting_for_head:
-            if idle > KEEPALIVE_S and not self.busy:
-                self.close()
+            sending = self.transport is not None and self.transport.get_write_buffer_size()
+            if idle > KEEPALIVE_S and not self.busy and not sending:  # (a reply being read
+                self.close()  # slowly is not idle; at the bound it may be evicted)
             return
         since = self._since if self._since is not None else self.progress
         late = ""
