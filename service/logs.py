@@ -6,9 +6,10 @@ both shortened and escaped (``printable``); never payload bytes.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
 from contextvars import ContextVar
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
@@ -39,9 +40,15 @@ def tag_request_ids() -> None:
     logging.setLogRecordFactory(factory)
 
 
+_ID_PREFIX = os.urandom(4).hex()  # this process's; ids differ across replicas and restarts
+_id_counter = itertools.count(1)
+
+
 def request_id(client_id: str) -> str:
-    """The id logs use for one request: the client's own (shortened, escaped), or a new one."""
-    return log_field(client_id) if client_id else uuid.uuid4().hex[:16]
+    """The id logs use for one request: the client's own (shortened, escaped), or a new one
+    (16 hex digits: this process's random prefix and a counter; a uuid4 cost ~4 µs a request,
+    a tenth of a small model's engine time)."""
+    return log_field(client_id) if client_id else f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
 def log_field(text: str) -> str:

@@ -32,9 +32,25 @@ MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:[0-9]*)?")
 _VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
+_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*\r\n)*\r\n")
+_READ = ("host", "transfer-encoding", "content-length", "upgrade", "http2-settings")
 _DROPPED = frozenset({"upgrade", "http2-settings"})  # fields of an upgrade this server ignores
 REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
            501: "Not Implemented", 505: "HTTP Version Not Supported"}
+
+
+def _values(head: bytes, lower: bytes, name: str) -> list[str]:
+    """The values of field ``name`` (lower case) in a well-formed ``head``, trimmed."""
+    key, found = b"\r\n" + name.encode() + b":", []
+    at = lower.find(key)
+    while at >= 0:
+        start = at + len(key)
+        end = head.find(b"\r\n", start)
+        found.append(head[start:end].strip(b" \t").decode("latin-1"))
+        at = lower.find(key, end)
+    return found
 
 
 class FramingError(Exception):
@@ -55,6 +71,11 @@ class Phase(Enum):
     CHUNK_END = "CRLF after chunk data"
     TRAILER = "trailer"
     DRAIN = "drain"  # after a refusal: nothing passes
+
+
+# the bytes that end each line-read phase, and its length limit (0: the head limit)
+_ENDINGS = {Phase.HEAD: (b"\r\n\r\n", 0), Phase.CHUNK_LINE: (b"\r\n", MAX_CHUNK_LINE),
+            Phase.CHUNK_END: (b"\r\n", 2), Phase.TRAILER: (b"\r\n", 0)}
 
 
 class RequestFraming:
@@ -83,35 +104,45 @@ class RequestFraming:
         return self._phase not in (Phase.HEAD, Phase.DRAIN)
 
     def feed(self, data: bytes) -> bytes:
-        """Checks ``data`` (the next bytes received); returns what to pass on. Raises
-        FramingError for a request to refuse; the connection is then to be closed."""
-        out: list[bytes] = []
-        at = 0
+        """Checks ``data`` (the next bytes received); returns what to pass on (``data`` itself
+        when all of it passes unchanged, the common case: no copy). Raises FramingError for a
+        request to refuse; the connection is then to be closed."""
+        out: list[bytes | memoryview] = []
+        view, at = memoryview(data), 0
         try:
             while at < len(data) and self._phase is not Phase.DRAIN:
-                at = self._step(data, at, out)
+                at = self._step(data, view, at, out)
         except FramingError as refusal:
             refusal.passed, refusal.in_body = b"".join(out), self.in_body
             self._phase = Phase.DRAIN
             raise
+        if all(isinstance(piece, memoryview) for piece in out) and \
+                sum(len(piece) for piece in out) == len(data):
+            return data  # every byte passed, in order, unchanged
         return b"".join(out)
 
-    def _step(self, data: bytes, at: int, out: list[bytes]) -> int:
+    def _step(self, data: bytes, view: memoryview, at: int,
+              out: list[bytes | memoryview]) -> int:
         phase = self._phase
-        if phase in (Phase.BODY, Phase.CHUNK_DATA):
+        if phase is Phase.BODY or phase is Phase.CHUNK_DATA:
             n = min(self._due, len(data) - at)
-            out.append(data[at:at + n])
+            out.append(view[at:at + n])
             self._due -= n
             self.body_bytes += n
             if not self._due:
                 self._phase = Phase.HEAD if phase is Phase.BODY else Phase.CHUNK_END
             return at + n
-        ending, limit = {Phase.HEAD: (b"\r\n\r\n", self._max_head),
-                         Phase.CHUNK_LINE: (b"\r\n", MAX_CHUNK_LINE),
-                         Phase.CHUNK_END: (b"\r\n", 2),
-                         Phase.TRAILER: (b"\r\n", self._max_head - self._trailer)}[phase]
+        ending, limit = _ENDINGS[phase]
+        limit = limit or self._max_head - (self._trailer if phase is Phase.TRAILER else 0)
         start = len(self._pending)
-        self._pending += data[at:at + limit - start + 1]
+        if not start:  # the common case: the line or head whole in ``data``, read in place
+            end = data.find(ending, at, at + limit + 1)
+            if 0 <= end and end + len(ending) - at <= limit:
+                whole = data[at:end + len(ending)]
+                passed = self._complete(phase, whole)
+                out.append(view[at:end + len(ending)] if passed is whole else passed)
+                return end + len(ending)
+        self._pending += view[at:at + limit - start + 1]
         end = self._pending.find(ending, max(0, start - len(ending) + 1))
         if end < 0 or end + len(ending) > limit:
             if len(self._pending) > limit or end >= 0:
@@ -164,40 +195,46 @@ class RequestFraming:
         return whole
 
     def _head(self, head: bytes) -> bytes:
-        """Checks one request head; returns it (without the fields of an ignored upgrade)."""
+        """Checks one request head; returns it (without the fields of an ignored upgrade).
+        Two regular expressions read a well-formed head (each request pays for this); what
+        they refuse is diagnosed line by line."""
         head = head.lstrip(b"\r\n")  # empty lines before a request line are ignored (§2.2)
         if not head:
             return b""
+        line = _REQUEST_LINE.match(head)
+        if line is None or not _FIELD_LINES.fullmatch(head, line.end()):
+            raise self._malformed(head)
+        method, version = line[1].decode(), f"HTTP/{line[3].decode()}.{line[4].decode()}"
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            raise FramingError(505, f"{version} is not supported; send HTTP/1.1 (or HTTP/2 to "
+                                    "the gRPC port)")
+        lower = head.lower()
+        values = {name: _values(head, lower, name) for name in _READ}
+        self._check_host(values.get("host", []), version)
+        self._body_framing(values, version, method)
+        self.body_bytes = 0
+        if not (values["upgrade"] or values["http2-settings"]):
+            return head
+        lines = head[:-4].split(b"\r\n")
+        kept = [lines[0]] + [f for f in lines[1:]
+                             if f.partition(b":")[0].decode("latin-1").lower() not in _DROPPED]
+        return b"\r\n".join(kept) + b"\r\n\r\n"
+
+    @staticmethod
+    def _malformed(head: bytes) -> FramingError:
+        """Why a head that is not well formed was refused: its first bad line, named."""
         lines = head[:-4].decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
-        version = _VERSION.fullmatch(parts[-1]) if len(parts) == 3 else None
-        fields = [line.partition(":") for line in lines[1:]]
-        if version is None or not _TOKEN.fullmatch(parts[0]):
-            raise FramingError(400, f"the request line {lines[0][:80]!r} is not 'METHOD "
-                                    "target HTTP/1.1' (RFC 9112 §3)")
-        bad = next((line for line, (name, colon, value) in zip(lines[1:], fields, strict=True)
-                    if not colon or not _TOKEN.fullmatch(name) or "\n" in value
-                    or "\r" in value or "\0" in value), None)
-        if bad is not None:
-            raise FramingError(400, f"the header field {bad[:80]!r} is not 'name: value' "
-                                    "(RFC 9112 §5); send one field per CRLF-ended line")
+        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _VERSION.fullmatch(parts[2]):
+            return FramingError(400, f"the request line {lines[0][:80]!r} is not 'METHOD "
+                                     "target HTTP/1.1' (RFC 9112 §3)")
         if not all(0x21 <= ord(c) <= 0x7E for c in parts[1]):
-            raise FramingError(400, f"the request target {parts[1][:80]!r} holds characters "
-                                    "outside visible ASCII; percent-encode them (RFC 3986)")
-        if parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
-            raise FramingError(505, f"{parts[2]} is not supported; send HTTP/1.1 (or HTTP/2 "
-                                    "to the gRPC port)")
-        values: dict[str, list[str]] = {}
-        for name, _, value in fields:
-            values.setdefault(name.lower(), []).append(value.strip(" \t"))
-        self._check_host(values.get("host", []), parts[2])
-        self._body_framing(values, parts[2], parts[0])
-        self.body_bytes = 0
-        if not values.keys() & _DROPPED:
-            return head
-        kept = [lines[0]] + [line for line, (name, _, _) in zip(lines[1:], fields, strict=True)
-                             if name.lower() not in _DROPPED]
-        return ("\r\n".join(kept) + "\r\n\r\n").encode("latin-1")
+            return FramingError(400, f"the request target {parts[1][:80]!r} holds characters "
+                                     "outside visible ASCII; percent-encode them (RFC 3986)")
+        bad = next((f for f in lines[1:] if not _FIELD_LINES.fullmatch(
+            (f + "\r\n\r\n").encode("latin-1"))), lines[-1])
+        return FramingError(400, f"the header field {bad[:80]!r} is not 'name: value' "
+                                 "(RFC 9112 §5); send one field per CRLF-ended line")
 
     @staticmethod
     def _check_host(hosts: list[str], version: str) -> None:
