@@ -29,7 +29,7 @@ from visionserve.service.format.model_format import CONFIG_FILE, EMBEDDING, INPU
 from visionserve.v1 import visionserve_pb2 as pb
 
 from . import report
-from .launch import Launched, checkout_env, rss_mb, start_visionserve
+from .launch import Launched, checkout_env, rss_mb, start_visionserve, threads
 
 CLASSIFY = "/visionserve.v1.VisionService/Classify"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -151,11 +151,6 @@ class Outcome:
     threads_after: int
     health_max_s: float
     health_failures: int
-
-
-def threads(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
 
 
 class Watch:

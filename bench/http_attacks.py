@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from visionserve.service.format.model_config import InputSpec
 
-from .attacks import threads
 from .http_clients import (
     connect,
     exchange,
@@ -32,7 +31,7 @@ from .http_clients import (
     request,
     statuses,
 )
-from .launch import Launched, rss_mb
+from .launch import Launched, rss_mb, threads
 
 MB = 1_000_000
 

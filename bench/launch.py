@@ -165,6 +165,11 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
+def threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
 def free_port() -> int:
     """A port free now: another process may take it before the caller's child binds it. Only
     for peers that cannot bind port 0 and report what they bound (Triton, below); a visionserve

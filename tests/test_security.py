@@ -256,7 +256,7 @@ def test_held_metrics_connections_cost_no_threads_and_are_closed(exported_repo, 
     once and the others once their head is overdue."""
     import socket
 
-    from visionserve.bench.attacks import threads
+    from visionserve.bench.launch import threads
 
     srv = serve(make_repo(exported_repo, tmp_path / "repo", ("lenet5",)), tmp_path / "s.log")
     held: list[socket.socket] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -24,8 +25,18 @@ from ...logs import printable
 # ``curl --data-binary`` labels it application/x-www-form-urlencoded)
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 _COMPRESSED = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
+# methods whose body is JSON alone (held to --max-json-bytes; ModelInfer without binary data too)
+_JSON_BODIES = {"http.RepositoryIndex", "http.RepositoryModelLoad", "http.RepositoryModelUnload"}
+BODY = web.RequestKey("body", bytes)  # read by ``upload`` before the call is admitted
+IMAGES = web.RequestKey("images", list)
 BINARY_HINT = ("send large tensors as binary data after the JSON header "
                "(Inference-Header-Content-Length; tritonclient: binary_data=True)")
+
+
+def json_only(method: str, headers: Mapping[str, str]) -> bool:
+    """Whether a request of ``method`` (``http.<Method>``) has a body of JSON alone."""
+    return method in _JSON_BODIES or (method == "http.ModelInfer" and HEADER_LENGTH not in headers)
 
 
 class HttpError(InvalidInput):
@@ -54,6 +65,21 @@ class BodyReader:
                     f"(--max-json-bytes); {BINARY_HINT}, or split the request")
         return (f"{what} is over the limit of {self.limits.max_message_bytes} bytes "
                 "(--max-message-bytes); split the request")
+
+    def upload(self, request: web.Request, json: bool) -> Callable[[], Awaitable[None]]:
+        """The upload step of a call with a body (``CallHandler.run``): the body read whole
+        into ``request[BODY]``, before the call holds an inference slot."""
+        async def upload() -> None:
+            request[BODY] = await self.read(request, json)
+
+        return upload
+
+    def upload_images(self, request: web.Request, model: str) -> Callable[[], Awaitable[None]]:
+        """The upload step of a classify/embed call: its images into ``request[IMAGES]``."""
+        async def upload() -> None:
+            request[IMAGES] = await self.images(request, model)
+
+        return upload
 
     async def _raw(self, request: web.Request, json: bool) -> bytes:
         """The body as sent: 413 from its declared length first, then from what arrives."""

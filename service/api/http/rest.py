@@ -35,7 +35,8 @@ from ..auth import TokenCheck
 from ..calls import CallHandler
 from ..kserve_protocol import EXTENSIONS, parse_version
 from ..methods import METHODS
-from .body import BodyReader, HttpError
+from .body import BODY, HEADER_LENGTH, IMAGES, BodyReader, HttpError, json_only
+from .json_body import parse_json
 from .messages import (
     JSON,
     REQUEST_ID_HEADER,
@@ -57,7 +58,6 @@ from .rest_wire import (
     infer_request,
     infer_response,
     metadata_json,
-    parse_json,
     statistics_json,
 )
 
@@ -68,14 +68,9 @@ HTTP_STATUS = {ErrorCode.CANCELLED: 499,  # nginx's "client closed request": nev
                ErrorCode.RESOURCE_EXHAUSTED: 429, ErrorCode.DEADLINE_EXCEEDED: 504,
                ErrorCode.UNAVAILABLE: 503, ErrorCode.FAILED_PRECONDITION: 409,
                ErrorCode.INTERNAL: 500}
-HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
-# methods whose body is JSON alone (held to --max-json-bytes; ModelInfer without binary data too)
-_JSON_BODIES = {"http.RepositoryIndex", "http.RepositoryModelLoad", "http.RepositoryModelUnload"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _RPC = web.RequestKey("rpc", str)  # the method's name in metrics and the access log
-_BODY = web.RequestKey("body", bytes)  # read (``upload``) before the call is admitted
-_IMAGES = web.RequestKey("images", list)
 
 
 class RestApi:
@@ -179,9 +174,7 @@ class RestApi:
 
     def _json_body(self, request: web.Request) -> bool:
         """Whether the request's body is JSON alone (held to --max-json-bytes)."""
-        _, method = self._method_of(request)
-        return method in _JSON_BODIES or (method == "http.ModelInfer"
-                                          and HEADER_LENGTH not in request.headers)
+        return json_only(self._method_of(request)[1], request.headers)
 
     async def _run(self, request: web.Request, model: str,
                    work: Callable[[], Awaitable[tuple[Any, int]]], given_id: str = "",
@@ -191,17 +184,10 @@ class RestApi:
                                      upload)
 
     def _body(self, request: web.Request) -> Callable[[], Awaitable[None]]:
-        """The upload step of a call with a body: read whole, before an inference slot."""
-        async def upload() -> None:
-            request[_BODY] = await self._bodies.read(request, self._json_body(request))
-
-        return upload
+        return self._bodies.upload(request, self._json_body(request))
 
     def _images(self, request: web.Request, model: str) -> Callable[[], Awaitable[None]]:
-        async def upload() -> None:
-            request[_IMAGES] = await self._bodies.images(request, model)
-
-        return upload
+        return self._bodies.upload_images(request, model)
 
     # --- health and metadata ---------------------------------------------------------------
 
@@ -272,7 +258,7 @@ class RestApi:
 
     async def _index(self, request: web.Request) -> web.Response:
         async def work() -> tuple[list[dict[str, Any]], int]:
-            body = request[_BODY]
+            body = request[BODY]
             options = parse_json(body, "RepositoryIndex") if body.strip() else {}
             ready = options.get("ready", False) if isinstance(options, dict) else None
             if not isinstance(ready, bool):
@@ -293,7 +279,7 @@ class RestApi:
         rpc = "RepositoryModelLoad" if load else "RepositoryModelUnload"
 
         async def work() -> tuple[dict[str, Any], int]:
-            body = request[_BODY]
+            body = request[BODY]
             where = f"model {printable(model)}: {rpc}"
             options = parse_json(body, where) if body.strip() else {}
             if not isinstance(options, dict):
@@ -328,7 +314,7 @@ class RestApi:
         sent: list[tuple[bytes, dict[str, str]]] = []
 
         async def work() -> tuple[Any, int]:
-            body = request[_BODY]
+            body = request[BODY]
             length = request.headers.get(HEADER_LENGTH)
             if length is not None and (not digits(length) or int(length) > len(body)):
                 raise InvalidInput(f"{where}: {HEADER_LENGTH} {printable(length)!r} is not a "
@@ -364,7 +350,7 @@ class RestApi:
         async def work() -> tuple[Any, int]:
             top_k = query_int(request, "top_k", model)
             call = ClassifyCall(model=model, version=parse_version(model, version),
-                                images=request[_IMAGES],
+                                images=request[IMAGES],
                                 top_k=top_k or DEFAULT_TOP_K, request_id=client_id(request))
             result = await self._core.classify(call, deadline(request))
             return classify_response(result), result.version
@@ -382,7 +368,7 @@ class RestApi:
             normalize, binary = (query_bool(request, key, model)
                                  for key in ("normalize", "binary_data"))
             call = EmbedCall(model=model, version=parse_version(model, version),
-                             images=request[_IMAGES], normalize=normalize,
+                             images=request[IMAGES], normalize=normalize,
                              request_id=client_id(request))
             result = await self._core.embed(call, deadline(request))
             if not binary:
