@@ -14,7 +14,6 @@ import argparse
 import shlex
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as kpb  # not visionserve.inference: the same names
 
 from visionserve.service.format.model_config import InputSpec, ModelConfig
@@ -29,7 +29,8 @@ from visionserve.service.format.model_format import CONFIG_FILE, EMBEDDING, INPU
 from visionserve.v1 import visionserve_pb2 as pb
 
 from . import report
-from .launch import Launched, checkout_env, rss_mb, start_visionserve, threads
+from .launch import Launched, checkout_env, start_visionserve
+from .watch import Cost, Watch
 
 CLASSIFY = "/visionserve.v1.VisionService/Classify"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -143,60 +144,7 @@ class Outcome:
     code: str
     details: str
     seconds: float
-    rss_before_mb: float
-    rss_peak_mb: float
-    rss_after_mb: float
-    threads_before: int
-    threads_peak: int
-    threads_after: int
-    health_max_s: float
-    health_failures: int
-
-
-class Watch:
-    """While a request is answered: the server's RSS and threads every 20 ms, and a health
-    check every 50 ms on its own connection (its slowest answer, and failures)."""
-
-    def __init__(self, pid: int, target: str) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        self._pid = pid
-        self._channel = grpc.insecure_channel(target)
-        health = health_pb2_grpc.HealthStub(self._channel)
-        self._check = lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10)
-        self._check()  # connected before the attack starts
-        self.rss_peak = rss_mb(pid)
-        self.threads_peak = threads(pid)
-        self.health_max = 0.0
-        self.health_failures = 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._sample, daemon=True),
-                         threading.Thread(target=self._probe, daemon=True)]
-
-    def __enter__(self) -> Watch:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-        self._channel.close()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.rss_peak = max(self.rss_peak, rss_mb(self._pid))
-            self.threads_peak = max(self.threads_peak, threads(self._pid))
-
-    def _probe(self) -> None:
-        while not self._stop.wait(0.05):
-            start = time.monotonic()
-            try:
-                self._check()
-            except grpc.RpcError:
-                self.health_failures += 1
-            self.health_max = max(self.health_max, time.monotonic() - start)
+    cost: Cost  # its probe: a gRPC health check every 50 ms
 
 
 def send(server: Launched, attack: Attack, model: str, spec: InputSpec) -> Outcome:
@@ -209,9 +157,12 @@ def send(server: Launched, attack: Attack, model: str, spec: InputSpec) -> Outco
                                response_deserializer=None)
     pid = server.process.pid
     time.sleep(0.5)  # the previous attack's memory, if any, returned
-    rss_before, threads_before = rss_mb(pid), threads(pid)
     code, details = "OK", ""
-    with Watch(pid, server.target) as watch:
+    probe_channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(probe_channel)
+    health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # connected before the attack
+    with Watch(pid, lambda: bool(health.Check(health_pb2.HealthCheckRequest(), timeout=10)),
+               every_s=0.05) as watch:
         start = time.monotonic()
         try:
             call(body, timeout=120)
@@ -220,9 +171,8 @@ def send(server: Launched, attack: Attack, model: str, spec: InputSpec) -> Outco
         seconds = time.monotonic() - start
         time.sleep(0.2)  # what happens right after the answer counts too
     channel.close()
-    return Outcome(attack, code, details, seconds, rss_before, watch.rss_peak, rss_mb(pid),
-                   threads_before, watch.threads_peak, threads(pid), watch.health_max,
-                   watch.health_failures)
+    probe_channel.close()
+    return Outcome(attack, code, details, seconds, watch.cost())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -270,10 +220,11 @@ def run_attacks(args: argparse.Namespace) -> int:
     if http_outcomes:
         text += "\n" + http_markdown(http_outcomes)
     console.print(text)
-    report.save(args.json, [vars(o) | {"attack": vars(o.attack) | {
+    report.save(args.json, [vars(o) | {"cost": vars(o.cost), "attack": vars(o.attack) | {
         "build": o.attack.build.__name__, "expected": o.attack.expected.name}}
-        for o in outcomes] + [vars(o) | {"attack": {"name": o.attack.name, "sent": o.attack.sent}}
-                              for o in http_outcomes], args.markdown, text)
+        for o in outcomes] + [vars(o) | {"cost": vars(o.cost), "attack": {
+            "name": o.attack.name, "sent": o.attack.sent}} for o in http_outcomes],
+        args.markdown, text)
     wrong = [o for o in outcomes if o.code != o.attack.expected.name]
     for o in wrong:
         console.print(f"[red]{o.attack.sent}: {o.code}, expected {o.attack.expected.name}: "
@@ -289,12 +240,8 @@ def markdown(outcomes: list[Outcome], command: str) -> str:
              "threads before → peak → after | slowest health check |",
              "|---|---|---|---|---|---|---|"]
     for o in outcomes:
-        failures = f", {o.health_failures} failed" if o.health_failures else ""
-        lines.append(
-            f"| {o.attack.name} | {o.attack.sent} | {o.code} | {o.seconds:.2f} s | "
-            f"{o.rss_before_mb:.0f} → {o.rss_peak_mb:.0f} → {o.rss_after_mb:.0f} | "
-            f"{o.threads_before} → {o.threads_peak} → {o.threads_after} | "
-            f"{o.health_max_s * 1000:.0f} ms{failures} |")
+        lines.append(f"| {o.attack.name} | {o.attack.sent} | {o.code} | {o.seconds:.2f} s | "
+                     f"{o.cost.cells()} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import gzip
 import json
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ from .http_clients import (
     request,
     statuses,
 )
-from .launch import Launched, rss_mb, threads
+from .launch import Launched
+from .watch import Cost, Watch
 
 MB = 1_000_000
 
@@ -204,51 +204,7 @@ class HttpOutcome:
     attack: HttpAttack
     got: str
     seconds: float
-    rss_before_mb: float
-    rss_peak_mb: float
-    rss_after_mb: float
-    threads_before: int
-    threads_peak: int
-    threads_after: int
-    probe_max_s: float
-    probe_failures: int
-
-
-class ProbeWatch:
-    """While an attack runs: the server's RSS and threads every 20 ms, and a probe on a fresh
-    connection every 100 ms (its slowest answer, and those not answered 200 within 10 s)."""
-
-    def __init__(self, pid: int, port: int, path: str) -> None:
-        self._pid, self._port, self._path = pid, port, path
-        self.rss_peak, self.threads_peak = rss_mb(pid), threads(pid)
-        self.probe_max, self.probe_failures = 0.0, 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._sample, daemon=True),
-                         threading.Thread(target=self._probe, daemon=True)]
-
-    def __enter__(self) -> ProbeWatch:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.rss_peak = max(self.rss_peak, rss_mb(self._pid))
-            self.threads_peak = max(self.threads_peak, threads(self._pid))
-
-    def _probe(self) -> None:
-        while not self._stop.wait(0.1):
-            try:
-                status, seconds = probe(self._port, self._path, timeout=10)
-            except OSError:
-                status, seconds = 0, 10.0
-            self.probe_failures += status != 200
-            self.probe_max = max(self.probe_max, seconds)
+    cost: Cost  # its probe: GET on a fresh connection every 100 ms
 
 
 def run_http_attack(server: Launched, attack: HttpAttack, model: str,
@@ -264,25 +220,18 @@ def run_http_attack(server: Launched, attack: HttpAttack, model: str,
             return f"refused ({exc.__class__.__name__})"
 
     time.sleep(1.0)  # the previous attack's connections are gone
-    rss_before, threads_before = rss_mb(pid), threads(pid)
-    with ProbeWatch(pid, port, path) as watch:
+    with Watch(pid, lambda: probe(port, path, timeout=10)[0] == 200, every_s=0.1) as watch:
         start = time.monotonic()
         got = attack.run(server, model, spec, other)
         seconds = time.monotonic() - start
         time.sleep(0.3)
-    time.sleep(1.0)
-    return HttpOutcome(attack, got, seconds, rss_before, watch.rss_peak, rss_mb(pid),
-                       threads_before, watch.threads_peak, threads(pid), watch.probe_max,
-                       watch.probe_failures)
+        time.sleep(1.0)
+        return HttpOutcome(attack, got, seconds, watch.cost())
 
 
 def http_markdown(outcomes: list[HttpOutcome]) -> str:
     lines = ["| class | sent | got | RSS before → peak → after (MB) | threads | "
-             "slowest probe (failed) |", "|---|---|---|---|---|---|"]
+             "slowest probe |", "|---|---|---|---|---|---|"]
     for o in outcomes:
-        lines.append(
-            f"| {o.attack.name} | {o.attack.sent} | {o.got} | {o.rss_before_mb:.0f} → "
-            f"{o.rss_peak_mb:.0f} → {o.rss_after_mb:.0f} | {o.threads_before} → "
-            f"{o.threads_peak} → {o.threads_after} | {o.probe_max_s * 1000:.0f} ms "
-            f"({o.probe_failures}) |")
+        lines.append(f"| {o.attack.name} | {o.attack.sent} | {o.got} | {o.cost.cells()} |")
     return "\n".join(lines) + "\n"

@@ -301,3 +301,16 @@ def read_reply_until(sock, marker: bytes) -> bytes:
     while marker not in got and (chunk := sock.recv(4096)):
         got += chunk
     return got
+
+
+def test_bench_attacks_measures_an_attack_and_the_probes_during_it(srv):
+    """`visionserve bench-attacks --ports http` (docs/security.md's table) on one class."""
+    from visionserve.bench.http_attacks import HTTP_ATTACKS, run_http_attack
+    from visionserve.service.format.model_config import InputSpec
+
+    smuggling = next(a for a in HTTP_ATTACKS if a.name == "framing")
+    spec = InputSpec(channels=1, height=32, width=32, color="L", resize=32, mean=(0.5,),
+                     std=(0.5,))  # lenet5's
+    outcome = run_http_attack(srv, smuggling, "lenet5", spec)
+    assert outcome.got.startswith("statuses [400]")
+    assert outcome.cost.probe_failures == 0 and outcome.cost.threads_after > 0

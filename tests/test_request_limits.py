@@ -190,7 +190,8 @@ def test_each_class_of_hostile_request_gets_its_status_with_memory_and_health_bo
                    "resnet18", spec)
     assert outcome.code == attack.expected.name, outcome.details
     # each probe's own deadline (10 s) is the bound against a stalled loop: one missed counts
-    assert outcome.health_failures == 0
-    assert outcome.rss_after_mb - outcome.rss_before_mb < 100
-    assert outcome.threads_after <= outcome.threads_before + 2  # decode threads start lazily
+    cost = outcome.cost
+    assert cost.probe_failures == 0
+    assert cost.rss_after_mb - cost.rss_before_mb < 100
+    assert cost.threads_after <= cost.threads_before + 2  # decode threads start lazily
     assert srv.process.poll() is None
