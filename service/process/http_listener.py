@@ -174,6 +174,7 @@ class _Connection(asyncio.Protocol):
         self.refusal: FramingError | None = None
         self._closing = False
         self._early = bytearray()  # received between the TLS handshake and ``_attach``
+        self._handshaking: asyncio.Task[None] | None = None  # held: a task is weakly referenced
 
     @property
     def answering(self) -> bool:
@@ -190,7 +191,8 @@ class _Connection(asyncio.Protocol):
         if self._owner.ssl is None:
             self._attach(transport)
         else:  # counted from accept: a handshake holds a place like any connection
-            asyncio.get_running_loop().create_task(self._handshake(self._owner.ssl))
+            self._handshaking = asyncio.get_running_loop().create_task(
+                self._handshake(self._owner.ssl))
 
     async def _handshake(self, context: ssl.SSLContext) -> None:
         assert self.transport is not None
