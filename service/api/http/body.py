@@ -58,12 +58,13 @@ class BodyReader:
         return min(self.limits.max_json_bytes, self.limits.max_message_bytes) if json \
             else self.limits.max_message_bytes
 
-    def too_large(self, size: int | None, json: bool) -> str:
+    def too_large(self, size: int | None, json: bool, decompressed: bool = False) -> str:
         what = f"the request body of {size} bytes" if size is not None else "the request body"
+        what += " decompresses to" if decompressed else " is"
         if json:
-            return (f"{what} is over the JSON limit of {self.limit(True)} bytes "
+            return (f"{what} over the JSON limit of {self.limit(True)} bytes "
                     f"(--max-json-bytes); {BINARY_HINT}, or split the request")
-        return (f"{what} is over the limit of {self.limits.max_message_bytes} bytes "
+        return (f"{what} over the limit of {self.limits.max_message_bytes} bytes "
                 "(--max-message-bytes); split the request")
 
     def upload(self, request: web.Request, json: bool) -> Callable[[], Awaitable[None]]:
@@ -112,8 +113,7 @@ class BodyReader:
         try:
             return await asyncio.to_thread(decompress, raw, encoding, self.limit(json))
         except LimitExceeded:
-            raise LimitExceeded(self.too_large(None, json).replace(
-                "the request body is", "the request body decompresses to")) from None
+            raise LimitExceeded(self.too_large(None, json, decompressed=True)) from None
 
     async def images(self, request: web.Request, model: str) -> list[EncodedImage]:
         """The image files of a classify/embed request: the body itself (recognised by its

@@ -149,8 +149,7 @@ def _inputs(inputs: list[Any], binary: memoryview, where: str, max_images: int) 
                                    "give parameters.binary_data_size and send the values as "
                                    "binary data after the JSON header)")
             values = _json_data(tensor["data"], datatype, shape, at, name, max_images)
-            pending.append((name, datatype, tuple(shape),
-                            _deferred(values, where, name, max_images), "data"))
+            pending.append((name, datatype, tuple(shape), lambda values=values: values, "data"))
             continue
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise InvalidInput(f"{at} ({printable(name)!r}): parameters.binary_data_size "
@@ -195,18 +194,6 @@ def _outputs(requested: list[Any], where: str, binary_outputs: set[str]) -> list
         if out_params.get("binary_data") is True:
             binary_outputs.add(name)
     return outputs
-
-
-def _deferred(values: bytes | list[bytes], where: str, name: str,
-              max_images: int) -> Callable[[], bytes | list[bytes]]:
-    """JSON data, handed over once the tensor's shape is checked (BYTES elements counted then,
-    as the binary form's are when they are read)."""
-    def data() -> bytes | list[bytes]:
-        if isinstance(values, list):
-            check_element_count(len(values), where, f"input {printable(name)!r}", max_images)
-        return values
-
-    return data
 
 
 def _json_data(data: Any, datatype: str, shape: list[int], at: str,
