@@ -109,7 +109,8 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
     check_config = replace(config, backend="onnxruntime") if req.format == "tensorrt" \
         else config
     version = req.version or next_version(model_dir)
-    with staging(model_dir, version) as tmp:
+    with staging(model_dir, version) as staged:
+        tmp = staged.version_dir
         on_step("export")
         exporter, precision_record, parity_inputs = _export_onnx(built, arch, req, tmp, name,
                                                                  version, check_config)
@@ -133,9 +134,9 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
                            if p.name.startswith("model.onnx")))
         (tmp / "export.json").write_text(json.dumps(provenance, indent=2) + "\n",
                                          encoding="utf-8")
-        ensure_model_files(model_dir, config, labels,
+        ensure_model_files(staged.model_dir, config, labels,
                            triton_config(name, config, len(labels), embedding_dim))
-        path = publish(tmp, model_dir, version)
+        path = publish(staged)
     log.info("published %s version %d at %s in %.1f s", name, version, path, seconds)
     return ExportResult(name=name, version=version, path=path, parity=report, seconds=seconds)
 

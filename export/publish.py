@@ -1,17 +1,28 @@
-"""Atomic publication of a new version into a model repository.
+"""Atomic publication of a new version (and, for a new model, of its whole folder).
 
-Everything is written into a hidden ``.tmp-<version>-<pid>`` folder inside the model folder (the
-server's scanner ignores hidden folders), then renamed to ``<version>``: on one filesystem the
-rename is atomic, so the server sees either no version or a complete one. Every file and folder
-is flushed to disk (fsync) before the rename, and the model folder after it: after a power loss
-the version is either absent or complete, never present with empty or short files.
+Everything is written under a hidden ``.staging-*`` folder at the top of the repository (the
+server's scanner never reads a dot-prefixed folder), then renamed into place: the version folder
+into an existing model folder, or, for a model the repository does not hold yet, the whole model
+folder (config.toml, labels.txt, config.pbtxt and the version) at once, so that a polling server
+never sees a model folder without its config. On one filesystem a rename is atomic: the server
+sees either nothing or a complete model/version. Every file and folder is flushed to disk
+(fsync) before the rename, and the folder renamed into after it: after a power loss the version
+is either absent or complete, never present with empty or short files.
+
+A staging folder records who made it (host and process id). One left by an export that crashed
+(killed, out of memory, a power loss) is removed by the next export into the repository: when its
+process is gone (same host) or, from another host, after ``STALE_AFTER_S``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +33,12 @@ from visionserve.service.format.repository import version_numbers
 from visionserve.service.format.triton_config import model_config_text
 
 from .errors import ExportError, ExportErrorCode
+
+log = logging.getLogger("visionserve.export")
+
+STAGING_PREFIX = ".staging-"
+OWNER_FILE = "owner.json"  # in the staging folder, beside the model folder being built
+STALE_AFTER_S = 24 * 3600  # a staging folder of another host's export: removed after a day
 
 
 class PublishError(ExportError):
@@ -35,37 +52,91 @@ def next_version(model_dir: Path) -> int:
     return (max(existing) + 1) if existing else 1
 
 
+class Staged:
+    """Where an export writes: ``version_dir`` for the version's files, ``model_dir`` for the
+    model-level files (the staged copy when the model is new, else the repository's own)."""
+
+    def __init__(self, root: Path, target: Path, version: int) -> None:
+        self.target = target  # the model folder in the repository
+        self.new_model = not target.exists()
+        self.model_dir = root / target.name if self.new_model else target
+        self.version_dir = root / target.name / str(version)
+        self.version = version
+        self.version_dir.mkdir(parents=True)  # mkdir's mode: readable as the files in it are
+
+
 @contextmanager
-def staging(model_dir: Path, version: int) -> Iterator[Path]:
-    """A hidden folder to write a version into; removed unless ``publish`` renamed it."""
+def staging(model_dir: Path, version: int) -> Iterator[Staged]:
+    """A hidden staging folder for a version of ``model_dir`` (and the model folder itself
+    when it is new); removed unless ``publish`` moved its contents into place."""
     if (model_dir / str(version)).exists():
         raise PublishError(f"{model_dir / str(version)} exists already; versions are immutable: "
                            "pick another --version or omit it for the next free number")
+    repo = model_dir.parent
     try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+        repo.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(repo)
+        root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=repo))
     except OSError as exc:
-        raise PublishError(f"cannot write into the repository at {model_dir}: {exc}; check "
+        raise PublishError(f"cannot write into the repository at {repo}: {exc}; check "
                            "--repo and its permissions") from None
     try:
-        yield tmp
+        (root / OWNER_FILE).write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "model": model_dir.name,
+             "version": version}) + "\n", encoding="utf-8")
+        yield Staged(root, model_dir, version)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
-def publish(tmp: Path, model_dir: Path, version: int) -> Path:
-    target = model_dir / str(version)
+def publish(staged: Staged) -> Path:
+    """Move the staged version (or the whole new model folder) into the repository."""
+    target = staged.target / str(staged.version)
+    source, destination = ((staged.model_dir, staged.target) if staged.new_model
+                           else (staged.version_dir, target))
     try:
-        # mkdtemp made it 0700: a server running as another user (the serve image's uid
-        # 10001, an export job's) could not read the version. Readable as the files in it are.
-        os.chmod(tmp, _readable_dir_mode())
-        _fsync_tree(tmp)
-        os.rename(tmp, target)  # atomic; fails if the target appeared meanwhile
-        _fsync(model_dir)  # the rename itself
+        _fsync_tree(source)
+        if destination.exists():  # rename would replace an empty folder: never publish into
+            raise PublishError(f"{destination} appeared while this export ran (another export "
+                               "of the same model?); nothing was published: export again")
+        os.rename(source, destination)  # atomic
+        _fsync(destination.parent)  # the rename itself
     except OSError as exc:
         raise PublishError(f"could not publish {target}: {exc}") from exc
     return target
+
+
+def remove_stale_staging(repo: Path) -> None:
+    """Remove the staging folders of exports that will never finish (see the module's note)."""
+    host, now = socket.gethostname(), time.time()
+    for folder in repo.glob(f"{STAGING_PREFIX}*"):
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
+            mine = owner.get("host") == host
+            alive = mine and _alive(int(owner["pid"]))
+            age = now - folder.stat().st_mtime
+        except (OSError, ValueError, KeyError, TypeError):  # no owner: crashed before writing it
+            mine, alive, age = False, False, now - _mtime(folder)
+        if not alive and (mine or age > STALE_AFTER_S):
+            log.info("removing %s, left by an export that did not finish", folder.name)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -82,18 +153,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _readable_dir_mode() -> int:
-    """0o777 less the process umask (0o755 with the usual 022), as ``mkdir`` would give. Read
-    from /proc, not by setting and restoring it: ``os.umask`` is process-wide, and another
-    thread creating a file meanwhile would get mode 0666."""
-    try:
-        with open("/proc/self/status") as status:
-            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        umask = 0o022
-    return 0o777 & ~umask
 
 
 def ensure_model_files(model_dir: Path, config: ModelConfig, labels: list[str],

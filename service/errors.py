@@ -90,6 +90,10 @@ class ModelUnavailable(VisionServeError):
     code = ErrorCode.UNAVAILABLE
 
 
+class ShuttingDown(ModelUnavailable):
+    """The server is stopping and takes no new calls: retry on another replica."""
+
+
 class ModelFailed(VisionServeError):
     """The model is known but its load failed; the reason says what to fix."""
 

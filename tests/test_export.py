@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, eventually, make_repo, run_cli, start_server
+from visionserve.inference import grpc_service_pb2 as kpb
+from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.service.format.model_format import (
     CONFIG_FILE,
     LABELS_FILE,
@@ -17,6 +22,7 @@ from visionserve.service.format.model_format import (
     TRITON_CONFIG_FILE,
 )
 from visionserve.service.models.golden import GOLDEN_DIR, MANIFEST
+from visionserve.v1 import visionserve_pb2 as pb
 
 torch = pytest.importorskip("torch")
 
@@ -138,3 +144,51 @@ def test_list_and_unknown_architecture(tmp_path):
         assert name in listing.stdout, name
     out = run_cli("export", "resnet9000", "--repo", str(tmp_path))
     assert out.returncode == 2 and "unknown architecture 'resnet9000'" in out.stderr
+
+
+def test_a_model_published_while_a_server_polls_appears_whole(exported_repo, tmp_path):
+    """A new model's folder is built hidden and renamed into place: the polling server never
+    sees it without its config.toml, so it never logs a load failure, never counts one (which
+    would fire the shipped VisionserveModelLoadFailed alert), and serves it once published."""
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    srv = start_server(repo, tmp_path / "server.log", "--model-control", "poll",
+                       "--poll-interval-s", "0.05")
+    try:
+        out = run_cli("export", "lenet5", "--repo", str(repo), "--name", "digits")
+        assert out.returncode == 0, out.stderr
+        eventually(lambda: srv.stub.GetModel(pb.GetModelRequest(model="digits")).state
+                   == pb.MODEL_STATE_READY, "the new model to serve")
+        assert srv.metric("visionserve_model_load_failures_total") == 0
+    finally:
+        srv.stop()
+    assert " ERROR " not in srv.log() and "missing" not in srv.log(), srv.log()[-2000:]
+    assert sorted(p.name for p in repo.iterdir()) == ["digits", "lenet5"]  # no staging left
+
+
+def test_a_crashed_exports_staging_is_never_served_and_the_next_export_removes_it(
+        exported_repo, tmp_path):
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    srv = start_server(repo, tmp_path / "server.log", "--model-control", "poll",
+                       "--poll-interval-s", "0.05")
+    try:
+        crashing = subprocess.Popen(
+            [sys.executable, "-m", "visionserve.service.cli", "export", "resnet18", "--repo",
+             str(repo)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:  # killed while it writes its version: as an out-of-memory kill would
+            eventually(lambda: any(repo.glob(".staging-*/resnet18/1/*")), "the export writing",
+                       timeout=300)
+        finally:
+            crashing.send_signal(signal.SIGKILL)
+            crashing.wait(timeout=60)
+        leftover = list(repo.glob(".staging-*"))
+        assert leftover and not (repo / "resnet18").exists()
+        index = kpb_grpc.GRPCInferenceServiceStub(srv.channel).RepositoryIndex(
+            kpb.RepositoryIndexRequest(), timeout=30).models
+        assert [m.name for m in index] == ["lenet5"]
+        out = run_cli("export", "lenet5", "--repo", str(repo), "--name", "digits")
+        assert out.returncode == 0, out.stderr
+        assert "left by an export that did not finish" in out.stderr
+        assert not any(p.exists() for p in leftover)
+        assert srv.metric("visionserve_model_load_failures_total") == 0
+    finally:
+        srv.stop()

@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -95,6 +96,65 @@ def test_a_signal_under_load_answers_every_accepted_request_then_exits(exported_
     print(json.dumps({"signal": sig.name, "client": dict(codes),  # noqa: T201 - for the note
                       "server_access_log": dict(accepted(log)),
                       "answered_ok_during_delay": accepted(during_delay)["OK"]}))
+
+
+class Retrying:
+    """``clients`` threads calling Classify back to back and retrying at once whatever the
+    answer, as a client library with retries does, until the server process has exited."""
+
+    def __init__(self, srv, request: pb.ClassifyRequest, clients: int) -> None:
+        self.srv, self.codes, self._request = srv, Counter[str](), request
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop) for _ in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self) -> None:
+        while self.srv.process.poll() is None:
+            try:
+                self.srv.stub.Classify(self._request, timeout=30)
+                code = "OK"
+            except grpc.RpcError as err:
+                code = err.code().name
+            except ValueError:  # the test ended: its channel is closed
+                return
+            with self._lock:
+                self.codes[code] += 1
+
+    def join(self) -> Counter[str]:
+        for t in self._threads:
+            t.join(timeout=120)
+        return self.codes
+
+
+def test_clients_retrying_through_a_shutdown_are_refused_and_do_not_hold_the_exit(
+        exported_repo, tmp_path):
+    """Refused calls never extend the drain: the process exits once the calls it accepted are
+    answered, however fast 8 clients retry, and every retry is answered UNAVAILABLE (never
+    CANCELLED or DEADLINE_EXCEEDED). The time it took is printed for the README, not asserted."""
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    srv = start_server(repo, tmp_path / "server.log", "--access-log", "all",
+                       "--shutdown-grace-s", "600")
+    request = pb.ClassifyRequest(model="lenet5",
+                                 images=[tensor_image(np.zeros((1, 32, 32), np.float32))])
+    try:
+        clients = Retrying(srv, request, 8)
+        eventually(lambda: clients.codes["OK"] >= 64, "the clients' first answers")
+        signalled = time.monotonic()
+        srv.process.send_signal(signal.SIGTERM)
+        # a hang guard far below the grace: the drain used to wait for 0.2 s without a call,
+        # which retrying clients never leave, so the process lived until the grace ran out
+        assert srv.process.wait(timeout=120) == 0
+        exited = time.monotonic() - signalled
+        codes = clients.join()
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert set(codes) == {"OK", "UNAVAILABLE"}, codes
+    assert accepted(log)["UNAVAILABLE"] > 0  # refused by the server itself, with its reason
+    assert "stopped" in log
+    print(json.dumps({"sigterm_to_exit_s": round(exited, 2),  # noqa: T201 - for the README
+                      "client": dict(codes), "server_access_log": dict(accepted(log))}))
 
 
 @contextmanager

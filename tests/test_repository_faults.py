@@ -1,5 +1,5 @@
 """What of the repository's faults only a process or a real engine shows: `visionserve export`
-flushes every file and folder before the rename that publishes a version (the export process
+flushes every file and folder before the rename that publishes a model (the export process
 under strace), and an ONNX Runtime error naming a host path reaches clients without it (the
 real engine's own message).
 
@@ -10,6 +10,7 @@ tests/inprocess/test_startup.py."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,9 @@ def test_export_flushes_every_file_and_folder_before_the_rename_that_publishes(t
         capture_output=True, text=True, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     calls = [line for line in trace.read_text().splitlines() if "fsync" in line or "rename" in line]
-    publish = next(i for i, line in enumerate(calls) if ".tmp-1-" in line and "rename" in line
-                   and '/1"' in line)
+    # a new model: its whole folder, staged hidden, renamed into the repository at once
+    publish = next(i for i, line in enumerate(calls) if "rename" in line
+                   and re.search(r'/\.staging-[^/"]*/lenet5", [^,]*/repo/lenet5"', line))
     assert sum("fsync(" in line for line in calls[:publish]) >= 4, calls  # files and folders
     assert any("fsync(" in line for line in calls[publish + 1:]), calls  # the model folder
 

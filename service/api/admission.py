@@ -1,6 +1,7 @@
 """Admission: which calls get in, and the drain that shutdown waits on.
 
-From STOPPING on, new calls are refused UNAVAILABLE; at most ``--max-inflight-requests``
+From STOPPING on, new calls are refused UNAVAILABLE (and the refusal's answer held, see
+``hold_refusal``); at most ``--max-inflight-requests``
 inference requests run at once (more are refused RESOURCE_EXHAUSTED at once, while health and
 metadata calls still pass); a model name that could not name a repository folder is refused
 INVALID_ARGUMENT before anything looks it up.
@@ -9,16 +10,19 @@ INVALID_ARGUMENT before anything looks it up.
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..errors import InvalidInput, ModelUnavailable, ServerBusy
+from ..errors import InvalidInput, ServerBusy, ShuttingDown
 from ..lifecycle import Lifecycle
 from ..logs import printable
 from .methods import INFERENCE_METHODS
 
 MAX_MODEL_NAME = 256
+# while accepted calls still run, a refusal is answered after at most this long: a client that
+# retries at once learns it soon, at a pace that leaves the drain alone
+HOLD_S = 0.5
 
 
 class Admission:
@@ -28,7 +32,8 @@ class Admission:
         self._inference = 0  # inference requests admitted and not yet finished
         self._running = 0  # requests of any kind inside ``admitted`` now
         self._drained = asyncio.Event()
-        self._last_refused = 0.0  # time.monotonic() of the last call refused while stopping
+        self._holding = asyncio.Event()  # the drain is over: refusals wait for the GOAWAY alone
+        self._answering = asyncio.Event()  # gRPC has sent its GOAWAY: refusals are answered
 
     @contextmanager
     def admitted(self, method: str, model: str) -> Iterator[None]:
@@ -38,8 +43,7 @@ class Admission:
         self._inference += counted
         try:
             if not self._lifecycle.admitting:
-                self._last_refused = time.monotonic()
-                raise ModelUnavailable("the server is shutting down and takes no new requests; "
+                raise ShuttingDown("the server is shutting down and takes no new requests; "
                                        "retry (another replica, or this one once restarted)")
             if counted and self._max_inference and self._inference > self._max_inference:
                 raise ServerBusy(f"server busy: {self._max_inference} inference requests are in "
@@ -69,13 +73,32 @@ class Admission:
             return False
         return True
 
-    async def quiet(self, period_s: float, timeout_s: float) -> None:
-        """After ``drain``: keep refusing until no call arrived for ``period_s`` (at most
-        ``timeout_s``), so that clients still sending get UNAVAILABLE from us rather than a
-        CANCELLED from gRPC's own shutdown racing their calls."""
-        end = time.monotonic() + timeout_s
-        while (now := time.monotonic()) < end:
-            wait = min(self._last_refused + period_s, end) - now
-            if wait <= 0:
+    async def hold_refusal(self, time_left: float | None) -> None:
+        """Wait before answering a call refused because the server is stopping, so that the
+        client's retry goes to a new connection (another replica) and never into gRPC's own
+        shutdown, which answers the calls it receives meanwhile CANCELLED (grpc/grpc#41785):
+        while accepted calls still run, at most ``HOLD_S``; once they are done, until gRPC has
+        sent clients its GOAWAY (``answer_refusals``). Never past half the client's remaining
+        deadline (``time_left``, None: no deadline), so it reads UNAVAILABLE, not
+        DEADLINE_EXCEEDED."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        cap = math.inf if time_left is None else time_left / 2
+        while not self._answering.is_set():
+            holding = self._holding.is_set()
+            left = (cap if holding else min(cap, HOLD_S)) - (loop.time() - start)
+            if left <= 0:
                 return
-            await asyncio.sleep(wait)
+            try:
+                await asyncio.wait_for((self._answering if holding else self._holding).wait(),
+                                       left)
+            except TimeoutError:
+                return
+
+    def hold_refusals(self) -> None:
+        """The drain is over: refusals wait for ``answer_refusals`` (or their deadline)."""
+        self._holding.set()
+
+    def answer_refusals(self) -> None:
+        """gRPC has told its clients to go away: answer every refusal held, and the next."""
+        self._answering.set()

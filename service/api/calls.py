@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import grpc
 
-from ..errors import error_code
+from ..errors import ShuttingDown, error_code
 from ..logs import REQUEST_ID, request_id
 from ..metrics import UNKNOWN_MODEL, Metrics
 from ..models.control import ModelControl
@@ -97,6 +97,8 @@ class CallHandler:
                                   client_id or metadata_request_id(context))
         except Exception as exc:  # noqa: BLE001 - mapped to a status right here
             code, message = grpc_status(exc)
+            if isinstance(exc, ShuttingDown):
+                await self._admission.hold_refusal(context.time_remaining())
         # set, not abort: abort's exception would hold this call's frames (and so its request,
         # up to 64 MiB) in a reference cycle until the garbage collector happens to run
         context.set_code(code)

@@ -17,7 +17,7 @@ EXTENSIONS = ["classification", "model_configuration", "model_repository", "stat
 # Triton's RepositoryIndex strings for our version states
 INDEX_STATES = {VersionState.READY: "READY", VersionState.LOADING: "LOADING",
                 VersionState.FAILED: "UNAVAILABLE", VersionState.DRAINING: "UNLOADING",
-                VersionState.UNLOADED: "UNAVAILABLE"}
+                VersionState.UNLOADED: "UNAVAILABLE", None: ""}  # None: a folder not loaded
 # counts either wire may carry, checked before anything is converted (gRPC: on the wire
 # format, before protobuf parses; REST: on the parsed JSON, before numpy or protobuf)
 MAX_TENSORS = 16  # KServe inputs, outputs, raw_input_contents (our models take one input)

@@ -85,6 +85,12 @@ def read_labels(path: Path) -> tuple[str, ...]:
 def scan(repo: Path, allow_outside: bool = False) -> list[ModelEntry]:
     """Every model folder in ``repo``, sorted by name. Raises only when ``repo`` itself cannot
     be read; a fault inside one model folder fails that model alone."""
+    return [scan_model(p, repo, allow_outside) for p in model_folders(repo)]
+
+
+def model_folders(repo: Path) -> list[Path]:
+    """The model folders of ``repo``, sorted by name: every folder but hidden (``.``: an
+    export's staging folder) and ``_`` ones. Raises only when ``repo`` itself cannot be read."""
     if not repo.is_dir():
         raise ConfigError(f"model repository {repo} does not exist; pass --repo DIR or run "
                           "`visionserve export ARCH --repo DIR` to create one")
@@ -93,8 +99,7 @@ def scan(repo: Path, allow_outside: bool = False) -> list[ModelEntry]:
     except OSError as exc:
         raise ConfigError(f"model repository {repo} cannot be read ({exc.strerror}); check "
                           "its permissions") from None
-    return [scan_model(p, repo, allow_outside) for p in children
-            if not p.name.startswith((".", "_")) and p.is_dir()]
+    return [p for p in children if not p.name.startswith((".", "_")) and p.is_dir()]
 
 
 def scan_model(model_dir: Path, repo: Path | None = None,

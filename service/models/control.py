@@ -86,15 +86,22 @@ class ModelControl:
         return [VersionStats(name=s.name, version=s.version, stats=s.accounting.stats)
                 for s in self._stat_versions(name, version)]
 
-    def index(self, ready_only: bool = False) -> list[IndexEntry]:
-        """The repository index: every version of every model (a model without any, once)."""
+    async def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """The repository index: every version of every model the server knows (a model
+        without any, once), and, as Triton lists them, every model folder of the repository it
+        has not loaded (``--model-control explicit``), without a version or state: how a client
+        finds what it may load."""
         entries = []
         for status in self.models():
             if not status.versions:
                 entries.append(IndexEntry(status.name, 0, status.state, status.reason))
             entries.extend(IndexEntry(status.name, v.version, v.state, v.reason)
                            for v in sorted(status.versions.values(), key=lambda v: v.version))
-        return [e for e in entries if not ready_only or e.state == VersionState.READY]
+        if ready_only:
+            return [e for e in entries if e.state == VersionState.READY]
+        entries += [IndexEntry(name, 0, None, "") for name in await self._sync.folder_names()
+                    if not self.is_known(name)]
+        return sorted(entries, key=lambda e: (e.name, e.version))
 
     def _stat_versions(self, name: str, version: int) -> list[ServedVersion]:
         if not name:

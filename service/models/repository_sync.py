@@ -72,6 +72,18 @@ class RepositorySync:
             log.info("model %s was removed from the repository; draining it", gone)
             await self.unload_model(gone, forget=True)
 
+    async def folder_names(self) -> list[str]:
+        """The names of the repository's model folders, loaded or not (off the event loop)."""
+        if self.repo is None:
+            return []
+        try:
+            folders = await asyncio.get_running_loop().run_in_executor(
+                None, repository.model_folders, self.repo)
+        except VisionServeError as exc:  # the repository went away: what is loaded remains
+            log.warning("repository index: %s", exc)
+            return []
+        return [p.name for p in folders]
+
     async def load_named(self, name: str) -> None:
         """(Re)load one model folder by name (explicit model control)."""
         if self.repo is None or not (self.repo / name).is_dir() or name.startswith((".", "_")):

@@ -56,5 +56,5 @@ class IndexEntry:
 
     name: str
     version: int
-    state: VersionState
+    state: VersionState | None  # None: a model folder the server has not loaded (explicit mode)
     reason: str

@@ -37,7 +37,7 @@ from ..core.inference import InferenceCore
 from ..engine.backends import EngineOptions, create_backend
 from ..engine.decode_pool import DecodePool
 from ..lifecycle import Lifecycle, Phase
-from ..limits import ServerLimits, cpu_count
+from ..limits import cpu_count
 from ..metrics import Metrics
 from ..models.control import ModelControl
 from ..models.golden import GoldenCheck
@@ -46,11 +46,18 @@ from ..models.repository_sync import RepositorySync
 from ..models.routing import Router
 from ..modes import ModelControlMode
 from ..states import VersionState
+from .grpc_transport import transport_options
 from .http_listener import HttpListener
 from .metrics_http import MetricsHttp
 from .server_config import ServerConfig
 
 log = logging.getLogger(__name__)
+
+# the end of a drain: calls that clients sent just before it land in a handler (and are held)
+SETTLE_S = 0.05
+# gRPC's shutdown sends a GOAWAY, then its final one a ping round trip later; the refusals held
+# are answered after it, so that a client's retry opens a new connection (to another replica)
+GOAWAY_S = 0.25
 
 
 class Server:
@@ -276,13 +283,22 @@ class Server:
         log.info("now refusing new calls (UNAVAILABLE); finishing the accepted ones")
         self.lifecycle.advance(Phase.STOPPING)
         grace = config.shutdown_grace_s
-        if not await self.admission.drain(grace):
+        # the drain ends when the accepted calls are done: calls refused meanwhile never extend
+        # it (clients retrying in a loop would keep the server up for the whole grace)
+        drained = await self.admission.drain(grace)
+        if not drained:
             log.warning("requests still running after the %.0f s grace are cancelled", grace)
-        else:
-            await self.admission.quiet(0.2, grace - (loop.time() - started))
+            self.admission.answer_refusals()
+        else:  # refusals held until gRPC's GOAWAY: a retry never races its shutdown
+            self.admission.hold_refusals()
+            await asyncio.sleep(SETTLE_S)
         if self._http is not None:
             await self._http.stop_listening()
-        await self.grpc.stop(max(0.0, grace - (loop.time() - started)))
+        stopping = asyncio.create_task(self.grpc.stop(max(0.0, grace - (loop.time() - started))))
+        if drained:
+            await asyncio.sleep(GOAWAY_S)
+            self.admission.answer_refusals()
+        await stopping
         if self._http is not None:  # before the models go: nothing may reach them after this
             await self._http.close()
             self._http = None
@@ -294,32 +310,6 @@ class Server:
         await self._close_http()
         self.lifecycle.advance(Phase.STOPPED)
         log.info("stopped")
-
-
-def transport_options(limits: ServerLimits) -> list[tuple[str, int]]:
-    """HTTP/2 limits per connection (docs/security.md, "gRPC transport"), where gRPC's own
-    defaults are unbounded streams per connection and connections kept for ever."""
-    options = [
-        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
-        # keepalive pings: at most one per 5 min without data; a client that pings more often
-        # twice is disconnected (GOAWAY ENHANCE_YOUR_CALM); no pings without calls
-        ("grpc.http2.min_ping_interval_without_data_ms", 5 * 60 * 1000),
-        ("grpc.http2.max_ping_strikes", 2),
-        ("grpc.keepalive_permit_without_calls", 0),
-        ("grpc.max_metadata_size", 16 * 1024),  # request headers (metadata) of a call, bytes
-        # streams count against max_concurrent_streams while HTTP/2 has them open, not until
-        # Python frees them: gRPC's "overload protection" (on by default) counts the latter and
-        # resets the surplus (REFUSED_STREAM: UNAVAILABLE "Stream removed", which says nothing);
-        # overload is refused by our admission instead, RESOURCE_EXHAUSTED with a reason
-        ("grpc.http.overload_protection", 0),
-    ]
-    if limits.connection_idle_s:  # an idle connection is closed (GOAWAY)
-        options.append(("grpc.max_connection_idle_ms", int(limits.connection_idle_s * 1000)))
-    if limits.connection_age_s:  # clients reconnect: a load balancer spreads them again
-        options += [("grpc.max_connection_age_ms", int(limits.connection_age_s * 1000)),
-                    ("grpc.max_connection_age_grace_ms",
-                     int(limits.connection_age_grace_s * 1000))]
-    return options
 
 
 class StartupError(Exception):

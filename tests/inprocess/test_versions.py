@@ -8,9 +8,11 @@ Moved from tests/test_lifecycle.py, which keeps what only the server process sho
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,3 +207,24 @@ def test_explicit_mode_changes_nothing_until_asked(server_factory):
     kpb_grpc.GRPCInferenceServiceStub(srv.channel).RepositoryModelLoad(
         kpb.RepositoryModelLoadRequest(model_name="lenet5"), timeout=60)
     assert srv.stub.Classify(LENET).version == 2
+
+
+def test_the_repository_index_lists_every_model_folder_loaded_or_not(server_factory):
+    """As Triton's: in explicit mode a client finds what it may load in the index; a folder
+    not loaded has no version and no state. Hidden folders (an export's staging) never show."""
+    srv = server_factory(("lenet5", "resnet18"), None, "--model-control", "explicit",
+                         "--trust-network", "--load-model", "lenet5")
+    (srv.repo / ".staging-abc" / "mobilenet_v3_small").mkdir(parents=True)
+    index = kpb_grpc.GRPCInferenceServiceStub(srv.channel).RepositoryIndex(
+        kpb.RepositoryIndexRequest(), timeout=30).models
+    assert [(m.name, m.version, m.state) for m in index] == [("lenet5", "1", "READY"),
+                                                             ("resnet18", "", "")]
+    request = urllib.request.Request(f"http://127.0.0.1:{srv.http_port}/v2/repository/index",
+                                     data=b"{}", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        rest = json.load(reply)
+    assert [(m["name"], m["version"], m["state"]) for m in rest] == [("lenet5", "1", "READY"),
+                                                                     ("resnet18", "", "")]
+    ready = kpb_grpc.GRPCInferenceServiceStub(srv.channel).RepositoryIndex(
+        kpb.RepositoryIndexRequest(ready=True), timeout=30).models
+    assert [m.name for m in ready] == ["lenet5"]

@@ -138,7 +138,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request, context):
         async def work() -> tuple[kpb.RepositoryIndexResponse, int]:
-            return repository_index(self._control.index(request.ready)), 0
+            return repository_index(await self._control.index(request.ready)), 0
 
         return await self._calls.handle("RepositoryIndex", "", context, work)
 

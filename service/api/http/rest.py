@@ -264,7 +264,7 @@ class RestApi:
             if not isinstance(ready, bool):
                 raise InvalidInput("RepositoryIndex: the body must be {} or "
                                    "{\"ready\": true|false}")
-            return [index_json(e) for e in self._control.index(ready)], 0
+            return [index_json(e) for e in await self._control.index(ready)], 0
 
         return json_reply(await self._run(request, "", work, upload=self._body(request)))
 
