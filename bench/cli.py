@@ -15,6 +15,7 @@ from pathlib import Path
 from visionserve.service.cli import BENCH_COMMANDS as COMMANDS
 from visionserve.service.cli import EXIT_CODES, env_defaults
 from visionserve.service.cli.main import DefaultsHelp
+from visionserve.service.cli.mistakes import CommandError
 
 DESCRIPTIONS = {
     "bench": "Starts the model's server with batching on and off (or measures --server), "
@@ -71,7 +72,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         raise ValueError(f"not a bench command: {command!r} (one of {', '.join(COMMANDS)})")
     p = argparse.ArgumentParser(  # raw: the example's command line must not be re-wrapped
         prog=f"visionserve {command}", description=textwrap.fill(DESCRIPTIONS[command], 79),
-        formatter_class=_Help,
+        formatter_class=_Help, allow_abbrev=False,  # --model is not bench-ladder's --models
         epilog=EXAMPLES.get(command, "") + textwrap.fill(EXIT_CODES, 79))
     if command == "bench":
         from .run import add_arguments
@@ -107,7 +108,18 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def main(command: str, argv: list[str]) -> int:
+    from visionserve.export.errors import ExportError, ExportErrorCode
+
     args = build_parser(command).parse_args(argv)
+    try:
+        return _run(command, args)
+    except ExportError as exc:  # an architecture or flag the export stage refused
+        if exc.code is not ExportErrorCode.USAGE:
+            raise
+        raise CommandError(str(exc)) from None
+
+
+def _run(command: str, args: argparse.Namespace) -> int:
     if command == "bench":
         from .run import run_bench
 
@@ -145,8 +157,8 @@ def _bench_decode(args: argparse.Namespace) -> int:
     model_dir = args.repo / args.model
     versions = version_numbers(model_dir)
     if not versions:
-        console.print(f"no version of {args.model} in {args.repo}; export it first")
-        return 2
+        raise CommandError(f"no version of {args.model} in {args.repo}; run `visionserve "
+                           f"export {args.model} --repo {args.repo}` first")
     config = ModelConfig.from_toml(model_dir / CONFIG_FILE)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     with console.status("decoding…") as status:

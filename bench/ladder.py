@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from visionserve.service.cli.mistakes import CommandError
 from visionserve.service.format.model_config import ModelConfig
 from visionserve.service.format.model_format import CONFIG_FILE, MODEL_FILES
 from visionserve.service.format.repository import version_numbers
@@ -86,14 +87,17 @@ def run_ladder(args: argparse.Namespace) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 10_000)
     if not cpu_capabilities():
-        console.print("bench-ladder needs OpenVINO: pip install 'visionserve[openvino]'")
-        return 2
+        raise CommandError("bench-ladder needs OpenVINO: pip install 'visionserve[openvino]'")
     archs = [a.strip() for a in args.models.split(",") if a.strip()]
+    from visionserve.export import architectures
+
+    for arch in archs:  # an unknown name is a usage error before any export or server
+        architectures.get(arch)
     wanted = {r.strip() for r in args.rungs.split(",") if r.strip()}
     unknown = wanted - {r.name for r in RUNGS}
     if unknown:
-        console.print(f"unknown rungs {sorted(unknown)}; known: {[r.name for r in RUNGS]}")
-        return 2
+        raise CommandError(f"unknown rungs {sorted(unknown)}; known: "
+                           f"{[r.name for r in RUNGS]}")
     skipped: dict[str, str] = {}
     if "BF16" not in cpu_capabilities() and "ov-bf16" in wanted:
         skipped["ov-bf16"] = (f"this CPU does not compute BF16 natively (OpenVINO: "
@@ -105,6 +109,10 @@ def run_ladder(args: argparse.Namespace) -> int:
                              workdir / "calibration")
     served = workdir / "repo"
     configs = _ladder_repo(args.repo, archs, rungs, workdir, served, failed, skipped)
+    if not configs:
+        console.print(f"nothing to measure: no rung of {', '.join(archs)} could be exported "
+                      f"({'; '.join(f'{k}: {v}' for k, v in failed.items()) or 'none asked'})")
+        return 1
     rows, in_process = _measure_ladder(args, console, served, configs, concurrencies)
     with console.status("agreement with ONNX Runtime FP32 on real photos…"):
         agreement = {arch: _agreement(arch, {n: v for n, v in configs.items()

@@ -21,6 +21,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from visionserve.service.cli.mistakes import CommandError
 from visionserve.service.format.model_config import ModelConfig
 from visionserve.service.format.repository import version_numbers
 
@@ -128,8 +129,8 @@ def single_model_repo(repo: Path, model: str, dst: Path, *, max_batch_size: int 
     src = repo / model
     versions = version_numbers(src)
     if not versions:
-        raise FileNotFoundError(f"no version of {model} in {repo}; run `visionserve export "
-                                f"{model} --repo {repo}` first")
+        raise CommandError(f"no version of {model} in {repo}; run `visionserve export "
+                           f"{model} --repo {repo}` first")
     config = ModelConfig.from_toml(src / "config.toml")
     if overrides:
         raw = tomllib.loads(config.to_toml())
@@ -184,6 +185,15 @@ def default_triton_python() -> Path:
     return anchors / "venv-triton" / "bin" / "python"
 
 
+def check_triton_python(python: Path) -> None:
+    """The peer's interpreter is there, or a ``CommandError`` saying how to make it."""
+    if not python.exists():
+        raise CommandError(
+            f"--peer triton: no Python with nvidia-pytriton at {python}; create one with "
+            f"`python3.11 -m venv {python.parent.parent} && {python.parent}/pip install "
+            "nvidia-pytriton onnxruntime numpy`, or pass --triton-python")
+
+
 def start_triton(python: Path, onnx_path: Path, model: str, *, input_name: str,
                  shape: tuple[int, int, int], dtype: str, mean: tuple[float, ...],
                  std: tuple[float, ...], batching: bool, max_batch_size: int, threads: int,
@@ -191,11 +201,7 @@ def start_triton(python: Path, onnx_path: Path, model: str, *, input_name: str,
     """The real ``tritonserver`` bundled in the ``nvidia-pytriton`` wheel, serving the same ONNX
     file through its Python backend and dynamic batcher (see ``triton_peer.py``), run by the
     interpreter of a venv that has ``nvidia-pytriton`` (its pins clash with ours)."""
-    if not python.exists():
-        raise FileNotFoundError(
-            f"no Python with nvidia-pytriton at {python}; create one with `python3.11 -m venv "
-            f"{python.parent.parent} && {python.parent}/pip install nvidia-pytriton onnxruntime "
-            "numpy`, or pass --triton-python")
+    check_triton_python(python)
     # picked here, not port 0: PyTriton's tritonserver is given its ports and reports none back
     # (its READY line carries no port)
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()

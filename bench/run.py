@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from visionserve.service.cli.mistakes import CommandError
 from visionserve.service.format.model_config import ModelConfig
 from visionserve.service.format.repository import MODEL_FILES, version_numbers
 from visionserve.service.limits import cpu_count
@@ -27,6 +28,7 @@ from .inprocess import InProcessEngine
 from .launch import (
     LINKED_REPO,
     Launched,
+    check_triton_python,
     checkout_env,
     default_triton_python,
     single_model_repo,
@@ -57,11 +59,12 @@ def run_bench(args: argparse.Namespace) -> int:
     model_dir = args.repo / args.model
     versions = version_numbers(model_dir)
     if not versions:
-        console.print(f"no version of {args.model} in {args.repo}; run `visionserve export "
-                      f"{args.model} --repo {args.repo}` first")
-        return 2
+        raise CommandError(f"no version of {args.model} in {args.repo}; run `visionserve "
+                           f"export {args.model} --repo {args.repo}` first")
     config = ModelConfig.from_toml(model_dir / "config.toml")
     model_file = model_dir / str(versions[-1]) / MODEL_FILES["onnxruntime"]
+    if "triton" in _split(args.peer or "") and not args.server:  # before any server starts
+        check_triton_python(args.triton_python or default_triton_python())
     launched: list[Launched] = []
     workdir = Path(tempfile.mkdtemp(prefix="visionserve-bench-"))
     try:

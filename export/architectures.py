@@ -164,8 +164,12 @@ def get(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        raise UsageError(f"unknown architecture {name!r}; known: "
-                         f"{', '.join(sorted(ARCHITECTURES))}") from None
+        import difflib
+
+        near = difflib.get_close_matches(name.lower(), ARCHITECTURES, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        raise UsageError(f"unknown architecture {name!r}; {hint}`visionserve export --list` "
+                         f"shows all {len(ARCHITECTURES)}") from None
 
 
 class WithEmbedding(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -96,7 +97,26 @@ def _names(args: argparse.Namespace, console: Console) -> list[str] | None:
     if args.name and len(names) > 1:
         console.print("--name applies to one architecture at a time")
         return None
+    mistake = _missing_input(args)
+    if mistake:
+        log.error("%s", mistake)
+        return None
     return names
+
+
+def _missing_input(args: argparse.Namespace) -> str:
+    """The first file or folder named by a flag that is not there (before any work)."""
+    for flag, path, folder in (("--weights", args.weights, False),
+                               ("--labels", args.labels, False),
+                               ("--calibration", args.calibration, True)):
+        if path is None:
+            continue
+        if not path.exists():
+            return f"{flag} {path}: no such {'folder' if folder else 'file'}"
+        if path.is_dir() != folder:
+            return (f"{flag} {path} is a directory; pass the file in it" if not folder
+                    else f"{flag} {path} is a file; pass a folder of images")
+    return ""
 
 
 def _print_list(output: str) -> None:
@@ -134,14 +154,26 @@ def run_train_digits(args: argparse.Namespace) -> int:
     from .digits import train_lenet5
 
     console = Console(stderr=True)
+    try:  # before the training, not after it
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.out.is_dir() or not os.access(args.out.parent, os.W_OK):
+            raise IsADirectoryError(0, "a folder" if args.out.is_dir() else "not writable")
+    except OSError as exc:
+        log.error("--out %s: cannot write it (%s); pick a writable file path", args.out,
+                  exc.strerror or exc)
+        return 2
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} epochs"), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task("lenet5 on digits", total=args.epochs)
         trained = train_lenet5(seed=args.seed, epochs=args.epochs,
                                on_epoch=lambda: progress.advance(task))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(trained.state_dict, args.out)
+    try:
+        torch.save(trained.state_dict, args.out)
+    except (OSError, RuntimeError) as exc:  # PyTorch's writer raises RuntimeError
+        log.error("--out %s: cannot write it (%s); pick a writable file path", args.out,
+                  str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return 1
     log.info("wrote %s: held-out accuracy %.4f on %d digits (PyTorch), trained on %d in %.1f s",
              args.out, trained.held_out_accuracy, trained.held_out_images,
              trained.train_images, trained.seconds)

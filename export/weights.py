@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -9,6 +11,33 @@ from torch import nn
 
 from .errors import WeightsError
 from .provided import from_efficientnet_pytorch, looks_like_efficientnet_pytorch
+
+RESAVE = "re-save it with torch.save(model.state_dict(), path)"
+# what a file torch.save wrote starts with: a zip archive (PyTorch >= 1.6), or a pickle
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory; pass the .pt/.pth file in it"
+    return f"cannot read it ({exc.strerror})"
+
+
+def _not_a_state_dict(exc: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in a line a CLI user can act on (never
+    PyTorch's advice to unpickle with ``weights_only=False``: that runs the file's code)."""
+    text = str(exc)
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if pickled:
+        qualified = pickled.group(1)
+        return (f"this file is a pickled {qualified.rsplit('.', 1)[-1]} object ({qualified}), "
+                f"not a state_dict; {RESAVE} (visionserve never unpickles code)")
+    if "TorchScript" in text:
+        return f"this file is a TorchScript module, not a state_dict; {RESAVE}"
+    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"not a readable PyTorch state_dict or checkpoint ({first_line[:200]}); {RESAVE}"
 
 
 def load_weights(model: nn.Module, path: Path) -> str:
@@ -21,12 +50,19 @@ def load_weights(model: nn.Module, path: Path) -> str:
     import hashlib
 
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"--weights {path}: {_unreadable(path, exc)}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if not data.startswith(TORCH_MAGIC):
+        raise WeightsError(f"--weights {path} is not a PyTorch file (torch.save writes a zip "
+                           f"archive or a pickle; this starts {data[:8]!r}): {RESAVE}")
+    try:
+        with warnings.catch_warnings():  # a TorchScript archive warns, then is refused below
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise WeightsError(f"{path} could not be read as a PyTorch state_dict or checkpoint "
-                           f"({type(exc).__name__}: {exc}); pass the .pt/.pth file saved with "
-                           "torch.save(model.state_dict(), path)") from None
+        raise WeightsError(f"--weights {path}: {_not_a_state_dict(exc)}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .settings import setting
+from .settings import declared, setting
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +63,9 @@ class ServerLimits:
                        "finish")
 
     def __post_init__(self) -> None:
+        for f, flag in declared(ServerLimits):  # a size, a count or a time: never negative
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"{flag.flag(f.name)} must be >= 0, got {getattr(self, f.name)}")
         if self.max_streams_per_connection < 1:
             raise ValueError("--max-streams-per-connection must be >= 1, got "
                              f"{self.max_streams_per_connection}")

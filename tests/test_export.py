@@ -8,13 +8,12 @@ import signal
 import stat
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, eventually, make_repo, run_cli, start_server
-from visionserve.inference import grpc_service_pb2 as kpb
-from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.service.format.model_format import (
     CONFIG_FILE,
     LABELS_FILE,
@@ -182,9 +181,10 @@ def test_a_crashed_exports_staging_is_never_served_and_the_next_export_removes_i
             crashing.wait(timeout=60)
         leftover = list(repo.glob(".staging-*"))
         assert leftover and not (repo / "resnet18").exists()
-        index = kpb_grpc.GRPCInferenceServiceStub(srv.channel).RepositoryIndex(
-            kpb.RepositoryIndexRequest(), timeout=30).models
-        assert [m.name for m in index] == ["lenet5"]
+        index = urllib.request.Request(f"http://127.0.0.1:{srv.http_port}/v2/repository/index",
+                                       data=b"{}", method="POST")
+        with urllib.request.urlopen(index, timeout=30) as reply:
+            assert [m["name"] for m in json.load(reply)] == ["lenet5"]
         out = run_cli("export", "lenet5", "--repo", str(repo), "--name", "digits")
         assert out.returncode == 0, out.stderr
         assert "left by an export that did not finish" in out.stderr

@@ -11,20 +11,25 @@ import argparse
 import logging
 import sys
 
+from .mistakes import CommandError, optional_file, readable_files
+
 log = logging.getLogger("visionserve")
 
 
 def _client_channel(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .client import open_channel
 
-    return open_channel(args.server, args.tls_ca, args.tls_client_cert, args.tls_client_key)
+    return open_channel(args.server, optional_file(args.tls_ca, "--tls-ca"),
+                        optional_file(args.tls_client_cert, "--tls-client-cert"),
+                        optional_file(args.tls_client_key, "--tls-client-key"))
 
 
 def classify(args: argparse.Namespace) -> int:
     from .terminal import message_dict, print_json, print_table
 
-    reply = _call(lambda c: c.classify_files(args.images, args.model, args.top_k,
-                                             args.version), args)
+    images = readable_files(args.images, "image")
+    reply = _call(lambda c: c.classify_files(images, args.model, args.top_k, args.version),
+                  args)
     if reply is None:
         return 1
     if args.output == "json":
@@ -41,8 +46,9 @@ def embed(args: argparse.Namespace) -> int:
     from .client import tensor_to_numpy
     from .terminal import message_dict, print_json
 
-    reply = _call(lambda c: c.embed_files(args.images, args.model, not args.raw,
-                                          args.version), args)
+    images = readable_files(args.images, "image")
+    reply = _call(lambda c: c.embed_files(images, args.model, not args.raw, args.version),
+                  args)
     if reply is None:
         return 1
     vectors = tensor_to_numpy(reply.embeddings)
@@ -91,15 +97,29 @@ def _call(fn, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ..api.auth import load_token
     from .client import VisionClient
 
-    client = VisionClient(args.server, channel=_client_channel(args),
-                          token=load_token(args.auth_token_file))
+    try:
+        token = load_token(args.auth_token_file)
+    except ValueError as exc:  # the file cannot be read, or holds no token
+        raise CommandError(str(exc)) from None
+    client = VisionClient(args.server, channel=_client_channel(args), token=token)
     try:
         return fn(client)
     except grpc.RpcError as err:
-        log.error("%s: %s", err.code().name, err.details())  # type: ignore[attr-defined]
+        log.error("%s: %s%s", err.code().name, err.details(),  # type: ignore[attr-defined]
+                  _unreachable_hint(err, args.server))
         return None
     finally:
         client.close()
+
+
+def _unreachable_hint(err, server: str) -> str:  # type: ignore[no-untyped-def]
+    """What to check when no server answered at all."""
+    import grpc
+
+    if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (err.details() or ""):
+        return (f"; is a server running at {server}? Start one with `visionserve serve`, or "
+                "name it with --server HOST:PORT")
+    return ""
 
 
 def health(args: argparse.Namespace) -> int:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import package_version
+from ..errors import ConfigError
 from ..settings import env_name
+from .mistakes import CommandError
 from .terminal import OUTPUT_FORMATS
 
 if TYPE_CHECKING:
@@ -54,6 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except CommandError as exc:
+        log.error("%s", exc)
+        return 2
+    except ConfigError as exc:  # a repository or config.toml the command was pointed at
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:  # not a file the user named: a fault, with its traceback
+            raise
+        log.error("%s: %s", exc.filename, exc.strerror or exc)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ down.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from ..api.http.rest import RestApi
 from ..core.inference import InferenceCore
 from ..engine.backends import EngineOptions, create_backend
 from ..engine.decode_pool import DecodePool
+from ..errors import ConfigError
 from ..lifecycle import Lifecycle, Phase
 from ..limits import cpu_count
 from ..metrics import Metrics
@@ -159,11 +161,21 @@ class Server:
     async def start(self) -> None:
         """Listen (NOT_SERVING), load the repository, then go SERVING, unless ``stop`` was
         set meanwhile: a signal during the initial load never reports SERVING."""
-        await self._listen()
         config = self.config
+        if not config.repo.is_dir():
+            raise StartupError(f"--repo {config.repo}: "
+                               + ("not a folder" if config.repo.exists() else "no such folder")
+                               + "; pass the model repository's folder, or create one with "
+                               "`visionserve export ARCH --repo DIR`")
+        await self._listen()
         only = set(config.load_models) if config.model_control is ModelControlMode.EXPLICIT \
             else None
-        await self.sync.load_repository(config.repo, only)
+        try:
+            await self.sync.load_repository(config.repo, only)
+        except ConfigError as exc:  # the repository itself cannot be read: nothing to serve
+            await self.grpc.stop(0)
+            await self._close_http()
+            raise StartupError(f"--repo: {exc}") from None
         if self.stop.is_set():
             return
         await self._serving()
@@ -178,10 +190,8 @@ class Server:
                                              config.metrics_port)
             self.metrics_port = await self._metrics_http.start()
         except OSError as exc:
-            raise StartupError(f"--metrics-port {config.metrics_port}: cannot listen on "
-                               f"{metrics_host}:{config.metrics_port} ({exc.strerror}); is "
-                               "another server using it? Pick another port (0 = any free "
-                               "one)") from None
+            raise StartupError(_cannot_listen("--metrics-port", metrics_host,
+                                              config.metrics_port, exc)) from None
         address = f"{config.host}:{config.grpc_port}"
         try:
             self.grpc_port = self.grpc.add_secure_port(address, config.tls.credentials()) \
@@ -198,10 +208,8 @@ class Server:
                 self.http_port = await self._http.start()
             except OSError as exc:
                 await self._close_http()
-                raise StartupError(f"--http-port {config.http_port}: cannot listen on "
-                                   f"{config.host}:{config.http_port} ({exc.strerror}); is "
-                                   "another server using it? Pick another port (0 = any free "
-                                   "one), or --no-http") from None
+                raise StartupError(_cannot_listen("--http-port", config.host, config.http_port,
+                                                  exc) + " (or --no-http)") from None
             log.info("HTTP (KServe v2 REST) listening on %s:%d (%s)", config.host,
                      self.http_port, "TLS" if config.tls else "plaintext")
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -339,6 +347,14 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     await server.start()
     await server.wait()
     await server.shutdown()
+
+
+def _cannot_listen(flag: str, host: str, port: int, exc: OSError) -> str:
+    """Why a port could not be bound, and what to change: the port, or the address."""
+    where = f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror or exc})"
+    if exc.errno == errno.EADDRINUSE:
+        return where + "; is another server using it? Pick another port (0 = any free one)"
+    return where + "; is --host an address of this machine? (0.0.0.0: every interface)"
 
 
 def _write_ready_file(path: Path, content: dict[str, object]) -> None:

@@ -129,6 +129,11 @@ class ServerConfig:
             except ValueError:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose "
                                  f"one of {', '.join(m.value for m in enum)}") from None
+        for flag in ("grpc_port", "http_port", "metrics_port"):
+            port = getattr(self, flag)
+            if port is not None and not 0 <= port <= 65535:
+                raise UsageError(f"--{flag.replace('_', '-')} {port}: a TCP port is 0-65535 (0 "
+                                 "= pick a free one)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise UsageError("--tls-cert and --tls-key go together; give both (or neither)")
         if self.tls_client_ca and not self.tls_cert:
