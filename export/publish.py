@@ -1,26 +1,30 @@
 """Atomic publication of a new version (and, for a new model, of its whole folder).
 
-Everything is written under a hidden ``.staging-*`` folder at the top of the repository (the
-server's scanner never reads a dot-prefixed folder), then renamed into place: the version folder
-into an existing model folder, or, for a model the repository does not hold yet, the whole model
-folder (config.toml, labels.txt, config.pbtxt and the version) at once, so that a polling server
-never sees a model folder without its config. On one filesystem a rename is atomic: the server
-sees either nothing or a complete model/version. Every file and folder is flushed to disk
-(fsync) before the rename, and the folder renamed into after it: after a power loss the version
-is either absent or complete, never present with empty or short files.
+Everything is written under a hidden ``.staging-*`` folder (the server's scanner never reads a
+dot-prefixed folder), then renamed into place: for a model the repository holds already, the
+version folder, staged inside the model folder; for a new model, its whole folder (config.toml,
+labels.txt, config.pbtxt and the version), staged at the top of the repository, so that a
+polling server never sees a model folder without its config. (Should the model folder appear
+meanwhile, another export's, the version alone moves into it.) On one filesystem a rename is
+atomic: the server sees either nothing or a complete model/version. Every file and folder is
+flushed to disk (fsync) before the rename, and the folder renamed into after it: after a power
+loss the version is either absent or complete, never present with empty or short files.
 
-A staging folder records who made it (host and process id). One left by an export that crashed
-(killed, out of memory, a power loss) is removed by the next export into the repository: when its
-process is gone (same host) or, from another host, after ``STALE_AFTER_S``.
+An export holds an exclusive lock (``flock``) on its staging folder's ``owner.json`` while it
+runs; the kernel drops it when the process ends, however it ends. A staging folder whose lock
+can be taken belongs to an export that will never finish (killed, out of memory, a power loss):
+the next export into the same model or repository removes it. One without a lockable
+``owner.json`` (a crash before it was written, a filesystem without locks) is removed after
+``STALE_AFTER_S``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,8 +41,8 @@ from .errors import ExportError, ExportErrorCode
 log = logging.getLogger("visionserve.export")
 
 STAGING_PREFIX = ".staging-"
-OWNER_FILE = "owner.json"  # in the staging folder, beside the model folder being built
-STALE_AFTER_S = 24 * 3600  # a staging folder of another host's export: removed after a day
+OWNER_FILE = "owner.json"  # in the staging folder, locked while its export runs
+STALE_AFTER_S = 24 * 3600  # a staging folder whose owner cannot be told: removed after a day
 
 
 class PublishError(ExportError):
@@ -58,17 +62,18 @@ class Staged:
 
     def __init__(self, root: Path, target: Path, version: int) -> None:
         self.target = target  # the model folder in the repository
-        self.new_model = not target.exists()
+        self.new_model = root.parent != target
         self.model_dir = root / target.name if self.new_model else target
-        self.version_dir = root / target.name / str(version)
+        self.version_dir = (self.model_dir if self.new_model else root) / str(version)
         self.version = version
         self.version_dir.mkdir(parents=True)  # mkdir's mode: readable as the files in it are
 
 
 @contextmanager
 def staging(model_dir: Path, version: int) -> Iterator[Staged]:
-    """A hidden staging folder for a version of ``model_dir`` (and the model folder itself
-    when it is new); removed unless ``publish`` moved its contents into place."""
+    """A hidden staging folder for a version of ``model_dir`` (inside it), or for a new model
+    (beside it, at the top of the repository); removed unless ``publish`` moved its contents
+    into place."""
     if (model_dir / str(version)).exists():
         raise PublishError(f"{model_dir / str(version)} exists already; versions are immutable: "
                            "pick another --version or omit it for the next free number")
@@ -76,15 +81,21 @@ def staging(model_dir: Path, version: int) -> Iterator[Staged]:
     try:
         repo.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(repo)
-        root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=repo))
+        if model_dir.is_dir():
+            remove_stale_staging(model_dir)
+        root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX,
+                                     dir=model_dir if model_dir.is_dir() else repo))
+        owner = open(root / OWNER_FILE, "w", encoding="utf-8")  # held (locked) until the end
     except OSError as exc:
         raise PublishError(f"cannot write into the repository at {repo}: {exc}; check "
                            "--repo and its permissions") from None
     try:
-        (root / OWNER_FILE).write_text(json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "model": model_dir.name,
-             "version": version}) + "\n", encoding="utf-8")
-        yield Staged(root, model_dir, version)
+        with owner:
+            _lock(owner)
+            owner.write(json.dumps({"pid": os.getpid(), "model": model_dir.name,
+                                    "version": version}) + "\n")
+            owner.flush()
+            yield Staged(root, model_dir, version)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -92,44 +103,37 @@ def staging(model_dir: Path, version: int) -> Iterator[Staged]:
 def publish(staged: Staged) -> Path:
     """Move the staged version (or the whole new model folder) into the repository."""
     target = staged.target / str(staged.version)
-    source, destination = ((staged.model_dir, staged.target) if staged.new_model
+    whole = staged.new_model and not staged.target.exists()
+    source, destination = ((staged.model_dir, staged.target) if whole
                            else (staged.version_dir, target))
     try:
         _fsync_tree(source)
-        if destination.exists():  # rename would replace an empty folder: never publish into
-            raise PublishError(f"{destination} appeared while this export ran (another export "
-                               "of the same model?); nothing was published: export again")
-        os.rename(source, destination)  # atomic
+        os.rename(source, destination)  # atomic; refused when a non-empty folder is there
         _fsync(destination.parent)  # the rename itself
     except OSError as exc:
         raise PublishError(f"could not publish {target}: {exc}") from exc
     return target
 
 
-def remove_stale_staging(repo: Path) -> None:
-    """Remove the staging folders of exports that will never finish (see the module's note)."""
-    host, now = socket.gethostname(), time.time()
-    for folder in repo.glob(f"{STAGING_PREFIX}*"):
+def remove_stale_staging(folder: Path) -> None:
+    """Remove the staging folders in ``folder`` of exports that will never finish (see the
+    module's note); those of running exports stay."""
+    for staging_dir in folder.glob(f"{STAGING_PREFIX}*"):
         try:
-            owner = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
-            mine = owner.get("host") == host
-            alive = mine and _alive(int(owner["pid"]))
-            age = now - folder.stat().st_mtime
-        except (OSError, ValueError, KeyError, TypeError):  # no owner: crashed before writing it
-            mine, alive, age = False, False, now - _mtime(folder)
-        if not alive and (mine or age > STALE_AFTER_S):
-            log.info("removing %s, left by an export that did not finish", folder.name)
-            shutil.rmtree(folder, ignore_errors=True)
+            with open(staging_dir / OWNER_FILE, "r+", encoding="utf-8") as owner:
+                _lock(owner)  # taken: its export is gone
+            stale = True
+        except BlockingIOError:  # locked: its export runs
+            stale = False
+        except OSError:  # no owner file (yet), or no locks here: by its age
+            stale = time.time() - _mtime(staging_dir) > STALE_AFTER_S
+        if stale:
+            log.info("removing %s, left by an export that did not finish", staging_dir)
+            shutil.rmtree(staging_dir, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+def _lock(file) -> None:  # type: ignore[no-untyped-def]
+    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _mtime(path: Path) -> float:

@@ -127,8 +127,6 @@ def test_bench_run_writes_json_plot_and_markdown(exported_repo: Path, tmp_path: 
     assert "visionserve bench --model lenet5" in md and "| visionserve | kserve | jpeg |" in md
 
 
-
-
 def test_bench_help_explains_itself() -> None:
     text = " ".join(run_cli("bench", "--help").stdout.split())
     # flags users type (a compatibility promise) and what the help must explain: kept literal

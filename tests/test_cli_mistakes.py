@@ -18,17 +18,20 @@ SERVE = ("serve", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A folder, a text file, and (with PyTorch) a whole model pickled where a state_dict
-    belongs and a TorchScript module."""
+    """A folder, a text file, a name that is not there."""
     folder = tmp_path_factory.mktemp("mistakes")
     (folder / "notes.txt").write_text("not an image, not weights\n")
-    made = {"dir": folder, "text": folder / "notes.txt", "missing": folder / "nope.jpg"}
+    return {"dir": folder, "text": folder / "notes.txt", "missing": folder / "nope.jpg"}
+
+
+@pytest.fixture(scope="module")
+def whole_model(files: dict[str, Path]) -> Path:
+    """A whole model pickled where a state_dict belongs (needs PyTorch)."""
     torch = pytest.importorskip("torch")
     import torchvision
 
-    torch.save(torchvision.models.resnet18(), folder / "whole.pt")
-    made["whole"] = folder / "whole.pt"
-    return made
+    torch.save(torchvision.models.resnet18(), files["dir"] / "whole.pt")
+    return files["dir"] / "whole.pt"
 
 
 # (command line with {dir}, {text}, {missing}, {whole}, {repo} placeholders, exit status,
@@ -90,8 +93,10 @@ def test_every_command_is_walked_with_its_mistakes():
 @pytest.mark.parametrize(("args", "status", "says"), MISTAKES,
                          ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _, _) in enumerate(MISTAKES)])
 def test_a_mistake_ends_in_one_clear_line_and_no_traceback(args, status, says, files,
-                                                           exported_repo):
+                                                           exported_repo, request):
     values = {**{k: str(v) for k, v in files.items()}, "repo": str(exported_repo)}
+    if any("{whole}" in a for a in args):
+        values["whole"] = str(request.getfixturevalue("whole_model"))
     result = run_cli(*(a.format(**values) for a in args), timeout=300)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.returncode == status, result.stderr[-2000:]

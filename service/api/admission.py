@@ -100,5 +100,7 @@ class Admission:
         self._holding.set()
 
     def answer_refusals(self) -> None:
-        """gRPC has told its clients to go away: answer every refusal held, and the next."""
+        """gRPC has told its clients to go away (or the grace is over): answer every refusal
+        held, and the next."""
         self._answering.set()
+        self._holding.set()  # wakes those waiting for the drain's end

@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # a repository or config.toml the command was pointed at
         log.error("%s", exc)
         return 2
-    except OSError as exc:
-        if exc.filename is None:  # not a file the user named: a fault, with its traceback
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        if exc.filename is None:  # not a path the user named: a fault, with its traceback
             raise
-        log.error("%s: %s", exc.filename, exc.strerror or exc)
+        log.error("%s%s: %s", exc.filename, f" -> {exc.filename2}" if exc.filename2 else "",
+                  exc.strerror or exc)
         return 2
 
 

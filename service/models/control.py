@@ -91,16 +91,18 @@ class ModelControl:
         without any, once), and, as Triton lists them, every model folder of the repository it
         has not loaded (``--model-control explicit``), without a version or state: how a client
         finds what it may load."""
+        folders = [] if ready_only else await self._sync.folder_names()
+        statuses = self.models()  # after the await: one snapshot, the folders checked against it
         entries = []
-        for status in self.models():
+        for status in statuses:
             if not status.versions:
                 entries.append(IndexEntry(status.name, 0, status.state, status.reason))
             entries.extend(IndexEntry(status.name, v.version, v.state, v.reason)
                            for v in sorted(status.versions.values(), key=lambda v: v.version))
         if ready_only:
             return [e for e in entries if e.state == VersionState.READY]
-        entries += [IndexEntry(name, 0, None, "") for name in await self._sync.folder_names()
-                    if not self.is_known(name)]
+        known = {status.name for status in statuses}
+        entries += [IndexEntry(name, 0, None, "") for name in folders if name not in known]
         return sorted(entries, key=lambda e: (e.name, e.version))
 
     def _stat_versions(self, name: str, version: int) -> list[ServedVersion]:

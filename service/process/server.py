@@ -190,8 +190,9 @@ class Server:
                                              config.metrics_port)
             self.metrics_port = await self._metrics_http.start()
         except OSError as exc:
-            raise StartupError(_cannot_listen("--metrics-port", metrics_host,
-                                              config.metrics_port, exc)) from None
+            raise StartupError(_cannot_listen(
+                "--metrics-port", metrics_host, config.metrics_port, exc,
+                "--metrics-host" if config.metrics_host else "--host")) from None
         address = f"{config.host}:{config.grpc_port}"
         try:
             self.grpc_port = self.grpc.add_secure_port(address, config.tls.credentials()) \
@@ -209,7 +210,7 @@ class Server:
             except OSError as exc:
                 await self._close_http()
                 raise StartupError(_cannot_listen("--http-port", config.host, config.http_port,
-                                                  exc) + " (or --no-http)") from None
+                                                  exc, "--host") + " (or --no-http)") from None
             log.info("HTTP (KServe v2 REST) listening on %s:%d (%s)", config.host,
                      self.http_port, "TLS" if config.tls else "plaintext")
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -302,7 +303,10 @@ class Server:
             await asyncio.sleep(SETTLE_S)
         if self._http is not None:
             await self._http.stop_listening()
-        stopping = asyncio.create_task(self.grpc.stop(max(0.0, grace - (loop.time() - started))))
+        # drained, only held refusals are left: their answers must outlive the GOAWAY wait
+        floor = SETTLE_S + GOAWAY_S + 0.5 if drained else 0.0
+        stopping = asyncio.create_task(
+            self.grpc.stop(max(floor, grace - (loop.time() - started))))
         if drained:
             await asyncio.sleep(GOAWAY_S)
             self.admission.answer_refusals()
@@ -349,12 +353,14 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     await server.shutdown()
 
 
-def _cannot_listen(flag: str, host: str, port: int, exc: OSError) -> str:
+def _cannot_listen(flag: str, host: str, port: int, exc: OSError, host_flag: str) -> str:
     """Why a port could not be bound, and what to change: the port, or the address."""
     where = f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror or exc})"
     if exc.errno == errno.EADDRINUSE:
         return where + "; is another server using it? Pick another port (0 = any free one)"
-    return where + "; is --host an address of this machine? (0.0.0.0: every interface)"
+    if exc.errno == errno.EACCES:
+        return where + "; ports below 1024 need privileges: pick a port above 1023"
+    return where + f"; is {host_flag} an address of this machine? (0.0.0.0: every interface)"
 
 
 def _write_ready_file(path: Path, content: dict[str, object]) -> None:
