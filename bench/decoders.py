@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from visionserve.service import install_hint
 from visionserve.service.engine.preprocess import (
     EncodedImage,
     Preprocessor,
@@ -60,7 +61,7 @@ def sample_photos() -> list[np.ndarray]:
         pass
     if not photos:
         raise SystemExit("no sample photos: install scikit-image or matplotlib "
-                         "(pip install 'visionserve[bench]')")
+                         f"({install_hint('bench')})")
     return photos
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from visionserve.service import install_hint
 from visionserve.service.cli.mistakes import CommandError
 from visionserve.service.format.model_config import ModelConfig
 from visionserve.service.format.model_format import CONFIG_FILE, MODEL_FILES
@@ -87,7 +88,7 @@ def run_ladder(args: argparse.Namespace) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 10_000)
     if not cpu_capabilities():
-        raise CommandError("bench-ladder needs OpenVINO: pip install 'visionserve[openvino]'")
+        raise CommandError(f"bench-ladder needs OpenVINO: {install_hint('openvino')}")
     archs = [a.strip() for a in args.models.split(",") if a.strip()]
     from visionserve.export import architectures
 

@@ -37,14 +37,15 @@ def build_model(arch: Architecture, num_classes: int, weights: Path | None,
                                        or num_classes != arch.num_classes)
     weights_record: dict[str, object]
     if weights:
-        weights_record = {"source": f"file {weights.name}",
+        weights_record = {"kind": "file", "source": f"file {weights.name}",
                           "sha256": load_weights(model, weights)}
     elif not random_init:
         provided = load_default(arch.weights, model, seed)
-        weights_record = {"source": provided.source, "sha256": provided.sha256,
+        weights_record = {"kind": "pretrained", "source": provided.source,
+                          "sha256": provided.sha256,
                           **provided.details}
     else:
-        weights_record = {"source": f"seeded random init (seed {seed})"}
+        weights_record = {"kind": "random", "source": f"seeded random init (seed {seed})"}
     wrapped = WithEmbedding(model, arch.head_path(model)).eval()
     head_reinitialised = random_init and reinit_dead_head(wrapped.head)
     # random init is degenerate (tiny, huge or input-independent outputs): make it alive

@@ -15,6 +15,7 @@ from visionserve.service.format.repository import version_numbers
 from . import architectures
 from .errors import ExportError, ExportErrorCode, UsageError
 from .pipeline import STEPS, ExportRequest, export_model
+from .provided import describe_default
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ def run_export(args: argparse.Namespace) -> int:
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         overall = progress.add_task("all models", total=len(todo))
-        for arch in todo:
+        for number, arch in enumerate(todo, 1):
+            log.info("exporting %s (%d of %d): build, export, parity check, publish", arch,
+                     number, len(todo))
             task = progress.add_task(f"{arch}: build", total=len(STEPS))
 
             def on_step(step: str, task=task, arch=arch) -> None:
@@ -133,6 +136,7 @@ def _print_list(output: str) -> None:
         params = sum(p.numel() for p in model.parameters())
         dim = getattr(model.get_submodule(head), "in_features", None)
         rows.append({"name": a.name, "family": a.family, "source": a.source,
+                     "default_weights": describe_default(a.weights),
                      "input": list(a.input.shape), "resize": a.input.resize,
                      "interpolation": a.input.interpolation, "params": params,
                      "embedding_dim": dim, "head": head, "heavy": a.heavy})
@@ -140,9 +144,10 @@ def _print_list(output: str) -> None:
         print_json(rows)
         return
     print_table(f"{len(rows)} architectures (heavy: left out by --all --skip-heavy)",
-                ("name", "family", "source", "input", "resize", "params (M)", "embedding",
-                 "head", "heavy"),
-                [(r["name"], r["family"], r["source"], "x".join(map(str, r["input"])),
+                ("name", "family", "source", "default weights", "input", "resize", "params (M)",
+                 "embedding", "head", "heavy"),
+                [(r["name"], r["family"], r["source"], r["default_weights"],
+                  "x".join(map(str, r["input"])),
                   f"{r['resize']} {r['interpolation']}", f"{r['params'] / 1e6:.1f}",
                   r["embedding_dim"] or "?", r["head"], "heavy" if r["heavy"] else "")
                  for r in rows])

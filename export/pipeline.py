@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from visionserve.service import install_hint
 from visionserve.service.engine.backends.openvino import cpu_capabilities
 from visionserve.service.errors import ConfigError
 from visionserve.service.format.model_config import ModelConfig, OpenVinoConfig
@@ -282,8 +283,8 @@ def _default_config(arch: Architecture, req: ExportRequest) -> ModelConfig:
     if backend == "openvino" and not cpu_capabilities():
         implied = "" if req.backend else " (implied by --precision bf16)"
         raise UsageError(f"--backend openvino{implied}: the export is checked on OpenVINO, "
-                         "which is not installed here: "
-                         "pip install 'visionserve[openvino]' (make setup installs it)")
+                         f"which is not installed here: {install_hint('openvino')} (make setup "
+                         "installs it)")
     if req.precision == "bf16" and "BF16" not in cpu_capabilities():
         raise UsageError(f"--precision bf16 is checked on OpenVINO's BF16 engine, and this CPU "
                          f"does not compute BF16 natively (OpenVINO: {cpu_capabilities()}; "

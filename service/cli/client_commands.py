@@ -32,11 +32,13 @@ def classify(args: argparse.Namespace) -> int:
                   args)
     if reply is None:
         return 1
+    weights = _call(lambda c: _weights_of(c, reply.model, reply.version), args) or ""
     if args.output == "json":
-        print_json(message_dict(reply))
+        print_json({**message_dict(reply), "weights": weights})
         return 0
     for path, result in zip(args.images, reply.results, strict=True):
-        print_table(f"{path} — {reply.model} v{reply.version}", ("#", "label", "index", "score"),
+        print_table(f"{path} — {reply.model} v{reply.version} ({weights or 'weights unknown'})",
+                    ("#", "label", "index", "score"),
                     [(rank, c.label, c.index, f"{c.score:.4f}")
                      for rank, c in enumerate(result.classes, 1)])
     return 0
@@ -85,10 +87,23 @@ def models(args: argparse.Namespace) -> int:
         versions = ", ".join(f"{v.version}:{state(v.state)}" for v in m.versions)
         shape = f"{m.input.channels}x{m.input.height}x{m.input.width}" if m.input.name else ""
         rows.append((m.name, state(m.state), versions, shape, m.num_classes, m.embedding_dim,
-                     m.max_batch_size, m.reason))
+                     m.max_batch_size, _newest_weights(m), m.reason))
     print_table(f"models on {args.server}", ("model", "state", "versions", "input", "classes",
-                                             "embedding", "max batch", "reason"), rows)
+                                             "embedding", "max batch", "weights (newest)",
+                                             "reason"), rows)
     return 0
+
+
+def _newest_weights(model) -> str:  # type: ignore[no-untyped-def]
+    """Where the newest serving version's weights came from ("" when none serves)."""
+    return next((v.weights for v in model.versions if v.weights), "")
+
+
+def _weights_of(client, model: str, version: int) -> str:  # type: ignore[no-untyped-def]
+    """Where the version that answered got its weights (GetModel), so that a random-weight
+    model's answers never read like a real one's."""
+    info = client.get_model(model)
+    return next((v.weights for v in info.versions if v.version == version), "")
 
 
 def _call(fn, args: argparse.Namespace):  # type: ignore[no-untyped-def]

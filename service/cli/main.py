@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import package_version
+from .. import install_hint, package_version
 from ..errors import ConfigError
 from ..settings import env_name
 from .mistakes import CommandError
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
             action_parser.set_defaults(command_parser=action_parser)
             action_parser.formatter_class = DefaultsHelp
             if name != "serve":  # serve's flags read their variables themselves
-                env_defaults(action_parser)
+                env_defaults(action_parser, name)
     env_defaults(parser)
     return parser
 
@@ -270,13 +270,20 @@ def _client_security_flags(p: argparse.ArgumentParser, token: bool = True) -> No
                             "VISIONSERVE_AUTH_TOKEN to the token)")
 
 
-def env_defaults(parser: argparse.ArgumentParser) -> None:
-    """VISIONSERVE_<FLAG> becomes the flag's default (the command line still wins)."""
+# flags whose meaning differs between commands (export's --version names the version it
+# publishes, classify's the version it asks for): their variables carry the command's name
+PER_COMMAND = ("--version", "--seed")
+
+
+def env_defaults(parser: argparse.ArgumentParser, command: str = "") -> None:
+    """VISIONSERVE_<FLAG> becomes the flag's default (the command line still wins); for the
+    flags in ``PER_COMMAND``, VISIONSERVE_<COMMAND>_<FLAG> (VISIONSERVE_EXPORT_VERSION)."""
     for action in parser._actions:
         flags = [o for o in action.option_strings if o.startswith("--")]
         if not flags or action.dest == "help" or isinstance(action, argparse._VersionAction):
             continue
-        key = env_name(flags[0])
+        key = env_name(f"--{command}-{flags[0][2:]}" if command and flags[0] in PER_COMMAND
+                       else flags[0])
         if key in os.environ:
             raw = os.environ[key]
             if isinstance(action, argparse._StoreTrueAction):
@@ -316,8 +323,8 @@ def _export(args: argparse.Namespace) -> int:
     try:
         from visionserve.export.cli import run_export
     except ImportError as exc:
-        log.error("export needs the 'export' extra (PyTorch, ONNX): pip install "
-                  "'visionserve[export]' (%s)", exc)
+        log.error("export needs the 'export' extra (PyTorch, ONNX): %s (%s)",
+                  install_hint("export"), exc)
         return 2
     return run_export(args)
 
@@ -326,8 +333,8 @@ def _train_digits(args: argparse.Namespace) -> int:
     try:
         from visionserve.export.cli import run_train_digits
     except ImportError as exc:
-        log.error("train-digits needs the 'export' extra (PyTorch, scikit-learn): pip install "
-                  "'visionserve[export]' (%s)", exc)
+        log.error("train-digits needs the 'export' extra (PyTorch, scikit-learn): %s (%s)",
+                  install_hint("export"), exc)
         return 2
     return run_train_digits(args)
 
@@ -339,8 +346,8 @@ def _bench(command: str, argv: list[str]) -> int:
 
     missing = missing_requirements()
     if missing:
-        log.error("`visionserve %s` needs the 'bench' extra: pip install 'visionserve[bench]' "
-                  "(missing: %s)", command, ", ".join(missing))
+        log.error("`visionserve %s` needs the 'bench' extra: %s (missing: %s)", command,
+                  install_hint("bench"), ", ".join(missing))
         return 2
     from visionserve.bench.cli import main as bench_main
 

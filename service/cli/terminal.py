@@ -36,9 +36,9 @@ def print_json(document: Any) -> None:
 
 
 def message_dict(message: Any) -> dict[str, Any]:
-    """The protobuf JSON mapping of a reply (field names as in the .proto, defaults included,
-    enums by name), as a dict to print or extend."""
-    from google.protobuf.json_format import MessageToDict
+    """A reply as our JSON (as REST writes it, not protobuf's own JSON mapping): field names
+    as in the .proto, versions and other 64-bit integers as numbers, enums by name, defaults
+    included; a dict to print or extend."""
+    from ..format.triton_config import proto_json
 
-    return MessageToDict(message, preserving_proto_field_name=True,
-                         always_print_fields_with_no_presence=True)
+    return proto_json(message)

@@ -23,7 +23,9 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def model_config(name: str, c: ModelConfig, num_classes: int,
-                 embedding_dim: int) -> mc.ModelConfig:
+                 embedding_dim: int, weights: str = "") -> mc.ModelConfig:
+    """Triton's configuration of a model folder; of a served version, with where its weights
+    came from (``weights``, format/provenance.py) as the parameter ``weights``."""
     policy = c.version_policy
     if policy.all:
         vp = mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
@@ -49,6 +51,8 @@ def model_config(name: str, c: ModelConfig, num_classes: int,
         })
         parameters = {k: v if isinstance(v, mc.ModelParameter) else
                       mc.ModelParameter(string_value=v) for k, v in parameters.items()}
+    if weights:
+        parameters["weights"] = mc.ModelParameter(string_value=weights)
     return mc.ModelConfig(
         # Triton names OpenVINO by its backend only (it has no platform string)
         name=name, platform="" if c.backend == "openvino" else PLATFORMS[c.backend],
@@ -79,12 +83,12 @@ def model_config_text(name: str, c: ModelConfig, num_classes: int, embedding_dim
 
 
 def model_config_json(name: str, c: ModelConfig, num_classes: int,
-                      embedding_dim: int) -> dict[str, Any]:
+                      embedding_dim: int, weights: str = "") -> dict[str, Any]:
     """The same configuration as Triton's REST API writes it (``GET .../config``)."""
-    return _proto_json(model_config(name, c, num_classes, embedding_dim))
+    return proto_json(model_config(name, c, num_classes, embedding_dim, weights))
 
 
-def _proto_json(message: Message) -> dict[str, Any]:
+def proto_json(message: Message) -> dict[str, Any]:
     """A protobuf message as Triton's REST JSON writes it: field names as in the .proto, 64-bit
     integers as numbers (protobuf's own JSON writes them as strings), enums by name, scalars
     and lists even when empty or zero (``"fail": {"count": 0, "ns": 0}``); unset messages and
@@ -108,7 +112,7 @@ def _proto_json(message: Message) -> dict[str, Any]:
 
 def _scalar(field: Any, value: Any) -> Any:
     if field.message_type is not None:
-        return _proto_json(value)
+        return proto_json(value)
     if field.enum_type is not None:
         return field.enum_type.values_by_number[value].name
     if isinstance(value, bytes):

@@ -54,6 +54,10 @@ class ModelControl:
         """The served version (0 = the newest ready), or the client-facing reason why not."""
         return self._router.resolve(name, version)
 
+    def weights(self, name: str) -> dict[int, str]:
+        """Where each serving version's weights came from (format/provenance.py)."""
+        return {s.version: s.weights for s in self.ready_versions(name)}
+
     def ready_versions(self, name: str) -> list[ServedVersion]:
         """Routable versions of ``name``, newest first."""
         return self._router.ready_versions(name)
@@ -70,14 +74,15 @@ class ModelControl:
             inputs=tuple(TensorSpec(spec.name, dtype, tuple(shape))
                          for dtype, shape in spec.forms()),
             outputs=(TensorSpec(out.logits, "FP32", (batch, served.backend.num_classes)),
-                     TensorSpec(out.embedding, "FP32", (batch, served.backend.embedding_dim)))
+                     TensorSpec(out.embedding, "FP32", (batch, served.backend.embedding_dim))),
+            weights=served.weights,
         ), served.version
 
     def served_config(self, name: str, version: int = 0) -> ServedConfig:
         served = self.resolve(name, version)
         return ServedConfig(name=served.name, version=served.version, config=served.config,
                             num_classes=served.backend.num_classes,
-                            embedding_dim=served.backend.embedding_dim)
+                            embedding_dim=served.backend.embedding_dim, weights=served.weights)
 
     def statistics(self, name: str = "", version: int = 0) -> list[VersionStats]:
         """The statistics of one version (``version``), of every ready or draining one of

@@ -22,6 +22,7 @@ from ..engine.backends import Backend, create_backend
 from ..engine.batching import BatchPolicy, DynamicBatcher
 from ..engine.preprocess import Preprocessor
 from ..format.model_config import ModelConfig
+from ..format.provenance import weights_of
 from ..format.repository import VersionEntry
 from ..limits import ServerLimits
 from ..metrics import Metrics
@@ -46,6 +47,7 @@ class ServedVersion:
     executor: ThreadPoolExecutor
     accounting: VersionAccounting
     note: str = ""  # what GetModel shows beside "ready" (e.g. the golden check's warning)
+    weights: str = ""  # where its weights came from (format/provenance.py)
     _inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -145,5 +147,5 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
                          config_fingerprint=config_fingerprint, fingerprint=ventry.fingerprint,
                          labels=ventry.labels, backend=backend, batcher=batcher,
                          preprocessor=preprocessor, executor=executor,
-                         accounting=accounting)
+                         accounting=accounting, weights=weights_of(ventry.path))
 

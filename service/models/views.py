@@ -28,6 +28,7 @@ class ModelMetadata:
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    weights: str = ""  # where the answering version's weights came from
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ServedConfig:
     config: ModelConfig
     num_classes: int
     embedding_dim: int
+    weights: str = ""  # where its weights came from (format/provenance.py)
 
 
 @dataclass(frozen=True)

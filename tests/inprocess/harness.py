@@ -27,8 +27,9 @@ from visionserve.service.logs import FORMAT, tag_request_ids
 from visionserve.service.process.server import Server
 
 ROOT = Path(__file__).resolve().parents[2]
-# the committed configs and labels of the default repository, with the fake engine's file as
-# version 1: model -> (embedding size, seed)
+# configs and labels as export wrote them (model_repo/ holds only what `make models` generates)
+EXPORTED = ROOT / "tests" / "fakes" / "model_repo"
+# those models, with the fake engine's file as version 1: model -> (embedding size, seed)
 MODELS = {"lenet5": (84, 1), "mobilenet_v3_small": (1024, 2), "resnet18": (512, 3)}
 START_TIMEOUT_S = 60.0
 
@@ -41,7 +42,7 @@ def fake_repo(dst: Path, models: tuple[str, ...] = tuple(MODELS),
         model_dir = dst / name
         model_dir.mkdir(parents=True, exist_ok=True)
         for file in ("config.toml", "labels.txt"):
-            shutil.copy(ROOT / "model_repo" / name / file, model_dir / file)
+            shutil.copy(EXPORTED / name / file, model_dir / file)
         publish_fake(model_dir, 1)
         if overrides and name in overrides:
             edit_config(model_dir, overrides[name])

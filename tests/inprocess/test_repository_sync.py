@@ -23,7 +23,7 @@ from visionserve.service.modes import ModelControlMode
 from visionserve.service.states import VersionState
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = (ROOT / "model_repo" / "lenet5" / "config.toml").read_text()  # a real exported config
+CONFIG = (ROOT / "tests/fakes/model_repo/lenet5/config.toml").read_text()  # as export wrote it
 
 
 class FakeBackend(Backend):
@@ -90,11 +90,13 @@ async def models(repo: Path):
 
 
 async def until(condition, what: str) -> None:
-    """Yield to the event loop until ``condition()`` holds (a bounded number of turns)."""
-    for _ in range(10_000):
+    """Yield to the event loop until ``condition()`` holds: a hang guard of about a minute,
+    not a timing (the scan runs in an executor thread, which a busy machine may not schedule
+    within any fixed number of bare event-loop turns)."""
+    for _ in range(60_000):
         if condition():
             return
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
     raise AssertionError(f"never happened: {what}")
 
 

@@ -319,7 +319,7 @@ def test_random_repository_trees_never_stop_the_scan(good_model, tmp_path_factor
 
 def mutated_configs():
     """The committed config, one value replaced by an arbitrary TOML literal."""
-    text = (ROOT / "model_repo" / "lenet5" / "config.toml").read_text()
+    text = (ROOT / "tests/fakes/model_repo/lenet5/config.toml").read_text()
     lines = text.splitlines()
     values = [i for i, line in enumerate(lines) if " = " in line]
     literals = st.sampled_from(["-1", "0", "1e400", "'x'", "[]", "['a', 1]", "[[1]]", "true",

@@ -181,7 +181,7 @@ def model_metadata(view: ModelMetadata) -> kpb.ModelMetadataResponse:
 
 def model_config(view: ServedConfig) -> mc.ModelConfig:
     return triton_config.model_config(view.name, view.config, view.num_classes,
-                                      view.embedding_dim)
+                                      view.embedding_dim, view.weights)
 
 
 def statistics(view: VersionStats) -> kpb.ModelStatistics:

@@ -79,23 +79,26 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         async def work() -> tuple[pb.ListModelsResponse, int]:
             statuses = self._control.models()
-            return pb.ListModelsResponse(models=[model_info(s) for s in statuses]), 0
+            return pb.ListModelsResponse(models=[model_info(s, self._control.weights(s.name))
+                                                 for s in statuses]), 0
 
         return await self._calls.handle("ListModels", "", context, work)
 
     async def GetModel(self, request: pb.GetModelRequest,
                        context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async def work() -> tuple[pb.ModelInfo, int]:
-            return model_info(self._control.status(request.model)), 0
+            status = self._control.status(request.model)
+            return model_info(status, self._control.weights(status.name)), 0
 
         return await self._calls.handle("GetModel", request.model, context, work)
 
 
-def model_info(status: ModelStatus) -> pb.ModelInfo:
+def model_info(status: ModelStatus, weights: dict[int, str]) -> pb.ModelInfo:
     info = pb.ModelInfo(
         name=status.name, state=_STATES[status.state], reason=status.reason,
         num_classes=status.num_classes, embedding_dim=status.embedding_dim,
-        versions=[pb.ModelVersion(version=v.version, state=_STATES[v.state], reason=v.reason)
+        versions=[pb.ModelVersion(version=v.version, state=_STATES[v.state], reason=v.reason,
+                                  weights=weights.get(v.version, ""))
                   for v in sorted(status.versions.values(), key=lambda v: -v.version)])
     if status.config is not None:
         c = status.config

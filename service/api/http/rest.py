@@ -241,7 +241,7 @@ class RestApi:
         async def work() -> tuple[dict[str, Any], int]:
             view = self._control.served_config(model, parse_version(model, version))
             return triton_config.model_config_json(view.name, view.config, view.num_classes,
-                                                   view.embedding_dim), view.version
+                                                   view.embedding_dim, view.weights), view.version
 
         return json_reply(await self._run(request, model, work))
 

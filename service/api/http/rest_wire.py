@@ -323,9 +323,12 @@ def metadata_json(view: ModelMetadata) -> dict[str, Any]:
     def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
         return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in specs]
 
-    return {"name": view.name, "versions": [str(v) for v in view.versions],
-            "platform": view.platform, "inputs": tensors(view.inputs),
-            "outputs": tensors(view.outputs)}
+    reply = {"name": view.name, "versions": [str(v) for v in view.versions],
+             "platform": view.platform, "inputs": tensors(view.inputs),
+             "outputs": tensors(view.outputs)}
+    if view.weights:  # an extension: where the answering version's weights came from
+        reply["parameters"] = {"weights": view.weights}
+    return reply
 
 
 def statistics_json(view: VersionStats) -> dict[str, Any]:
