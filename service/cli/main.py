@@ -192,29 +192,42 @@ def _add_train_digits(sub: Subcommands) -> None:
 
 def _add_client_commands(sub: Subcommands) -> None:
     """The commands that call a running server (``client_commands``)."""
-    p = sub.add_parser("classify", help="classify image files with a running server")
+    p = sub.add_parser("classify", help="classify image files with a running server",
+                       description="Send image files in one Classify call to a running server "
+                                   "(`visionserve serve`) and print each one's top-k labels and "
+                                   "probabilities, and where the model's weights came from.")
     p.add_argument("images", nargs="+", type=Path, help="JPEG/PNG/WebP files")
-    p.add_argument("--model", required=True)
-    p.add_argument("--version", type=int, default=0, help="0 = newest")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--model", required=True,
+                   help="the model's name in the server's repository (`visionserve models`)")
+    p.add_argument("--version", type=int, default=0, help="the version to ask; 0 = the newest")
+    p.add_argument("--top-k", type=int, default=5, help="labels per image")
     p.add_argument("--server", default="localhost:8001", help="HOST:PORT of the gRPC server")
-    _output_flag(p, "(json: the ClassifyResponse, results in the order of the files)")
+    _output_flag(p, "(json: the ClassifyResponse as our JSON, results in the order of the "
+                    "files, with the version's weights)")
     _client_security_flags(p)
     p.set_defaults(func=_client_command("classify"))
 
-    p = sub.add_parser("embed", help="print embedding vectors of image files")
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--model", required=True)
-    p.add_argument("--version", type=int, default=0, help="0 = newest")
+    p = sub.add_parser("embed", help="print embedding vectors of image files",
+                       description="Send image files in one Embed call to a running server and "
+                                   "print each one's feature vector (the layer before the "
+                                   "classifier), L2-normalized unless --raw.")
+    p.add_argument("images", nargs="+", type=Path, help="JPEG/PNG/WebP files")
+    p.add_argument("--model", required=True,
+                   help="the model's name in the server's repository (`visionserve models`)")
+    p.add_argument("--version", type=int, default=0, help="the version to ask; 0 = the newest")
     p.add_argument("--raw", action="store_true", help="do not L2-normalize")
-    p.add_argument("--server", default="localhost:8001")
+    p.add_argument("--server", default="localhost:8001", help="HOST:PORT of the gRPC server")
     _output_flag(p, "(table: size, norm and the first values; json: every vector in full)")
     _client_security_flags(p)
     p.set_defaults(func=_client_command("embed"))
 
-    p = sub.add_parser("models", help="list the models of a running server")
-    p.add_argument("--server", default="localhost:8001")
-    _output_flag(p, "(json: the ListModelsResponse)")
+    p = sub.add_parser("models", help="list the models of a running server",
+                       description="List every model a running server knows: its state, "
+                                   "versions, input, classes, embedding size, largest batch, "
+                                   "where its newest version's weights came from, and why it "
+                                   "failed when it did.")
+    p.add_argument("--server", default="localhost:8001", help="HOST:PORT of the gRPC server")
+    _output_flag(p, "(json: the ListModelsResponse as our JSON)")
     _client_security_flags(p)
     p.set_defaults(func=_client_command("models"))
 
