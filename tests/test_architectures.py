@@ -101,7 +101,7 @@ def test_a_corrupt_weights_file_and_an_unwritable_repository_are_clear_errors(tm
     corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint")
     out = run_cli("export", "lenet5", "--repo", str(tmp_path / "repo"), "--weights",
                   str(corrupt))
-    assert out.returncode == 1 and "could not be read as a PyTorch state_dict" in out.stderr
+    assert out.returncode == 1 and "not a readable PyTorch state_dict or checkpoint" in out.stderr
     assert not (tmp_path / "repo" / "lenet5").exists() or \
         not any((tmp_path / "repo" / "lenet5").iterdir())
     out = run_cli("export", "lenet5", "--repo", "/proc/visionserve-repo")

@@ -1,10 +1,14 @@
 """A user's own mistakes on the command line end in one clear line and a usage exit status
 (2, or 1 for a file that is there but wrong), never a Python traceback: every command of the CLI
 is walked with the mistakes users make (a file that is not there, a folder for a file, the wrong
-kind of file, a typo in a name, a peer that is not installed, a server that is not running)."""
+kind of file, a typo in a name, a peer that is not installed, a server that is not running).
+
+Short form (``make test``, CI): every mistake of the commands that need no PyTorch, the first
+two of those that do; VISIONSERVE_LONG_TESTS=1 (``make test-all``) walks them all."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +62,9 @@ MISTAKES = [
      "--tls-cert {missing}: cannot read it"),
     ((*SERVE, "--repo", "{repo}", "--host", "999.1.1.1"), 2,
      "is --host an address of this machine?"),
+    (("export", "resnet18", "--repo", "{dir}", "--weights", "{whole}"), 1,
+     "this file is a pickled ResNet object (torchvision.models.resnet.ResNet), not a "
+     "state_dict; re-save it with torch.save(model.state_dict(), path)"),
     (("export", "resnet9000", "--repo", "{dir}"), 2,
      "unknown architecture 'resnet9000'; did you mean resnet50"),
     (("export", "lenet5", "--repo", "{dir}", "--weights", "{missing}"), 2,
@@ -68,9 +75,6 @@ MISTAKES = [
      "--labels {missing}: no such file"),
     (("export", "lenet5", "--repo", "{dir}", "--weights", "{text}"), 1,
      "--weights {text} is not a PyTorch file"),
-    (("export", "resnet18", "--repo", "{dir}", "--weights", "{whole}"), 1,
-     "this file is a pickled ResNet object (torchvision.models.resnet.ResNet), not a "
-     "state_dict; re-save it with torch.save(model.state_dict(), path)"),
     (("train-digits", "--out", "{dir}"), 2, "--out {dir}: cannot write it (a folder)"),
     (("bench", "--model", "lenet5", "--repo", "{repo}", "--peer", "triton", "--triton-python",
       "{missing}"), 2, "--peer triton: no Python with nvidia-pytriton at {missing}"),
@@ -86,12 +90,20 @@ MISTAKES = [
 ]
 
 
+LONG = os.environ.get("VISIONSERVE_LONG_TESTS") == "1"
+# a command that imports PyTorch takes seconds to start: in the short form, its first two
+TORCH = ("export", "train-digits", "bench-int8", "bench-ladder")
+WALKED = MISTAKES if LONG else [
+    m for i, m in enumerate(MISTAKES)
+    if m[0][0] not in TORCH or sum(n[0][0] == m[0][0] for n in MISTAKES[:i]) < 2]
+
+
 def test_every_command_is_walked_with_its_mistakes():
-    assert {args[0] for args, _, _ in MISTAKES} == set(commands())
+    assert {args[0] for args, _, _ in WALKED} == set(commands())
 
 
-@pytest.mark.parametrize(("args", "status", "says"), MISTAKES,
-                         ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _, _) in enumerate(MISTAKES)])
+@pytest.mark.parametrize(("args", "status", "says"), WALKED,
+                         ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _, _) in enumerate(WALKED)])
 def test_a_mistake_ends_in_one_clear_line_and_no_traceback(args, status, says, files,
                                                            exported_repo, request):
     values = {**{k: str(v) for k, v in files.items()}, "repo": str(exported_repo)}

@@ -104,13 +104,17 @@ def test_every_rpc_is_accounted_probes_and_index_included(server, triton):
 
 
 def test_model_config_is_the_config_pbtxt_export_wrote(triton, exported_repo):
-    """One renderer: what KServe ModelConfig answers is the config.pbtxt beside the model."""
+    """One renderer: what KServe ModelConfig answers is the config.pbtxt beside the model, and
+    the served version's provenance (the parameter ``weights``)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     written = text_format.Parse((exported_repo / "lenet5" / "config.pbtxt").read_text(),
                                 model_config_pb2.ModelConfig())
-    assert triton.get_model_config("lenet5").config == written
+    served = triton.get_model_config("lenet5").config
+    assert served.parameters["weights"].string_value.startswith("random weights (seeded")
+    del served.parameters["weights"]
+    assert served == written
     assert written.platform == "onnxruntime_onnx" and written.default_model_filename == \
         "model.onnx"
 

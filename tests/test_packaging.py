@@ -34,7 +34,10 @@ def source_files(tree: Path) -> set[str]:
             if not path.is_file() or "__pycache__" in path.parts or \
                     any(path.is_relative_to(tree / d) for d in NOT_MODULES):
                 continue
-            patterns = ["*.py", *data.get(package, [])]
+            patterns = ["*.py", *data.get(package, []),
+                        *(sub.removeprefix(package + ".").replace(".", "/") + "/" + pattern
+                          for sub, listed in data.items() if sub.startswith(package + ".")
+                          for pattern in listed)]  # a data-only subpackage (golden_images)
             if any(path.match(p) for p in patterns):
                 inside = path.relative_to(root).as_posix()
                 expected.add(package.replace(".", "/") + "/" + inside)
