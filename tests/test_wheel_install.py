@@ -101,10 +101,13 @@ def test_the_installed_wheel_has_no_torch_and_imports_every_serving_module(user_
 def test_commands_of_missing_extras_exit_2_naming_the_extra(user_venv):
     export = run(user_venv, "export", "resnet18", "--repo", str(user_venv / "repo"))
     assert export.returncode == 2, export.stderr
-    assert "'export' extra" in export.stderr and "visionserve[export]" in export.stderr
+    # the hint names this project's wheel, never PyPI's unrelated project of the same name
+    assert "'export' extra" in export.stderr and ".whl[export]'" in export.stderr
+    assert "visionserve is not on PyPI" in export.stderr
+    assert "pip install 'visionserve[" not in export.stderr
     bench = run(user_venv, "bench", "--help")
     assert bench.returncode == 2, bench.stderr
-    assert "'bench' extra" in bench.stderr and "visionserve[bench]" in bench.stderr
+    assert "'bench' extra" in bench.stderr and ".whl[bench]'" in bench.stderr
 
 
 def test_the_installed_wheel_serves_what_the_editable_install_serves(user_venv, server,

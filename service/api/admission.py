@@ -23,6 +23,11 @@ MAX_MODEL_NAME = 256
 # while accepted calls still run, a refusal is answered after at most this long: a client that
 # retries at once learns it soon, at a pace that leaves the drain alone
 HOLD_S = 0.5
+# the end of a drain: calls that clients sent just before it land in a handler (and are held)
+SETTLE_S = 0.05
+# gRPC's shutdown sends a GOAWAY, then its final one a ping round trip later; the refusals held
+# are answered after it, so that a client's retry opens a new connection (to another replica)
+GOAWAY_S = 0.25
 
 
 class Admission:

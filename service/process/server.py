@@ -25,7 +25,7 @@ from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
 from ..api.access_log import AccessLog
-from ..api.admission import Admission
+from ..api.admission import GOAWAY_S, SETTLE_S, Admission
 from ..api.auth import TokenCheck, TokenFile
 from ..api.calls import CallHandler
 from ..api.grpc import wire_limits
@@ -54,12 +54,6 @@ from .metrics_http import MetricsHttp
 from .server_config import ServerConfig
 
 log = logging.getLogger(__name__)
-
-# the end of a drain: calls that clients sent just before it land in a handler (and are held)
-SETTLE_S = 0.05
-# gRPC's shutdown sends a GOAWAY, then its final one a ping round trip later; the refusals held
-# are answered after it, so that a client's retry opens a new connection (to another replica)
-GOAWAY_S = 0.25
 
 
 class Server:
