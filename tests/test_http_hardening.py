@@ -133,7 +133,10 @@ def test_the_metrics_port_takes_no_bodies_and_held_connections_cannot_lock_out_a
         got = replies(bodies)
         replies(heads)
     assert all(statuses(r) in ([400], []) for r in got)
-    assert any("takes no request body" in error_message(r) for r in got)
+    # the refusal's reason, on a connection of its own (under load the held ones may all have
+    # been closed by their timers before their heads were read)
+    alone = exchange(srv.metrics_port, trickle)
+    assert statuses(alone) == [400] and "takes no request body" in error_message(alone)
 
 
 def test_tls_handshakes_count_from_accept_and_stalled_ones_are_evicted(exported_repo, tmp_path,
