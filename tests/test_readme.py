@@ -3,9 +3,11 @@ server's address and one of its models put in for the README's `localhost:8001` 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +29,25 @@ def test_a_readme_example_runs_as_written(block, server):
                             cwd=ROOT, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), "an example prints what it shows"
+
+
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+SHELL_CALLS = [b for b in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
+               if "grpcurl -plaintext -d @" in b]
+
+
+def test_the_readme_shows_a_classify_call_with_grpcurl():
+    assert len(SHELL_CALLS) == 1
+
+
+@pytest.mark.skipif(not GRPCURL.exists(), reason="grpcurl is installed by `make setup` (dev extra)")
+def test_the_readme_grpcurl_call_classifies_a_jpeg_as_written(server):
+    script = SHELL_CALLS[0].replace("localhost:8001", server.address)
+    script = script.replace('"efficientnet_lite0"', '"resnet18"')
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reply = json.loads(result.stdout)
+    assert reply["model"] == "resnet18"
+    assert len(reply["results"][0]["classes"]) == 3
+    assert all(0 <= c["score"] <= 1 and c["label"] for c in reply["results"][0]["classes"])
