@@ -40,11 +40,17 @@ test: test-unit test-integration
 test-unit: setup
 	$(BIN)/python -m pytest tests/inprocess $(PYTEST_ARGS)
 
+# The integration tier's tests mostly wait on processes (a server starting, a drain, pip):
+# two pytest-xdist workers, whole files each (a file's servers are shared by its tests), keep
+# both cores busy. WORKERS=0 runs it in one process.
+WORKERS ?= 2
+XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+
 test-integration: setup
-	$(BIN)/python -m pytest -m "not heavy" --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not heavy" $(XDIST) --durations=30 $(PYTEST_ARGS)
 
 test-fast: test-unit
-	$(BIN)/python -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not heavy" $(XDIST) $(PYTEST_ARGS)
 
 # The architectures marked heavy (ViT-H/14), exported and served (measured 2026-12-06: 4 min 28 s,
 # the export's peak 6.0 GB).
@@ -57,7 +63,7 @@ test-heavy: setup
 LONG := VISIONSERVE_ARCH_ALL=1 VISIONSERVE_LONG_TESTS=1 VISIONSERVE_HYPOTHESIS_PROFILE=long
 test-all: setup
 	$(LONG) $(BIN)/python -m pytest tests/inprocess $(PYTEST_ARGS)
-	$(LONG) $(BIN)/python -m pytest -m "" --durations=30 $(PYTEST_ARGS)
+	$(LONG) $(BIN)/python -m pytest -m "" $(XDIST) --durations=30 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check service export tests bench

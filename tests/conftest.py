@@ -7,6 +7,8 @@ session with the public CLI (`visionserve export`) and copied into per-test repo
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import shutil
@@ -57,6 +59,16 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
     return subprocess.run([sys.executable, "-m", "visionserve.service.cli", *args],
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+@functools.cache
+def export_list(output: str = "table") -> subprocess.CompletedProcess[str]:
+    """`visionserve export --list` (``output`` "table" or "json") as a script sees it: stdout a
+    pipe, COLUMNS=80 (a table is never cut). Run once per output and test session: it builds
+    all 42 architectures on PyTorch's meta device (15-35 s)."""
+    result = run_cli("export", "--list", "-o", output, env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 # --- caches under tests/.cache, keyed by what made them ----------------------------------------
@@ -142,6 +154,19 @@ def _publish_entry(staging: Path, entry: Path) -> None:
             raise
 
 
+@contextlib.contextmanager
+def _making(folder: Path, name: str) -> Iterator[None]:
+    """Held while one session makes cache entries named ``name`` in ``folder``: a concurrent
+    session (another pytest-xdist worker, another checkout's run) waits for it, then finds the
+    entry made, instead of making it again. One lock file per name, kept."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f".lock-{name}").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _link_or_copy(src: str, dst: str) -> str:
     """Model files (large, never edited in place) hardlinked where the filesystem allows;
     anything small (config.toml, labels, golden set) copied, so an edit stays in its repository."""
@@ -206,14 +231,16 @@ def cached_export(name: str, args: list[str], sources: dict[str, str]) -> Path:
     entry = EXPORTS / f"{name}-{key}"
     if entry.is_dir():  # an entry exists only whole (see _publish_entry)
         return entry
-    EXPORTS.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=EXPORTS))
-    try:
-        result = run_cli("export", name, "--repo", str(staging), "--version", "1", *args)
-        assert result.returncode == 0, result.stderr[-3000:]
-        _publish_entry(staging / name, entry)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _making(EXPORTS, name):
+        if entry.is_dir():  # made by a concurrent session meanwhile
+            return entry
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=EXPORTS))
+        try:
+            result = run_cli("export", name, "--repo", str(staging), "--version", "1", *args)
+            assert result.returncode == 0, result.stderr[-3000:]
+            _publish_entry(staging / name, entry)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return entry
 
 
@@ -527,17 +554,20 @@ def download_wheels(name: str, key: str, *requirements: str) -> Path:
     folder = WHEELS / f"{name}-{key[:16]}"
     if folder.is_dir():
         return folder
-    WHEELS.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=WHEELS))
-    try:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
-                                 "--only-binary=:all:", "--dest", str(staging), *requirements],
-                                capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        _publish_entry(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _prune(WHEELS, name, folder)
+    with _making(WHEELS, name):
+        if folder.is_dir():  # downloaded by a concurrent session meanwhile
+            return folder
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=WHEELS))
+        try:
+            result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
+                                     "--only-binary=:all:", "--dest", str(staging),
+                                     *requirements],
+                                    capture_output=True, text=True, timeout=900)
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+            _publish_entry(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        _prune(WHEELS, name, folder)
     return folder
 
 

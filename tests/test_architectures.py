@@ -7,7 +7,6 @@ rest, chosen by the commit (VISIONSERVE_ARCH_ALL=1, `make test-all`: every one).
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, embeddings, encode, photo, run_cli, start_server
+from conftest import ROOT, embeddings, encode, export_list, photo, run_cli, start_server
 from visionserve.v1 import visionserve_pb2 as pb
 
 torch = pytest.importorskip("torch")
@@ -109,8 +108,7 @@ def test_a_corrupt_weights_file_and_an_unwritable_repository_are_clear_errors(tm
 
 
 def test_list_shows_every_architecture_of_the_mission():
-    out = run_cli("export", "--list", env={"COLUMNS": "250"})
-    assert out.returncode == 0, out.stderr
+    out = export_list("table")
     assert "42 architectures" in out.stdout
     for name in ("lenet5", "alexnet", "zfnet", "vgg11", "vgg11_lrn", "vgg13", "vgg16", "vgg19",
                  "googlenet", "inception_v2", "inception_v3", "inception_v4",
@@ -145,9 +143,9 @@ def test_skip_heavy_is_for_all_only():
 
 # The slow sweep: every family each run (the mission's families, below), the rest of the
 # architectures in ROTATION slices of about equal export time (docs/models.md's 'export s',
-# measured on 2 cores: the family representatives ~110 s, each slice ~100 s), one slice per
+# measured on 2 cores: the family representatives ~110 s, each slice ~50 s), one slice per
 # run, picked by the commit; `make test-all` exports all of them.
-ROTATION = 8
+ROTATION = 16
 # export --list's families grouped as the mission names them; a family not named here is a
 # group of its own, so a new family is in every run
 KIN = {"AlexNet": "AlexNet/ZFNet", "ZFNet": "AlexNet/ZFNet", "GoogLeNet": "Inception",
@@ -157,11 +155,8 @@ KIN = {"AlexNet": "AlexNet/ZFNet", "ZFNet": "AlexNet/ZFNet", "GoogLeNet": "Incep
 UNMEASURED_S = 30.0  # the export time assumed for an architecture docs/models.md lacks
 
 
-@functools.cache
 def _architectures() -> tuple[dict, ...]:
-    out = run_cli("export", "--list", "--output", "json")
-    assert out.returncode == 0, out.stderr
-    return tuple(json.loads(out.stdout))
+    return tuple(json.loads(export_list("json").stdout))
 
 
 def _non_heavy() -> list[str]:
@@ -256,8 +251,7 @@ def test_every_architecture_but_the_heavy_ones_exports_with_parity_and_serves(
 @pytest.mark.timeout(5400)  # measured: see docs/models.md (vit_h_14 export time and memory)
 def test_the_heavy_architectures_export_with_weights_beside_the_graph_and_serve(
         tmp_path_factory):
-    out = run_cli("export", "--list", "--output", "json")
-    heavy = sorted(r["name"] for r in json.loads(out.stdout) if r["heavy"])
+    heavy = sorted(r["name"] for r in _architectures() if r["heavy"])
     repo = tmp_path_factory.mktemp("heavy") / "repo"
     out = run_cli("export", *heavy, "--repo", str(repo), timeout=5400)
     assert out.returncode == 0, out.stderr[-5000:]

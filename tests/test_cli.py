@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, TEST_MODELS, encode, photo, run_cli
+from conftest import ROOT, TEST_MODELS, encode, export_list, photo, run_cli
 from visionserve.service.cli import build_parser
 
 
@@ -86,9 +86,8 @@ def test_an_interrupted_command_exits_130():
 
 @pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_piped_architecture_list_is_never_cut():
-    listing = run_cli("export", "--list", env={"COLUMNS": "80"})  # stdout is a pipe here
-    assert listing.returncode == 0, listing.stderr
-    document = run_cli("export", "--list", "-o", "json")
+    listing = export_list("table")  # stdout is a pipe, COLUMNS=80
+    document = export_list("json")
     names = [a["name"] for a in json.loads(document.stdout)]
     from visionserve.export.architectures import ARCHITECTURES  # torch: imported when run
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, eventually, make_repo, run_cli, start_server
+from conftest import ROOT, eventually, export_list, make_repo, run_cli, start_server
 from visionserve.service.format.model_format import (
     CONFIG_FILE,
     LABELS_FILE,
@@ -135,9 +135,8 @@ def test_a_fine_tuned_head_with_its_own_labels(tmp_path):
 
 @pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_list_and_unknown_architecture(tmp_path):
-    listing = run_cli("export", "--list", env={"COLUMNS": "200"})
-    assert listing.returncode == 0
-    rows = json.loads(run_cli("export", "--list", "-o", "json").stdout)
+    listing = export_list("table")
+    rows = json.loads(export_list("json").stdout)
     names = [a["name"] for a in rows]
     assert {"lenet5", "resnet18", "mobilenet_v3_small"} <= set(names)  # the test models
     weights = {a["name"]: a["default_weights"] for a in rows}  # where each one's come from
