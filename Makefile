@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(LOCK)
 setup: $(STAMP)
 
 models: setup
-	@echo "== the default models into $(REPO) (those missing; the first time about 2 minutes)"
+	@echo "== the default models into $(REPO) (those missing; the first time about 1.5 minutes)"
 	$(BIN)/visionserve export --if-missing --repo $(REPO) $(DEFAULT_MODELS)
 
 serve: models
