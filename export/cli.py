@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from visionserve.service.format.repository import version_numbers
+from visionserve.service.format.repository import uri_refusal, version_numbers
 
 from . import architectures
 from .errors import ExportError, ExportErrorCode, UsageError
@@ -90,6 +90,9 @@ def _names(args: argparse.Namespace, console: Console) -> list[str] | None:
         return None
     if args.skip_heavy and not args.all:
         console.print("--skip-heavy applies to --all (name the architectures you want instead)")
+        return None
+    if reason := uri_refusal(args.repo):
+        log.error("%s", reason)
         return None
     try:
         for name in names:

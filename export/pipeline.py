@@ -14,6 +14,7 @@ import torch
 from visionserve.service import install_hint
 from visionserve.service.engine.backends.openvino import cpu_capabilities
 from visionserve.service.errors import ConfigError
+from visionserve.service.format.manifest import write_manifest
 from visionserve.service.format.model_config import ModelConfig, OpenVinoConfig
 from visionserve.service.format.model_format import (
     CONFIG_FILE,
@@ -135,6 +136,7 @@ def export_model(req: ExportRequest, on_step=lambda step: None) -> ExportResult:
                            if p.name.startswith("model.onnx")))
         (tmp / "export.json").write_text(json.dumps(provenance, indent=2) + "\n",
                                          encoding="utf-8")
+        write_manifest(tmp)  # last: every other file of the version, with its sha256
         ensure_model_files(staged.model_dir, config, labels,
                            triton_config(name, config, len(labels), embedding_dim))
         path = publish(staged)

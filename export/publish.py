@@ -52,8 +52,25 @@ class PublishError(ExportError):
 
 
 def next_version(model_dir: Path) -> int:
-    existing = version_numbers(model_dir)
-    return (max(existing) + 1) if existing else 1
+    """One above every version of the model present: published, partial or refused folders,
+    and those being staged by running exports. A number is never reused."""
+    taken = [*version_numbers(model_dir), *_staged_versions(model_dir)]
+    return max(taken, default=0) + 1
+
+
+def _staged_versions(model_dir: Path) -> list[int]:
+    """The versions the staging folders of ``model_dir`` (inside it, or a new model's at the
+    top of the repository) are writing, as their ``owner.json`` says."""
+    found = []
+    for folder in (model_dir, model_dir.parent):
+        for owner in folder.glob(f"{STAGING_PREFIX}*/{OWNER_FILE}"):
+            try:
+                record = json.loads(owner.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if record.get("model") == model_dir.name and isinstance(record.get("version"), int):
+                found.append(record["version"])
+    return found
 
 
 class Staged:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_cli import commands
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 NO_SERVER = ("--server", "127.0.0.1:1")  # nothing listens on port 1
 SERVE = ("serve", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0")
@@ -54,6 +54,8 @@ MISTAKES = [
     (("health", *NO_SERVER), 1, "127.0.0.1:1: UNAVAILABLE"),
     ((*SERVE, "--repo", "{missing}"), 2, "--repo {missing}: no such folder"),
     ((*SERVE, "--repo", "{text}"), 2, "--repo {text}: not a folder"),
+    ((*SERVE, "--repo", "s3://bucket/models"), 2,
+     "--repo s3://bucket/models: object-store repositories are not supported by this version"),
     ((*SERVE, "--repo", "{repo}", "--grpc-port", "99999"), 2,
      "--grpc-port 99999: a TCP port is 0-65535"),
     ((*SERVE, "--repo", "{repo}", "--max-message-bytes", "-5"), 2,
@@ -62,6 +64,8 @@ MISTAKES = [
      "--tls-cert {missing}: cannot read it"),
     ((*SERVE, "--repo", "{repo}", "--host", "999.1.1.1"), 2,
      "is --host an address of this machine?"),
+    (("export", "lenet5", "--repo", "s3://bucket/models"), 2,  # never a local folder "s3:"
+     "--repo s3://bucket/models: object-store repositories are not supported by this version"),
     (("export", "resnet18", "--repo", "{dir}", "--weights", "{whole}"), 1,
      "this file is a pickled ResNet object (torchvision.models.resnet.ResNet), not a "
      "state_dict; re-save it with torch.save(model.state_dict(), path)"),
@@ -110,6 +114,7 @@ def test_a_mistake_ends_in_one_clear_line_and_no_traceback(args, status, says, f
     if any("{whole}" in a for a in args):
         values["whole"] = str(request.getfixturevalue("whole_model"))
     result = run_cli(*(a.format(**values) for a in args), timeout=300)
+    assert not list(ROOT.glob("*:")), "a URI became a local folder"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.returncode == status, result.stderr[-2000:]
     assert says.format(**values) in result.stderr, result.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -51,7 +52,15 @@ def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path)
     version = repo / "lenet5" / "1"
     # the repository format's names (service/format/model_format.py), and the provenance record
     assert {p.name for p in version.iterdir()} == {MODEL_FILES["onnxruntime"], LABELS_FILE,
-                                                   "export.json", GOLDEN_DIR}
+                                                   "export.json", GOLDEN_DIR, "manifest.json"}
+    # the manifest, written last: every other file of the version, its size and sha256
+    listed = json.loads((version / "manifest.json").read_text())
+    on_disk = sorted(p for p in version.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert listed["format"] == 1
+    assert listed["files"] == [{"path": p.relative_to(version).as_posix(),
+                                "size": p.stat().st_size,
+                                "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                               for p in on_disk]
     record = json.loads((version / "export.json").read_text())
     # every photo of the golden set once per decoder, and the two noise inputs; none dropped
     assert record["golden"]["cases"] == len(PHOTOS) * len(DECODERS) + 2
@@ -79,13 +88,28 @@ def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path)
 
 
 @pytest.mark.slow  # an export or `export --list` process: `make test` runs it
-def test_an_existing_version_is_never_overwritten(tmp_path):
+def test_an_existing_version_is_never_overwritten_and_no_number_is_reused(tmp_path):
+    import fcntl
+
     repo = tmp_path / "repo"
-    assert run_cli("export", "lenet5", "--repo", str(repo)).returncode == 0
+    assert run_cli("export", "lenet5", "--repo", str(repo), "--random-weights").returncode == 0
     before = tree(repo)
     again = run_cli("export", "lenet5", "--repo", str(repo), "--version", "1")
     assert again.returncode == 1 and "exists already" in again.stderr
     assert tree(repo) == before
+    # the next number is above every version present: a partial copy (3), and one a running
+    # export is staging (5: its owner.json locked, as export holds it)
+    (repo / "lenet5" / "3").mkdir()
+    staging = repo / "lenet5" / ".staging-running"
+    staging.mkdir()
+    with open(staging / "owner.json", "w") as owner:
+        fcntl.flock(owner, fcntl.LOCK_EX)
+        owner.write(json.dumps({"pid": 1, "model": "lenet5", "version": 5}))
+        owner.flush()
+        out = run_cli("export", "lenet5", "--repo", str(repo), "--random-weights")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "published lenet5 version 6" in out.stderr
+    assert staging.is_dir()  # a running export's staging folder is left alone
 
 
 @pytest.mark.slow  # an export or `export --list` process: `make test` runs it

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, VisionServeError
+from . import manifest
+from .manifest import MANIFEST_FILE, Manifest
 from .model_config import ModelConfig
 from .model_format import CONFIG_FILE, LABELS_FILE, MODEL_FILES
 
@@ -33,6 +36,7 @@ class VersionEntry:
     model_file: Path
     labels: tuple[str, ...]
     fingerprint: tuple[object, ...] = ()  # changes when any file of the version changes
+    manifest: Manifest | None = None  # its files' sizes already match; contents: before a load
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +64,19 @@ class ModelEntry:
                 tuple(sorted(self.version_errors.items())))
 
 
+def uri_refusal(repo: Path) -> str:
+    """Why ``repo`` cannot be a repository when it is a URI (``s3://bucket/models``, which a
+    Path has already folded to ``s3:/bucket/models``): it must never silently become a local
+    folder named ``s3:``. "" for a local path."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):/+(.*)", str(repo))
+    if match is None:
+        return ""
+    uri = f"{match.group(1)}://{match.group(2)}"
+    return (f"--repo {uri}: object-store repositories are not supported by this version; copy "
+            f"the versions to a local folder and pass that folder (`aws s3 sync {uri} DIR`, or "
+            "KServe's storage initializer, which downloads into /mnt/models: docs/deploy.md)")
+
+
 def is_version_name(name: str) -> bool:
     """A published version folder's name: a number > 0 in ASCII digits, as ``str(n)`` writes it
     (``"²".isdigit()`` is true too; ``"01"`` would name the same version as ``"1"``)."""
@@ -82,10 +99,16 @@ def read_labels(path: Path) -> tuple[str, ...]:
     return tuple(line.strip() for line in lines)
 
 
-def scan(repo: Path, allow_outside: bool = False) -> list[ModelEntry]:
+@dataclass(frozen=True)
+class ScanRules:
+    allow_outside: bool = False  # --allow-symlinks-outside-repo
+    require_manifest: bool = False  # --require-manifest
+
+
+def scan(repo: Path, rules: ScanRules = ScanRules()) -> list[ModelEntry]:
     """Every model folder in ``repo``, sorted by name. Raises only when ``repo`` itself cannot
     be read; a fault inside one model folder fails that model alone."""
-    return [scan_model(p, repo, allow_outside) for p in model_folders(repo)]
+    return [scan_model(p, repo, rules) for p in model_folders(repo)]
 
 
 def model_folders(repo: Path) -> list[Path]:
@@ -103,9 +126,9 @@ def model_folders(repo: Path) -> list[Path]:
 
 
 def scan_model(model_dir: Path, repo: Path | None = None,
-               allow_outside: bool = False) -> ModelEntry:
+               rules: ScanRules = ScanRules()) -> ModelEntry:
     """One model folder; any fault becomes the entry's error (never an exception)."""
-    scanner = _Scanner(repo if repo is not None else model_dir.parent, allow_outside)
+    scanner = _Scanner(repo if repo is not None else model_dir.parent, rules)
     try:
         return scanner.model(model_dir)
     except Exception as exc:
@@ -116,10 +139,11 @@ def scan_model(model_dir: Path, repo: Path | None = None,
 
 
 class _Scanner:
-    def __init__(self, repo: Path, allow_outside: bool) -> None:
+    def __init__(self, repo: Path, rules: ScanRules) -> None:
         self._repo = repo
         self._root = repo.resolve()
-        self._allow_outside = allow_outside
+        self._allow_outside = rules.allow_outside
+        self._require_manifest = rules.require_manifest
 
     def rel(self, path: Path) -> str:
         """``path`` as the repository names it (reasons never show the server's directories)."""
@@ -201,6 +225,7 @@ class _Scanner:
         if reason := self.escapes(vdir):
             raise ConfigError(f"{where}: {reason}")
         files = self.files(where, vdir)
+        listed = self.manifest(where, vdir, files)  # first: it says why a file is missing
         model_file = vdir / MODEL_FILES[config.backend]
         if model_file not in files:
             raise ConfigError(f"{where}: {self.rel(model_file)} is missing")
@@ -208,7 +233,24 @@ class _Scanner:
         labels = self.labels(labels_file) if labels_file.exists() else fallback_labels
         return VersionEntry(version=number, path=vdir, model_file=model_file, labels=labels,
                             fingerprint=tuple(sorted((str(p.relative_to(vdir)), stat)
-                                                     for p, stat in files.items())))
+                                                     for p, stat in files.items())),
+                            manifest=listed)
+
+    def manifest(self, where: str, vdir: Path,
+                 files: dict[Path, tuple[int, int]]) -> Manifest | None:
+        """The version's manifest, its listing checked against the folder (sizes only: the
+        contents are hashed before a load), or None where it has none and none is required."""
+        listed = manifest.read_manifest(vdir, where)
+        if listed is None:
+            if self._require_manifest:
+                raise ConfigError(f"{where}: no {MANIFEST_FILE}, and the server requires one "
+                                  "(--require-manifest); publish the version with "
+                                  "`visionserve export`, which writes it")
+            return None
+        sizes = {p.relative_to(vdir).as_posix(): stat[1] for p, stat in files.items()}
+        sizes.pop(MANIFEST_FILE, None)
+        manifest.check_listing(listed, sizes, where)
+        return listed
 
     def files(self, where: str, vdir: Path) -> dict[Path, tuple[int, int]]:
         """Every file of a version folder (subfolders included) with its (mtime, size): a change

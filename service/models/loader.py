@@ -21,6 +21,7 @@ import numpy as np
 from ..engine.backends import Backend, create_backend
 from ..engine.batching import BatchPolicy, DynamicBatcher
 from ..engine.preprocess import Preprocessor
+from ..format.manifest import MANIFEST_FILE, verify_contents
 from ..format.model_config import ModelConfig
 from ..format.provenance import weights_of
 from ..format.repository import VersionEntry
@@ -111,6 +112,12 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
     is routable before."""
     start = time.perf_counter()
     loop = asyncio.get_running_loop()
+    where = f"model {name} version {ventry.version}"
+    if ventry.manifest is not None:  # every file's sha256, before the engine reads any
+        await loop.run_in_executor(None, verify_contents, ventry.path, ventry.manifest, where)
+    else:
+        log.info("%s has no %s: loading it unverified (--require-manifest refuses such "
+                 "versions)", where, MANIFEST_FILE)
     backend = await loop.run_in_executor(None, backend_factory, name, config, ventry)
     try:
         if len(ventry.labels) not in (0, backend.num_classes):
@@ -133,7 +140,6 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
         instances=config.instance_count,
         reject_unreachable_deadlines=config.batching.reject_unreachable_deadlines,
     )
-    where = f"model {name} version {ventry.version}"
     accounting = VersionAccounting(metrics, name, ventry.version, policy.max_queue_size)
     preprocessor = Preprocessor(name, ventry.version, config.input, limits)
     batcher = DynamicBatcher(where, backend.run, policy, executor, accounting,

@@ -33,14 +33,16 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"(),;]+")
 class RepositorySync:
     def __init__(self, router: Router, limits: ServerLimits, metrics: Metrics,
                  backend_factory: BackendFactory = create_backend,
-                 allow_outside: bool = False, golden: GoldenCheck | None = None) -> None:
+                 allow_outside: bool = False, golden: GoldenCheck | None = None,
+                 require_manifest: bool = False) -> None:
         self._router = router  # records every state this controller decides
         self._backend_factory = backend_factory  # injected: tests drive the sync with fakes
         self._limits = limits
         self._metrics = metrics  # for the loads' own series (load time)
         self._synced: dict[str, tuple[object, ...]] = {}  # fingerprint last synced, per model
         self._locks: dict[str, asyncio.Lock] = {}
-        self._allow_outside = allow_outside  # --allow-symlinks-outside-repo
+        # --allow-symlinks-outside-repo, --require-manifest
+        self._rules = repository.ScanRules(allow_outside, require_manifest)
         self._golden = golden  # run on every version loaded, before it is routed
         self.repo: Path | None = None
 
@@ -49,7 +51,7 @@ class RepositorySync:
         self.repo = repo
         # off the event loop: health answers while a large repository is read
         entries = await asyncio.get_running_loop().run_in_executor(
-            None, repository.scan, repo, self._allow_outside)
+            None, repository.scan, repo, self._rules)
         for entry in entries:
             if only is None or entry.name in only:
                 await self.sync(entry)
@@ -61,7 +63,7 @@ class RepositorySync:
         assert self.repo is not None
         try:
             entries = await asyncio.get_running_loop().run_in_executor(
-                None, repository.scan, self.repo, self._allow_outside)
+                None, repository.scan, self.repo, self._rules)
         except VisionServeError as exc:
             log.error("repository poll failed: %s", exc)
             return
@@ -90,7 +92,7 @@ class RepositorySync:
             raise ModelNotFound(f"model {name!r}: no folder {name!r} in the repository; "
                                 "export it first")
         entry = await asyncio.get_running_loop().run_in_executor(
-            None, repository.scan_model, self.repo / name, self.repo, self._allow_outside)
+            None, repository.scan_model, self.repo / name, self.repo, self._rules)
         await self.sync(entry, force=True)
 
     async def sync(self, entry: ModelEntry, force: bool = False) -> None:

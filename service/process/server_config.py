@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..format.repository import uri_refusal
 from ..limits import ServerLimits
 from ..modes import AccessLogMode, GoldenMode, ModelControlMode
 from ..settings import setting
@@ -62,6 +63,11 @@ class ServerConfig:
         False, help="follow symbolic links in the repository that lead outside it (refused by "
                     "default, failing that model or version: docs/security.md); for volume "
                     "layouts that link models in from elsewhere")
+    require_manifest: bool = setting(
+        False, help="load only versions that carry a manifest.json (written by export: every "
+                    "file's size and sha256); by default a version without one (copied by hand, "
+                    "KServe's /mnt/models) loads unverified, logged. A version with a manifest "
+                    "is always verified: a missing, extra, short or altered file refuses it")
     golden_check: GoldenMode = setting(
         GoldenMode.ENFORCE,
         help="before a version serves, run its golden set (exported with it: real photos and "
@@ -134,6 +140,8 @@ class ServerConfig:
             if port is not None and not 0 <= port <= 65535:
                 raise UsageError(f"--{flag.replace('_', '-')} {port}: a TCP port is 0-65535 (0 "
                                  "= pick a free one)")
+        if reason := uri_refusal(self.repo):
+            raise UsageError(reason)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise UsageError("--tls-cert and --tls-key go together; give both (or neither)")
         if self.tls_client_ca and not self.tls_cert:
