@@ -47,7 +47,8 @@ def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path)
     from visionserve.service.format.model_config import DECODERS
 
     repo = tmp_path / "repo"
-    first = run_cli("export", "lenet5", "--repo", str(repo), "--seed", "11")
+    first = run_cli("export", "lenet5", "--repo", str(repo), "--seed", "11",
+                    "--random-weights")
     assert first.returncode == 0, first.stderr
     version = repo / "lenet5" / "1"
     # the repository format's names (service/format/model_format.py), and the provenance record
@@ -81,7 +82,7 @@ def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path)
     os.umask(umask)  # readable by a server running as another user, as a mkdir'd folder is
     assert stat.S_IMODE(version.stat().st_mode) == 0o777 & ~umask
 
-    second = run_cli("export", "lenet5", "--repo", str(repo))
+    second = run_cli("export", "lenet5", "--repo", str(repo), "--random-weights")
     assert second.returncode == 0, second.stderr
     assert sorted(p.name for p in (repo / "lenet5").iterdir()) == \
         sorted(["1", "2", TRITON_CONFIG_FILE, CONFIG_FILE, LABELS_FILE])  # no hidden temp folder
@@ -115,7 +116,7 @@ def test_an_existing_version_is_never_overwritten_and_no_number_is_reused(tmp_pa
 @pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_a_failed_parity_check_publishes_nothing(tmp_path):
     repo = tmp_path / "repo"
-    assert run_cli("export", "lenet5", "--repo", str(repo)).returncode == 0
+    assert run_cli("export", "lenet5", "--repo", str(repo), "--random-weights").returncode == 0
     before = tree(repo)
     weights = lenet_weights(tmp_path / "diverged.pt", poison=True)
     out = run_cli("export", "lenet5", "--repo", str(repo), "--weights", str(weights))
@@ -181,7 +182,8 @@ def test_a_model_published_while_a_server_polls_appears_whole(exported_repo, tmp
     srv = start_server(repo, tmp_path / "server.log", "--model-control", "poll",
                        "--poll-interval-s", "0.05")
     try:
-        out = run_cli("export", "lenet5", "--repo", str(repo), "--name", "digits")
+        out = run_cli("export", "lenet5", "--repo", str(repo), "--name", "digits",
+                      "--random-weights")
         assert out.returncode == 0, out.stderr
         eventually(lambda: srv.stub.GetModel(pb.GetModelRequest(model="digits")).state
                    == pb.MODEL_STATE_READY, "the new model to serve")
@@ -213,7 +215,8 @@ def test_a_crashed_exports_staging_is_never_served_and_the_next_export_removes_i
                                        data=b"{}", method="POST")
         with urllib.request.urlopen(index, timeout=30) as reply:
             assert [m["name"] for m in json.load(reply)] == ["lenet5"]
-        out = run_cli("export", "lenet5", "--repo", str(repo), "--name", "digits")
+        out = run_cli("export", "lenet5", "--repo", str(repo), "--name", "digits",
+                      "--random-weights")
         assert out.returncode == 0, out.stderr
         assert "left by an export that did not finish" in out.stderr
         assert not any(p.exists() for p in leftover)

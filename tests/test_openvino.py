@@ -188,17 +188,18 @@ def test_bf16_export_is_checked_on_openvino_and_serves_within_its_tolerance(tmp_
 @pytest.mark.slow  # an export or `export --list` process: `make test` runs it
 def test_export_refuses_what_no_engine_would_serve_as_checked(exported_repo, tmp_path):
     fp16 = run_cli("export", "lenet5", "--precision", "fp16", "--backend", "openvino",
-                   "--repo", str(tmp_path))
+                   "--repo", str(tmp_path), "--random-weights")
     assert fp16.returncode != 0 and "export fp32 or bf16 for it" in fp16.stderr
     # a folder made for OpenVINO takes its next versions for OpenVINO
     for _ in range(2):
-        again = run_cli("export", "lenet5", "--backend", "openvino", "--repo", str(tmp_path))
+        again = run_cli("export", "lenet5", "--backend", "openvino", "--repo", str(tmp_path),
+                        "--random-weights")
         assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "lenet5" / "2" / "golden").is_dir()
     # one model name per engine: a version must serve on what it was checked on
     make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
     other = run_cli("export", "lenet5", "--backend", "openvino", "--repo",
-                    str(tmp_path / "repo"))
+                    str(tmp_path / "repo"), "--random-weights")
     assert other.returncode != 0
     assert "lenet5 is served by ONNX Runtime (CPU)" in other.stderr, other.stderr[-2000:]
     assert "another --name" in other.stderr

@@ -30,7 +30,7 @@ def test_export_flushes_every_file_and_folder_before_the_rename_that_publishes(t
     result = subprocess.run(
         [strace, "-f", "-e", "trace=fsync,rename,renameat,renameat2", "-o", str(trace),
          sys.executable, "-m", "visionserve.service.cli", "export", "lenet5", "--repo",
-         str(tmp_path / "repo")],
+         str(tmp_path / "repo"), "--random-weights"],
         capture_output=True, text=True, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     calls = [line for line in trace.read_text().splitlines() if "fsync" in line or "rename" in line]
