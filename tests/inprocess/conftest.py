@@ -54,3 +54,17 @@ def server_factory(tmp_path: Path, engines: Engines) -> Iterator:
     yield start
     for srv in reversed(started):
         srv.stop()
+
+
+@pytest.fixture
+def start(engines: Engines) -> Iterator:
+    """``start(repo, *flags)``: a server on a repository the test prepared; stopped at the end."""
+    started: list[InProcessServer] = []
+
+    def run(repo: Path, *flags: str) -> InProcessServer:
+        started.append(InProcessServer(repo, *flags, engines=engines))
+        return started[-1]
+
+    yield run
+    for srv in reversed(started):
+        srv.stop()

@@ -49,6 +49,13 @@ def fake_repo(dst: Path, models: tuple[str, ...] = tuple(MODELS),
     return dst
 
 
+def lenet5_repo(dst: Path) -> Path:
+    """A repository holding lenet5 as export leaves it: its labels also in the version folder."""
+    repo = fake_repo(dst, ("lenet5",))
+    shutil.copy(repo / "lenet5" / "labels.txt", repo / "lenet5" / "1" / "labels.txt")
+    return repo
+
+
 def publish_fake(model_dir: Path, version: int, seed: int | None = None) -> Path:
     """Version ``version`` of the model in ``model_dir``, for the fake engine (a hidden folder
     renamed into place, as export publishes)."""

@@ -11,16 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from fakes.engine import Engines
 
 from conftest import eventually
-from inprocess.harness import InProcessServer, fake_repo, publish_fake
+from inprocess.harness import InProcessServer, fake_repo, lenet5_repo, publish_fake
 from visionserve.v1 import visionserve_pb2 as pb
 
 POLL = ("--poll-interval-s", "0.1")
@@ -36,22 +35,8 @@ def seal(version: Path) -> None:
          "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files]}))
 
 
-@pytest.fixture
-def start(engines: Engines) -> Iterator:
-    started: list[InProcessServer] = []
-
-    def run(repo: Path, *flags: str) -> InProcessServer:
-        started.append(InProcessServer(repo, *flags, engines=engines))
-        return started[-1]
-
-    yield run
-    for srv in reversed(started):
-        srv.stop()
-
-
 def sealed_lenet5(dst: Path) -> Path:
-    repo = fake_repo(dst, ("lenet5",))
-    shutil.copy(repo / "lenet5" / "labels.txt", repo / "lenet5" / "1" / "labels.txt")
+    repo = lenet5_repo(dst)
     seal(repo / "lenet5" / "1")
     return repo
 

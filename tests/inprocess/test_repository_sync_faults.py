@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from fakes.engine import Engines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, eventually
-from inprocess.harness import InProcessServer, fake_repo, publish_fake
+from inprocess.harness import lenet5_repo, publish_fake
 from visionserve.inference import grpc_service_pb2 as kpb
 from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.service.format.repository import scan
@@ -36,27 +34,6 @@ POLL = ("--poll-interval-s", "0.1")
 # 150 examples under the default hypothesis profile ("ci": 100; see tests/conftest.py), ten
 # times that under "long"
 EXAMPLES = 150 * settings.default.max_examples // 100
-
-
-@pytest.fixture
-def start(engines: Engines) -> Iterator:
-    """``start(repo, *flags)``: a server on a repository the test prepared; stopped at the end."""
-    started: list[InProcessServer] = []
-
-    def run(repo: Path, *flags: str) -> InProcessServer:
-        started.append(InProcessServer(repo, *flags, engines=engines))
-        return started[-1]
-
-    yield run
-    for srv in reversed(started):
-        srv.stop()
-
-
-def lenet5_repo(dst: Path) -> Path:
-    """A repository holding lenet5 as export leaves it: its labels also in the version folder."""
-    repo = fake_repo(dst, ("lenet5",))
-    shutil.copy(repo / "lenet5" / "labels.txt", repo / "lenet5" / "1" / "labels.txt")
-    return repo
 
 
 def classify(srv, model: str = "lenet5", version: int = 0, timeout: float = 30):

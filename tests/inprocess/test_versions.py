@@ -13,17 +13,13 @@ import shutil
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
-from fakes.engine import Engines
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import Load, eventually, publish, tensor_image
-from inprocess.harness import InProcessServer, fake_repo, publish_fake
+from inprocess.harness import fake_repo, publish_fake
 from visionserve.inference import grpc_service_pb2 as kpb
 from visionserve.inference import grpc_service_pb2_grpc as kpb_grpc
 from visionserve.v1 import visionserve_pb2 as pb
@@ -31,20 +27,6 @@ from visionserve.v1 import visionserve_pb2 as pb
 # every poll is a scan of the repository: a short interval is only what the waits wait for
 POLL = ("--model-control", "poll", "--poll-interval-s", "0.1")
 LENET = pb.ClassifyRequest(model="lenet5", images=[tensor_image(np.zeros((32, 32, 1), np.uint8))])
-
-
-@pytest.fixture
-def start(engines: Engines) -> Iterator:
-    """``start(repo, *flags)``: a server on a repository the test prepared; stopped at the end."""
-    started: list[InProcessServer] = []
-
-    def run(repo: Path, *flags: str) -> InProcessServer:
-        started.append(InProcessServer(repo, *flags, engines=engines))
-        return started[-1]
-
-    yield run
-    for srv in reversed(started):
-        srv.stop()
 
 
 def test_publishing_under_load_swaps_versions_without_a_failed_request(server_factory,
