@@ -54,9 +54,8 @@ def sha256_of(path: Path) -> str:
 def describe_folder(version_dir: Path) -> Manifest:
     """The manifest of a version folder as it is now (every file but the manifest)."""
     files = []
-    for folder, dirs, names in os.walk(version_dir):
-        dirs.sort()
-        for name in sorted(names):
+    for folder, _, names in os.walk(version_dir):
+        for name in names:
             path = Path(folder) / name
             rel = path.relative_to(version_dir).as_posix()
             if rel != MANIFEST_FILE:

@@ -33,8 +33,8 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"(),;]+")
 class RepositorySync:
     def __init__(self, router: Router, limits: ServerLimits, metrics: Metrics,
                  backend_factory: BackendFactory = create_backend,
-                 allow_outside: bool = False, golden: GoldenCheck | None = None,
-                 require_manifest: bool = False) -> None:
+                 rules: repository.ScanRules | None = None,
+                 golden: GoldenCheck | None = None) -> None:
         self._router = router  # records every state this controller decides
         self._backend_factory = backend_factory  # injected: tests drive the sync with fakes
         self._limits = limits
@@ -42,7 +42,7 @@ class RepositorySync:
         self._synced: dict[str, tuple[object, ...]] = {}  # fingerprint last synced, per model
         self._locks: dict[str, asyncio.Lock] = {}
         # --allow-symlinks-outside-repo, --require-manifest
-        self._rules = repository.ScanRules(allow_outside, require_manifest)
+        self._rules = rules or repository.ScanRules()
         self._golden = golden  # run on every version loaded, before it is routed
         self.repo: Path | None = None
 

@@ -80,8 +80,7 @@ class Server:
             engines = EngineOptions(openvino_cache_dir=config.openvino_cache_dir)
             backend_factory = partial(create_backend, options=engines)
         self.sync = RepositorySync(self.router, config.limits, self.metrics,
-                                   allow_outside=config.allow_symlinks_outside_repo,
-                                   require_manifest=config.require_manifest,
+                                   rules=config.scan_rules,
                                    backend_factory=backend_factory,
                                    golden=GoldenCheck(config.golden_check, self.core.outputs,
                                                       self.metrics))

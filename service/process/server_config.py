@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..format.repository import uri_refusal
+from ..format.repository import ScanRules, uri_refusal
 from ..limits import ServerLimits
 from ..modes import AccessLogMode, GoldenMode, ModelControlMode
 from ..settings import setting
@@ -173,6 +173,12 @@ class ServerConfig:
                 raise UsageError(str(exc)) from None
         if self.openvino_cache_dir is not None:
             _check_writable(self.openvino_cache_dir)
+
+    @property
+    def scan_rules(self) -> ScanRules:
+        """What a repository scan admits: links out of it, versions without a manifest."""
+        return ScanRules(allow_outside=self.allow_symlinks_outside_repo,
+                         require_manifest=self.require_manifest)
 
     @property
     def tls(self) -> TlsConfig | None:
