@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
+from functools import partial
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from visionserve.service.format.repository import uri_refusal, version_numbers
+from visionserve.service.format.repository import version_numbers
 
 from . import architectures
 from .errors import ExportError, ExportErrorCode, UsageError
 from .pipeline import STEPS, ExportRequest, export_model
 from .provided import describe_default
 from .report import write_report
+from .store_publish import export_into_store, store_of, versions_in
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,13 @@ def run_export(args: argparse.Namespace) -> int:
     names = _names(args, console)
     if names is None:
         return 2
-    todo = [a for a in names
-            if not (args.if_missing and version_numbers(args.repo / (args.name or a)))]
+    store = store_of(args.repo)  # checked by _names
+    todo = [a for a in names if not (args.if_missing and (
+        versions_in(store, args.name or a) if store else
+        version_numbers(args.repo / (args.name or a))))]
     for skipped in sorted(set(names) - set(todo)):
         log.info("%s: already in %s, skipped (--if-missing)", skipped, args.repo)
     failures = 0
-    done: list[tuple[str, Path]] = []
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
@@ -51,7 +53,8 @@ def run_export(args: argparse.Namespace) -> int:
                                 completed=STEPS.index(step))
 
             try:
-                result = export_model(ExportRequest(
+                publish = partial(export_into_store, store) if store else export_model
+                result = publish(ExportRequest(
                     arch=arch, repo=args.repo, name=args.name, version=args.version,
                     weights=args.weights, random_weights=args.random_weights, seed=args.seed,
                     num_classes=args.num_classes,
@@ -65,7 +68,6 @@ def run_export(args: argparse.Namespace) -> int:
                     return 2  # the same flags would fail every architecture
                 failures += 1
             else:
-                done.append((arch, result.path))
                 p = result.parity
                 progress.update(task, completed=len(STEPS),
                                 description=f"{arch}: v{result.version} "
@@ -91,8 +93,12 @@ def _names(args: argparse.Namespace, console: Console) -> list[str] | None:
     if args.skip_heavy and not args.all:
         console.print("--skip-heavy applies to --all (name the architectures you want instead)")
         return None
-    if reason := uri_refusal(args.repo):
-        log.error("%s", reason)
+    try:
+        if store_of(args.repo) and args.report:
+            raise UsageError("--report measures the local versions it exported; with an "
+                             "object-store --repo, export into a folder to measure them")
+    except UsageError as exc:
+        log.error("%s", exc)
         return None
     try:
         for name in names:

@@ -54,8 +54,10 @@ MISTAKES = [
     (("health", *NO_SERVER), 1, "127.0.0.1:1: UNAVAILABLE"),
     ((*SERVE, "--repo", "{missing}"), 2, "--repo {missing}: no such folder"),
     ((*SERVE, "--repo", "{text}"), 2, "--repo {text}: not a folder"),
-    ((*SERVE, "--repo", "s3://bucket/models"), 2,
-     "--repo s3://bucket/models: object-store repositories are not supported by this version"),
+    ((*SERVE, "--repo", "ftp://bucket/models"), 2,
+     "--repo ftp://bucket/models: ftp:// is not a repository this server reads; use a local "
+     "folder or one of s3://, gs://, az://, abfs://"),
+    ((*SERVE, "--repo", "s3://"), 2, "name the bucket and, optionally, a prefix"),
     ((*SERVE, "--repo", "{repo}", "--grpc-port", "99999"), 2,
      "--grpc-port 99999: a TCP port is 0-65535"),
     ((*SERVE, "--repo", "{repo}", "--max-message-bytes", "-5"), 2,
@@ -64,8 +66,8 @@ MISTAKES = [
      "--tls-cert {missing}: cannot read it"),
     ((*SERVE, "--repo", "{repo}", "--host", "999.1.1.1"), 2,
      "is --host an address of this machine?"),
-    (("export", "lenet5", "--repo", "s3://bucket/models"), 2,  # never a local folder "s3:"
-     "--repo s3://bucket/models: object-store repositories are not supported by this version"),
+    (("export", "lenet5", "--repo", "ftp://bucket/models"), 2,  # never a local folder "ftp:"
+     "--repo ftp://bucket/models: ftp:// is not a repository this server reads"),
     (("export", "resnet18", "--repo", "{dir}", "--weights", "{whole}"), 1,
      "this file is a pickled ResNet object (torchvision.models.resnet.ResNet), not a "
      "state_dict; re-save it with torch.save(model.state_dict(), path)"),

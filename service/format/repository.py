@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,19 +61,6 @@ class ModelEntry:
         return (self.config_fingerprint, self.error,
                 tuple((v.version, v.fingerprint) for v in (*self.versions, *self.fallbacks)),
                 tuple(sorted(self.version_errors.items())))
-
-
-def uri_refusal(repo: Path) -> str:
-    """Why ``repo`` cannot be a repository when it is a URI (``s3://bucket/models``, which a
-    Path has already folded to ``s3:/bucket/models``): it must never silently become a local
-    folder named ``s3:``. "" for a local path."""
-    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):/+(.*)", str(repo))
-    if match is None:
-        return ""
-    uri = f"{match.group(1)}://{match.group(2)}"
-    return (f"--repo {uri}: object-store repositories are not supported by this version; copy "
-            f"the versions to a local folder and pass that folder (`aws s3 sync {uri} DIR`, or "
-            "KServe's storage initializer, which downloads into /mnt/models: docs/deploy.md)")
 
 
 def is_version_name(name: str) -> bool:

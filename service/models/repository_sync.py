@@ -15,9 +15,11 @@ import re
 from pathlib import Path
 
 from ..engine.backends import create_backend
-from ..errors import ModelNotFound, VisionServeError
+from ..errors import ConfigError, ModelNotFound, VisionServeError
 from ..format import repository
+from ..format.object_store import StoreError, StoreUri
 from ..format.repository import ModelEntry
+from ..format.store_mirror import StoreMirror
 from ..limits import ServerLimits
 from ..metrics import Metrics
 from ..states import VersionState
@@ -28,6 +30,21 @@ from .routing import Router
 log = logging.getLogger(__name__)
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"(),;]+")
+
+
+def open_repository(repo: Path, store: StoreUri | None, cache_dir: Path,
+                    max_bytes: int) -> tuple[Path, StoreMirror | None]:
+    """The folder the scanner reads: ``repo``, or an object store's cache (with its mirror,
+    which fills it). Raises ConfigError for a local folder that is not there."""
+    if store is not None:
+        mirror = StoreMirror(store, cache_dir, max_bytes)
+        return mirror.root, mirror
+    if not repo.is_dir():
+        raise ConfigError(f"--repo {repo}: "
+                          + ("not a folder" if repo.exists() else "no such folder")
+                          + "; pass the model repository's folder, or create one with "
+                          "`visionserve export ARCH --repo DIR`")
+    return repo, None
 
 
 class RepositorySync:
@@ -45,13 +62,16 @@ class RepositorySync:
         self._rules = rules or repository.ScanRules()
         self._golden = golden  # run on every version loaded, before it is routed
         self.repo: Path | None = None
+        self._mirror: StoreMirror | None = None  # a repository in object storage: its cache
 
-    async def load_repository(self, repo: Path, only: set[str] | None = None) -> None:
-        """Initial load: every model of the repository (or those in ``only``)."""
+    async def load_repository(self, repo: Path, only: set[str] | None = None,
+                              mirror: StoreMirror | None = None) -> None:
+        """Initial load: every model of the repository (or those in ``only``). With a
+        ``mirror``, ``repo`` is its cache, brought up to date before each scan."""
         self.repo = repo
+        self._mirror = mirror
         # off the event loop: health answers while a large repository is read
-        entries = await asyncio.get_running_loop().run_in_executor(
-            None, repository.scan, repo, self._rules)
+        entries = await asyncio.get_running_loop().run_in_executor(None, self._scan)
         for entry in entries:
             if only is None or entry.name in only:
                 await self.sync(entry)
@@ -62,9 +82,8 @@ class RepositorySync:
         """Rescan the repository: sync new and changed models, retire removed ones."""
         assert self.repo is not None
         try:
-            entries = await asyncio.get_running_loop().run_in_executor(
-                None, repository.scan, self.repo, self._rules)
-        except VisionServeError as exc:
+            entries = await asyncio.get_running_loop().run_in_executor(None, self._scan)
+        except VisionServeError as exc:  # a store's StoreError too
             log.error("repository poll failed: %s", exc)
             return
         for entry in entries:
@@ -88,12 +107,35 @@ class RepositorySync:
 
     async def load_named(self, name: str) -> None:
         """(Re)load one model folder by name (explicit model control)."""
+        loop = asyncio.get_running_loop()
+        if self._mirror is not None:
+            await loop.run_in_executor(None, self._refresh_cache)
         if self.repo is None or not (self.repo / name).is_dir() or name.startswith((".", "_")):
             raise ModelNotFound(f"model {name!r}: no folder {name!r} in the repository; "
                                 "export it first")
-        entry = await asyncio.get_running_loop().run_in_executor(
-            None, repository.scan_model, self.repo / name, self.repo, self._rules)
+        entry = await loop.run_in_executor(None, self._scan_one, name)
         await self.sync(entry, force=True)
+
+    def _scan(self) -> list[ModelEntry]:
+        """The repository's models (blocking: run in an executor); a store's cache is brought
+        up to date first, and the versions it refused join their models' errors."""
+        assert self.repo is not None
+        if self._mirror is None:
+            return repository.scan(self.repo, self._rules)
+        self._mirror.refresh()
+        return [self._mirror.amend(e) for e in repository.scan(self.repo, self._rules)]
+
+    def _scan_one(self, name: str) -> ModelEntry:
+        assert self.repo is not None
+        entry = repository.scan_model(self.repo / name, self.repo, self._rules)
+        return entry if self._mirror is None else self._mirror.amend(entry)
+
+    def _refresh_cache(self) -> None:
+        assert self._mirror is not None
+        try:
+            self._mirror.refresh()
+        except StoreError as exc:  # the cached copy is what there is
+            log.warning("%s", exc)
 
     async def sync(self, entry: ModelEntry, force: bool = False) -> None:
         """Make the model serve what ``entry`` selects. Unchanged versions keep serving as

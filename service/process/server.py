@@ -44,7 +44,7 @@ from ..metrics import Metrics
 from ..models.control import ModelControl
 from ..models.golden import GoldenCheck
 from ..models.loader import BackendFactory
-from ..models.repository_sync import RepositorySync
+from ..models.repository_sync import RepositorySync, open_repository
 from ..models.routing import Router
 from ..modes import ModelControlMode
 from ..states import VersionState
@@ -156,16 +156,16 @@ class Server:
         """Listen (NOT_SERVING), load the repository, then go SERVING, unless ``stop`` was
         set meanwhile: a signal during the initial load never reports SERVING."""
         config = self.config
-        if not config.repo.is_dir():
-            raise StartupError(f"--repo {config.repo}: "
-                               + ("not a folder" if config.repo.exists() else "no such folder")
-                               + "; pass the model repository's folder, or create one with "
-                               "`visionserve export ARCH --repo DIR`")
+        try:
+            repo, mirror = open_repository(config.repo, config.store_uri, config.store_cache_dir,
+                                           int(config.cache_max_gb * 1e9))
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
         await self._listen()
         only = set(config.load_models) if config.model_control is ModelControlMode.EXPLICIT \
             else None
         try:
-            await self.sync.load_repository(config.repo, only)
+            await self.sync.load_repository(repo, only, mirror)
         except ConfigError as exc:  # the repository itself cannot be read: nothing to serve
             await self.grpc.stop(0)
             await self._close_http()

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..format.repository import ScanRules, uri_refusal
+from ..format.object_store import StoreUri, parse_uri
+from ..format.repository import ScanRules
 from ..limits import ServerLimits
 from ..modes import AccessLogMode, GoldenMode, ModelControlMode
 from ..settings import setting
@@ -32,7 +33,19 @@ class UsageError(ValueError):
 class ServerConfig:
     """Everything `visionserve serve` runs with; the flags are generated from these fields."""
 
-    repo: Path = setting(Path("model_repo"), help="model repository")
+    repo: Path = setting(
+        Path("model_repo"), help="model repository: a folder, or s3://BUCKET/PREFIX, gs://…, "
+        "az://… (copied into --cache-dir, every version verified by its manifest; credentials "
+        "and endpoint from the cloud's environment, e.g. AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID: "
+        "docs/deploy.md)")
+    cache_dir: Path | None = setting(
+        None, metavar="DIR",
+        help="with an object-store --repo: where its copy lives (created if missing; default "
+             "$XDG_CACHE_HOME/visionserve/repositories). A restart serves it while the store "
+             "cannot be reached, and fetches only versions whose manifest changed")
+    cache_max_gb: float = setting(
+        20.0, help="with an object-store --repo: the cache's bound; over it, the versions no "
+                   "version policy selects now are removed, least recently selected first")
     host: str = setting("0.0.0.0", help="address to bind (gRPC, HTTP, and metrics unless "
                                         "--metrics-host)")
     metrics_host: str = setting("", help="address of the /metrics HTTP server (empty: --host), "
@@ -140,8 +153,14 @@ class ServerConfig:
             if port is not None and not 0 <= port <= 65535:
                 raise UsageError(f"--{flag.replace('_', '-')} {port}: a TCP port is 0-65535 (0 "
                                  "= pick a free one)")
-        if reason := uri_refusal(self.repo):
-            raise UsageError(reason)
+        try:
+            store = parse_uri(self.repo)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if store is not None:
+            _check_writable(self.store_cache_dir, "--cache-dir")
+        if self.cache_max_gb <= 0:
+            raise UsageError(f"--cache-max-gb {self.cache_max_gb}: give a size in GB above 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise UsageError("--tls-cert and --tls-key go together; give both (or neither)")
         if self.tls_client_ca and not self.tls_cert:
@@ -172,7 +191,20 @@ class ServerConfig:
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         if self.openvino_cache_dir is not None:
-            _check_writable(self.openvino_cache_dir)
+            _check_writable(self.openvino_cache_dir, "--openvino-cache-dir")
+
+    @property
+    def store_uri(self) -> StoreUri | None:
+        """The object store --repo names, or None for a local folder."""
+        return parse_uri(self.repo)
+
+    @property
+    def store_cache_dir(self) -> Path:
+        """--cache-dir, or its default."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return Path(home) / "visionserve" / "repositories"
 
     @property
     def scan_rules(self) -> ScanRules:
@@ -190,12 +222,11 @@ class ServerConfig:
         return TlsConfig(cert=self.tls_cert, key=self.tls_key, client_ca=self.tls_client_ca)
 
 
-def _check_writable(cache_dir: Path) -> None:
+def _check_writable(cache_dir: Path, flag: str) -> None:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".probe-").close()
     except OSError as exc:
         raise UsageError(
-            f"--openvino-cache-dir {cache_dir} is not a writable directory "
-            f"({exc.strerror or exc}); give one this user may write, or leave the flag out to "
-            "compile at every load") from None
+            f"{flag} {cache_dir} is not a writable directory ({exc.strerror or exc}); give "
+            "one this user may write") from None
