@@ -49,6 +49,12 @@ DESCRIPTIONS = {
                     "backend, same config); plus each rung's top-1/top-5 agreement with ONNX "
                     "Runtime FP32 on crops and flips of real photos. Needs the 'export' and "
                     "'openvino' extras too.",
+    "bench-store": "Starts moto's S3 server on loopback and uploads the newest version of each "
+                   "of --models into it. Per model: start-up to SERVING from the local folder, "
+                   "from the store with an empty cache and with the cache warm (--repeats, "
+                   "median); the time from a new version's manifest upload to --servers "
+                   "servers sharing the bucket serving it; and the CPU and memory of the "
+                   "sha256 verification (docs/deploy.md).",
     "bench-decode": "For photo sizes (640x480, 1920x1080 by default): images/s per core of each "
                     "decoder (Pillow exact = the reference, Pillow draft, Pillow reducing_gap, "
                     "simplejpeg, OpenCV) and its top-1/top-5 agreement with the reference "
@@ -94,6 +100,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         from .ladder import add_arguments as add_ladder_arguments
 
         add_ladder_arguments(p)
+    elif command == "bench-store":
+        from .store import add_arguments as add_store_arguments
+
+        add_store_arguments(p)
     else:
         p.add_argument("--model", default="resnet50",
                        help="model whose input spec and predictions are used (newest version)")
@@ -140,6 +150,10 @@ def _run(command: str, args: argparse.Namespace) -> int:
         from .ladder import run_ladder
 
         return run_ladder(args)
+    if command == "bench-store":
+        from .store import run_store
+
+        return run_store(args)
     return _bench_decode(args)
 
 

@@ -93,6 +93,10 @@ MISTAKES = [
     (("bench-int8", "--model", "nosuch"), 2, "unknown architecture 'nosuch'"),
     (("bench-ladder", "--model", "resnet18"), 2, "unrecognized arguments: --model resnet18"),
     (("bench-ladder", "--models", "nosuch"), 2, "unknown architecture 'nosuch'"),
+    (("bench-store", "--models", "lenet5,nosuch", "--repo", "{repo}"), 2,
+     "no version of nosuch in {repo}; run `visionserve export nosuch --repo {repo}` first"),
+    (("bench-store", "--repo", "{repo}", "--models", "lenet5", "--servers", "0"), 2,
+     "--servers 0: give at least 1"),
 ]
 
 

@@ -45,12 +45,12 @@ def server_env_names() -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", ["cpu", "gpu", "object-store"])
 def test_rendered_manifests_validate_against_the_kubernetes_schemas(overlay, tmp_path):
     docs = rendered(overlay)
+    volume = set() if overlay == "object-store" else {"PersistentVolumeClaim"}
     assert {d["kind"] for d in docs} >= {"Deployment", "Service", "PodDisruptionBudget",
-                                         "HorizontalPodAutoscaler", "PersistentVolumeClaim",
-                                         "Job"}
+                                         "HorizontalPodAutoscaler", "Job", *volume}
     path = tmp_path / f"{overlay}.yaml"
     path.write_text(yaml.safe_dump_all(docs))
     result = subprocess.run([tool("kubernetes-validate"), "-k", "1.32.0", "--strict", str(path)],
@@ -95,6 +95,27 @@ def test_the_manifests_use_the_servers_real_ports_probes_and_flags():
     gpu = next(d for d in rendered("gpu") if d["kind"] == "Deployment")
     assert gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
         "nvidia.com/gpu"] == "1"
+
+
+def test_the_object_store_overlay_serves_a_bucket_through_a_cache_volume():
+    docs = rendered("object-store")
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}  # no shared volume
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= server_env_names(), set(env) - server_env_names()
+    assert env["VISIONSERVE_REPO"].startswith("s3://")
+    assert container["volumeMounts"] == [{"name": "cache", "mountPath":
+                                          env["VISIONSERVE_CACHE_DIR"]}]
+    assert pod["volumes"][0]["name"] == "cache" and "emptyDir" in pod["volumes"][0]
+    secret = "visionserve-store"  # credentials from a Secret, never on the command line
+    assert container["envFrom"] == [{"secretRef": {"name": secret}}]
+    job = next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["spec"]
+    export = job["containers"][0]
+    assert export["envFrom"] == [{"secretRef": {"name": secret}}]
+    args = build_parser().parse_args(["export", "--repo", "/models", *export["args"]])
+    assert str(args.repo) == str(Path(env["VISIONSERVE_REPO"]))  # the bucket the servers read
+    assert {v["name"] for v in job["volumes"]} == {"weights"}
 
 
 # The fields of KServe's published CRDs (serving.kserve.io v1alpha1 ServingRuntime, v1beta1

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # the schemes served, by the environment prefix that configures each
 SCHEMES = {"s3": "AWS_", "gs": "GOOGLE_", "az": "AZURE_", "abfs": "AZURE_"}
-_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):/+(.*)")
+_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(?:/+(.*))?")  # "s3://" is "s3:" as a Path
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def parse_uri(repo: Path | str) -> StoreUri | None:
     match = _URI.fullmatch(str(repo))
     if match is None:
         return None
-    scheme, rest = match.group(1).lower(), match.group(2).strip("/")
+    scheme, rest = match.group(1).lower(), (match.group(2) or "").strip("/")
     if scheme not in SCHEMES:
         raise ValueError(f"--repo {scheme}://{rest}: {scheme}:// is not a repository this server "
                          f"reads; use a local folder or one of "
@@ -72,7 +72,10 @@ def open_store(uri: StoreUri) -> Any:
     ``AWS_CA_BUNDLE`` names the PEM roots of a private HTTPS endpoint."""
     from obstore.store import from_url
 
-    options: dict[str, Any] = {"timeout": "120s", "connect_timeout": "5s"}
+    # a stalled store is noticed within a minute (read_timeout: between two reads), while a
+    # 330 MB file on a slow link may take its time (timeout: the whole request)
+    options: dict[str, Any] = {"connect_timeout": "5s", "read_timeout": "60s",
+                               "timeout": "3600s"}
     if uri.scheme == "s3":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
         if endpoint.startswith("http://"):

@@ -98,7 +98,7 @@ class StoreMirror:
         models: dict[str, dict[str, tuple[int, str]]] = defaultdict(dict)
         for key, meta in objects.items():
             model, sep, rest = key.partition("/")
-            if sep and not model.startswith((".", "_")):
+            if sep and model and not model.startswith((".", "_")):  # ".." included
                 models[model][rest] = meta
         selected: set[Path] = set()
         refusals: dict[str, dict[int, str]] = {}
