@@ -1,8 +1,8 @@
 """``visionserve bench-store``: a repository in object storage, measured against a real S3 API.
 
 moto's S3 server on loopback plays the store (the ``bench`` and ``dev`` extras install it). For
-each of ``--models`` (its newest version in ``--repo``, uploaded as version 1 under a prefix of
-its own):
+each of ``--models`` (its newest version in ``--repo``, uploaded as version 1 into a repository
+prefix of its own, ``s3://bench/<model>/<model>/1/``):
 
 - **start-up to SERVING**, ``--repeats`` times each (median): from the local folder; from the
   store with an empty cache (listing, download, verification, load, golden check); and from the
@@ -166,14 +166,15 @@ def _upload(store, source: Path, version_dir: Path, version: int,
     ``files_only``), the manifest last; returns the monotonic time its upload completed."""
     import obstore
 
+    model = source.name
     if not files_only:
         for name in MODEL_FILES:
             if (source / name).exists():
-                obstore.put(store, name, source / name)
+                obstore.put(store, f"{model}/{name}", source / name)
     files = sorted(p for p in version_dir.rglob("*") if p.is_file())
     for path in [p for p in files if p.name != "manifest.json"]:
-        obstore.put(store, f"{version}/{path.relative_to(version_dir).as_posix()}", path)
-    obstore.put(store, f"{version}/manifest.json", version_dir / "manifest.json")
+        obstore.put(store, f"{model}/{version}/{path.relative_to(version_dir).as_posix()}", path)
+    obstore.put(store, f"{model}/{version}/manifest.json", version_dir / "manifest.json")
     return time.monotonic()
 
 
