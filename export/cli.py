@@ -33,11 +33,11 @@ def run_export(args: argparse.Namespace) -> int:
     if names is None:
         return 2
     store = store_of(args.repo)  # checked by _names
-    todo = [a for a in names if not (args.if_missing and (
-        versions_in(store, args.name or a) if store else
-        version_numbers(args.repo / (args.name or a))))]
-    for skipped in sorted(set(names) - set(todo)):
-        log.info("%s: already in %s, skipped (--if-missing)", skipped, args.repo)
+    try:
+        todo = _todo(args, names)
+    except ExportError as exc:  # the store cannot be listed
+        log.error("%s", exc)
+        return 1
     failures = 0
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
@@ -81,6 +81,19 @@ def run_export(args: argparse.Namespace) -> int:
             write_report(args.report, rows)
         log.info("wrote %s", args.report)
     return 1 if failures else 0
+
+
+def _todo(args: argparse.Namespace, names: list[str]) -> list[str]:
+    """``names``, less those the repository holds already with --if-missing (said)."""
+    store = store_of(args.repo)
+
+    def present(name: str) -> list[int]:
+        return versions_in(store, name) if store else version_numbers(args.repo / name)
+
+    todo = [a for a in names if not (args.if_missing and present(args.name or a))]
+    for skipped in sorted(set(names) - set(todo)):
+        log.info("%s: already in %s, skipped (--if-missing)", skipped, store or args.repo)
+    return todo
 
 
 def _names(args: argparse.Namespace, console: Console) -> list[str] | None:

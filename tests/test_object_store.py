@@ -243,3 +243,10 @@ def test_export_never_reuses_a_number_claimed_in_the_store(s3: dict[str, str], b
                      env=s3, timeout=600)
     assert result.returncode != 0
     assert f"{URI}/lenet5/8 exists already; versions are immutable" in result.stderr
+
+
+def test_export_if_missing_skips_a_model_the_bucket_holds(served: Server,
+                                                         s3: dict[str, str]) -> None:
+    result = run_cli("export", "lenet5", "--repo", URI, "--if-missing", env=s3, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"lenet5: already in {URI}, skipped (--if-missing)" in result.stderr

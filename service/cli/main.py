@@ -131,7 +131,10 @@ def _add_export(sub: Subcommands) -> None:
                                    "BatchNorm statistics re-estimated so that the outputs "
                                    "depend on the input. Needs the 'export' extra.")
     p.add_argument("arch", nargs="*", help="architecture name(s), e.g. resnet50")
-    p.add_argument("--repo", type=Path, default=Path("model_repo"))
+    p.add_argument("--repo", type=Path, default=Path("model_repo"),
+                   help="the repository: a folder, or s3://BUCKET/PREFIX (gs://, az://): the "
+                        "version is uploaded there, its manifest last; credentials from the "
+                        "cloud's environment (docs/deploy.md)")
     p.add_argument("--name", help="model name in the repository (default: the architecture's)")
     p.add_argument("--version", type=int, help="version number (default: next free)")
     p.add_argument("--weights", type=Path,

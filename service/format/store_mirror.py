@@ -68,7 +68,6 @@ class StoreMirror:
         self.refusals: dict[str, dict[int, str]] = {}  # model → version → reason
         self._refused: dict[str, tuple[str, str]] = {}  # "m/N" → (store state, reason)
         self._index: dict[str, str] = self._read_index()  # cache key → the store's ETag(s)
-        self.reachable = False
 
     def refresh(self) -> None:
         """Bring the cache up to date with the store. When the store cannot be listed, the
@@ -79,7 +78,6 @@ class StoreMirror:
                     self._store = open_store(self.uri)
                 objects = list_objects(self._store)
             except StoreError as exc:
-                self.reachable = False
                 if not any(self.root.glob("*/*/" + MANIFEST_FILE)):
                     raise StoreError(
                         f"{self.uri}: {exc}, and the cache holds no version to serve meanwhile; "
@@ -89,7 +87,6 @@ class StoreMirror:
                 log.warning("%s: %s; serving the cached copy in %s until it answers",
                             self.uri, exc, self.root)
                 return
-            self.reachable = True
             self._sync(objects)
 
     def _sync(self, objects: dict[str, tuple[int, str]]) -> None:
@@ -105,7 +102,7 @@ class StoreMirror:
         for name, files in sorted(models.items()):
             try:
                 selected |= self._model(name, files, refusals.setdefault(name, {}))
-            except (OSError, StoreError) as exc:  # this model only; the others go on
+            except (OSError, VisionServeError) as exc:  # this model only; the others go on
                 log.error("%s: model %s could not be copied into the cache: %s", self.uri,
                           name, getattr(exc, "strerror", None) or exc)
         self.refusals = {m: r for m, r in refusals.items() if r}
