@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import statistics
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def run_store(args: argparse.Namespace) -> int:
                                f"export {model} --repo {args.repo}` first")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp, \
-            _moto(Path(tmp)) as env:
+            moto_s3(Path(tmp)) as env:
         for model in models:
             with console.status(f"{model}: start-ups, then publish → served on "
                                 f"{args.servers} servers"):
@@ -191,26 +192,32 @@ def _hash_cost(files: list[Path]) -> tuple[float, int]:
 
 
 @contextmanager
-def _moto(work: Path) -> Iterator[dict[str, str]]:
-    """moto's S3 server on a loopback port with one bucket; yields the servers' environment."""
+def moto_s3(work: Path, bucket: str = BUCKET,
+            tls: tuple[Path, Path, Path] | None = None) -> Iterator[dict[str, str]]:
+    """moto's S3 server on a loopback port with ``bucket`` created; yields the environment that
+    points a server or an export at it (credentials by environment, as in production). With
+    ``tls`` = (certificate, key, CA bundle): HTTPS, and ``AWS_CA_BUNDLE`` set."""
     port = free_port()
     log = open(work / "moto.log", "wb")
+    certs = ["-c", str(tls[0]), "-k", str(tls[1])] if tls else []
     moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
-                             "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
+                             "127.0.0.1", "-p", str(port), *certs], stdout=log, stderr=log)
+    endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    context = ssl.create_default_context(cafile=str(tls[2])) if tls else None
     try:
         for _ in range(600):  # up to a minute
             try:
-                urllib.request.urlopen(f"{endpoint}/", timeout=2).close()
+                urllib.request.urlopen(f"{endpoint}/", timeout=2, context=context).close()
                 break
             except OSError:
                 if moto.poll() is not None:
                     raise CommandError(f"moto_server exited; see {work}/moto.log") from None
                 time.sleep(0.1)
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT"),
-                               timeout=10).close()
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"),
+                               timeout=10, context=context).close()
         yield {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
-               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
+               **({"AWS_CA_BUNDLE": str(tls[2])} if tls else {})}
     finally:
         moto.terminate()
         moto.wait(timeout=30)

@@ -461,6 +461,40 @@ class Load:
 
 
 
+def key_and_cert(dir_: Path, name: str, issuer: tuple | None, *, ca: bool = False,
+                 server: bool = False) -> tuple:
+    """A throwaway EC key and certificate written as ``dir_/name.key`` and ``name.crt``: signed
+    by ``issuer`` ((key, cert), None: self-signed), a CA's with ``ca``, valid for localhost and
+    127.0.0.1 with ``server``. Returns (key, cert), an ``issuer`` for the next one."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(issuer[1].subject if issuer else subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    cert = builder.sign(issuer[0] if issuer else key, hashes.SHA256())
+    (dir_ / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (dir_ / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key, cert
+
+
 # --- images -------------------------------------------------------------------------------
 
 def photo(name: str) -> np.ndarray:

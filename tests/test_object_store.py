@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +18,19 @@ import obstore
 import pytest
 from obstore.store import from_url
 
-from conftest import ROOT, Load, Server, encode, eventually, photo, run_cli, start_server
+from conftest import (
+    ROOT,
+    Load,
+    Server,
+    encode,
+    eventually,
+    key_and_cert,
+    photo,
+    run_cli,
+    start_server,
+)
+from visionserve.bench.launch import free_port
+from visionserve.bench.store import moto_s3
 from visionserve.v1 import visionserve_pb2 as pb
 
 SECRET = "test-secret-key-never-shown"
@@ -31,37 +38,12 @@ BUCKET = "models"
 URI = f"s3://{BUCKET}/prod"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """moto's S3 server on loopback with one bucket; yields the environment that points the
     server and the export stage at it (credentials by environment, never by flag)."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
-                             "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            urllib.request.urlopen(f"{endpoint}/", timeout=2).close()
-            return True
-        except OSError:
-            return moto.poll() is not None  # died: the assertion below says so
-
-    eventually(up, "moto_server to answer", timeout=60)
-    assert moto.poll() is None, "moto_server did not start"
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT")).close()
-    yield {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test-key",
-           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1"}
-    moto.terminate()
-    moto.wait(timeout=30)
-    log.close()
+    with moto_s3(tmp_path_factory.mktemp("moto"), BUCKET) as env:
+        yield {**env, "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": SECRET}
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +232,32 @@ def test_export_if_missing_skips_a_model_the_bucket_holds(served: Server,
     result = run_cli("export", "lenet5", "--repo", URI, "--if-missing", env=s3, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"lenet5: already in {URI}, skipped (--if-missing)" in result.stderr
+
+
+def test_an_https_endpoint_is_trusted_through_aws_ca_bundle_and_refused_without_it(
+        exported_repo: Path, tmp_path: Path) -> None:
+    ca = key_and_cert(tmp_path, "ca", None, ca=True)
+    key_and_cert(tmp_path, "store", ca, server=True)
+    tls = (tmp_path / "store.crt", tmp_path / "store.key", tmp_path / "ca.crt")
+    with moto_s3(tmp_path, BUCKET, tls=tls) as env:
+        store = from_url(URI, client_options={"root_certificate": tls[2].read_bytes()},
+                         config={"endpoint": env["AWS_ENDPOINT_URL"], "access_key_id": "k",
+                                 "secret_access_key": "s", "region": "us-east-1"})
+        source = exported_repo / "lenet5"
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            if path.name != "manifest.json":
+                obstore.put(store, f"lenet5/{path.relative_to(source).as_posix()}", path)
+        obstore.put(store, "lenet5/1/manifest.json", source / "1" / "manifest.json")
+        server = start_server(Path(URI), tmp_path / "tls.log", "--cache-dir",
+                              str(tmp_path / "cache"), env=env)
+        try:
+            assert classify(server).version == 1
+        finally:
+            server.stop()
+        untrusted = {k: v for k, v in env.items() if k != "AWS_CA_BUNDLE"}
+        result = run_cli("serve", "--repo", URI, "--cache-dir", str(tmp_path / "other"),
+                         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+                         env=untrusted, timeout=180)
+    assert result.returncode != 0
+    assert (f"{URI}: the store cannot be listed (the store's TLS certificate is not trusted"
+            in result.stderr), result.stderr[-2000:]

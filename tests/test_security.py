@@ -9,8 +9,6 @@ in-process server: tests/inprocess/test_auth_and_access.py."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +17,13 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import ROOT, eventually, make_repo, run_cli, tensor_image
+from conftest import ROOT, eventually, key_and_cert, make_repo, run_cli, tensor_image
 from visionserve.bench.launch import start_visionserve
 from visionserve.service.format.model_format import INPUT, LOGITS
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
 x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
 
 TOKEN = "s3cret-token-for-tests"
 DIGIT = np.zeros((32, 32, 1), np.uint8)
@@ -45,37 +40,14 @@ class Pki:
     rogue_key: Path
 
 
-def _key_and_cert(dir_: Path, name: str, issuer: tuple | None, *, ca: bool = False,
-                  server: bool = False) -> tuple:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(subject)
-               .issuer_name(issuer[1].subject if issuer else subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    cert = builder.sign(issuer[0] if issuer else key, hashes.SHA256())
-    (dir_ / f"{name}.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    (dir_ / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key, cert
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
-    ca = _key_and_cert(d, "ca", None, ca=True)
-    rogue_ca = _key_and_cert(d, "rogue-ca", None, ca=True)
-    _key_and_cert(d, "server", ca, server=True)
-    _key_and_cert(d, "client", ca)
-    _key_and_cert(d, "rogue", rogue_ca)
+    ca = key_and_cert(d, "ca", None, ca=True)
+    rogue_ca = key_and_cert(d, "rogue-ca", None, ca=True)
+    key_and_cert(d, "server", ca, server=True)
+    key_and_cert(d, "client", ca)
+    key_and_cert(d, "rogue", rogue_ca)
     return Pki(d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt",
                d / "client.key", d / "rogue.crt", d / "rogue.key")
 
@@ -147,7 +119,7 @@ def test_tls_material_that_does_not_parse_or_match_fails_at_start_naming_the_fla
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     other = tmp_path / "other"
     other.mkdir()
-    _key_and_cert(other, "other", None)
+    key_and_cert(other, "other", None)
     for flags, named in (
             (("--tls-cert", str(garbage), "--tls-key", str(pki.server_key)), "--tls-cert"),
             (("--tls-cert", str(pki.server_cert), "--tls-key", str(other / "other.key")),

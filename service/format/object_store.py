@@ -124,6 +124,9 @@ def describe(exc: BaseException) -> str:
         return f"the store answered HTTP {status.group(1).strip()}"
     if isinstance(exc, FileNotFoundError) or name == "NotFoundError":
         return "not found"
+    if re.search(r"certificate|UnknownIssuer|\btls\b", text, re.I):
+        return ("the store's TLS certificate is not trusted (AWS_CA_BUNDLE names the PEM file of "
+                "a private CA)")
     if re.search(r"timed? ?out|Timeout", text, re.I):
         return "the store did not answer in time"
     if re.search(r"connect|dns|resolve|refused|unreachable", text, re.I):
