@@ -24,6 +24,7 @@ from typing import Any
 from visionserve.service.format.manifest import MANIFEST_FILE
 from visionserve.service.format.model_format import CONFIG_FILE, LABELS_FILE, TRITON_CONFIG_FILE
 from visionserve.service.format.object_store import (
+    SCHEMES,
     StoreError,
     StoreUri,
     describe,
@@ -134,4 +135,5 @@ def _open(uri: StoreUri) -> Any:
     try:
         return open_store(uri)
     except StoreError as exc:
-        raise PublishError(str(exc)) from None
+        raise PublishError(f"{uri}: {exc}; check the {SCHEMES[uri.scheme]}* environment "
+                           "variables (docs/deploy.md)") from None

@@ -92,8 +92,7 @@ def open_store(uri: StoreUri) -> Any:
     try:
         return from_url(str(uri), client_options=options, retry_config=retry)
     except library_errors() as exc:
-        raise StoreError(f"{uri}: the store cannot be opened ({describe(exc)}); check the "
-                         f"{SCHEMES[uri.scheme]}* environment variables") from None
+        raise StoreError(f"the store cannot be opened ({describe(exc)})") from None
 
 
 class StoreError(ConfigError):
@@ -118,6 +117,8 @@ def describe(exc: BaseException) -> str:
         return "the credentials were refused (expired or wrong?)"
     if name == "PermissionDeniedError" or re.search(r"\b(403|AccessDenied)\b", text):
         return "access denied: the credentials may not read this bucket or prefix"
+    if missing := re.search(r"(\w{1,40}) must be specified", text):  # a setting left out
+        return f"its {missing.group(1).lower()} is not set"
     if code := re.search(r"<Code>(\w{1,64})</Code>", text):
         return f"the store answered {code.group(1)}"
     if status := re.search(r"status code: (\d{3}(?: [A-Za-z ]{1,40})?)", text):
