@@ -49,6 +49,11 @@ DESCRIPTIONS = {
                     "backend, same config); plus each rung's top-1/top-5 agreement with ONNX "
                     "Runtime FP32 on crops and flips of real photos. Needs the 'export' and "
                     "'openvino' extras too.",
+    "bench-signal": "For each of --models: measures its capacity (closed loop c16), then offers "
+                    "Poisson load at each --levels fraction of it; per level, from the level's "
+                    "second half: the engine-utilization gauge, the server's CPU (of all cores), "
+                    "the batching queue's depth, the answered rate and p99 (docs/metrics.md, "
+                    "Engine utilization).",
     "bench-store": "Starts moto's S3 server on loopback and uploads the newest version of each "
                    "of --models into it. Per model: start-up to SERVING from the local folder, "
                    "from the store with an empty cache and with the cache warm (--repeats, "
@@ -100,6 +105,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         from .ladder import add_arguments as add_ladder_arguments
 
         add_ladder_arguments(p)
+    elif command == "bench-signal":
+        from .load_signal import add_arguments as add_signal_arguments
+
+        add_signal_arguments(p)
     elif command == "bench-store":
         from .store import add_arguments as add_store_arguments
 
@@ -150,6 +159,10 @@ def _run(command: str, args: argparse.Namespace) -> int:
         from .ladder import run_ladder
 
         return run_ladder(args)
+    if command == "bench-signal":
+        from .load_signal import run_signal
+
+        return run_signal(args)
     if command == "bench-store":
         from .store import run_store
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .states import VersionState
+from .utilization import UtilizationCollector
 
 # Sub-millisecond to tens of seconds: a LeNet batch takes ~0.1 ms, a ResNet-50 batch of 64 ~3 s.
 DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -27,6 +28,9 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         mv = ("model", "version")
         r = self.registry
+        # visionserve_engine_utilization, visionserve_engine_busy_seconds_total (utilization.py)
+        self.utilization = UtilizationCollector()
+        r.register(self.utilization)
         self.request_duration = Histogram(
             "visionserve_request_duration_seconds",
             "Time from receiving an RPC to sending its reply, by outcome.",

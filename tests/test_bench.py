@@ -97,7 +97,7 @@ def test_bench_run_writes_json_plot_and_markdown(exported_repo: Path, tmp_path: 
     out = tmp_path / "lenet5.json"
     result = run_cli(
         "bench", "--model", "lenet5", "--repo", str(exported_repo), "--concurrency", "1,3",
-        "--rate", "40", "--duration-s", "0.5", "--warmup-s", "0.1", "--repeats", "2",
+        "--rate", "40", "--duration-s", "0.3", "--warmup-s", "0.1", "--repeats", "2",
         "--in-process-s", "0.2", "--input", "float32,uint8,jpeg", "--api", "classify,kserve",
         "--batching", "on,off", "--json", str(out), "--plot", str(tmp_path / "p.png"),
         "--markdown", str(tmp_path / "b.md"), timeout=500)

@@ -11,8 +11,11 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -200,20 +203,19 @@ def test_prometheus_rules_pass_promtool_and_use_only_series_the_server_exports(s
 
 
 @pytest.mark.slow
-def test_a_real_prometheus_scrapes_the_server_and_promql_returns_data(server, tmp_path):
-    from conftest import encode, photo
-    from visionserve.v1 import visionserve_pb2 as pb
-
-    prometheus = tool("prometheus")
+@contextmanager
+def prometheus(tmp_path: Path, targets: list[dict]) -> Iterator[Callable[..., list]]:
+    """A real Prometheus (Debian's package) scraping ``targets`` (static_configs entries) every
+    second with our recording rules; yields ``query(promql, at=None)`` against its HTTP API."""
+    binary = tool("prometheus")
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(DEPLOY / "prometheus" / "visionserve.rules.yml")],
-        "scrape_configs": [{"job_name": "visionserve", "static_configs": [
-            {"targets": [f"127.0.0.1:{server.metrics_port}"]}]}]}))
+        "scrape_configs": [{"job_name": "visionserve", "static_configs": targets}]}))
     log_path = tmp_path / "prometheus.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([prometheus, f"--config.file={config}",
+        proc = subprocess.Popen([binary, f"--config.file={config}",
                                  f"--storage.tsdb.path={tmp_path / 'data'}",
                                  "--web.listen-address=127.0.0.1:0"],
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -225,19 +227,31 @@ def test_a_real_prometheus_scrapes_the_server_and_promql_returns_data(server, tm
 
         # the port it bound (0: any free one), from its log (exporter-toolkit's "Listening on")
         port = int(eventually(listening, "Prometheus to listen", timeout=60)[1])
-        image = pb.Image(encoded=encode(photo("camera"), "PNG"))
-        for _ in range(5):
-            server.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[image]))
 
-        def query(promql: str) -> list:
-            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode(
-                {"query": promql})
+        def query(promql: str, at: float | None = None) -> list:
+            params = {"query": promql, **({"time": f"{at:.3f}"} if at is not None else {})}
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode(params)
             try:
                 with urllib.request.urlopen(url, timeout=5) as reply:
                     return json.loads(reply.read())["data"]["result"]
             except OSError:
                 return []
 
+        yield query
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_real_prometheus_scrapes_the_server_and_promql_returns_data(server, tmp_path):
+    from conftest import encode, photo
+    from visionserve.v1 import visionserve_pb2 as pb
+
+    targets = [{"targets": [f"127.0.0.1:{server.metrics_port}"]}]
+    with prometheus(tmp_path, targets) as query:
+        image = pb.Image(encoded=encode(photo("camera"), "PNG"))
+        for _ in range(5):
+            server.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[image]))
         promql = 'sum(visionserve_request_duration_seconds_count{model="lenet5",code="OK"})'
         result = eventually(lambda: query(promql), "Prometheus to return our series",
                             timeout=90, interval=1)
@@ -254,9 +268,98 @@ def test_a_real_prometheus_scrapes_the_server_and_promql_returns_data(server, tm
         q = eventually(quantile, "a latency quantile from Prometheus", timeout=90, interval=0.5)
         p99 = float(q[0]["value"][1])  # a latency: its size is no claim here, its presence is
         assert math.isfinite(p99) and p99 > 0, q
+
+
+def test_the_keda_overlay_scales_with_a_scaledobject_valid_against_kedas_schema(tmp_path):
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from pydantic import ValidationError
+
+    docs = rendered("keda")
+    kinds = {d["kind"] for d in docs}
+    assert "ScaledObject" in kinds and "HorizontalPodAutoscaler" not in kinds  # one scaler
+    scaled = next(d for d in docs if d["kind"] == "ScaledObject")
+
+    def checked(document: dict) -> dict:
+        """The document as KEDA's CRD schema reads it (cloudcoil's models, generated from
+        KEDA 2.16's CRDs): wrong types raise, and a field the schema lacks is dropped."""
+        return ScaledObject.model_validate(document).model_dump(
+            by_alias=True, exclude_unset=True, mode="json")
+
+    assert checked(scaled) == scaled  # every field known, every value of its type
+    typo = {**scaled, "spec": {**scaled["spec"], "minReplicas": 2}}  # HPA's name, not KEDA's
+    assert checked(typo) != typo
+    with pytest.raises(ValidationError):
+        checked({**scaled, "spec": {**scaled["spec"], "minReplicaCount": "two"}})
+    assert scaled["spec"]["scaleTargetRef"]["name"] == next(
+        d for d in docs if d["kind"] == "Deployment")["metadata"]["name"]
+    path = tmp_path / "keda.yaml"  # the rest against the Kubernetes schemas
+    path.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] != "ScaledObject"]))
+    result = subprocess.run([tool("kubernetes-validate"), "-k", "1.32.0", "--strict", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _desired(pods: int, value: float, target: float, low: int, high: int) -> int:
+    """The replica count an HPA asks for (KEDA's AverageValue trigger is one): ceil(pods x
+    per-pod value / target), clamped to the bounds."""
+    return min(high, max(low, math.ceil(pods * value / target - 1e-9)))
+
+
+def test_the_autoscalers_queries_on_real_replicas_ask_for_the_replicas_their_load_needs(
+        exported_repo, tmp_path):
+    from conftest import Load, encode, make_repo, photo, start_server
+    from visionserve.v1 import visionserve_pb2 as pb
+
+    keda = next(d for d in rendered("keda") if d["kind"] == "ScaledObject")
+    trigger = keda["spec"]["triggers"][0]["metadata"]
+    hpa = next(d for d in rendered("cpu") if d["kind"] == "HorizontalPodAutoscaler")
+    quantity = hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"]  # "700m"
+    target = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    rule = next(r for r in yaml.safe_load((DEPLOY / "prometheus" / "adapter-rules.yaml")
+                                          .read_text())["rules"]
+                if r["name"]["as"] == hpa["spec"]["metrics"][0]["pods"]["metric"]["name"])
+    pods = ("visionserve-a", "visionserve-b")
+    adapter = rule["metricsQuery"].replace("<<.GroupBy>>", "pod").replace(
+        "<<.Series>>", rule["name"]["as"]).replace(
+        "<<.LabelMatchers>>", f'namespace="default",pod=~"{"|".join(pods)}"')
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))
+    servers = [start_server(repo, tmp_path / f"{pod}.log") for pod in pods]
+    targets = [{"targets": [f"127.0.0.1:{s.metrics_port}"],
+                "labels": {"namespace": "default", "pod": pod}} for s, pod in zip(
+        servers, pods, strict=True)]
+    try:
+        with prometheus(tmp_path, targets) as query:
+            def asked(at: float) -> tuple[int, int, dict[str, float]] | None:
+                fleet = query(trigger["query"], at)
+                per_pod = {r["metric"]["pod"]: float(r["value"][1]) for r in query(adapter, at)}
+                if not fleet or len(per_pod) < 2:
+                    return None
+                keda_wants = _desired(1, float(fleet[0]["value"][1]),
+                                      float(trigger["threshold"]), keda["spec"]["minReplicaCount"],
+                                      keda["spec"]["maxReplicaCount"])
+                hpa_wants = _desired(len(per_pod), sum(per_pod.values()) / len(per_pod),
+                                     target, hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"])
+                return keda_wants, hpa_wants, per_pod
+
+            idle = eventually(lambda: asked(time.time()), "both replicas' utilization",
+                              timeout=90, interval=1)
+            assert idle == (2, 2, {"visionserve-a": 0.0, "visionserve-b": 0.0})  # the minimum
+            image = pb.Image(encoded=encode(photo("camera"), "PNG"))
+            load = Load(servers[0], pb.ClassifyRequest(model="lenet5", images=[image]), 4)
+            try:
+                loaded = eventually(lambda: (a := asked(time.time())) and
+                                    a[2]["visionserve-a"] > 0 and a, "replica a's load to show",
+                                    timeout=90, interval=1)
+            finally:
+                load.stop()
+        keda_wants, hpa_wants, per_pod = loaded
+        assert per_pod["visionserve-b"] == 0.0 and 0 < per_pod["visionserve-a"] <= 1.0
+        # both scalers read the same signal and ask for the same count: ceil(load / 0.7)
+        assert keda_wants == hpa_wants == _desired(1, per_pod["visionserve-a"], target, 2, 20)
+        assert load.errors() == []
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for s in servers:
+            s.stop()
 
 
 def dockerfile_stages() -> dict[str, str]:

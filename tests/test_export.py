@@ -89,11 +89,11 @@ def test_export_publishes_numbered_versions_with_provenance_and_parity(tmp_path)
 
 
 @pytest.mark.slow  # an export or `export --list` process: `make test` runs it
-def test_an_existing_version_is_never_overwritten_and_no_number_is_reused(tmp_path):
+def test_an_existing_version_is_never_overwritten_and_no_number_is_reused(exported_repo,
+                                                                          tmp_path):
     import fcntl
 
-    repo = tmp_path / "repo"
-    assert run_cli("export", "lenet5", "--repo", str(repo), "--random-weights").returncode == 0
+    repo = make_repo(exported_repo, tmp_path / "repo", ("lenet5",))  # version 1, exported
     before = tree(repo)
     again = run_cli("export", "lenet5", "--repo", str(repo), "--version", "1")
     assert again.returncode == 1 and "exists already" in again.stderr
@@ -168,8 +168,13 @@ def test_list_and_unknown_architecture(tmp_path):
     assert weights["efficientnet_lite0"].startswith("pretrained: ImageNet-1k")
     assert weights["resnet18"].startswith("random weights (seeded): labels meaningless")
     assert "random weights (seeded)" in listing.stdout
-    for name in names:  # the table lists every architecture the JSON document does
-        assert name in listing.stdout, name
+    from visionserve.export.architectures import ARCHITECTURES  # torch: imported when run
+
+    assert names == list(ARCHITECTURES)  # every architecture the export stage knows, in order
+    # piped (stdout not a terminal, COLUMNS=80), the table lists every name whole: no "mobile…"
+    rows = {line.split("│")[1].strip() for line in listing.stdout.splitlines()
+            if line.startswith("│")}
+    assert rows == set(names) and "…" not in listing.stdout
     out = run_cli("export", "resnet9000", "--repo", str(tmp_path))
     assert out.returncode == 2 and "unknown architecture 'resnet9000'" in out.stderr
 

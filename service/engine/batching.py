@@ -67,6 +67,8 @@ class BatchObserver(Protocol):
 
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None: ...
 
+    def busy(self, instances: int) -> None: ...  # instances computing a batch, at each change
+
 
 class NullObserver:
     def queue_depth(self, images: int) -> None:
@@ -79,6 +81,9 @@ class NullObserver:
         pass
 
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
+        pass
+
+    def busy(self, instances: int) -> None:
         pass
 
 
@@ -233,10 +238,12 @@ class DynamicBatcher:
                     self._has_work.clear()
                 if batch:
                     self._computing += 1
+                    self._observer.busy(self._computing)
                     try:
                         ok = await self._compute(batch)
                     finally:
                         self._computing -= 1
+                        self._observer.busy(self._computing)
                     end = self._clock()
                     if ok:
                         self._learn((end - (last_end or begin)) / sum(len(w.images)

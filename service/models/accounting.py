@@ -11,16 +11,21 @@ from __future__ import annotations
 
 from ..engine.batching import Expiry, Rejection
 from ..metrics import Metrics
+from ..utilization import BusyTime
 from .statistics import VersionStatistics
 
 
 class VersionAccounting:
     """The metrics (label values bound once) and the KServe statistics of one version."""
 
-    def __init__(self, metrics: Metrics, model: str, version: int, queue_capacity: int) -> None:
+    def __init__(self, metrics: Metrics, model: str, version: int, queue_capacity: int,
+                 instances: int = 1) -> None:
         labels = (model, str(version))
         self.stats = VersionStatistics()
         self.counting = False
+        self._labels = labels
+        self._utilization = metrics.utilization
+        self._busy = BusyTime(instances)
         metrics.queue_capacity.labels(*labels).set(queue_capacity)
         self._preprocess = metrics.preprocess_duration.labels(*labels)
         self._depth = metrics.queue_depth.labels(*labels)
@@ -33,6 +38,13 @@ class VersionAccounting:
     def start(self) -> None:
         """From now on the version's requests and batches count (it is about to be routed)."""
         self.counting = True
+        self._busy = BusyTime(self._busy.instances)  # the golden check's batches left out
+        self._utilization.add(*self._labels, self._busy)
+
+    def stop(self) -> None:
+        """The version's engine is released: its utilization series go."""
+        self.counting = False
+        self._utilization.remove(*self._labels)
 
     # --- from the inference core, once per request ---------------------------------------------
 
@@ -74,3 +86,7 @@ class VersionAccounting:
         for wait in queue_waits_s:
             self._queue.observe(wait)
         self.stats.batch_done(size, compute_s)
+
+    def busy(self, instances: int) -> None:
+        if self.counting:
+            self._busy.set_busy(instances)

@@ -83,6 +83,7 @@ class ServedVersion:
         """Stop the batcher and free the engine of a version that never served (or no longer
         does and has no request left)."""
         await self.batcher.close()
+        self.accounting.stop()
         await asyncio.get_running_loop().run_in_executor(None, self._free)
 
     def _free(self) -> None:
@@ -140,7 +141,8 @@ async def load_version(name: str, config: ModelConfig, config_fingerprint: tuple
         instances=config.instance_count,
         reject_unreachable_deadlines=config.batching.reject_unreachable_deadlines,
     )
-    accounting = VersionAccounting(metrics, name, ventry.version, policy.max_queue_size)
+    accounting = VersionAccounting(metrics, name, ventry.version, policy.max_queue_size,
+                                   config.instance_count)
     preprocessor = Preprocessor(name, ventry.version, config.input, limits)
     batcher = DynamicBatcher(where, backend.run, policy, executor, accounting,
                              assemble=preprocessor.assemble)

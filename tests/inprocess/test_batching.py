@@ -49,6 +49,7 @@ class Recorder:
         self.expired_counts: dict[str, int] = {}
         self.rejected_counts: dict[str, int] = {}
         self.sizes: list[int] = []
+        self.busy_changes: list[int] = []  # instances computing, at each change
 
     def queue_depth(self, images: int) -> None:
         pass
@@ -61,6 +62,9 @@ class Recorder:
 
     def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
         self.sizes.append(size)
+
+    def busy(self, instances: int) -> None:
+        self.busy_changes.append(instances)
 
 
 def images(*ids: int) -> list[np.ndarray]:
@@ -194,6 +198,9 @@ async def test_each_instance_computes_its_own_batch_at_the_same_time(make, insta
     assert [ids_of(await t) for t in tasks] == [[i] for i in range(instances)]
     assert [ids_of(await t) for t in queued] == [[10 + i, 20 + i] for i in range(instances)]
     assert sorted(rec.sizes) == [1] * instances + [2] * instances
+    # the utilization's input: every instance became busy, and all are idle at the end
+    assert max(rec.busy_changes) == instances and rec.busy_changes[-1] == 0
+    assert rec.busy_changes[:instances] == list(range(1, instances + 1))
     await batcher.close()
 
 

@@ -1,0 +1,86 @@
+"""The engine-utilization signal (docs/metrics.md): busy instance-seconds over a sliding window,
+computed on a clock the test moves by hand, then the series a running server exports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import eventually, tensor_image
+from visionserve.service.utilization import BusyTime
+from visionserve.v1 import visionserve_pb2 as pb
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 500.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def test_utilization_is_the_busy_fraction_of_the_window_over_every_instance(clock):
+    busy = BusyTime(instances=2, window_s=10.0, clock=clock)
+    clock.now += 10
+    assert busy.busy_over_window() == (0.0, 20.0)  # idle
+    busy.set_busy(1)
+    clock.now += 10
+    assert busy.busy_over_window() == (10.0, 20.0)  # one of two instances all the time: 0.5
+    busy.set_busy(2)
+    clock.now += 10
+    assert busy.busy_over_window() == (20.0, 20.0)  # saturated: 1.0
+    busy.set_busy(0)
+    clock.now += 2.5
+    assert busy.busy_over_window() == (15.0, 20.0)  # the window slides over the idle time
+    assert busy.busy_seconds() == 30.0  # the integral keeps everything
+
+
+def test_a_batch_still_computing_counts_and_a_young_version_is_measured_over_its_age(clock):
+    busy = BusyTime(instances=1, window_s=10.0, clock=clock)
+    clock.now += 1
+    busy.set_busy(1)
+    clock.now += 3  # a long batch, not finished yet
+    assert busy.busy_over_window() == (3.0, 4.0)  # 4 s old: 0.75, not 3/10
+    clock.now += 100
+    busy.set_busy(0)
+    assert busy.busy_over_window() == (10.0, 10.0)
+    clock.now += 100
+    assert busy.busy_over_window() == (0.0, 10.0)
+    assert busy.busy_seconds() == 103.0
+
+
+def test_many_short_batches_add_up_and_old_ones_leave_the_window(clock):
+    busy = BusyTime(instances=1, window_s=10.0, clock=clock)
+    for _ in range(1000):  # 1000 batches of 4 ms every 10 ms
+        busy.set_busy(1)
+        clock.now += 0.004
+        busy.set_busy(0)
+        clock.now += 0.006
+    used, available = busy.busy_over_window()
+    assert available == pytest.approx(10.0) and used == pytest.approx(4.0)
+    assert busy.busy_seconds() == pytest.approx(4.0)
+
+
+def test_a_server_exports_utilization_per_version_and_for_the_whole_server(server_factory):
+    srv = server_factory(("resnet18",))
+    text = srv.metrics_text()
+    assert 'visionserve_engine_utilization{model="resnet18",version="1"} 0.0' in text
+    assert "\nvisionserve_engine_utilization 0.0" in text  # the whole server, no labels
+    srv.engines.hold("resnet18")
+    reply = srv.stub.Classify.future(pb.ClassifyRequest(model="resnet18", images=[
+        tensor_image(np.zeros((224, 224, 3), np.uint8))]), timeout=60)
+    eventually(lambda: srv.engines.waiting("resnet18") == 1, "the batch inside the engine")
+    first = srv.metric("visionserve_engine_busy_seconds_total", model="resnet18")
+    second = eventually(lambda: (v := srv.metric("visionserve_engine_busy_seconds_total",
+                                                 model="resnet18")) > first and v,
+                        "busy time to grow while the batch computes")
+    assert 0 < srv.metric("visionserve_engine_utilization", model="resnet18") <= 1.0
+    srv.engines.release("resnet18")
+    reply.result()
+    eventually(lambda: srv.metric("visionserve_engine_busy_seconds_total", model="resnet18")
+               > second, "the batch's whole time to count")
