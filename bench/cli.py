@@ -59,7 +59,8 @@ DESCRIPTIONS = {
                    "from the store with an empty cache and with the cache warm (--repeats, "
                    "median); the time from a new version's manifest upload to --servers "
                    "servers sharing the bucket serving it; and the CPU and memory of the "
-                   "sha256 verification (docs/deploy.md).",
+                   "sha256 verification (docs/deploy.md). Needs moto's server (the dev "
+                   "extra, or pip install 'moto[s3,server]').",
     "bench-decode": "For photo sizes (640x480, 1920x1080 by default): images/s per core of each "
                     "decoder (Pillow exact = the reference, Pillow draft, Pillow reducing_gap, "
                     "simplejpeg, OpenCV) and its top-1/top-5 agreement with the reference "

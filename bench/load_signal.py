@@ -22,6 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from visionserve.service.cli.mistakes import CommandError
 from visionserve.service.format.model_config import ModelConfig
 
 from . import report
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", default=LEVELS, help="offered load, fractions of capacity")
     p.add_argument("--duration-s", type=float, default=24.0,
                    help="seconds per level (its second half is sampled)")
+    p.add_argument("--capacity-s", type=float, default=10.0,
+                   help="seconds of the closed-loop capacity run")
     p.add_argument("--input", choices=["uint8", "float32"], default="uint8")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -47,7 +50,13 @@ def run_signal(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
-    levels = [float(x) for x in args.levels.split(",") if x]
+    try:
+        levels = [float(x) for x in args.levels.split(",") if x]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) <= 0:
+        raise CommandError(f"--levels {args.levels}: give fractions of capacity above 0, "
+                           f"comma-separated (e.g. {LEVELS})")
     results = {"command": "visionserve bench-signal " + shlex.join(sys.argv[2:]),
                "cores": os.cpu_count(), "models": {}}
     for model in [m for m in args.models.split(",") if m]:
@@ -73,7 +82,8 @@ def _model(model: str, args: argparse.Namespace, levels: list[float], console) -
     try:
         with ClientProcess() as client:
             with console.status(f"{model}: capacity (closed loop c16)"):
-                capacity = float(client.run(_with(job, concurrency=16, duration_s=10.0))[
+                capacity = float(client.run(_with(job, concurrency=16,
+                                                  duration_s=args.capacity_s))[
                     "requests_per_s"])  # type: ignore[arg-type]
             sampler.start()
             for i, level in enumerate(levels):

@@ -1,6 +1,6 @@
 """``visionserve bench-store``: a repository in object storage, measured against a real S3 API.
 
-moto's S3 server on loopback plays the store (the ``bench`` and ``dev`` extras install it). For
+moto's S3 server on loopback plays the store (the ``dev`` extra installs it). For
 each of ``--models`` (its newest version in ``--repo``, uploaded as version 1 into a repository
 prefix of its own, ``s3://bench/<model>/<model>/1/``):
 
@@ -197,10 +197,14 @@ def moto_s3(work: Path, bucket: str = BUCKET,
     """moto's S3 server on a loopback port with ``bucket`` created; yields the environment that
     points a server or an export at it (credentials by environment, as in production). With
     ``tls`` = (certificate, key, CA bundle): HTTPS, and ``AWS_CA_BUNDLE`` set."""
+    moto_server = Path(sys.executable).parent / "moto_server"
+    if not moto_server.exists():
+        raise CommandError("bench-store needs moto's S3 server: pip install 'moto[s3,server]' "
+                           "(the dev extra has it)")
     port = free_port()
     log = open(work / "moto.log", "wb")
     certs = ["-c", str(tls[0]), "-k", str(tls[1])] if tls else []
-    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+    moto = subprocess.Popen([str(moto_server), "-H",
                              "127.0.0.1", "-p", str(port), *certs], stdout=log, stderr=log)
     endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     context = ssl.create_default_context(cafile=str(tls[2])) if tls else None

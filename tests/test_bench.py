@@ -171,6 +171,23 @@ def test_bench_decode_compares_decoders_with_the_exact_reference(exported_repo: 
 
 
 @pytest.mark.slow  # two exports of EfficientNet-Lite0 and 90 classifications: ~40 s
+def test_bench_signal_samples_utilization_beside_cpu_queue_and_p99_at_each_level(
+        exported_repo: Path, tmp_path: Path) -> None:
+    result = run_cli("bench-signal", "--models", "lenet5", "--repo", str(exported_repo),
+                     "--levels", "0.2,1.5", "--duration-s", "3", "--capacity-s", "2",
+                     "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"),
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = json.loads((tmp_path / "s.json").read_text())["models"]["lenet5"]
+    assert model["capacity_requests_per_s"] > 0
+    assert [r["level"] for r in model["levels"]] == [0.2, 1.5]
+    for row in model["levels"]:
+        assert 0 < row["utilization"] <= 1.0 and 0 < row["cpu_fraction"] <= 1.0, row
+        assert row["answered_per_s"] > 0 and row["queue_depth"] >= 0
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| engine utilization |" in result.stdout
+
+
 def test_bench_store_measures_start_ups_and_publish_to_served_on_every_server(
         exported_repo: Path, tmp_path: Path) -> None:
     result = run_cli("bench-store", "--models", "lenet5", "--repo", str(exported_repo),
