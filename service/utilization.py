@@ -91,6 +91,13 @@ class UtilizationCollector(Collector):
         with self._lock:
             self._versions.pop((model, version), None)
 
+    def server_utilization(self) -> float:
+        """The whole server's utilization (the series without labels)."""
+        with self._lock:
+            versions = list(self._versions.values())
+        windows = [busy.busy_over_window() for busy in versions]
+        return _fraction(sum(w[0] for w in windows), sum(w[1] for w in windows))
+
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             versions = sorted(self._versions.items())

@@ -18,6 +18,7 @@ from ..metrics import UNKNOWN_MODEL, Metrics
 from ..models.control import ModelControl
 from .access_log import AccessLog
 from .admission import Admission
+from .grpc.orca import LoadReports
 from .grpc.status import GRPC_CODES, grpc_status
 
 T = TypeVar("T")
@@ -42,11 +43,12 @@ class CallHandler:
     model, version, method and status code), access log, and the error → status mapping."""
 
     def __init__(self, control: ModelControl, metrics: Metrics, admission: Admission,
-                 access_log: AccessLog) -> None:
+                 access_log: AccessLog, load_reports: LoadReports | None = None) -> None:
         self._control = control
         self._metrics = metrics
         self._admission = admission
         self._access_log = access_log
+        self._load_reports = load_reports  # --orca-load-reports: on every unary gRPC reply
 
     async def run(self, method: str, model: str,
                   work: Callable[[], Awaitable[tuple[T, int]]], client_id: str = "",
@@ -92,6 +94,8 @@ class CallHandler:
         """``run`` for a unary RPC: an error becomes the call's status (never a traceback).
         The request id is ``client_id`` (the request's own field), else the call's
         ``x-request-id`` metadata, else a new one."""
+        if self._load_reports is not None:
+            context.set_trailing_metadata(self._load_reports.metadata())
         try:
             return await self.run(method, model, work,
                                   client_id or metadata_request_id(context))

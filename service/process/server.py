@@ -31,6 +31,7 @@ from ..api.calls import CallHandler
 from ..api.grpc import wire_limits
 from ..api.grpc.auth import BearerTokenInterceptor
 from ..api.grpc.kserve import KServeServicer
+from ..api.grpc.orca import LoadReports
 from ..api.grpc.strict import add_servicer
 from ..api.grpc.vision import VisionServicer
 from ..api.http.rest import RestApi
@@ -115,20 +116,20 @@ class Server:
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
                 *transport_options(config.limits),
             ])
-        core = self.core
         control = ModelControl(self.router, self.sync, config.model_control,
                                "bearer token" if config.auth_token else "no token",
                                config.load_interval_s)
-        calls = CallHandler(control, self.metrics, self.admission, self._access_log)
+        reports = LoadReports(self.metrics.utilization) if config.orca_load_reports else None
+        calls = CallHandler(control, self.metrics, self.admission, self._access_log, reports)
         wire = wire_limits.schemas(config.limits)  # counts checked before protobuf parses
         add_servicer(pb_grpc.add_VisionServiceServicer_to_server,
-                     VisionServicer(core, control, calls), server, wire, self._refused)
+                     VisionServicer(self.core, control, calls), server, wire, self._refused)
         add_servicer(kpb_grpc.add_GRPCInferenceServiceServicer_to_server,
-                     KServeServicer(core, control, calls, self.lifecycle), server, wire,
+                     KServeServicer(self.core, control, calls, self.lifecycle), server, wire,
                      self._refused)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if config.http_port is not None:  # the REST API: same core, control, accounting, auth
-            rest = RestApi(core, control, calls, self.lifecycle, check, self._refused)
+            rest = RestApi(self.core, control, calls, self.lifecycle, check, self._refused)
             self._http = HttpListener(
                 rest.app(), config.host, config.http_port, config.limits.http_max_connections,
                 config.tls.ssl_context() if config.tls else None,

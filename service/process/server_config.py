@@ -125,6 +125,11 @@ class ServerConfig:
         (), metavar="CLASSES", comma=True,
         help="with a token: comma-separated classes left open, from inference, metadata, "
              "statistics (e.g. behind a mesh that authenticates callers)")
+    orca_load_reports: bool = setting(
+        False, help="attach an ORCA load report (engine utilization and call rate) to every "
+                    "unary gRPC reply, as trailing metadata endpoint-load-metrics-bin, for "
+                    "clients that balance on load: gRPC's weighted_round_robin policy, Envoy's "
+                    "client_side_weighted_round_robin (docs/deploy.md)")
     access_log: AccessLogMode = setting(
         AccessLogMode.ERRORS,
         help="one log line per request (request id, method, model, version, code, duration): "

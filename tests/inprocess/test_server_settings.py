@@ -37,7 +37,7 @@ def test_every_setting_is_a_flag_whose_help_shows_its_default_and_variable():
     flags = {o for a in serve_parser()._actions for o in a.option_strings} - {"-h", "--help"}
     declared_flags = {flag.flag(f.name) for f, flag in SETTINGS} | \
         {flag.off for _, flag in SETTINGS if flag.off}
-    assert flags == declared_flags and len(flags) == 44  # every serve flag, declared once
+    assert flags == declared_flags and len(flags) == 45  # every serve flag, declared once
     for f, flag in SETTINGS:
         name = flag.flag(f.name)
         assert f"{name} " in text, name

@@ -3,6 +3,13 @@ computed on a clock the test moves by hand, then the series a running server exp
 
 from __future__ import annotations
 
+import base64
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -84,3 +91,42 @@ def test_a_server_exports_utilization_per_version_and_for_the_whole_server(serve
     reply.result()
     eventually(lambda: srv.metric("visionserve_engine_busy_seconds_total", model="resnet18")
                > second, "the batch's whole time to count")
+
+
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+
+
+def orca_report(srv) -> dict[int, float] | None:
+    """The OrcaLoadReport in the trailers of a GetModel call, as grpcurl (Go's gRPC client)
+    prints them: {field number: double}; None without one. (grpcio's own client hands this key
+    to its load balancer, never to the application.)"""
+    out = subprocess.run([str(GRPCURL), "-plaintext", "-v", "-d", '{"model": "resnet18"}',
+                          f"127.0.0.1:{srv.grpc_port}", "visionserve.v1.VisionService/GetModel"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    found = re.search(r"^endpoint-load-metrics-bin: (\S+)$", out.stdout, re.M)
+    if found is None:
+        return None
+    data = base64.b64decode(found[1] + "=" * (-len(found[1]) % 4))
+    fields = {}
+    while data:
+        tag, value = struct.unpack_from("<Bd", data)
+        assert tag & 7 == 1, tag  # doubles only
+        fields[tag >> 3] = value
+        data = data[9:]
+    return fields
+
+
+def test_orca_load_reports_carry_the_servers_utilization_on_every_unary_reply(server_factory):
+    assert orca_report(server_factory(("resnet18",))) is None  # opt-in
+    srv = server_factory(("resnet18",), None, "--orca-load-reports")
+    assert set(orca_report(srv) or {}) == {6, 9}  # rps_fractional, application_utilization
+    srv.engines.hold("resnet18")  # a batch computes (held) for a while: the server is busy
+    busy = srv.stub.Classify.future(pb.ClassifyRequest(model="resnet18", images=[
+        tensor_image(np.zeros((224, 224, 3), np.uint8))]), timeout=60)
+    eventually(lambda: srv.engines.waiting("resnet18") == 1, "the batch inside the engine")
+    report = eventually(lambda: (r := orca_report(srv)) and r[9] > 0 and r,
+                        "a report with the busy engine's utilization", interval=0.3)
+    assert 0 < report[9] <= 1.0 and report[6] > 0  # a utilization, and calls per second
+    srv.engines.release("resnet18")
+    busy.result()
