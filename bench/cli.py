@@ -49,6 +49,12 @@ DESCRIPTIONS = {
                     "backend, same config); plus each rung's top-1/top-5 agreement with ONNX "
                     "Runtime FP32 on crops and flips of real photos. Needs the 'export' and "
                     "'openvino' extras too.",
+    "bench-fleet": "Starts two fleets of --replicas servers of --model with ORCA load reports "
+                   "(an even one, and one whose last replica is slowed by --slow config "
+                   "overrides) and drives each through one gRPC channel over its replicas, "
+                   "closed loop: the even fleet with round_robin, the slow one with round_robin "
+                   "and with weighted_round_robin; calls/s, p50, p99 and each replica's share "
+                   "(docs/deploy.md).",
     "bench-signal": "For each of --models: measures its capacity (closed loop c16), then offers "
                     "Poisson load at each --levels fraction of it; per level, from the level's "
                     "second half: the engine-utilization gauge, the server's CPU (of all cores), "
@@ -106,6 +112,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         from .ladder import add_arguments as add_ladder_arguments
 
         add_ladder_arguments(p)
+    elif command == "bench-fleet":
+        from .fleet import add_arguments as add_fleet_arguments
+
+        add_fleet_arguments(p)
     elif command == "bench-signal":
         from .load_signal import add_arguments as add_signal_arguments
 
@@ -160,6 +170,10 @@ def _run(command: str, args: argparse.Namespace) -> int:
         from .ladder import run_ladder
 
         return run_ladder(args)
+    if command == "bench-fleet":
+        from .fleet import run_fleet
+
+        return run_fleet(args)
     if command == "bench-signal":
         from .load_signal import run_signal
 

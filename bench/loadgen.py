@@ -50,6 +50,9 @@ class Job:
     seed: int = 0
     timeout_s: float = 0.0  # the deadline each call carries; 0 = CALL_TIMEOUT_S
     http_target: str = ""  # HOST:PORT of the REST API (the rest* apis)
+    # extra gRPC channel arguments of the classify api, e.g. a service config that balances a
+    # target of several replicas ("ipv4:127.0.0.1:A,127.0.0.1:B")
+    channel_options: tuple[tuple[str, str | int], ...] = ()
 
 
 def run_job(job: Job) -> dict[str, object]:
@@ -128,7 +131,7 @@ def _classify(job: Job) -> tuple[Call, Callable[[], Awaitable[None]], type[Excep
 
     channel = grpc.aio.insecure_channel(job.target, options=[
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *job.channel_options])
     stub = pb_grpc.VisionServiceStub(channel)
     if job.input == "jpeg":
         images = [pb.Image(encoded=data) for data in _jpegs(job)]

@@ -152,9 +152,9 @@ def test_skip_heavy_is_for_all_only():
 
 # The slow sweep: every family each run (the mission's families, below), the rest of the
 # architectures in ROTATION slices of about equal export time (docs/models.md's 'export s',
-# measured on 2 cores: the family representatives ~110 s, each slice ~50 s), one slice per
-# run, picked by the commit; `make test-all` exports all of them.
-ROTATION = 16
+# measured on 2 cores: the family representatives ~110 s, each slice ~30 s: one or two
+# architectures), one slice per run, picked by the commit; `make test-all` exports all of them.
+ROTATION = 24
 # exported and served by other tests of every run, so the sweep leaves them out (the families
 # they stand for stay covered): the test models of conftest's exported_repo, and the
 # architectures compared with their source's own transform above

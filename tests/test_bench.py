@@ -188,6 +188,21 @@ def test_bench_signal_samples_utilization_beside_cpu_queue_and_p99_at_each_level
     assert "| engine utilization |" in result.stdout
 
 
+def test_bench_fleet_compares_balancing_policies_on_an_even_and_a_slow_fleet(
+        exported_repo: Path, tmp_path: Path) -> None:
+    result = run_cli("bench-fleet", "--model", "lenet5", "--repo", str(exported_repo),
+                     "--replicas", "2", "--repeats", "1", "--duration-s", "1",
+                     "--concurrency", "4", "--json", str(tmp_path / "f.json"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = json.loads((tmp_path / "f.json").read_text())["cases"]
+    assert set(cases) == {"even fleet, round_robin", "slow fleet, round_robin",
+                          "slow fleet, weighted_round_robin"}
+    for case in cases.values():
+        assert case["requests_per_s"] > 0 and case["errors"] == 0
+        assert len(case["share"]) == 2 and abs(sum(case["share"]) - 1) < 1e-9
+    assert "| p99 ÷ even fleet's |" in result.stdout
+
+
 def test_bench_store_measures_start_ups_and_publish_to_served_on_every_server(
         exported_repo: Path, tmp_path: Path) -> None:
     result = run_cli("bench-store", "--models", "lenet5", "--repo", str(exported_repo),

@@ -93,6 +93,8 @@ MISTAKES = [
     (("bench-int8", "--model", "nosuch"), 2, "unknown architecture 'nosuch'"),
     (("bench-ladder", "--model", "resnet18"), 2, "unrecognized arguments: --model resnet18"),
     (("bench-ladder", "--models", "nosuch"), 2, "unknown architecture 'nosuch'"),
+    (("bench-fleet", "--model", "nosuch", "--repo", "{repo}"), 2,
+     "no version of nosuch in {repo}; run `visionserve export nosuch --repo {repo}` first"),
     (("bench-signal", "--models", "nosuch", "--repo", "{repo}"), 2,
      "no version of nosuch in {repo}; run `visionserve export nosuch --repo {repo}` first"),
     (("bench-signal", "--models", "lenet5", "--repo", "{repo}", "--levels", "half"), 2,

@@ -39,6 +39,7 @@ BENCH_COMMANDS = {
     "bench-int8": "INT8 vs FP32 top-1/top-5 agreement of a real-weights model on real photos",
     "bench-ladder": "the CPU precision ladder (ORT/OpenVINO FP32, BF16, INT8) served and "
                     "in-process, with agreement",
+    "bench-fleet": "round robin vs load-aware balancing (ORCA) over N replicas, one slow",
     "bench-signal": "offered load from 0.1 to 1.5 x capacity vs engine utilization, CPU, "
                     "queue depth and p99: the autoscaling signal",
     "bench-store": "a repository in object storage (loopback S3): start-ups, publish → served "
