@@ -90,7 +90,7 @@ peer-triton:
 # Every figure of docs/benchmarks.md (~60 min on 2 cores, the precision ladder ~25 of them; run on an otherwise idle machine).
 bench: models peer-triton
 	$(BIN)/pip install --quiet -c $(VENV)/serve-constraints.txt -e '.[bench]'
-	VS=$(BIN)/visionserve MODELS="lenet5 resnet18 resnet50 mobilenet_v3_small decode ladder" \
+	VS=$(BIN)/visionserve MODELS="lenet5 resnet18 resnet50 mobilenet_v3_small decode ladder signal fleet" \
 		bash bench/scripts/run_all.sh
 
 clean:

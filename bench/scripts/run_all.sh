@@ -26,5 +26,11 @@ for m in $models; do
     # needs the openvino extra: make setup installs it)
     ladder) "$VS" bench-ladder --models resnet50,resnet18,mobilenet_v3_small,efficientnet_lite0 \
               --concurrency 1,8,16 --json docs/bench/ladder.json --markdown docs/bench/ladder.md;;
+    # the load signal (utilization vs CPU, queue, p99 at 10-150 % of capacity), ~7 min
+    signal) "$VS" bench-signal --models resnet18,mobilenet_v3_small --json docs/bench/signal.json \
+              --markdown docs/bench/signal.md --plot docs/images/signal.png;;
+    # balancing: an even fleet vs one slow replica, round robin vs weighted_round_robin, ~4 min
+    fleet) "$VS" bench-fleet --model resnet18 --json docs/bench/fleet.json \
+              --markdown docs/bench/fleet.md;;
   esac
 done
