@@ -10,6 +10,7 @@ import argparse
 import shlex
 import sys
 import textwrap
+from importlib import import_module
 from pathlib import Path
 
 from visionserve.service.cli import BENCH_COMMANDS as COMMANDS
@@ -80,6 +81,19 @@ EXAMPLES = {
 }
 
 
+# each command's module (its add_arguments) and the function that runs it; bench-decode is here
+MODULES = {
+    "bench": ("run", "run_bench"),
+    "bench-overload": ("overload", "run_overload"),
+    "bench-attacks": ("attacks", "run_attacks"),
+    "bench-int8": ("int8", "run_int8"),
+    "bench-ladder": ("ladder", "run_ladder"),
+    "bench-fleet": ("fleet", "run_fleet"),
+    "bench-signal": ("load_signal", "run_signal"),
+    "bench-store": ("store", "run_store"),
+}
+
+
 class _Help(argparse.RawDescriptionHelpFormatter, DefaultsHelp):
     """The description as written (its example command line), each option's default shown."""
 
@@ -92,39 +106,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         prog=f"visionserve {command}", description=textwrap.fill(DESCRIPTIONS[command], 79),
         formatter_class=_Help, allow_abbrev=False,  # --model is not bench-ladder's --models
         epilog=EXAMPLES.get(command, "") + textwrap.fill(EXIT_CODES, 79))
-    if command == "bench":
-        from .run import add_arguments
-
-        add_arguments(p)
-    elif command == "bench-overload":
-        from .overload import add_arguments as add_overload_arguments
-
-        add_overload_arguments(p)
-    elif command == "bench-attacks":
-        from .attacks import add_arguments as add_attack_arguments
-
-        add_attack_arguments(p)
-    elif command == "bench-int8":
-        from .int8 import add_arguments as add_int8_arguments
-
-        add_int8_arguments(p)
-    elif command == "bench-ladder":
-        from .ladder import add_arguments as add_ladder_arguments
-
-        add_ladder_arguments(p)
-    elif command == "bench-fleet":
-        from .fleet import add_arguments as add_fleet_arguments
-
-        add_fleet_arguments(p)
-    elif command == "bench-signal":
-        from .load_signal import add_arguments as add_signal_arguments
-
-        add_signal_arguments(p)
-    elif command == "bench-store":
-        from .store import add_arguments as add_store_arguments
-
-        add_store_arguments(p)
-    else:
+    if command in MODULES:  # imported when run: each pulls its own dependencies
+        import_module(f".{MODULES[command][0]}", __package__).add_arguments(p)
+    else:  # bench-decode
         p.add_argument("--model", default="resnet50",
                        help="model whose input spec and predictions are used (newest version)")
         p.add_argument("--repo", type=Path, default=Path("model_repo"))
@@ -150,38 +134,9 @@ def main(command: str, argv: list[str]) -> int:
 
 
 def _run(command: str, args: argparse.Namespace) -> int:
-    if command == "bench":
-        from .run import run_bench
-
-        return run_bench(args)
-    if command == "bench-overload":
-        from .overload import run_overload
-
-        return run_overload(args)
-    if command == "bench-attacks":
-        from .attacks import run_attacks
-
-        return run_attacks(args)
-    if command == "bench-int8":
-        from .int8 import run_int8
-
-        return run_int8(args)
-    if command == "bench-ladder":
-        from .ladder import run_ladder
-
-        return run_ladder(args)
-    if command == "bench-fleet":
-        from .fleet import run_fleet
-
-        return run_fleet(args)
-    if command == "bench-signal":
-        from .load_signal import run_signal
-
-        return run_signal(args)
-    if command == "bench-store":
-        from .store import run_store
-
-        return run_store(args)
+    if command in MODULES:
+        module, run = MODULES[command]
+        return getattr(import_module(f".{module}", __package__), run)(args)
     return _bench_decode(args)
 
 
