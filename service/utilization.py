@@ -87,9 +87,11 @@ class UtilizationCollector(Collector):
         with self._lock:
             self._versions[(model, version)] = busy
 
-    def remove(self, model: str, version: str) -> None:
+    def remove(self, model: str, version: str, busy: BusyTime) -> None:
+        """Drop ``busy``'s series, unless a reload of the same version replaced it already."""
         with self._lock:
-            self._versions.pop((model, version), None)
+            if self._versions.get((model, version)) is busy:
+                del self._versions[(model, version)]
 
     def server_utilization(self) -> float:
         """The whole server's utilization (the series without labels)."""

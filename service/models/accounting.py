@@ -44,7 +44,7 @@ class VersionAccounting:
     def stop(self) -> None:
         """The version's engine is released: its utilization series go."""
         self.counting = False
-        self._utilization.remove(*self._labels)
+        self._utilization.remove(*self._labels, self._busy)
 
     # --- from the inference core, once per request ---------------------------------------------
 

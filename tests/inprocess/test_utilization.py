@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import eventually, tensor_image
+from conftest import edit_config, eventually, tensor_image
 from visionserve.service.utilization import BusyTime
 from visionserve.v1 import visionserve_pb2 as pb
 
@@ -130,3 +131,17 @@ def test_orca_load_reports_carry_the_servers_utilization_on_every_unary_reply(se
     assert 0 < report[9] <= 1.0 and report[6] > 0  # a utilization, and calls per second
     srv.engines.release("resnet18")
     busy.result()
+
+
+def test_a_version_reloaded_in_place_keeps_its_series_and_an_unloaded_one_loses_them(
+        server_factory):
+    srv = server_factory(("resnet18",), None, "--poll-interval-s", "0.1")
+    series = 'visionserve_engine_utilization{model="resnet18",version="1"}'
+    assert series in srv.metrics_text()
+    loads = srv.engines.loaded.count(("resnet18", 1))
+    edit_config(srv.repo / "resnet18", {"max_batch_size": 8})  # reloads version 1 in place
+    eventually(lambda: srv.engines.loaded.count(("resnet18", 1)) > loads
+               and ("resnet18", 1) in srv.engines.closed, "version 1 reloaded, the old released")
+    assert series in srv.metrics_text()  # the old engine's release left the new one's series
+    shutil.rmtree(srv.repo / "resnet18")
+    eventually(lambda: series not in srv.metrics_text(), "the removed model's series to go")
