@@ -270,9 +270,12 @@ def test_an_idle_connection_is_closed_and_the_client_reconnects(exported_repo, t
         with grpc.insecure_channel(srv.target) as channel:
             states = watch_states(channel)
             assert classify(channel).version == 1
-            eventually(lambda: grpc.ChannelConnectivity.IDLE in states[states.index(
-                grpc.ChannelConnectivity.READY):], "the server to close the idle connection",
-                timeout=15)
+            # READY is recorded by the channel's watcher thread, possibly after the call
+            # returned: until it is there, nothing after it can be
+            eventually(lambda: grpc.ChannelConnectivity.READY in states
+                       and grpc.ChannelConnectivity.IDLE in states[states.index(
+                           grpc.ChannelConnectivity.READY):],
+                       "the server to close the idle connection", timeout=15)
             assert classify(channel).version == 1  # a new connection, transparently
     finally:
         srv.stop()
