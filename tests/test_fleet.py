@@ -117,9 +117,14 @@ def test_both_balancers_spread_calls_over_every_replica(fleet) -> None:
     after = [served_by(r, "http.Classify") for r in replicas]
     assert sum(after) - sum(before) == 20 and all(a > b for a, b in zip(after, before,
                                                                           strict=True))
-    before = [served_by(r, "Classify") for r in replicas]
     with grpc_channel(replicas) as channel:
         stub = pb_grpc.VisionServiceStub(channel)
+        start = [served_by(r, "Classify") for r in replicas]
+        # until both connections are up, round robin picks among those that are
+        eventually(lambda: stub.Classify(REQUEST, timeout=30) and all(
+            served_by(r, "Classify") > s for r, s in zip(replicas, start, strict=True)),
+            "a call on every replica")
+        before = [served_by(r, "Classify") for r in replicas]
         for _ in range(20):
             stub.Classify(REQUEST, timeout=30)
     after = [served_by(r, "Classify") for r in replicas]
