@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -20,18 +19,13 @@ import grpc
 import pytest
 
 from conftest import ROOT, Load, Server, encode, eventually, make_repo, photo, publish, start_server
+from visionserve.bench.launch import free_port
 from visionserve.v1 import visionserve_pb2 as pb
 from visionserve.v1 import visionserve_pb2_grpc as pb_grpc
 
 DEPLOY = ROOT / "deploy"
 PNG = encode(photo("camera"), "PNG")
 REQUEST = pb.ClassifyRequest(model="lenet5", images=[pb.Image(encoded=PNG)])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def served_by(server: Server, method: str) -> float:
